@@ -1,0 +1,384 @@
+"""Hardware description: devices, links, node types and clusters (DESIGN.md section 2).
+
+Profiles are written by people in the units of datasheets (TFLOP/s, GB, GB/s, microseconds); the
+properties ending in SI units (`peak_flops`, `memory_bytes`, `bytes_per_s`, `latency_s`) are what the
+cost model reads. GB means 10^9 bytes, as in every datasheet we cite.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+DeviceKind = Literal["gpu", "npu", "tpu", "cpu", "mobile-cpu", "mobile-gpu"]
+LinkKind = Literal[
+    "nvlink", "pcie", "xgmi", "hccs", "ib", "roce", "ethernet", "slingshot", "efa", "ici",
+    "wifi", "cellular", "usb", "memory",
+]
+Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8"]
+Provenance = Literal["datasheet", "derived", "measured", "assumed"]
+
+GB = 1e9
+TERA = 1e12
+MICRO = 1e-6
+
+# Used when a profile gives no achievable efficiency: the median of the measured dense-GEMM fractions in
+# reference/clusters.md section 10 (A100 87%/81%, H100 80%, B200 78%) and of HBM STREAM triad (83-89%).
+DEFAULT_MATMUL_EFFICIENCY = 0.80
+DEFAULT_MEMORY_EFFICIENCY = 0.85
+# Achievable fraction of a link's line rate when a profile does not say (NCCL ring on NVLink ~80%).
+DEFAULT_LINK_FRACTION = 0.80
+
+
+_DTYPE_FALLBACK = {
+    "fp8": ("fp8", "bf16", "fp16"),
+    "bf16": ("bf16", "fp16"),
+    "fp16": ("fp16", "bf16"),
+    "tf32": ("tf32", "fp32"),
+    "fp32": ("fp32", "tf32"),
+}
+
+
+class _Profile(BaseModel):
+    """What every catalog entry shares: a name, where its numbers come from, and no unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    source: str = Field(min_length=3, description="datasheet, paper or measurement each number comes from")
+    provenance: Provenance = "datasheet"
+    notes: str = ""
+
+
+class Efficiency(BaseModel):
+    """Achievable fractions of peak, the knobs calibration fits (issue 4) and `calibrate` measures."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    matmul: float = Field(DEFAULT_MATMUL_EFFICIENCY, gt=0, le=1)
+    memory: float = Field(DEFAULT_MEMORY_EFFICIENCY, gt=0, le=1)
+    source: str = "default: median of measured fractions in reference/clusters.md section 10"
+
+
+class Device(_Profile):
+    kind: DeviceKind
+    vendor: str = ""
+    peak_tflops: dict[Dtype, PositiveFloat] = Field(description="dense peak per dtype, TFLOP/s")
+    memory_gb: PositiveFloat
+    memory_bandwidth_gb_s: PositiveFloat
+    tdp_w: PositiveFloat | None = None
+    efficiency: Efficiency = Efficiency()
+
+    @model_validator(mode="after")
+    def _has_a_peak(self) -> Device:
+        if not self.peak_tflops:
+            raise ValueError("peak_tflops needs at least one dtype")
+        return self
+
+    def peak_flops(self, dtype: str) -> float:
+        """Dense peak FLOP/s for `dtype`. A dtype the device lacks runs at the nearest one it has
+        (fp8 on A100 runs as bf16; V100 has fp16 only; TPUs list bf16 only)."""
+        for d in _DTYPE_FALLBACK.get(dtype, (dtype,)):
+            if d in self.peak_tflops:
+                return self.peak_tflops[d] * TERA
+        return min(self.peak_tflops.values()) * TERA
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_gb * GB
+
+    @property
+    def memory_bandwidth_bytes_per_s(self) -> float:
+        return self.memory_bandwidth_gb_s * GB
+
+
+class Link(_Profile):
+    kind: LinkKind
+    bandwidth_gb_s: PositiveFloat = Field(description="per direction, per device or per port")
+    latency_us: float = Field(ge=0)
+    achievable_fraction: float = Field(DEFAULT_LINK_FRACTION, gt=0, le=1)
+    shared_medium: bool = Field(False, description="one channel shared by every endpoint (Wi-Fi)")
+    half_duplex: bool = False
+
+    @property
+    def bytes_per_s(self) -> float:
+        """Achievable bytes/s per direction."""
+        return self.bandwidth_gb_s * GB * self.achievable_fraction
+
+    @property
+    def latency_s(self) -> float:
+        return self.latency_us * MICRO
+
+
+class DeviceSlot(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    device: str
+    count: PositiveInt = 1
+
+
+class NicSpec(BaseModel):
+    """Scale-out ports of a node: `count` ports of `link`, each shared by `devices_per_nic` devices."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    link: str
+    count: PositiveInt = 1
+    devices_per_nic: PositiveInt = 1
+
+
+class NodeType(_Profile):
+    """One machine: its devices, the link between them, and its NICs."""
+
+    devices: list[DeviceSlot] = Field(min_length=1)
+    intra_link: str | None = Field(None, description="device-to-device link inside the node")
+    nics: NicSpec | None = None
+    shared_memory: bool = Field(False, description="all devices share one memory pool (phones, Jetson)")
+    host_link: str | None = Field(None, description="device-to-host link for offload (PCIe)")
+    host_memory_gb: float | None = None
+
+
+class NodeGroup(BaseModel):
+    """`count` nodes of one type in one island. count None: the CLI's --nodes decides."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    node: str
+    count: PositiveInt | None = None
+    island: str = "main"
+
+
+class IslandLink(BaseModel):
+    """How islands reach each other: `ports_per_node` ports of `link` on every node."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    link: str
+    ports_per_node: PositiveInt = 1
+
+
+class ClusterSpec(_Profile):
+    """A cluster file: node groups, islands, and the fabrics between nodes and between islands.
+
+    A preset that is a single node type (dgx-h100) has one group with no count: `--nodes` fills it in.
+    """
+
+    groups: list[NodeGroup] = Field(min_length=1)
+    fabric: str | None = Field(None, description="link between nodes of one island; default: the NICs' link")
+    between_islands: IslandLink | None = None
+
+    @model_validator(mode="after")
+    def _islands_are_joined(self) -> ClusterSpec:
+        if len({g.island for g in self.groups}) > 1 and self.between_islands is None:
+            raise ValueError("groups sit on several islands but between_islands is not given")
+        return self
+
+    @property
+    def needs_node_count(self) -> bool:
+        return any(g.count is None for g in self.groups)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resolved cluster: every name looked up, every device numbered, the topology as a networkx graph.
+
+
+class DeviceRef(BaseModel):
+    """One device of a resolved cluster."""
+
+    model_config = ConfigDict(frozen=True)
+    index: int
+    node: int
+    local: int
+    device: Device
+    island: str
+    nic: int | None = Field(None, description="index of the NIC (within its node) this device uses")
+
+
+class NodeInstance(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    index: int
+    node_type: NodeType
+    island: str
+    devices: list[int]
+    intra_link: Link | None
+    nic_link: Link | None
+    nic_count: int
+    devices_per_nic: int
+    host_link: Link | None
+
+
+class CollectiveLink(BaseModel):
+    """Bandwidth and latency that a collective over a device set sees.
+
+    `bus_bytes_per_s` is per-rank bus bandwidth in the sense of nccl-tests (doc/PERFORMANCE.md): a ring
+    all-reduce of S bytes over n ranks takes 2(n-1)/n * S / bus_bytes_per_s plus latency. `level` names the
+    slowest level the set spans.
+    """
+
+    model_config = ConfigDict(frozen=True)
+    bus_bytes_per_s: float
+    latency_s: float
+    level: Literal["self", "intra-node", "inter-node", "inter-island"]
+    ranks: int
+    nodes: int
+
+
+class Cluster(BaseModel):
+    """A cluster with every name resolved and every device numbered."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    name: str
+    spec: ClusterSpec
+    nodes: list[NodeInstance]
+    devices: list[DeviceRef]
+    fabric: Link | None
+    island_link: Link | None
+    island_ports_per_node: int = 1
+
+    @property
+    def device_count(self) -> int:
+        return len(self.devices)
+
+    @property
+    def device_types(self) -> list[str]:
+        return sorted({d.device.name for d in self.devices})
+
+    @property
+    def is_homogeneous(self) -> bool:
+        return len(self.device_types) == 1 and len({n.node_type.name for n in self.nodes}) == 1
+
+    @property
+    def devices_per_node(self) -> int:
+        """Devices per node; for mixed clusters, the smallest node."""
+        return min(len(n.devices) for n in self.nodes)
+
+    @cached_property
+    def graph(self):
+        """Topology as a networkx graph.
+
+        Vertices: ("dev", i), ("node", n) for the node's internal switch or memory, ("nic", n, k),
+        ("island", name) for an island's switch fabric, and ("core",) joining islands. Edge attribute
+        `link` is the Link, `bytes_per_s` its achievable per-direction bandwidth times parallel ports.
+        """
+        import networkx as nx
+
+        g = nx.Graph()
+        islands = sorted({n.island for n in self.nodes})
+        for isl in islands:
+            g.add_node(("island", isl), kind="island")
+        if len(islands) > 1:
+            g.add_node(("core",), kind="core")
+        for node in self.nodes:
+            g.add_node(("node", node.index), kind="node")
+            for i in node.devices:
+                d = self.devices[i]
+                g.add_node(("dev", i), kind="device", device=d.device.name)
+                if node.intra_link is not None:
+                    g.add_edge(("dev", i), ("node", node.index), link=node.intra_link,
+                               bytes_per_s=node.intra_link.bytes_per_s)
+                if node.nic_link is not None and d.nic is not None:
+                    g.add_edge(("dev", i), ("nic", node.index, d.nic), link=node.nic_link,
+                               bytes_per_s=node.nic_link.bytes_per_s)
+            if node.nic_link is not None:
+                fabric = self.fabric or node.nic_link
+                for k in range(node.nic_count):
+                    bw = min(node.nic_link.bytes_per_s, fabric.bytes_per_s)
+                    g.add_edge(("nic", node.index, k), ("island", node.island), link=fabric, bytes_per_s=bw)
+            if len(islands) > 1 and self.island_link is not None:
+                g.add_edge(("node", node.index), ("core",), link=self.island_link,
+                           bytes_per_s=self.island_link.bytes_per_s * self.island_ports_per_node)
+        return g
+
+    def p2p(self, src: int, dst: int) -> tuple[float, float]:
+        """(bytes/s, latency s) of a point-to-point transfer: the widest path's bottleneck and its latency."""
+        if src == dst:
+            return float("inf"), 0.0
+        return _widest_path(self.graph, ("dev", src), ("dev", dst))
+
+    def collective(self, device_ids: list[int] | tuple[int, ...]) -> CollectiveLink:
+        return collective_link(self, device_ids)
+
+
+def _widest_path(g, a, b) -> tuple[float, float]:
+    """Maximum-bottleneck path between a and b (modified Dijkstra), and the summed latency along it."""
+    import heapq
+
+    best = {a: float("inf")}
+    lat = {a: 0.0}
+    heap = [(-float("inf"), 0.0, a)]
+    seen = set()
+    while heap:
+        neg_bw, l, u = heapq.heappop(heap)
+        if u in seen:
+            continue
+        seen.add(u)
+        if u == b:
+            return -neg_bw, l
+        for v, data in g[u].items():
+            bw = min(-neg_bw, data["bytes_per_s"])
+            if bw > best.get(v, 0.0):
+                best[v] = bw
+                lat[v] = l + data["link"].latency_s
+                heapq.heappush(heap, (-bw, lat[v], v))
+    raise ValueError(f"no path between {a} and {b}")
+
+
+def collective_link(cluster: Cluster, device_ids) -> CollectiveLink:
+    """Per-rank bus bandwidth and per-step latency of a ring-style collective over `device_ids`.
+
+    Each level the set spans bounds the bus bandwidth (nccl-tests PERFORMANCE.md; the hierarchical
+    ring argument of the NCCL 2.4 blog): a ring moves the same bytes across every edge it uses, so
+      - inside a node: the intra-node link per device;
+      - across nodes: the node's NIC bandwidth used by the set's devices in that node (NCCL runs one ring
+        per NIC, so a node's rings together get the sum of its NICs), the slowest node deciding;
+      - across islands: the island's gateway ports (ports per node x nodes of the set in that island);
+      - a shared medium (Wi-Fi) is one channel for all nodes: its bandwidth divided by the nodes on it,
+        halved again when half-duplex.
+    Latency is the largest per-hop latency crossed (NCCL tuning.cc per-hop constants).
+    """
+    ids = sorted(set(int(i) for i in device_ids))
+    if not ids:
+        raise ValueError("empty device set")
+    for i in ids:
+        if not 0 <= i < cluster.device_count:
+            raise ValueError(f"device {i} is not in cluster {cluster.name} ({cluster.device_count} devices)")
+    if len(ids) == 1:
+        return CollectiveLink(bus_bytes_per_s=float("inf"), latency_s=0.0, level="self", ranks=1, nodes=1)
+
+    by_node: dict[int, list[int]] = {}
+    for i in ids:
+        by_node.setdefault(cluster.devices[i].node, []).append(i)
+    bw = float("inf")
+    latency = 0.0
+    level = "intra-node"
+    for n, members in by_node.items():
+        node = cluster.nodes[n]
+        if len(members) > 1:
+            if node.intra_link is None:
+                raise ValueError(f"node type {node.node_type.name} has several devices but no intra_link")
+            bw = min(bw, node.intra_link.bytes_per_s)
+            latency = max(latency, node.intra_link.latency_s)
+    if len(by_node) > 1:
+        level = "inter-node"
+        islands: dict[str, list[int]] = {}
+        for n, members in by_node.items():
+            node = cluster.nodes[n]
+            islands.setdefault(node.island, []).append(n)
+            if node.nic_link is None:
+                raise ValueError(f"node type {node.node_type.name} has no NICs but the set spans nodes")
+            fabric = cluster.fabric or node.nic_link
+            port_bw = min(node.nic_link.bytes_per_s, fabric.bytes_per_s)
+            nics_used = len({cluster.devices[i].nic for i in members})
+            node_bw = port_bw * nics_used
+            if fabric.shared_medium:
+                node_bw = fabric.bytes_per_s / len(by_node)
+                if fabric.half_duplex:
+                    node_bw /= 2
+            bw = min(bw, node_bw)
+            latency = max(latency, node.nic_link.latency_s, fabric.latency_s)
+        if len(islands) > 1:
+            level = "inter-island"
+            link = cluster.island_link
+            assert link is not None
+            for nodes_in_island in islands.values():
+                bw = min(bw, link.bytes_per_s * cluster.island_ports_per_node * len(nodes_in_island))
+            latency = max(latency, link.latency_s)
+    return CollectiveLink(bus_bytes_per_s=bw, latency_s=latency, level=level, ranks=len(ids),
+                          nodes=len(by_node))

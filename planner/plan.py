@@ -1,0 +1,123 @@
+"""What a user asks for (Workload), what the planner decides (ParallelPlan), what it predicts (Estimate),
+and the plan file that `estimate`, `export`, `simulate` and `validate` read (DESIGN.md sections 2-3)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
+
+Schedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"]
+RecomputePolicy = Literal["none", "selective", "full"]
+TrainDtype = Literal["bf16", "fp16", "fp8", "fp32"]
+Optimizer = Literal["adamw", "adam", "sgd"]
+
+PLAN_SCHEMA_VERSION = 1
+
+
+class Workload(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    global_batch: PositiveInt = Field(description="sequences per optimizer step")
+    seq_len: PositiveInt
+    dtype: TrainDtype = "bf16"
+    optimizer: Optimizer = "adamw"
+    grad_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # Megatron keeps fp32 main grads by default
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+class OffloadPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    optimizer: float = Field(0.0, ge=0, le=1, description="fraction of optimizer states on the host")
+    activations: float = Field(0.0, ge=0, le=1, description="fraction of saved activations on the host")
+
+
+class StageAssignment(BaseModel):
+    """One pipeline stage: the blocks it runs and, on heterogeneous clusters, the devices serving it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    layers: tuple[int, int] = Field(description="[first, last) transformer block indices")
+    device_type: str | None = None
+    devices: list[int] | None = None
+
+
+class ParallelPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dp: PositiveInt = 1
+    tp: PositiveInt = 1
+    pp: PositiveInt = 1
+    vpp: PositiveInt = 1
+    cp: PositiveInt = 1
+    ep: PositiveInt = 1
+    etp: PositiveInt | None = None  # expert tensor parallel; None: same as tp
+    sp: bool = False
+    zero: Literal[0, 1, 2, 3] = 0
+    mbs: PositiveInt = 1
+    num_microbatches: PositiveInt | None = None  # None: global_batch / (mbs * dp)
+    recompute: RecomputePolicy = "none"
+    offload: OffloadPolicy = OffloadPolicy()
+    schedule: Schedule = "1f1b"
+    partition: list[StageAssignment] | None = None  # None: blocks spread evenly over pp * vpp chunks
+
+    @model_validator(mode="after")
+    def _check(self) -> ParallelPlan:
+        if self.vpp > 1 and self.schedule != "interleaved-1f1b":
+            raise ValueError(f"vpp={self.vpp} needs schedule 'interleaved-1f1b', got '{self.schedule}'")
+        if self.sp and self.tp == 1:
+            raise ValueError("sequence parallel (sp) needs tp > 1")
+        if self.partition is not None and len(self.partition) != self.pp * self.vpp:
+            raise ValueError(f"partition has {len(self.partition)} stages, expected pp*vpp = "
+                             f"{self.pp * self.vpp}")
+        return self
+
+    @property
+    def devices(self) -> int:
+        """Devices the plan occupies: dp x tp x pp x cp (ep folds into dp x cp x tp, Megatron style)."""
+        return self.dp * self.tp * self.pp * self.cp
+
+    def microbatches(self, workload: Workload) -> int:
+        if self.num_microbatches is not None:
+            return self.num_microbatches
+        return max(1, workload.global_batch // (self.mbs * self.dp))
+
+
+class Estimate(BaseModel):
+    """What the cost model predicts for one (model, cluster, workload, plan)."""
+
+    model_config = ConfigDict(extra="forbid")
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float
+    hfu: float
+    peak_memory_bytes: float
+    memory_capacity_bytes: float
+    fits: bool
+    breakdown: dict[str, float] = Field(default_factory=dict, description="seconds per step by cause")
+    memory: dict[str, float] = Field(default_factory=dict, description="bytes on the busiest device by term")
+    stages: list[dict] = Field(default_factory=list, description="per pipeline stage time and memory")
+    why: str = ""
+
+
+class PlanFile(BaseModel):
+    """The file `plan --save` writes. Readers refuse a schema_version they do not know."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = PLAN_SCHEMA_VERSION
+    model: str
+    cluster: str
+    nodes: int | None = None
+    workload: Workload
+    plan: ParallelPlan
+    estimate: Estimate | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_version(cls, data):
+        if isinstance(data, dict):
+            v = data.get("schema_version", PLAN_SCHEMA_VERSION)
+            if v != PLAN_SCHEMA_VERSION:
+                raise ValueError(f"plan file schema_version {v} is not supported (this planner reads "
+                                 f"version {PLAN_SCHEMA_VERSION}); re-create it with `plan --save`")
+        return data
