@@ -58,6 +58,14 @@ class Efficiency(BaseModel):
 
     matmul: float = Field(DEFAULT_MATMUL_EFFICIENCY, gt=0, le=1)
     memory: float = Field(DEFAULT_MEMORY_EFFICIENCY, gt=0, le=1)
+    # FlashAttention core vs dense peak: FA2 forward at hd 128 reaches 328 TFLOP/s on H100 = 33%,
+    # 180 TFLOP/s on A100 (hd 64) = 58% (Azure AI-benchmarking-guide, reference clusters.md section 10).
+    attention: float = Field(0.45, gt=0, le=1)
+    # Fixed cost per kernel launch (CUDA launch + framework dispatch), and per layer per pass for
+    # framework work that does not scale with size (Python, hooks, allocator): what dominates small
+    # models (vTrain single-node rows, reference README). Fitted by calibration.
+    kernel_overhead_us: float = Field(4.0, ge=0)
+    layer_overhead_us: float = Field(0.0, ge=0)
     source: str = "default: median of measured fractions in reference/clusters.md section 10"
 
 
