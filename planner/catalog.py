@@ -65,21 +65,43 @@ def read_data_file(path: Path) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise BadInput(f"{where}: broken YAML: {problem}") from None
+    except RecursionError:
+        raise BadInput(f"{path}: nested too deeply to read") from None
+
+
+_MAX_LISTED = 3  # errors named in the one line; the rest are counted
+
+
+def _one_error(e: dict) -> str:
+    loc = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        return f"unknown field '{loc}' (remove it or check its spelling)"
+    if e["type"] == "missing":
+        return f"missing field '{loc}'"
+    msg = e["msg"]
+    if e["type"] == "value_error":
+        # A validator's own message ("heads (6) must be a multiple of kv_heads (4)") says it all.
+        msg = msg.removeprefix("Value error, ")
+        return f"field '{loc}': {msg}" if loc else msg
+    value = e.get("input")
+    shown = "" if isinstance(value, (dict, list, tuple, set)) else f" (got {_short(value)})"
+    return f"field '{loc}': {msg}{shown}" if loc else f"{msg}{shown}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def validation_message(err: ValidationError, where: str) -> str:
-    """The first pydantic error as one line: file, field path, what is wrong."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        return f"{where}: unknown field '{loc}' (remove it or check its spelling)"
-    if first["type"] == "missing":
-        return f"{where}: missing field '{loc}'"
-    value = first.get("input")
-    shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
-    return f"{where}: field '{loc}': {first['msg']}{shown}"
+    """Every pydantic error (up to three) as one line: file, field path, what is wrong."""
+    errors = err.errors()
+    parts = list(dict.fromkeys(_one_error(e) for e in errors))
+    shown = "; ".join(parts[:_MAX_LISTED])
+    more = f" (and {len(parts) - _MAX_LISTED} more)" if len(parts) > _MAX_LISTED else ""
+    return f"{where}: {shown}{more}"
 
 
 def parse_as(model: type[T], data: Any, where: str) -> T:
@@ -156,10 +178,28 @@ def cluster_spec(name_or_path: str) -> ClusterSpec:
                            groups=[{"node": node.name}])
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml", ".json") or path.exists():
-        return parse_as(ClusterSpec, read_data_file(path), str(path))
+        spec = parse_as(ClusterSpec, read_data_file(path), str(path))
+        _check_references(spec, str(path))
+        return spec
     known = cluster_names()
     raise BadInput(f"unknown cluster '{name_or_path}'{did_you_mean(name_or_path, known)}; "
                    "give a preset name (see `profiles list`) or a path to a cluster YAML file")
+
+
+def _check_references(spec: ClusterSpec, where: str) -> None:
+    """A cluster file's node types and links must exist: say so naming the file and the field."""
+    cat = _hardware_catalog()
+    refs = [(f"groups.{i}.node", g.node, "nodes", "node type") for i, g in enumerate(spec.groups)]
+    if spec.fabric is not None:
+        refs.append(("fabric", spec.fabric, "links", "link"))
+    if spec.between_islands is not None:
+        refs.append(("between_islands.link", spec.between_islands.link, "links", "link"))
+    for field, name, section, what in refs:
+        if name not in cat[section]:
+            hint = did_you_mean(name, cat[section])
+            if section == "nodes" and name in cat["devices"]:
+                hint = f" ('{name}' is a device; a group names a node type, see `profiles list`)"
+            raise BadInput(f"{where}: field '{field}': unknown {what} '{name}'{hint}")
 
 
 def load_cluster(name_or_path: str, nodes: int | None = None) -> Cluster:
@@ -181,6 +221,14 @@ def load_cluster(name_or_path: str, nodes: int | None = None) -> Cluster:
 
 
 def resolve_cluster(spec: ClusterSpec, nodes: int | None = None) -> Cluster:
+    try:
+        return _resolve_cluster(spec, nodes)
+    except BadInput as e:
+        # A preset that names a missing node type, device or link: say which cluster it was.
+        raise BadInput(f"cluster '{spec.name}': {e}") from None
+
+
+def _resolve_cluster(spec: ClusterSpec, nodes: int | None = None) -> Cluster:
     node_instances: list[NodeInstance] = []
     devices: list[DeviceRef] = []
     for group in spec.groups:

@@ -8,11 +8,24 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+# Everything str.splitlines() breaks a line at, shown escaped so that the message stays one line.
+_LINE_BREAKS = "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
 
 class PlannerError(Exception):
-    """Base class: the message is the whole line the user sees."""
+    """Base class: the message is the whole line the user sees.
+
+    The line stays one line whatever went into it (a YAML key, a file name or an argument with a
+    newline in it): line breaks are shown escaped, as repr() would.
+    """
 
     exit_code = 2
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        for ch in _LINE_BREAKS:
+            text = text.replace(ch, repr(ch)[1:-1])
+        return text or self.__class__.__name__
 
 
 class BadInput(PlannerError):
