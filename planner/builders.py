@@ -41,7 +41,7 @@ class TransformerConfig(BaseModel):
 
     name: str
     source: str = ""
-    layers: PositiveInt
+    layers: PositiveInt = Field(le=10_000)
     hidden: PositiveInt
     heads: PositiveInt
     kv_heads: PositiveInt | None = None  # None: multi-head attention (kv_heads = heads)
@@ -108,7 +108,7 @@ class TextEncoderConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = "text_encoder"
-    layers: PositiveInt
+    layers: PositiveInt = Field(le=10_000)
     hidden: PositiveInt
     heads: PositiveInt
     ffn_hidden: PositiveInt
