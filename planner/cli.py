@@ -117,6 +117,72 @@ def _as_text(obj: dict, indent: int = 0) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# estimate and backtest
+
+
+def _plan_from_args(args, cluster):
+    from pydantic import ValidationError
+
+    from planner.plan import ParallelPlan
+
+    tp, pp, cp = args.tp, args.pp, args.cp
+    for flag, v in (("--tp", tp), ("--pp", pp), ("--cp", cp), ("--mbs", args.mbs), ("--gbs", args.gbs),
+                    ("--seq", args.seq), ("--vpp", args.vpp), ("--ep", args.ep)):
+        if v is not None and v <= 0:
+            raise BadInput(f"{flag} must be a positive integer, got {v}")
+    dp = args.dp
+    if dp is None:
+        if cluster.device_count % (tp * pp * cp):
+            raise BadInput(f"{cluster.device_count} devices are not divisible by tp*pp*cp = {tp * pp * cp}; "
+                           "change --tp/--pp/--cp or --nodes")
+        dp = cluster.device_count // (tp * pp * cp)
+    schedule = args.schedule or ("interleaved-1f1b" if args.vpp > 1 else "1f1b")
+    try:
+        return ParallelPlan(dp=dp, tp=tp, pp=pp, vpp=args.vpp, cp=cp, ep=args.ep, zero=args.zero, sp=args.sp,
+                            mbs=args.mbs, recompute=args.recompute, schedule=schedule)
+    except ValidationError as e:
+        raise BadInput("plan: " + e.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+
+def cmd_estimate(args) -> None:
+    from planner.cost.estimate import estimate
+    from planner.importers import load_model
+    from planner.plan import Workload
+
+    model = load_model(args.model)
+    cluster = catalog.load_cluster(args.cluster, args.nodes)
+    plan = _plan_from_args(args, cluster)
+    workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype)
+    est = estimate(model, cluster, workload, plan)
+    out = est.model_dump()
+    out["plan"] = plan.model_dump()
+    text = (f"step {est.step_time_s:.3f} s   {est.tokens_per_s:,.0f} tokens/s   MFU {est.mfu:.1%}   "
+            f"HFU {est.hfu:.1%}\n"
+            f"memory {est.peak_memory_bytes / 1e9:.1f} / {est.memory_capacity_bytes / 1e9:.0f} GB per device "
+            f"({'fits' if est.fits else 'DOES NOT FIT'})\n{est.why}\n" +
+            "\n".join(f"  {k:<22} {v:10.4f} s" for k, v in est.breakdown.items()) + "\n" +
+            "\n".join(f"  {k:<22} {v / 1e9:10.2f} GB" for k, v in est.memory.items()))
+    _emit(out, args.json, text)
+
+
+def cmd_backtest(args) -> None:
+    from planner.backtest import run_backtest
+
+    res = run_backtest(args.runs)
+    lines = [f"{'id':>6} {'source':<14} {'target':<13} {'measured':>12} {'predicted':>12} {'error':>8}"]
+    for r in res["rows"]:
+        if r["status"] == "ok":
+            lines.append(f"{r['id']:>6} {r['source_code']:<14} {r['target']:<13} {r['measured']:12.4g} "
+                         f"{r['predicted']:12.4g} {r['error_pct']:7.1f}%")
+        else:
+            lines.append(f"{r['id']:>6} {r['source_code']:<14} skipped: {r['reason']}")
+    lines.append("")
+    lines.extend(f"{k:<16} MAPE {v:5.1f}%" for k, v in res["by_source"].items())
+    lines.append(f"overall MAPE {res['mape_pct']:.1f}%  coverage {res['coverage']:.0%}")
+    _emit(res, args.json, "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +198,32 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("name")
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(func=cmd_profiles_show)
+
+    est = sub.add_parser("estimate", help="predict step time, throughput, MFU and memory of one plan")
+    est.add_argument("--model", required=True, help="catalog name, config.json or model file")
+    est.add_argument("--cluster", required=True, help="catalog name or cluster file")
+    est.add_argument("--nodes", type=int)
+    est.add_argument("--tp", type=int, default=1)
+    est.add_argument("--pp", type=int, default=1)
+    est.add_argument("--dp", type=int)
+    est.add_argument("--vpp", type=int, default=1)
+    est.add_argument("--cp", type=int, default=1)
+    est.add_argument("--ep", type=int, default=1)
+    est.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0)
+    est.add_argument("--sp", action="store_true")
+    est.add_argument("--mbs", type=int, required=True)
+    est.add_argument("--gbs", type=int, required=True)
+    est.add_argument("--seq", type=int, required=True)
+    est.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    est.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"])
+    est.add_argument("--dtype", choices=["bf16", "fp16", "fp8", "fp32"], default="bf16")
+    est.add_argument("--json", action="store_true")
+    est.set_defaults(func=cmd_estimate)
+
+    bt = sub.add_parser("backtest", help="predict a table of published runs and report the error")
+    bt.add_argument("--runs", required=True, help="CSV in the columns of calibration_runs_clean.csv")
+    bt.add_argument("--json", action="store_true")
+    bt.set_defaults(func=cmd_backtest)
     return p
 
 

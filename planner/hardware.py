@@ -226,6 +226,9 @@ class CollectiveLink(BaseModel):
     level: Literal["self", "intra-node", "inter-node", "inter-island"]
     ranks: int
     nodes: int
+    # What one rank can push off its node through its own NIC share: what bounds all-to-all, where
+    # every rank's off-node traffic leaves through its own NIC rather than through a ring of all of them.
+    rank_inter_bytes_per_s: float = float("inf")
 
 
 class Cluster(BaseModel):
@@ -354,6 +357,7 @@ def collective_link(cluster: Cluster, device_ids) -> CollectiveLink:
     for i in ids:
         by_node.setdefault(cluster.devices[i].node, []).append(i)
     bw = float("inf")
+    rank_bw = float("inf")
     latency = 0.0
     level = "intra-node"
     for n, members in by_node.items():
@@ -375,10 +379,12 @@ def collective_link(cluster: Cluster, device_ids) -> CollectiveLink:
             port_bw = min(node.nic_link.bytes_per_s, fabric.bytes_per_s)
             nics_used = len({cluster.devices[i].nic for i in members})
             node_bw = port_bw * nics_used
+            rank_bw = min(rank_bw, node_bw / len(members))
             if fabric.shared_medium:
                 node_bw = fabric.bytes_per_s / len(by_node)
                 if fabric.half_duplex:
                     node_bw /= 2
+                rank_bw = min(rank_bw, node_bw / len(members))
             bw = min(bw, node_bw)
             latency = max(latency, node.nic_link.latency_s, fabric.latency_s)
         if len(islands) > 1:
@@ -386,7 +392,10 @@ def collective_link(cluster: Cluster, device_ids) -> CollectiveLink:
             link = cluster.island_link
             assert link is not None
             for nodes_in_island in islands.values():
-                bw = min(bw, link.bytes_per_s * cluster.island_ports_per_node * len(nodes_in_island))
+                gateway = link.bytes_per_s * cluster.island_ports_per_node * len(nodes_in_island)
+                bw = min(bw, gateway)
+                members = sum(len(by_node[n]) for n in nodes_in_island)
+                rank_bw = min(rank_bw, gateway / members)
             latency = max(latency, link.latency_s)
     return CollectiveLink(bus_bytes_per_s=bw, latency_s=latency, level=level, ranks=len(ids),
-                          nodes=len(by_node))
+                          nodes=len(by_node), rank_inter_bytes_per_s=rank_bw)

@@ -1,0 +1,206 @@
+"""Backtest: predict every row of a published-runs table and compare with what was measured.
+
+The table has the columns of reference calibration_runs_clean.csv. The model is built from the row's own
+columns (never looked up by name), so any file with those columns works. Settings a source does not print
+(micro-batch, recompute, ZeRO stage) are searched: the fastest setting that fits, which is what a tuned
+vendor recipe is; the row says which values were assumed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from planner.builders import MoEConfig, TransformerConfig, build_transformer
+from planner.catalog import load_cluster
+from planner.cost.estimate import estimate
+from planner.errors import BadInput, PlannerError
+from planner.model import MLA
+from planner.plan import Estimate, ParallelPlan, Workload
+
+REQUIRED_COLUMNS = ["id", "source_code", "arch", "layers", "hidden", "heads", "ffn_hidden", "seq_len",
+                    "device", "device_count", "cluster", "gpus_per_node", "tp", "pp", "global_batch",
+                    "target", "usable"]
+TARGETS = {"step_time": "measured_step_time_s", "tokens_per_s": "measured_tokens_per_s_per_device",
+           "tflops": "measured_tflops_per_device", "mfu": "measured_mfu_pct", "hfu": "measured_hfu_pct"}
+DEFAULT_VOCAB = 51200  # GPT-3-style runs that do not print one (NeMo GPT3 recipes pad 50257 to this)
+
+
+def _num(row, key, default=None):
+    v = row.get(key)
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v == "":
+        return default
+    return v
+
+
+@dataclass
+class RowResult:
+    id: str
+    source_code: str
+    target: str
+    measured: float | None = None
+    predicted: float | None = None
+    error_pct: float | None = None
+    status: str = "ok"
+    reason: str = ""
+    assumed: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("id", "source_code", "target", "measured", "predicted",
+                                             "error_pct", "status", "reason", "assumed")}
+
+
+def row_model(row: dict):
+    arch = str(row["arch"])
+    gpt = arch == "gpt"
+    hidden, heads = int(row["hidden"]), int(row["heads"])
+    kv = int(_num(row, "kv_heads", heads))
+    head_dim = _num(row, "head_dim")
+    moe = None
+    mla = None
+    experts = _num(row, "moe_experts")
+    if experts:
+        moe = MoEConfig(experts=int(experts), topk=int(_num(row, "moe_topk", 2)),
+                        ffn_hidden=int(_num(row, "moe_ffn_hidden", row["ffn_hidden"])),
+                        shared_experts=int(_num(row, "moe_shared_experts", 0)),
+                        shared_ffn_hidden=int(_num(row, "moe_ffn_hidden", 0)) * int(
+                            _num(row, "moe_shared_experts", 0) > 0),
+                        dense_layers_first=int(_num(row, "dense_layers_first", 0)))
+    if arch.startswith("deepseek"):
+        # DeepSeek-V3's MLA dimensions (DeepSeek-V3 technical report section 4.2)
+        mla = MLA(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                  v_head_dim=128)
+        kv = heads
+    gated = bool(int(_num(row, "gated_mlp", 0 if gpt else 1)))
+    cfg = TransformerConfig(
+        name=str(row.get("model", row["id"])), source=f"row {row['id']} of a runs table",
+        layers=int(row["layers"]), hidden=hidden, heads=heads, kv_heads=kv,
+        head_dim=int(head_dim) if head_dim and not mla else None,
+        ffn_hidden=int(row["ffn_hidden"]), vocab=int(_num(row, "vocab", DEFAULT_VOCAB)), gated_mlp=gated,
+        norm="layernorm" if gpt else "rmsnorm", position="learned" if gpt else "rope",
+        max_seq=int(row["seq_len"]), bias=gpt, dropout=gpt and str(row["source_code"]) in ("NAR21", "KOR22"),
+        moe=moe, mla=mla)
+    return build_transformer(cfg)
+
+
+def _candidates(row: dict, n_devices: int):
+    """Plans for the row: printed values fixed, unprinted ones enumerated."""
+    tp = int(_num(row, "tp", 1))
+    pp = int(_num(row, "pp", 1))
+    cp = int(_num(row, "cp", 1))
+    dp = int(_num(row, "dp", n_devices // (tp * pp * cp)))
+    vpp = int(_num(row, "vpp", 1))
+    ep = int(_num(row, "ep", 1))
+    gbs = int(row["global_batch"])
+    mbs_printed = _num(row, "micro_batch")
+    mbs_opts = [int(mbs_printed)] if mbs_printed else [x for x in (1, 2, 4, 8) if gbs % (x * dp) == 0]
+    rec = str(_num(row, "recompute", "unknown"))
+    rec_opts = [rec] if rec in ("none", "selective", "full") else ["none", "selective", "full"]
+    zero_printed = _num(row, "zero")
+    zero_opts = [int(zero_printed)] if zero_printed is not None else [0, 1]
+    sp_printed = _num(row, "sp")
+    sp_opts = [bool(int(sp_printed))] if sp_printed is not None else [tp > 1]
+    for mbs in mbs_opts:
+        for recompute in rec_opts:
+            for zero in zero_opts:
+                for sp in sp_opts:
+                    yield ParallelPlan(
+                        dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, vpp=vpp, zero=zero, sp=sp and tp > 1, mbs=mbs,
+                        recompute=recompute,
+                        schedule="interleaved-1f1b" if vpp > 1 else "1f1b"), {
+                        k: v for k, v in (("micro_batch", mbs if not mbs_printed else None),
+                                          ("recompute", recompute if rec_opts != [rec] else None),
+                                          ("zero", zero if zero_printed is None else None),
+                                          ("sp", sp if sp_printed is None else None)) if v is not None}
+
+
+def predicted_value(target: str, est: Estimate, row: dict, n_devices: int) -> float:
+    if target == "step_time":
+        return est.step_time_s
+    if target == "tokens_per_s":
+        return est.tokens_per_s / n_devices
+    if target in ("tflops", "mfu", "hfu"):
+        mfu = est.hfu if (target == "hfu" or row.get("flops_convention") == "hardware") else est.mfu
+        if target == "tflops":
+            return mfu * _peak_tflops(row)
+        return 100 * mfu
+    raise BadInput(f"row {row['id']}: unknown target '{target}'")
+
+
+def _peak_tflops(row) -> float:
+    from planner.catalog import device
+
+    dev = device(str(row["device"]))
+    dtype = str(_num(row, "precision", "bf16"))
+    return dev.peak_flops("bf16" if dtype in ("unknown", "fp8") else dtype) / 1e12
+
+
+def backtest_row(row: dict) -> RowResult:
+    res = RowResult(id=str(row["id"]), source_code=str(row["source_code"]), target=str(row["target"]))
+    if int(_num(row, "usable", 1)) == 0:
+        res.status, res.reason = "skipped", f"unusable: {row.get('unusable_reason', '')}"
+        return res
+    measured_col = TARGETS.get(res.target)
+    if measured_col is None or _num(row, measured_col) is None:
+        res.status, res.reason = "skipped", f"no measured value for target '{res.target}'"
+        return res
+    res.measured = float(row[measured_col])
+    try:
+        model = row_model(row)
+        n_devices = int(row["device_count"])
+        per_node = int(_num(row, "gpus_per_node", 8))
+        cluster = load_cluster(str(row["cluster"]), nodes=max(1, n_devices // per_node))
+        if cluster.device_count != n_devices:
+            raise BadInput(f"cluster {row['cluster']} x {n_devices // per_node} nodes has "
+                           f"{cluster.device_count} devices, row says {n_devices}")
+        precision = str(_num(row, "precision", "bf16"))
+        workload = Workload(global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]),
+                            dtype=precision if precision in ("bf16", "fp16", "fp8", "fp32") else "bf16")
+        best = None
+        for plan, assumed in _candidates(row, n_devices):
+            try:
+                est = estimate(model, cluster, workload, plan)
+            except BadInput:
+                continue
+            key = (not est.fits, est.step_time_s)
+            if best is None or key < best[0]:
+                best = (key, est, assumed)
+        if best is None:
+            raise BadInput("no candidate plan is valid for this row")
+        _, est, assumed = best
+        res.assumed = assumed
+        res.predicted = predicted_value(res.target, est, row, n_devices)
+        res.error_pct = 100 * (res.predicted - res.measured) / res.measured
+        if not est.fits:
+            res.reason = "predicted not to fit in memory"
+    except PlannerError as e:
+        res.status, res.reason = "skipped", str(e)
+    return res
+
+
+def run_backtest(path: str | Path) -> dict:
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{path}: no such file")
+    try:
+        df = pd.read_csv(path)
+    except Exception as e:  # pandas raises many kinds for a broken CSV
+        raise BadInput(f"{path}: cannot read as CSV ({e.__class__.__name__}: {e})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise BadInput(f"{path}: missing columns {', '.join(missing)} (see calibration_runs_clean.csv)")
+    rows = [backtest_row(r) for r in df.to_dict(orient="records")]
+    ok = [r for r in rows if r.status == "ok"]
+    usable = [r for r in rows if not r.reason.startswith("unusable")]
+    by_source: dict[str, list[float]] = {}
+    for r in ok:
+        by_source.setdefault(r.source_code, []).append(abs(r.error_pct))
+    mape = sum(abs(r.error_pct) for r in ok) / len(ok) if ok else float("nan")
+    return {
+        "rows": [r.as_dict() for r in rows],
+        "mape_pct": mape,
+        "coverage": len(ok) / len(usable) if usable else 0.0,
+        "by_source": {k: sum(v) / len(v) for k, v in sorted(by_source.items())},
+    }

@@ -1,0 +1,239 @@
+"""estimate(model, cluster, workload, plan) -> Estimate: the one pure function the rest is built on.
+
+It assembles the pieces: per-layer compute (compute.py), per-collective communication over the links the
+plan's groups actually span (comm.py and Cluster.collective), the pipeline schedule with uneven stages
+(pipeline.py) and memory per device (memory.py). Device ranks follow Megatron's order (tp fastest, then cp,
+then dp, then pp), so a tp group is contiguous and lands inside a node when tp <= devices per node.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from planner.cost import comm, memory, pipeline
+from planner.cost.compute import DTYPE_BYTES, layer_time, recompute_time_s
+from planner.errors import BadInput
+from planner.hardware import Cluster
+from planner.model import Layer, ModelGraph
+from planner.plan import Estimate, ParallelPlan, Workload
+
+# Megatron's default: the gradient reduction is not overlapped with backward (overlap_grad_reduce=False,
+# reference formulas.md 4.4); FSDP2 overlaps by default. When overlapped, the last bucket stays exposed.
+EXPOSED_TAIL_FRACTION = 0.1
+
+
+def split_chunks(graph: ModelGraph, plan: ParallelPlan) -> list[list[Layer]]:
+    """Layers of each pipeline chunk, in pipeline order (pp * vpp chunks; chunk c runs on stage c % pp).
+
+    Layers outside the transformer blocks go to the chunk of the block they feed: embedding and frozen
+    encoders to the first chunk, final norm and head to the last.
+    """
+    chunks_n = plan.pp * plan.vpp
+    blocks = sorted({layer.block for layer in graph.layers if layer.block is not None})
+    if not blocks:
+        return [list(graph.topological())] + [[] for _ in range(chunks_n - 1)]
+    if len(blocks) < chunks_n:
+        raise BadInput(f"pp*vpp = {chunks_n} pipeline chunks but the model has only {len(blocks)} blocks")
+    if plan.partition is not None:
+        ranges = [a.layers for a in plan.partition]
+        covered = [i for lo, hi in ranges for i in range(lo, hi)]
+        if covered != list(range(len(blocks))):
+            raise BadInput(f"partition {ranges} does not cover blocks 0..{len(blocks) - 1} once, in order")
+    else:
+        sizes = [len(x) for x in np.array_split(np.arange(len(blocks)), chunks_n)]
+        edges = np.cumsum([0] + sizes)
+        ranges = [(int(edges[i]), int(edges[i + 1])) for i in range(chunks_n)]
+    chunk_of_block = {}
+    for c, (lo, hi) in enumerate(ranges):
+        for i in range(lo, hi):
+            chunk_of_block[blocks[i]] = c
+    order = graph.topological()
+    out: list[list[Layer]] = [[] for _ in range(chunks_n)]
+    seen_block = False
+    for layer in order:
+        if layer.block is not None:
+            seen_block = True
+            out[chunk_of_block[layer.block]].append(layer)
+        else:
+            out[chunks_n - 1 if seen_block else 0].append(layer)
+    return out
+
+
+def _group(base: int, stride: int, size: int) -> list[int]:
+    return [base + stride * i for i in range(size)]
+
+
+def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan) -> Estimate:
+    n = plan.devices
+    if n != cluster.device_count:
+        raise BadInput(f"plan uses dp*tp*pp*cp = {plan.dp}*{plan.tp}*{plan.pp}*{plan.cp} = {n} devices, "
+                       f"cluster {cluster.name} has {cluster.device_count}")
+    if workload.global_batch % (plan.mbs * plan.dp):
+        raise BadInput(f"global batch {workload.global_batch} is not divisible by mbs*dp = "
+                       f"{plan.mbs}*{plan.dp}")
+    dev = cluster.devices[0].device
+    dtype = workload.dtype
+    e = DTYPE_BYTES[dtype] if dtype != "fp8" else 2  # fp8 GEMMs keep bf16 activations between kernels
+    b, s, m = plan.mbs, workload.seq_len, plan.microbatches(workload)
+    tp, cp = plan.tp, plan.cp
+    stage_size = tp * cp * plan.dp
+
+    tp_link = cluster.collective(_group(0, 1, tp))
+    cp_link = cluster.collective(_group(0, tp, cp))
+    dp_link = cluster.collective(_group(0, tp * cp, plan.dp))
+    ep_link = cluster.collective(_group(0, tp, plan.ep)) if plan.ep > 1 else None
+
+    chunks = split_chunks(model, plan)
+    fwd_s, bwd_s = [], []
+    chunk_flops_model = 0.0
+    chunk_flops_hw = 0.0
+    part_names = ("compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s")
+    per_chunk = []
+    for layers in chunks:
+        f = bwd = 0.0
+        parts = {k: 0.0 for k in part_names}
+        for layer in layers:
+            lt = layer_time(layer, b, s, dev, dtype, tp=tp, cp=cp, sp=plan.sp)
+            rc = recompute_time_s(lt, layer, plan.recompute)
+            tp_s = cp_s = ep_s = 0.0
+            if tp > 1 and layer.kind in ("attention", "mlp", "moe", "encoder"):
+                # Megatron: one all-reduce (or AG + RS under SP) per sublayer forward, one backward, one more
+                # when the forward is recomputed (Narayanan 2021 section 3.2; Korthikanti 2022 section 4.2.2).
+                nbytes = layer.tokens(b, s) / cp * layer.hidden * e
+                one = comm.all_reduce_time_s(nbytes, tp_link)
+                tp_s = one * (2 + (1 if plan.recompute == "full" and layer.trainable else 0))
+            if cp > 1 and layer.kind == "attention":
+                # Ring attention passes K/V blocks around the cp ring while computing; what does not hide
+                # behind the attention core stays exposed (Liu et al. 2023, section 3).
+                kv = comm.cp_kv_bytes_per_layer(b, s, layer.kv_heads, layer.head_dim, cp, e)  # fwd + bwd
+                ring = comm.p2p_time_s(kv, cp_link.bus_bytes_per_s, cp_link.latency_s)
+                cp_s = max(0.0, ring - lt.attention_fwd_s * (1 + 2.5))
+            if ep_link is not None and layer.kind == "moe":
+                tokens = layer.tokens(b, s) / cp / (tp if plan.sp else 1)
+                nbytes = tokens * layer.topk * layer.hidden * e
+                # dispatch + combine, forward and backward (Megatron MoE README)
+                ep_s = 4 * comm.all_to_all_time_s(
+                    nbytes, ep_link, inter_node_bytes_per_s=ep_link.rank_inter_bytes_per_s)
+            f += lt.fwd_s + (tp_s + ep_s) / 2 + cp_s / 3
+            bwd += lt.bwd_s + rc + (tp_s + ep_s) / 2 + 2 * cp_s / 3
+            parts["compute_s"] += lt.fwd_s + lt.bwd_s
+            parts["recompute_s"] += rc
+            parts["tp_comm_s"] += tp_s
+            parts["cp_comm_s"] += cp_s
+            parts["ep_comm_s"] += ep_s
+            mult = 3 if layer.trainable else 1
+            chunk_flops_model += mult * lt.fwd_flops
+            recompute_flops = lt.fwd_flops if (plan.recompute == "full" and layer.trainable) else 0.0
+            if plan.recompute == "selective" and layer.trainable:
+                recompute_flops = layer.attention_core_flops(b, s, tp, cp)
+            chunk_flops_hw += mult * lt.fwd_flops + recompute_flops
+        fwd_s.append(float(f))
+        bwd_s.append(float(bwd))
+        per_chunk.append(parts)
+
+    # Pipeline: activations cross each stage boundary once per micro-batch each way (Narayanan 2021 3.2);
+    # with sequence parallel (scatter/gather) each tp rank sends 1/tp of them.
+    p2p_s = 0.0
+    if plan.pp > 1:
+        nbytes = b * s / cp * model.layers[0].hidden * e / (tp if plan.sp else 1)
+        bw, lat = cluster.p2p(0, stage_size)
+        p2p_s = comm.p2p_time_s(nbytes, bw, lat)
+    pipe = pipeline.simulate(plan.schedule, fwd_s, bwd_s, m, v=plan.vpp, p2p_s=p2p_s)
+
+    # Data parallel gradient reduction and ZeRO traffic over the dp group.
+    stage_params = []
+    for stage in range(plan.pp):
+        layers = [layer for c, ls in enumerate(chunks) if c % plan.pp == stage for layer in ls]
+        stage_params.append(sum(float(layer.params_per_device(tp=tp, ep=plan.ep, etp=plan.etp))
+                                for layer in layers if layer.trainable))
+    params_dev = max(stage_params)
+    grad_bytes = params_dev * (4 if workload.grad_dtype == "fp32" else 2)
+    dp_s = 0.0
+    if plan.dp > 1:
+        if plan.zero == 0:
+            dp_s = comm.all_reduce_time_s(grad_bytes, dp_link)
+        else:
+            dp_s = comm.reduce_scatter_time_s(grad_bytes, dp_link) + \
+                comm.all_gather_time_s(params_dev * e, dp_link)
+            if plan.zero == 3:
+                # parameters gathered again for forward and backward of every micro-batch group (ZeRO 7.2.2)
+                dp_s += comm.all_gather_time_s(params_dev * e, dp_link)
+    overlapped = plan.zero == 3
+    dp_exposed = dp_s * EXPOSED_TAIL_FRACTION if overlapped else dp_s
+
+    # Optimizer step: AdamW streams fp32 master weights, gradients and two moments (read and write).
+    owned = params_dev / (plan.dp if plan.zero >= 1 else 1)
+    opt_s = owned * 32 / (dev.memory_bandwidth_bytes_per_s * dev.efficiency.memory)
+
+    step = pipe.step_time_s + dp_exposed + opt_s
+    tokens = workload.global_batch * workload.seq_len
+    # FLOPs are per device of one pipeline chunk; a step runs m micro-batches on tp*cp*dp devices per stage.
+    flops_model = chunk_flops_model * m * tp * cp * plan.dp
+    flops_hw = chunk_flops_hw * m * tp * cp * plan.dp
+    peak = dev.peak_flops(dtype) * n
+    mfu = flops_model / (step * peak)
+    hfu = flops_hw / (step * peak)
+
+    mem = _memory(model, chunks, workload, plan, pipe, params_dev, stage_params, dev)
+    # The breakdown describes the busiest pipeline stage: its per-micro-batch parts times m, plus the
+    # step-level terms. compute_s excludes recompute, which has its own line.
+    busiest = int(np.argmax(pipe.busy_s))
+    stage_parts = {k: m * sum(per_chunk[c][k] for c in range(len(chunks)) if c % plan.pp == busiest)
+                   for k in per_chunk[0]}
+    breakdown_out = {
+        "compute_s": stage_parts["compute_s"],
+        "recompute_s": stage_parts["recompute_s"],
+        "tp_comm_s": stage_parts["tp_comm_s"],
+        "cp_comm_s": stage_parts["cp_comm_s"],
+        "ep_comm_s": stage_parts["ep_comm_s"],
+        "pp_comm_s": 2 * m * plan.vpp * p2p_s if plan.pp > 1 else 0.0,
+        "pipeline_bubble_s": pipe.bubble_s,
+        "dp_comm_exposed_s": dp_exposed,
+        "optimizer_s": opt_s,
+    }
+    fits = mem["total_bytes"] <= dev.memory_bytes
+    why = _why(breakdown_out, step, fits, mem, dev)
+    return Estimate(
+        step_time_s=step, tokens_per_s=tokens / step, mfu=mfu, hfu=hfu,
+        peak_memory_bytes=mem["total_bytes"], memory_capacity_bytes=dev.memory_bytes, fits=fits,
+        breakdown=breakdown_out, memory={k: v for k, v in mem.items() if k != "stages"},
+        stages=[{"stage": i, "fwd_s": fwd_s[i], "bwd_s": bwd_s[i], **mem["stages"][i]}
+                for i in range(min(plan.pp, len(fwd_s)))],
+        why=why)
+
+
+def _memory(model, chunks, workload, plan, pipe, params_dev, stage_params, dev) -> dict:
+    e_w = 2 if workload.dtype in ("bf16", "fp16", "fp8") else 4
+    e_act = 2 if workload.dtype != "fp32" else 4
+    g = 4 if workload.grad_dtype == "fp32" else 2
+    stages = []
+    for stage in range(plan.pp):
+        states = memory.model_state_bytes(stage_params[stage], plan.dp, plan.zero, weight_dtype_bytes=e_w,
+                                          grad_dtype_bytes=g, optimizer=workload.optimizer)
+        frozen = sum(float(layer.params_per_device(tp=plan.tp)) * e_w
+                     for c, ls in enumerate(chunks) if c % plan.pp == stage for layer in ls
+                     if not layer.trainable)
+        act_one = sum(float(layer.activation_bytes(plan.mbs, workload.seq_len, plan.tp, plan.cp, plan.sp,
+                                                   plan.recompute, e_act))
+                      for c, ls in enumerate(chunks) if c % plan.pp == stage for layer in ls)
+        inflight = pipe.peak_inflight[stage] / plan.vpp if plan.vpp > 1 else pipe.peak_inflight[stage]
+        acts = act_one * inflight * (1 - plan.offload.activations)
+        opt = states["optimizer"] * (1 - plan.offload.optimizer)
+        subtotal = states["weights"] + states["gradients"] + opt + frozen + acts
+        overhead = memory.allocator_overhead_bytes(subtotal)
+        stages.append({"weights_bytes": states["weights"] + frozen, "gradients_bytes": states["gradients"],
+                       "optimizer_bytes": opt, "activations_bytes": acts, "overhead_bytes": overhead,
+                       "total_bytes": subtotal + overhead})
+    worst = max(stages, key=lambda d: d["total_bytes"])
+    return {**worst, "stages": stages}
+
+
+def _why(bd: dict, step: float, fits: bool, mem: dict, dev) -> str:
+    if not fits:
+        return (f"does not fit: needs {mem['total_bytes'] / 1e9:.1f} GB per device, has "
+                f"{dev.memory_bytes / 1e9:.0f} GB")
+    top = max(bd.items(), key=lambda kv: kv[1])
+    names = {"compute_s": "compute", "pipeline_bubble_s": "pipeline bubble", "tp_comm_s": "TP communication",
+             "dp_comm_exposed_s": "exposed DP communication", "ep_comm_s": "expert all-to-all",
+             "cp_comm_s": "context-parallel communication", "optimizer_s": "optimizer step",
+             "recompute_s": "recomputation", "pp_comm_s": "pipeline transfers"}
+    return f"limited by {names.get(top[0], top[0])} ({top[1] / step:.0%} of the step)"
