@@ -23,6 +23,15 @@ REQUIRED_COLUMNS = ["id", "source_code", "arch", "layers", "hidden", "heads", "f
                     "target", "usable"]
 TARGETS = {"step_time": "measured_step_time_s", "tokens_per_s": "measured_tokens_per_s_per_device",
            "tflops": "measured_tflops_per_device", "mfu": "measured_mfu_pct", "hfu": "measured_hfu_pct"}
+# What each source's software stack does that its table does not print. Unknown sources get a current
+# stack (FlashAttention, overlapped gradient reduction). Megatron-LM of 2021-22 had neither FlashAttention
+# (Dao et al. 2022 came later) nor overlapped reduction (Korthikanti 2022 section 6.3 says so);
+# NeMo/Megatron-Bridge recipes turn on overlap_grad_reduce with the distributed optimizer.
+SOFTWARE_STACKS = {
+    "NAR21": {"flash_attention": False, "overlap_grad_reduce": False},
+    "KOR22": {"flash_attention": False, "overlap_grad_reduce": False},
+}
+MODERN_STACK = {"flash_attention": True, "overlap_grad_reduce": True}
 DEFAULT_VOCAB = 51200  # GPT-3-style runs that do not print one (NeMo GPT3 recipes pad 50257 to this)
 
 
@@ -100,13 +109,14 @@ def _candidates(row: dict, n_devices: int):
     zero_opts = [int(zero_printed)] if zero_printed is not None else [0, 1]
     sp_printed = _num(row, "sp")
     sp_opts = [bool(int(sp_printed))] if sp_printed is not None else [tp > 1]
+    stack = SOFTWARE_STACKS.get(str(row["source_code"]), MODERN_STACK)
     for mbs in mbs_opts:
         for recompute in rec_opts:
             for zero in zero_opts:
                 for sp in sp_opts:
                     yield ParallelPlan(
                         dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, vpp=vpp, zero=zero, sp=sp and tp > 1, mbs=mbs,
-                        recompute=recompute,
+                        recompute=recompute, **stack,
                         schedule="interleaved-1f1b" if vpp > 1 else "1f1b"), {
                         k: v for k, v in (("micro_batch", mbs if not mbs_printed else None),
                                           ("recompute", recompute if rec_opts != [rec] else None),

@@ -61,6 +61,9 @@ class Efficiency(BaseModel):
     # FlashAttention core vs dense peak: FA2 forward at hd 128 reaches 328 TFLOP/s on H100 = 33%,
     # 180 TFLOP/s on A100 (hd 64) = 58% (Azure AI-benchmarking-guide, reference clusters.md section 10).
     attention: float = Field(0.45, gt=0, le=1)
+    # FP8 GEMMs reach a lower fraction of their (doubled) peak: H100 MAMF 70.9% FP8 vs 80.3% BF16
+    # (reference clusters.md section 10). None: same as matmul.
+    matmul_fp8: float | None = Field(None, gt=0, le=1)
     # Fixed cost per kernel launch (CUDA launch + framework dispatch), and per layer per pass for
     # framework work that does not scale with size (Python, hooks, allocator): what dominates small
     # models (vTrain single-node rows, reference README). Fitted by calibration.

@@ -59,6 +59,8 @@ class ParallelPlan(BaseModel):
     recompute: RecomputePolicy = "none"
     offload: OffloadPolicy = OffloadPolicy()
     schedule: Schedule = "1f1b"
+    flash_attention: bool = True  # False: unfused softmax attention (Megatron before 2022)
+    overlap_grad_reduce: bool = False  # Megatron's default; FSDP overlaps by design (zero 3)
     partition: list[StageAssignment] | None = None  # None: blocks spread evenly over pp * vpp chunks
 
     @model_validator(mode="after")

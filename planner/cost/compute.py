@@ -37,15 +37,45 @@ class LayerTime:
     fwd_flops: object
 
 
-def gemm_time_s(m, n, k, device: Device, dtype: str):
-    """One (m x k) @ (k x n) GEMM: the roofline time plus a launch overhead."""
+def gemm_time_s(m, n, k, device: Device, dtype: str, count=1):
+    """`count` (m x k) @ (k x n) GEMMs: the roofline time plus a launch overhead each.
+
+    FP8 GEMMs (Transformer Engine recipe) also cast their bf16 input to fp8 first, a memory-bound pass
+    reading 2 and writing 1 byte per input element, and run at the device's fp8 matmul efficiency.
+    """
     e = device.efficiency
     nbytes = DTYPE_BYTES[dtype]
     flops = 2.0 * m * n * k
-    moved = nbytes * (m * k + k * n + m * n)
-    compute = flops / (device.peak_flops(dtype) * e.matmul)
+    moved = nbytes * (m * k + k * n) + min(nbytes * 2, 4) * m * n  # fp8 GEMMs write bf16 outputs
+    eff = e.matmul_fp8 if (dtype == "fp8" and e.matmul_fp8 is not None) else e.matmul
+    compute = flops / (device.peak_flops(dtype) * eff)
     memory = moved / (device.memory_bandwidth_bytes_per_s * e.memory)
-    return np.maximum(compute, memory) + e.kernel_overhead_us * 1e-6
+    t = np.maximum(compute, memory) + e.kernel_overhead_us * 1e-6
+    if dtype == "fp8":
+        t = t + 3 * m * k / (device.memory_bandwidth_bytes_per_s * e.memory) + e.kernel_overhead_us * 1e-6
+    return count * t
+
+
+def attention_core_time_s(layer: Layer, b, s, device: Device, tp=1, cp=1, flash=True):
+    """Forward time of the attention core (QK^T, softmax, AV) on one device.
+
+    FlashAttention runs in bf16 whatever the GEMM dtype, at a fitted fraction of the bf16 peak. Without
+    it (Megatron before 2022) QK^T and AV are batched GEMMs, and scale, mask, softmax and dropout each
+    read and write the b*a*s^2 score tensor (Korthikanti 2022 section 4.1 counts 2 + 1 + 2 bytes per score
+    kept; the kernels that make them move about twice that).
+    """
+    e = device.efficiency
+    flops = layer.attention_core_flops(b, s, tp, cp)
+    if flash:
+        return flops / (device.peak_flops("bf16") * e.attention)
+    # unfused: the causal half is not skipped
+    full = flops * (2.0 if layer.causal else 1.0)
+    heads = max(layer.heads, 1) / tp
+    s_eff = layer.fixed_tokens if layer.fixed_tokens is not None else s
+    scores = b * heads * (s_eff / cp) * s_eff
+    compute = full / (device.peak_flops("bf16") * e.matmul)
+    memory = scores * 2 * (4 + (3 if layer.dropout else 0)) / (device.memory_bandwidth_bytes_per_s * e.memory)
+    return compute + memory + 4 * e.kernel_overhead_us * 1e-6
 
 
 def elementwise_bytes_fwd(layer: Layer, b, s, tp=1, cp=1, sp=False, dtype_bytes=2):
@@ -87,7 +117,8 @@ def elementwise_bytes_fwd(layer: Layer, b, s, tp=1, cp=1, sp=False, dtype_bytes=
     return total
 
 
-def layer_time(layer: Layer, b, s, device: Device, dtype: str = "bf16", tp=1, cp=1, sp=False) -> LayerTime:
+def layer_time(layer: Layer, b, s, device: Device, dtype: str = "bf16", tp=1, cp=1, sp=False, ep=1,
+               flash=True) -> LayerTime:
     """Forward and backward time of `layer` for one micro-batch on one device (recompute not included)."""
     e = device.efficiency
     if layer.kind == "vae":
@@ -96,14 +127,17 @@ def layer_time(layer: Layer, b, s, device: Device, dtype: str = "bf16", tp=1, cp
         return LayerTime(fwd_s=fwd, bwd_s=0.0 * fwd, attention_fwd_s=0.0 * fwd, fwd_flops=flops)
     gemm_fwd = 0.0
     gemm_bwd = 0.0
-    n_gemms = 0
-    for _, m, n, k in layer.gemms(b, s, tp, cp):
-        gemm_fwd = gemm_fwd + gemm_time_s(m, n, k, device, dtype)
-        gemm_bwd = gemm_bwd + gemm_time_s(m, k, n, device, dtype) + gemm_time_s(k, n, m, device, dtype)
-        n_gemms += 1
-    attn_flops = layer.attention_core_flops(b, s, tp, cp)
-    attn_fwd = attn_flops / (device.peak_flops(dtype) * e.attention)
-    ew_bytes = elementwise_bytes_fwd(layer, b, s, tp, cp, sp, DTYPE_BYTES.get(dtype, 2) if dtype != "fp8" else 2)
+    local_experts = max(1, layer.experts // ep) if layer.kind == "moe" else 1
+    for name, m, n, k in layer.gemms(b, s, tp, cp):
+        count = 1
+        if name.startswith("expert_"):
+            # Each local expert is its own (grouped) GEMM over its share of the routed tokens.
+            count, m = local_experts, m / local_experts
+        gemm_fwd = gemm_fwd + gemm_time_s(m, n, k, device, dtype, count)
+        gemm_bwd = gemm_bwd + gemm_time_s(m, k, n, device, dtype, count) + \
+            gemm_time_s(k, n, m, device, dtype, count)
+    attn_fwd = attention_core_time_s(layer, b, s, device, tp, cp, flash)
+    ew_bytes = elementwise_bytes_fwd(layer, b, s, tp, cp, sp, 4 if dtype == "fp32" else 2)
     ew_fwd = ew_bytes / (device.memory_bandwidth_bytes_per_s * e.memory)
     kernels = ELEMENTWISE_KERNELS.get(layer.kind, 2) + (2 if layer.kind in ("attention", "encoder") else 0)
     overhead = kernels * e.kernel_overhead_us * 1e-6 + e.layer_overhead_us * 1e-6

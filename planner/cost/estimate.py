@@ -92,7 +92,8 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
         f = bwd = 0.0
         parts = {k: 0.0 for k in part_names}
         for layer in layers:
-            lt = layer_time(layer, b, s, dev, dtype, tp=tp, cp=cp, sp=plan.sp)
+            lt = layer_time(layer, b, s, dev, dtype, tp=tp, cp=cp, sp=plan.sp, ep=plan.ep,
+                            flash=plan.flash_attention)
             rc = recompute_time_s(lt, layer, plan.recompute)
             tp_s = cp_s = ep_s = 0.0
             if tp > 1 and layer.kind in ("attention", "mlp", "moe", "encoder"):
@@ -139,26 +140,40 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
         p2p_s = comm.p2p_time_s(nbytes, bw, lat)
     pipe = pipeline.simulate(plan.schedule, fwd_s, bwd_s, m, v=plan.vpp, p2p_s=p2p_s)
 
-    # Data parallel gradient reduction and ZeRO traffic over the dp group.
-    stage_params = []
-    for stage in range(plan.pp):
-        layers = [layer for c, ls in enumerate(chunks) if c % plan.pp == stage for layer in ls]
-        stage_params.append(sum(float(layer.params_per_device(tp=tp, ep=plan.ep, etp=plan.etp))
-                                for layer in layers if layer.trainable))
-    params_dev = max(stage_params)
-    grad_bytes = params_dev * (4 if workload.grad_dtype == "fp32" else 2)
+    # Data parallel gradient reduction and ZeRO traffic over the dp group. One collective per layer
+    # (Megatron and DDP reduce in buckets of about a layer's size), so the per-collective latency of a
+    # ring over many ranks counts as often as it is paid.
+    stage_layers = [[layer for c, ls in enumerate(chunks) if c % plan.pp == st for layer in ls
+                     if layer.trainable] for st in range(plan.pp)]
+    stage_params = [sum(float(layer.params_per_device(tp=tp, ep=plan.ep, etp=plan.etp)) for layer in ls)
+                    for ls in stage_layers]
+    worst = int(np.argmax(stage_params))
+    per_layer = np.array([float(layer.params_per_device(tp=tp, ep=plan.ep, etp=plan.etp))
+                          for layer in stage_layers[worst]] or [0.0])
+    params_dev = float(per_layer.sum())
+    g_bytes = 4 if workload.grad_dtype == "fp32" else 2
     dp_s = 0.0
     if plan.dp > 1:
         if plan.zero == 0:
-            dp_s = comm.all_reduce_time_s(grad_bytes, dp_link)
+            dp_s = float(np.sum(comm.all_reduce_time_s(per_layer * g_bytes, dp_link)))
         else:
-            dp_s = comm.reduce_scatter_time_s(grad_bytes, dp_link) + \
-                comm.all_gather_time_s(params_dev * e, dp_link)
-            if plan.zero == 3:
-                # parameters gathered again for forward and backward of every micro-batch group (ZeRO 7.2.2)
-                dp_s += comm.all_gather_time_s(params_dev * e, dp_link)
-    overlapped = plan.zero == 3
-    dp_exposed = dp_s * EXPOSED_TAIL_FRACTION if overlapped else dp_s
+            dp_s = float(np.sum(comm.reduce_scatter_time_s(per_layer * g_bytes, dp_link)))
+            if plan.zero < 3:
+                dp_s += float(np.sum(comm.all_gather_time_s(per_layer * e, dp_link)))
+            else:
+                # ZeRO-3 / FSDP gathers each layer's weights for every micro-batch's forward and again
+                # for its backward (ZeRO section 7.2.2; FSDP reshard_after_forward=True).
+                dp_s += 2 * m * float(np.sum(comm.all_gather_time_s(per_layer * e, dp_link)))
+    stage_busy = float(pipe.busy_s[worst]) if plan.pp > 1 else float(pipe.step_time_s)
+    if plan.zero == 3:
+        # FSDP prefetches the next layer's gather during this layer's compute: only what compute cannot
+        # cover, and the first gather and last reduce-scatter, stay exposed.
+        dp_exposed = max(dp_s - stage_busy, EXPOSED_TAIL_FRACTION * dp_s)
+    elif plan.overlap_grad_reduce:
+        last_bwd = sum(bwd_s[c] for c in range(len(chunks)) if c % plan.pp == worst)
+        dp_exposed = max(dp_s - last_bwd, EXPOSED_TAIL_FRACTION * dp_s)
+    else:
+        dp_exposed = dp_s
 
     # Optimizer step: AdamW streams fp32 master weights, gradients and two moments (read and write).
     owned = params_dev / (plan.dp if plan.zero >= 1 else 1)
@@ -213,7 +228,8 @@ def _memory(model, chunks, workload, plan, pipe, params_dev, stage_params, dev) 
                      for c, ls in enumerate(chunks) if c % plan.pp == stage for layer in ls
                      if not layer.trainable)
         act_one = sum(float(layer.activation_bytes(plan.mbs, workload.seq_len, plan.tp, plan.cp, plan.sp,
-                                                   plan.recompute, e_act))
+                                                   plan.recompute, e_act,
+                                                   flash=plan.flash_attention))
                       for c, ls in enumerate(chunks) if c % plan.pp == stage for layer in ls)
         inflight = pipe.peak_inflight[stage] / plan.vpp if plan.vpp > 1 else pipe.peak_inflight[stage]
         acts = act_one * inflight * (1 - plan.offload.activations)
