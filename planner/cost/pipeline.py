@@ -1,0 +1,349 @@
+"""Pipeline schedules: an op-level dependency simulation and the published closed forms.
+
+Pure functions, no I/O (reference/formulas.md sections 2.3 and 3).
+
+The simulation (`simulate`) takes per-stage forward and backward times of one micro-batch, builds the
+order in which every device runs its ops under the chosen schedule, and times the ops: an op starts
+when its device has finished the op before it in that order *and* the op it depends on has finished
+(plus `p2p_s` when that op ran on another device). With a fixed per-device order this is the longest
+path through the op DAG, so it is exact for the model's assumptions (compute and p2p only, sends do not
+occupy the compute stream, no optimizer step) and monotone: making any op longer never makes the step
+shorter.
+
+Dependencies (virtual stage k = chunk * p + device; p*v virtual stages in all):
+  F(k, j) after F(k-1, j)          (+ p2p_s when they sit on different devices)
+  B(k, j) after B(k+1, j)          (+ p2p_s), and after F(k, j) on the last virtual stage
+  W(k, j) after B(k, j)            (zb-h1 only; same device)
+
+Per-device orders:
+  gpipe             all m forwards, then all m backwards (micro-batch order), Huang et al. 2019.
+  1f1b              PipeDream-Flush (Narayanan et al. 2021 section 2.2.1): rank i runs min(p-i-1, m)
+                    warm-up forwards, then alternates F, B, then drains the remaining B. This is
+                    Megatron's `forward_backward_pipelining_without_interleaving`.
+  interleaved-1f1b  Megatron's `forward_backward_pipelining_with_interleaving` with
+                    microbatch_group_size_per_vp_stage = p: warm-up 2(p-i-1) + (v-1)p forwards (all of
+                    them when that reaches m*v), then F, B alternately; the k-th forward runs chunk
+                    (k mod pv) // p on micro-batch (k // pv) * p + k mod p, backwards run chunks in
+                    reverse. Requires m % p == 0.
+  zb-h1             Qi et al. 2023 (Zero Bubble PP, section 3.1, ZB-H1): backward split into B (input
+                    grad, on the critical path) and W (weight grad). Rank i runs the 1F1B order but
+                    defers the W of its first i backward passes to the very end of the step, where they
+                    fill the cool-down bubble; every other W runs right after its B. At most i W's are
+                    pending on rank i, and F-minus-B in-flight stays at 1F1B's p-i, matching the paper's
+                    memory (p-i+1) M_B + (i-1) M_W for 1-based worker i. The same job list as
+                    PaddlePaddle's `pipeline_scheduler_ZBH1` pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Sequence
+
+PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"]
+SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
+
+
+class PipelineEvent(NamedTuple):
+    """One op on one device. `chunk` is the model chunk on that device (0..v-1); its virtual stage is
+    chunk * p + device. kind: 'F' forward, 'B' backward (input + weight grad, or input grad only under
+    zb-h1), 'W' weight grad (zb-h1)."""
+
+    device: int
+    kind: str
+    microbatch: int
+    chunk: int
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What `simulate` returns.
+
+    step_time_s       makespan: end of the last op (first op starts at 0).
+    busy_s            per device, summed op durations.
+    idle_s            per device, step_time_s - busy_s.
+    bubble_s          step_time_s - max(busy_s): the idle time of the busiest device, i.e. what the
+                      pipeline adds on top of the slowest device's own work. With equal stages this is
+                      Narayanan's t_pb = (p-1)(t_f+t_b) (1F1B/GPipe).
+    bubble_fraction   bubble_s / step_time_s: the bubble as a share of the step (formulas.md section 3,
+                      "as a share of step time"), e.g. (p-1)/(m+p-1) for 1F1B with equal stages.
+    peak_inflight     per device, the most micro-batches whose forward has run and whose backward (B)
+                      has not finished: activations held. Under interleaving the unit is one chunk's
+                      activations for one micro-batch (divide by v for whole-device micro-batches).
+    peak_pending_w    per device, the most deferred W's: B's whose W has not run, sampled after every F
+                      and W op, so a W that runs straight after its own B does not count (zb-h1 with m >= p:
+                      i on rank i; 0 for the other schedules). Each holds the W part of a
+                      micro-batch's activations (Qi et al. M_W).
+    events            every op, in start order per device.
+    """
+
+    schedule: str
+    p: int
+    v: int
+    m: int
+    step_time_s: float
+    busy_s: tuple[float, ...]
+    idle_s: tuple[float, ...]
+    bubble_s: float
+    bubble_fraction: float
+    peak_inflight: tuple[int, ...]
+    peak_pending_w: tuple[int, ...]
+    events: tuple[PipelineEvent, ...]
+
+
+# ----------------------------------------------------------------------------------------------
+# per-device op orders: lists of (kind, microbatch, chunk)
+
+def _order_gpipe(m: int) -> list[tuple[str, int, int]]:
+    return [("F", j, 0) for j in range(m)] + [("B", j, 0) for j in range(m)]
+
+
+def _order_1f1b(p: int, i: int, m: int) -> list[tuple[str, int, int]]:
+    warm = min(p - i - 1, m)
+    ops = [("F", j, 0) for j in range(warm)]
+    nf, nb = warm, 0
+    while nf < m:
+        ops.append(("F", nf, 0))
+        nf += 1
+        ops.append(("B", nb, 0))
+        nb += 1
+    ops += [("B", j, 0) for j in range(nb, m)]
+    return ops
+
+
+def _order_zb_h1(p: int, i: int, m: int) -> list[tuple[str, int, int]]:
+    deferred: list[int] = []
+    ops: list[tuple[str, int, int]] = []
+    for kind, j, c in _order_1f1b(p, i, m):
+        ops.append((kind, j, c))
+        if kind == "B":
+            if len(deferred) < i:
+                deferred.append(j)
+            else:
+                ops.append(("W", j, c))
+    ops += [("W", j, 0) for j in deferred]
+    return ops
+
+
+def interleaved_warmup(p: int, i: int, m: int, v: int) -> int:
+    """Warm-up forwards (chunk-micro-batches) on rank i under Megatron's interleaved schedule."""
+    total = m * v
+    w = 2 * (p - i - 1) + (v - 1) * p
+    return min(w, total)
+
+
+def _order_interleaved(p: int, i: int, m: int, v: int) -> list[tuple[str, int, int]]:
+    total = m * v
+
+    def fwd(k: int) -> tuple[str, int, int]:
+        return ("F", (k // (p * v)) * p + k % p, (k % (p * v)) // p)
+
+    def bwd(k: int) -> tuple[str, int, int]:
+        return ("B", (k // (p * v)) * p + k % p, v - 1 - (k % (p * v)) // p)
+
+    warm = interleaved_warmup(p, i, m, v)
+    ops = [fwd(k) for k in range(warm)]
+    for k in range(total - warm):
+        ops.append(fwd(k + warm))
+        ops.append(bwd(k))
+    ops += [bwd(k) for k in range(total - warm, total)]
+    return ops
+
+
+def schedule_order(schedule: str, p: int, m: int, v: int = 1) -> list[list[tuple[str, int, int]]]:
+    """The op order of every device: per device a list of (kind, microbatch, chunk)."""
+    _check_args(schedule, p, m, v)
+    if schedule == "gpipe":
+        return [_order_gpipe(m) for _ in range(p)]
+    if schedule == "1f1b":
+        return [_order_1f1b(p, i, m) for i in range(p)]
+    if schedule == "zb-h1":
+        return [_order_zb_h1(p, i, m) for i in range(p)]
+    return [_order_interleaved(p, i, m, v) for i in range(p)]
+
+
+def _check_args(schedule: str, p: int, m: int, v: int) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; expected one of {SCHEDULES}")
+    if p < 1 or m < 1 or v < 1:
+        raise ValueError(f"p, m and v must be >= 1 (got p={p}, m={m}, v={v})")
+    if schedule == "interleaved-1f1b":
+        if m % p != 0:
+            raise ValueError(f"interleaved-1f1b needs the number of micro-batches ({m}) to be a "
+                             f"multiple of the pipeline size ({p}) (Narayanan et al. 2021 section 2.2.2)")
+    elif v != 1:
+        raise ValueError(f"v={v} virtual stages needs schedule 'interleaved-1f1b', got {schedule!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# simulation
+
+def simulate(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: int, v: int = 1,
+             p2p_s: float = 0.0, wgrad_s: Sequence[float] | None = None) -> PipelineResult:
+    """Time one training step of a pipeline by dependency simulation.
+
+    fwd_s, bwd_s: per virtual stage (length p*v; virtual stage k runs on device k % p as chunk k // p),
+    one micro-batch's forward and full backward time. m: micro-batches per step. p2p_s: time to send
+    an activation (or its gradient) between adjacent stages on different devices. wgrad_s (zb-h1
+    only): per stage, the weight-gradient part of bwd_s; default bwd_s / 2. Under zb-h1 the B op
+    takes bwd_s - wgrad_s and the W op wgrad_s.
+    """
+    fwd = [float(x) for x in fwd_s]
+    bwd = [float(x) for x in bwd_s]
+    if len(fwd) != len(bwd) or not fwd:
+        raise ValueError(f"fwd_s and bwd_s must be non-empty and the same length "
+                         f"(got {len(fwd)} and {len(bwd)})")
+    if len(fwd) % v != 0:
+        raise ValueError(f"{len(fwd)} stage times do not split into v={v} chunks per device")
+    if any(x < 0 for x in fwd + bwd) or p2p_s < 0:
+        raise ValueError("stage and p2p times must be >= 0")
+    p = len(fwd) // v
+    _check_args(schedule, p, m, v)
+    n_stages = p * v
+
+    if schedule == "zb-h1":
+        w = [x / 2 for x in bwd] if wgrad_s is None else [float(x) for x in wgrad_s]
+        if len(w) != n_stages or any(x < 0 or x > b for x, b in zip(w, bwd)):
+            raise ValueError("wgrad_s must have one entry per stage, each within [0, bwd_s]")
+        dur = {"F": fwd, "B": [b - x for b, x in zip(bwd, w)], "W": w}
+    else:
+        if wgrad_s is not None:
+            raise ValueError("wgrad_s only applies to schedule 'zb-h1'")
+        dur = {"F": fwd, "B": bwd}
+
+    orders = schedule_order(schedule, p, m, v)
+    end: dict[tuple[str, int, int], float] = {}  # (kind, virtual stage, microbatch) -> end time
+
+    def ready(kind: str, k: int, j: int) -> float | None:
+        """When op (kind, k, j) may start as far as its cross-op dependency goes; None: not yet."""
+        if kind == "F":
+            if k == 0:
+                return 0.0
+            dep, dk = ("F", k - 1, j), k - 1
+        elif kind == "B":
+            if k == n_stages - 1:
+                dep, dk = ("F", k, j), k
+            else:
+                dep, dk = ("B", k + 1, j), k + 1
+        else:
+            dep, dk = ("B", k, j), k
+        t = end.get(dep)
+        if t is None:
+            return None
+        return t + (p2p_s if dk % p != k % p else 0.0)
+
+    pos = [0] * p
+    free = [0.0] * p
+    events: list[list[PipelineEvent]] = [[] for _ in range(p)]
+    remaining = sum(len(o) for o in orders)
+    while remaining:
+        progressed = False
+        for d in range(p):
+            while pos[d] < len(orders[d]):
+                kind, j, c = orders[d][pos[d]]
+                k = c * p + d
+                r = ready(kind, k, j)
+                if r is None:
+                    break
+                start = max(free[d], r)
+                stop = start + dur[kind][k]
+                end[(kind, k, j)] = stop
+                free[d] = stop
+                events[d].append(PipelineEvent(d, kind, j, c, start, stop))
+                pos[d] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:  # cannot happen for the orders above; guards future schedules
+            raise RuntimeError(f"schedule {schedule!r} deadlocks (p={p}, m={m}, v={v})")
+
+    step = max(free)
+    busy = tuple(sum(e.end_s - e.start_s for e in evs) for evs in events)
+    inflight, pending = [], []
+    for order in orders:
+        held = peak = wait_w = peak_w = 0
+        for kind, _, _ in order:
+            if kind == "F":
+                held += 1
+                peak = max(peak, held)
+            elif kind == "B":
+                held -= 1
+                wait_w += schedule == "zb-h1"
+            else:
+                wait_w -= 1
+            if kind != "B":  # a W run straight after its own B never counts as pending
+                peak_w = max(peak_w, wait_w)
+        inflight.append(peak)
+        pending.append(peak_w)
+    bubble = step - max(busy)
+    return PipelineResult(
+        schedule=schedule, p=p, v=v, m=m, step_time_s=step, busy_s=busy,
+        idle_s=tuple(step - b for b in busy), bubble_s=bubble,
+        bubble_fraction=bubble / step if step > 0 else 0.0,
+        peak_inflight=tuple(inflight), peak_pending_w=tuple(pending),
+        events=tuple(e for evs in events for e in evs),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# closed forms (equal stages)
+
+def bubble_time_closed(schedule: str, p: int, m: int, v: int = 1, tf: float = 1.0, tb: float = 2.0,
+                       tw: float | None = None) -> float:
+    """Bubble time for equal stages, no p2p: t_f, t_b are one stage's (whole device's) forward and
+    full backward times per micro-batch; tw the weight-grad part of t_b (zb-h1; default t_b/2).
+
+    GPipe, 1F1B: (p-1)(t_f+t_b) (Narayanan 2021 section 2.2.1). Interleaved: (p-1)(t_f+t_b)/v
+    (section 2.2.2). ZB-H1: (p-1)(T_F+T_B-T_W) with T_B = t_b - tw the input-grad part (Qi et al.
+    2023, Table 2). For ZB-H1 this equals the simulated schedule exactly when m >= p and
+    T_W <= min(T_F, T_B) (the paper's handcrafted regime; checked in tests); outside it the simulated
+    bubble is larger.
+    """
+    _check_args(schedule, p, m, v)
+    if schedule in ("gpipe", "1f1b"):
+        return (p - 1) * (tf + tb)
+    if schedule == "interleaved-1f1b":
+        return (p - 1) * (tf + tb) / v
+    tw = tb / 2 if tw is None else tw
+    return (p - 1) * max(tf + (tb - tw) - tw, 0.0)
+
+
+def bubble_fraction_closed(schedule: str, p: int, m: int, v: int = 1, tf: float = 1.0, tb: float = 2.0,
+                           tw: float | None = None, of: Literal["step", "ideal"] = "step") -> float:
+    """Bubble for equal stages as a fraction.
+
+    of="step" (default): bubble / step time, the share of the step spent idle; the same quantity as
+    `PipelineResult.bubble_fraction`. GPipe/1F1B (p-1)/(m+p-1); interleaved (p-1)/(v*m+p-1);
+    ZB-H1 (p-1)(T_F+T_B-T_W) / (m(T_F+T_B+T_W) + (p-1)(T_F+T_B-T_W)), which is (p-1)/(3m+p-1) for
+    T_F = T_B = T_W (formulas.md section 3; the step-time denominators are marked Δ there).
+    of="ideal": bubble / ideal time m(t_f+t_b), Narayanan's t_pb/t_id: (p-1)/m, (1/v)(p-1)/m for
+    interleaving.
+    """
+    bubble = bubble_time_closed(schedule, p, m, v, tf, tb, tw)
+    ideal = m * (tf + tb)
+    if of == "ideal":
+        return bubble / ideal
+    if of != "step":
+        raise ValueError(f"of must be 'step' or 'ideal', got {of!r}")
+    return bubble / (ideal + bubble)
+
+
+def inflight_microbatches(schedule: str, p: int, m: int, stage: int = 0, v: int = 1) -> float:
+    """Micro-batches' worth of activations a device holds at its peak (formulas.md section 2.3).
+
+    The unit is one micro-batch's activations for *all* layers on the device (for interleaving, all
+    v chunks), so peak activation memory = this x per-micro-batch activation of the device.
+    GPipe: m. 1F1B: min(p - stage, m) (stage 0-based; Narayanan 2.2.1, Korthikanti Eq. 5).
+    ZB-H1: as 1F1B for the B activations (Qi et al. Table 2; W-only tensors of up to `stage` deferred
+    micro-batches come on top, see PipelineResult.peak_pending_w). Interleaved: Megatron's warm-up
+    2(p-i-1)+(v-1)p plus one, in chunk units, capped at m*v, divided by v; on the first stage with
+    enough micro-batches that is p + (p-1)/v, i.e. L(1 + (p-1)/(pv)) layers' worth (Korthikanti
+    section 4.2.3).
+    """
+    _check_args(schedule, p, m, v)
+    if not 0 <= stage < p:
+        raise ValueError(f"stage {stage} outside 0..{p - 1}")
+    if schedule == "gpipe":
+        return float(m)
+    if schedule in ("1f1b", "zb-h1"):
+        return float(min(p - stage, m))
+    return min(interleaved_warmup(p, stage, m, v) + 1, m * v) / v
