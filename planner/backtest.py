@@ -53,6 +53,7 @@ class RowResult:
     status: str = "ok"
     reason: str = ""
     assumed: dict = field(default_factory=dict)
+    plan: ParallelPlan | None = None
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("id", "source_code", "target", "measured", "predicted",
@@ -145,7 +146,7 @@ def _peak_tflops(row) -> float:
     return dev.peak_flops("bf16" if dtype in ("unknown", "fp8") else dtype) / 1e12
 
 
-def backtest_row(row: dict) -> RowResult:
+def backtest_row(row: dict, return_plan: bool = False) -> RowResult:
     res = RowResult(id=str(row["id"]), source_code=str(row["source_code"]), target=str(row["target"]))
     if int(_num(row, "usable", 1)) == 0:
         res.status, res.reason = "skipped", f"unusable: {row.get('unusable_reason', '')}"
@@ -174,11 +175,13 @@ def backtest_row(row: dict) -> RowResult:
                 continue
             key = (not est.fits, est.step_time_s)
             if best is None or key < best[0]:
-                best = (key, est, assumed)
+                best = (key, est, assumed, plan)
         if best is None:
             raise BadInput("no candidate plan is valid for this row")
-        _, est, assumed = best
+        _, est, assumed, plan = best
         res.assumed = assumed
+        if return_plan:
+            res.plan = plan
         res.predicted = predicted_value(res.target, est, row, n_devices)
         res.error_pct = 100 * (res.predicted - res.measured) / res.measured
         if not est.fits:

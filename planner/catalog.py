@@ -135,7 +135,26 @@ def _hardware_catalog() -> dict[str, dict[str, BaseModel]]:
                 if obj.name in catalog[section]:
                     raise BadInput(f"{path}: {section[:-1]} '{obj.name}' is defined twice")
                 catalog[section][obj.name] = obj
+    _apply_fitted_efficiency(root / FITTED_EFFICIENCY_FILE, catalog["devices"])
     return catalog
+
+
+FITTED_EFFICIENCY_FILE = "fitted_efficiency.yaml"
+
+
+def _apply_fitted_efficiency(path: Path, devices: dict) -> None:
+    """Overlay the efficiencies `python -m planner.fit --write` fitted on published runs; the
+    datasheet files stay as published, the fit stays regenerable, and its provenance is kept."""
+    if not path.exists():
+        return
+    doc = read_data_file(path) or {}
+    for name, values in (doc.get("devices") or {}).items():
+        if name not in devices:
+            raise BadInput(f"{path}: fitted device '{name}' is not in the catalog")
+        dev = devices[name]
+        src = f"fitted on {doc.get('fitted_on')} ({doc.get('rows')} rows, {doc.get('date')}), planner.fit"
+        eff = dev.efficiency.model_copy(update={**values, "source": src})
+        devices[name] = dev.model_copy(update={"efficiency": eff})
 
 
 def names(section: str) -> list[str]:

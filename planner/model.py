@@ -283,12 +283,12 @@ class Layer(BaseModel):
             total = total + 2 * t * h * e / rep  # norm input, norm output (= QKV input)
             total = total + t * (q_w + kv_w) * e / tp + lat  # Q, K, V for the core
             total = total + t * o_w * e / tp  # core output = o_proj input
-            total = total + 2 * mask / rep  # attention-output dropout mask (+ residual dropout)
+            total = total + mask / rep  # residual dropout mask after the output projection
             s_eff = self.fixed_tokens if self.fixed_tokens is not None else s
             if not flash and recompute == "none":
                 # softmax output 2as^2b, its dropout mask as^2b, dropout output 2as^2b (Korthikanti)
                 per_score = (2 + (3 if self.dropout else 0)) * e / 2
-                total = total + b * a * (s_eff / cp) * s_eff * per_score * 2 / tp
+                total = total + b * a * (s_eff / cp) * s_eff * per_score / tp
             elif flash:
                 total = total + t * a * 4 / tp  # log-sum-exp per row, fp32
         if self.kind in ("mlp", "encoder"):

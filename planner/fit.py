@@ -1,0 +1,169 @@
+"""Fit the physically meaningful efficiencies of each device on a table of published runs.
+
+Per device we fit three numbers: the dense matmul efficiency, the FP8 matmul efficiency (where the table
+has FP8 runs) and the FlashAttention core efficiency. Every other term of the cost model keeps its
+datasheet or measured value. The fit minimises squared log error (so a 2x miss costs the same either way)
+with scipy's bounded least squares. Leave-one-source-out refits without each source and predicts it, which
+is the error to expect on a software stack the fit has not seen.
+
+The result is written to hardware_profiles/fitted_efficiency.yaml, which the catalog applies on load.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from pathlib import Path
+
+import numpy as np
+
+from planner.backtest import REQUIRED_COLUMNS, TARGETS, backtest_row, predicted_value, row_model
+from planner.catalog import load_cluster
+from planner.cost.estimate import estimate
+from planner.errors import BadInput
+from planner.plan import ParallelPlan, Workload
+
+PARAMS = ("matmul", "matmul_fp8", "attention")
+BOUNDS = {"matmul": (0.2, 0.95), "matmul_fp8": (0.15, 0.95), "attention": (0.1, 0.95)}
+
+
+class _Case:
+    """One usable row with its plan fixed (the unprinted settings chosen once at default efficiencies)."""
+
+    def __init__(self, row: dict, plan: ParallelPlan):
+        self.row = row
+        self.plan = plan
+        self.model = row_model(row)
+        n = int(row["device_count"])
+        self.n = n
+        self.cluster = load_cluster(str(row["cluster"]), nodes=max(1, n // int(row.get("gpus_per_node") or 8)))
+        precision = str(row.get("precision") or "bf16")
+        self.workload = Workload(global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]),
+                                 dtype=precision if precision in ("bf16", "fp16", "fp8", "fp32") else "bf16")
+        self.measured = float(row[TARGETS[str(row["target"])]])
+        self.device = str(row["device"])
+        self.fp8 = self.workload.dtype == "fp8"
+
+    def predict(self, eff: dict) -> float:
+        cluster = with_efficiency(self.cluster, eff)
+        est = estimate(self.model, cluster, self.workload, self.plan)
+        return predicted_value(str(self.row["target"]), est, self.row, self.n)
+
+
+def with_efficiency(cluster, eff: dict):
+    """The same cluster with every device's efficiency fields replaced by `eff` (where given)."""
+    if not eff:
+        return cluster
+    devices = []
+    for ref in cluster.devices:
+        new_eff = ref.device.efficiency.model_copy(update=eff)
+        devices.append(ref.model_copy(update={"device": ref.device.model_copy(update={"efficiency": new_eff})}))
+    return cluster.model_copy(update={"devices": devices})
+
+
+def load_cases(path: str | Path) -> list[_Case]:
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise BadInput(f"{path}: missing columns {', '.join(missing)}")
+    cases = []
+    for row in df.to_dict(orient="records"):
+        res = backtest_row(row, return_plan=True)
+        if res.status == "ok" and res.plan is not None:
+            cases.append(_Case(row, res.plan))
+    return cases
+
+
+def _fit_device(cases: list[_Case], start: dict) -> dict:
+    from scipy.optimize import least_squares
+
+    names = [p for p in PARAMS if p != "matmul_fp8" or any(c.fp8 for c in cases)]
+    x0 = np.array([start.get(p) or 0.6 for p in names])
+    lo = np.array([BOUNDS[p][0] for p in names])
+    hi = np.array([BOUNDS[p][1] for p in names])
+    x0 = np.clip(x0, lo + 1e-3, hi - 1e-3)
+
+    def resid(x):
+        eff = dict(zip(names, x))
+        return np.array([math.log(c.predict(eff) / c.measured) for c in cases])
+
+    sol = least_squares(resid, x0, bounds=(lo, hi), diff_step=1e-2, max_nfev=60)
+    return {k: round(float(v), 4) for k, v in zip(names, sol.x)}
+
+
+def fit(cases: list[_Case], defaults: dict[str, dict]) -> dict[str, dict]:
+    by_device: dict[str, list[_Case]] = {}
+    for c in cases:
+        by_device.setdefault(c.device, []).append(c)
+    return {dev: _fit_device(cs, defaults.get(dev, {})) for dev, cs in sorted(by_device.items())}
+
+
+def mape(cases: list[_Case], params: dict[str, dict]) -> dict[str, float]:
+    by_source: dict[str, list[float]] = {}
+    for c in cases:
+        pred = c.predict(params.get(c.device, {}))
+        by_source.setdefault(str(c.row["source_code"]), []).append(abs(pred - c.measured) / c.measured * 100)
+    out = {k: float(np.mean(v)) for k, v in sorted(by_source.items())}
+    out["overall"] = float(np.mean([x for v in by_source.values() for x in v]))
+    return out
+
+
+def leave_one_source_out(cases: list[_Case], defaults: dict[str, dict]) -> dict[str, float]:
+    """Refit without each source and predict that source. A device seen only in the held-out source
+    keeps its profile's values (what a user of an unseen stack would get)."""
+    sources = sorted({str(c.row["source_code"]) for c in cases})
+    out = {}
+    for src in sources:
+        train = [c for c in cases if str(c.row["source_code"]) != src]
+        test = [c for c in cases if str(c.row["source_code"]) == src]
+        params = fit(train, defaults)
+        out[src] = mape(test, params)[src]
+    all_err = [out[s] * sum(1 for c in cases if str(c.row["source_code"]) == s) for s in sources]
+    out["overall"] = float(sum(all_err) / len(cases))
+    return out
+
+
+def write_fit(params: dict[str, dict], path: Path, runs: str, n_rows: int) -> None:
+    import yaml
+
+    stamp = _dt.date.today().isoformat()
+    doc = {"fitted_on": Path(runs).name, "rows": n_rows, "date": stamp,
+           "method": "scipy.optimize.least_squares on log(predicted/measured), per device (planner.fit)",
+           "devices": params}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("# Generated by `python -m planner.fit`; do not edit by hand.\n" + yaml.safe_dump(doc))
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    from planner.catalog import device, profiles_dir
+
+    ap = argparse.ArgumentParser(description="fit device efficiencies on a published-runs table")
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--write", action="store_true", help="write hardware_profiles/fitted_efficiency.yaml")
+    ap.add_argument("--loso", action="store_true", help="also report leave-one-source-out error")
+    args = ap.parse_args(argv)
+    cases = load_cases(args.runs)
+    defaults = {}
+    for c in cases:
+        e = device(c.device).efficiency
+        defaults[c.device] = {"matmul": e.matmul, "matmul_fp8": e.matmul_fp8 or e.matmul * 0.88,
+                              "attention": e.attention}
+    before = mape(cases, {})
+    params = fit(cases, defaults)
+    after = mape(cases, params)
+    report = {"rows": len(cases), "params": params, "mape_before": before, "mape_after": after}
+    if args.loso:
+        report["mape_leave_one_source_out"] = leave_one_source_out(cases, defaults)
+    if args.write:
+        write_fit(params, profiles_dir() / "fitted_efficiency.yaml", args.runs, len(cases))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
