@@ -136,6 +136,35 @@ def write_fit(params: dict[str, dict], path: Path, runs: str, n_rows: int) -> No
     tmp.replace(path)
 
 
+def _write_markdown(report: dict, path: Path, runs: str) -> None:
+    """The accuracy table: MAPE by source at profile defaults, after the fit, and leave-one-source-out."""
+    loso = report.get("mape_leave_one_source_out", {})
+    lines = [f"| source | MAPE at datasheet defaults | MAPE fitted | MAPE leave-one-source-out |",
+             "|---|---:|---:|---:|"]
+    for src in list(report["mape_after"]):
+        lo = f"{loso[src]:.1f}%" if src in loso else "n/a"
+        lines.append(f"| {src} | {report['mape_before'][src]:.1f}% | {report['mape_after'][src]:.1f}% | {lo} |")
+    lines.append("")
+    lines.append("Fitted efficiencies per device:")
+    lines.append("")
+    lines.append("| device | " + " | ".join(PARAMS) + " |")
+    lines.append("|---|" + "---:|" * len(PARAMS))
+    for dev, vals in report["params"].items():
+        lines.append(f"| {dev} | " + " | ".join(f"{vals[p]:.3f}" if p in vals else "-" for p in PARAMS) + " |")
+    body = "\n".join(lines) + "\n"
+    text = path.read_text() if path.exists() else ""
+    start, end = "<!-- fit-table:start -->", "<!-- fit-table:end -->"
+    block = f"{start}\nRows: {report['rows']} of {Path(runs).name}. Regenerate: `python -m planner.fit " \
+            f"--runs {runs} --loso --write --markdown {path}`\n\n{body}{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text + "\n" + block + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def main(argv=None) -> int:
     import argparse
     import json
@@ -146,6 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", required=True)
     ap.add_argument("--write", action="store_true", help="write hardware_profiles/fitted_efficiency.yaml")
     ap.add_argument("--loso", action="store_true", help="also report leave-one-source-out error")
+    ap.add_argument("--markdown", help="also write the error table as Markdown to this file")
     args = ap.parse_args(argv)
     cases = load_cases(args.runs)
     defaults = {}
@@ -161,6 +191,8 @@ def main(argv=None) -> int:
         report["mape_leave_one_source_out"] = leave_one_source_out(cases, defaults)
     if args.write:
         write_fit(params, profiles_dir() / "fitted_efficiency.yaml", args.runs, len(cases))
+    if args.markdown:
+        _write_markdown(report, Path(args.markdown), args.runs)
     print(json.dumps(report, indent=2))
     return 0
 
