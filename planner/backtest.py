@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner.builders import MoEConfig, TransformerConfig, build_transformer
-from planner.catalog import load_cluster
+from planner.catalog import load_cluster, stack_efficiency
 from planner.cost.estimate import estimate
 from planner.errors import BadInput, PlannerError
 from planner.model import MLA
@@ -30,6 +30,8 @@ TARGETS = {"step_time": "measured_step_time_s", "tokens_per_s": "measured_tokens
 SOFTWARE_STACKS = {
     "NAR21": {"flash_attention": False, "overlap_grad_reduce": False},
     "KOR22": {"flash_attention": False, "overlap_grad_reduce": False},
+    # vTrain's ground truth ran Megatron-DeepSpeed, whose --use-flash-attn is off by default.
+    "VTRAIN-SINGLE": {"flash_attention": False, "overlap_grad_reduce": False},
 }
 MODERN_STACK = {"flash_attention": True, "overlap_grad_reduce": True}
 DEFAULT_VOCAB = 51200  # GPT-3-style runs that do not print one (NeMo GPT3 recipes pad 50257 to this)
@@ -111,18 +113,25 @@ def _candidates(row: dict, n_devices: int):
     sp_printed = _num(row, "sp")
     sp_opts = [bool(int(sp_printed))] if sp_printed is not None else [tp > 1]
     stack = SOFTWARE_STACKS.get(str(row["source_code"]), MODERN_STACK)
+    # An unprinted recompute may also be Megatron's partial one: N blocks of each chunk recomputed.
+    per_chunk = -(-int(row["layers"]) // (pp * vpp))
+    rec_opts = [(r, None) for r in rec_opts]
+    if len(rec_opts) > 1:
+        rec_opts += [("full", k) for k in range(1, per_chunk)]
     for mbs in mbs_opts:
-        for recompute in rec_opts:
+        for recompute, num_layers in rec_opts:
             for zero in zero_opts:
                 for sp in sp_opts:
+                    assumed = {"micro_batch": mbs if not mbs_printed else None,
+                               "recompute": recompute if len(rec_opts) > 1 else None,
+                               "recompute_num_layers": num_layers,
+                               "zero": zero if zero_printed is None else None,
+                               "sp": sp if sp_printed is None else None}
                     yield ParallelPlan(
                         dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, vpp=vpp, zero=zero, sp=sp and tp > 1, mbs=mbs,
-                        recompute=recompute, **stack,
+                        recompute=recompute, recompute_num_layers=num_layers, **stack,
                         schedule="interleaved-1f1b" if vpp > 1 else "1f1b"), {
-                        k: v for k, v in (("micro_batch", mbs if not mbs_printed else None),
-                                          ("recompute", recompute if rec_opts != [rec] else None),
-                                          ("zero", zero if zero_printed is None else None),
-                                          ("sp", sp if sp_printed is None else None)) if v is not None}
+                        k: v for k, v in assumed.items() if v is not None}
 
 
 def predicted_value(target: str, est: Estimate, row: dict, n_devices: int) -> float:
@@ -160,7 +169,10 @@ def backtest_row(row: dict, return_plan: bool = False) -> RowResult:
         model = row_model(row)
         n_devices = int(row["device_count"])
         per_node = int(_num(row, "gpus_per_node", 8))
-        cluster = load_cluster(str(row["cluster"]), nodes=max(1, n_devices // per_node))
+        cluster = load_cluster(str(row["cluster"]), nodes=max(1, n_devices // per_node),
+                               devices=n_devices if n_devices < per_node else None)
+        # A source whose software stack was fitted on its own (planner.fit --stack) uses that fit.
+        cluster = cluster.with_efficiency(**stack_efficiency(str(row["source_code"]), str(row["device"])))
         if cluster.device_count != n_devices:
             raise BadInput(f"cluster {row['cluster']} x {n_devices // per_node} nodes has "
                            f"{cluster.device_count} devices, row says {n_devices}")

@@ -140,6 +140,13 @@ def _hardware_catalog() -> dict[str, dict[str, BaseModel]]:
 
 
 FITTED_EFFICIENCY_FILE = "fitted_efficiency.yaml"
+_STACK_FITS: dict[str, dict[str, dict]] = {}
+
+
+def stack_efficiency(stack: str, device_name: str) -> dict:
+    """Efficiency fields fitted for one software stack on one device ({} when there is no such fit)."""
+    _hardware_catalog()
+    return dict(_STACK_FITS.get(stack, {}).get(device_name, {}))
 
 
 def _apply_fitted_efficiency(path: Path, devices: dict) -> None:
@@ -148,6 +155,9 @@ def _apply_fitted_efficiency(path: Path, devices: dict) -> None:
     if not path.exists():
         return
     doc = read_data_file(path) or {}
+    _STACK_FITS.clear()
+    for stack, fit in (doc.get("stacks") or {}).items():
+        _STACK_FITS[stack] = fit.get("devices") or {}
     for name, values in (doc.get("devices") or {}).items():
         if name not in devices:
             raise BadInput(f"{path}: fitted device '{name}' is not in the catalog")
@@ -221,12 +231,23 @@ def _check_references(spec: ClusterSpec, where: str) -> None:
             raise BadInput(f"{where}: field '{field}': unknown {what} '{name}'{hint}")
 
 
-def load_cluster(name_or_path: str, nodes: int | None = None) -> Cluster:
+def load_cluster(name_or_path: str, nodes: int | None = None, devices: int | None = None) -> Cluster:
     """Resolve a cluster: look up every node type, device and link, number the devices.
 
     `nodes` fills in the count of a group that has none (a node-type preset); a cluster whose groups all
-    have counts refuses a different --nodes rather than silently ignoring it.
+    have counts refuses a different --nodes rather than silently ignoring it. `devices` below one node's
+    size keeps only the first devices of a single node (a run on 2 of a DGX's 8 GPUs).
     """
+    if devices is not None:
+        cluster = load_cluster(name_or_path, nodes)
+        if devices <= 0:
+            raise BadInput(f"--devices must be a positive integer, got {devices}")
+        if devices == cluster.device_count:
+            return cluster
+        if len(cluster.nodes) != 1 or devices > cluster.device_count:
+            raise BadInput(f"cluster '{cluster.name}' has {cluster.device_count} devices on "
+                           f"{len(cluster.nodes)} nodes; {devices} devices must be whole nodes or part of one")
+        return part_of_node(cluster, devices)
     spec = cluster_spec(name_or_path)
     if nodes is not None and nodes <= 0:
         raise BadInput(f"--nodes must be a positive integer, got {nodes}")
@@ -237,6 +258,13 @@ def load_cluster(name_or_path: str, nodes: int | None = None) -> Cluster:
         if nodes != total:
             raise BadInput(f"cluster '{spec.name}' fixes its size at {total} nodes; drop --nodes {nodes}")
     return resolve_cluster(spec, nodes)
+
+
+def part_of_node(cluster: Cluster, devices: int) -> Cluster:
+    """The first `devices` devices of a one-node cluster, with that node's links."""
+    node = cluster.nodes[0].model_copy(update={"devices": cluster.nodes[0].devices[:devices]})
+    return cluster.model_copy(update={"nodes": [node], "devices": cluster.devices[:devices],
+                                      "name": f"{cluster.name}[{devices}]"})
 
 
 def resolve_cluster(spec: ClusterSpec, nodes: int | None = None) -> Cluster:

@@ -139,7 +139,8 @@ def _plan_from_args(args, cluster):
     schedule = args.schedule or ("interleaved-1f1b" if args.vpp > 1 else "1f1b")
     try:
         return ParallelPlan(dp=dp, tp=tp, pp=pp, vpp=args.vpp, cp=cp, ep=args.ep, zero=args.zero, sp=args.sp,
-                            mbs=args.mbs, recompute=args.recompute, schedule=schedule)
+                            mbs=args.mbs, recompute=args.recompute, schedule=schedule,
+                            recompute_num_layers=args.recompute_num_layers)
     except ValidationError as e:
         raise BadInput("plan: " + e.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
@@ -215,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--gbs", type=int, required=True)
     est.add_argument("--seq", type=int, required=True)
     est.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    est.add_argument("--recompute-num-layers", type=int,
+                     help="with --recompute full: blocks per pipeline chunk recomputed (Megatron block method)")
     est.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"])
     est.add_argument("--dtype", choices=["bf16", "fp16", "fp8", "fp32"], default="bf16")
     est.add_argument("--json", action="store_true")

@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from planner.backtest import REQUIRED_COLUMNS, TARGETS, backtest_row, predicted_value, row_model
-from planner.catalog import load_cluster
+from planner.catalog import load_cluster, stack_efficiency
 from planner.cost.estimate import estimate
 from planner.errors import BadInput
 from planner.plan import ParallelPlan, Workload
 
-PARAMS = ("matmul", "matmul_fp8", "attention")
-BOUNDS = {"matmul": (0.2, 0.95), "matmul_fp8": (0.15, 0.95), "attention": (0.1, 0.95)}
+PARAMS = ("matmul", "matmul_fp8", "attention", "gemm_half_dim")
+BOUNDS = {"matmul": (0.2, 0.95), "matmul_fp8": (0.15, 0.95), "attention": (0.1, 0.95),
+          "host_dispatch_us": (0.0, 300.0), "memory": (0.3, 0.95), "gemm_half_dim": (0.0, 2048.0)}
 
 
 class _Case:
@@ -35,7 +36,10 @@ class _Case:
         self.model = row_model(row)
         n = int(row["device_count"])
         self.n = n
-        self.cluster = load_cluster(str(row["cluster"]), nodes=max(1, n // int(row.get("gpus_per_node") or 8)))
+        per_node = int(row.get("gpus_per_node") or 8)
+        self.cluster = load_cluster(str(row["cluster"]), nodes=max(1, n // per_node),
+                                    devices=n if n < per_node else None)
+        self.cluster = self.cluster.with_efficiency(**stack_efficiency(str(row["source_code"]), str(row["device"])))
         precision = str(row.get("precision") or "bf16")
         self.workload = Workload(global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]),
                                  dtype=precision if precision in ("bf16", "fp16", "fp8", "fp32") else "bf16")
@@ -44,20 +48,9 @@ class _Case:
         self.fp8 = self.workload.dtype == "fp8"
 
     def predict(self, eff: dict) -> float:
-        cluster = with_efficiency(self.cluster, eff)
+        cluster = self.cluster.with_efficiency(**eff)
         est = estimate(self.model, cluster, self.workload, self.plan)
         return predicted_value(str(self.row["target"]), est, self.row, self.n)
-
-
-def with_efficiency(cluster, eff: dict):
-    """The same cluster with every device's efficiency fields replaced by `eff` (where given)."""
-    if not eff:
-        return cluster
-    devices = []
-    for ref in cluster.devices:
-        new_eff = ref.device.efficiency.model_copy(update=eff)
-        devices.append(ref.model_copy(update={"device": ref.device.model_copy(update={"efficiency": new_eff})}))
-    return cluster.model_copy(update={"devices": devices})
 
 
 def load_cases(path: str | Path) -> list[_Case]:
@@ -75,28 +68,32 @@ def load_cases(path: str | Path) -> list[_Case]:
     return cases
 
 
-def _fit_device(cases: list[_Case], start: dict) -> dict:
+def _fit_device(cases: list[_Case], start: dict, params=PARAMS) -> dict:
     from scipy.optimize import least_squares
 
-    names = [p for p in PARAMS if p != "matmul_fp8" or any(c.fp8 for c in cases)]
-    x0 = np.array([start.get(p) or 0.6 for p in names])
+    names = [p for p in params if p != "matmul_fp8" or any(c.fp8 for c in cases)]
+    x0 = np.array([start.get(p) if start.get(p) is not None else 0.6 for p in names], dtype=float)
     lo = np.array([BOUNDS[p][0] for p in names])
     hi = np.array([BOUNDS[p][1] for p in names])
-    x0 = np.clip(x0, lo + 1e-3, hi - 1e-3)
+    # start inside the box, away from a bound where a relative finite-difference step would vanish
+    x0 = np.clip(x0, lo + 0.05 * (hi - lo), hi - 1e-3)
 
     def resid(x):
         eff = dict(zip(names, x))
         return np.array([math.log(c.predict(eff) / c.measured) for c in cases])
 
-    sol = least_squares(resid, x0, bounds=(lo, hi), diff_step=1e-2, max_nfev=60)
+    # soft_l1: rows the model cannot explain (e.g. a stack's pathology) should not drag every other row.
+    scale = np.maximum(hi - lo, 1e-9)
+    sol = least_squares(resid, x0, bounds=(lo, hi), diff_step=1e-2, max_nfev=60, loss="soft_l1",
+                        f_scale=0.15, x_scale=scale)
     return {k: round(float(v), 4) for k, v in zip(names, sol.x)}
 
 
-def fit(cases: list[_Case], defaults: dict[str, dict]) -> dict[str, dict]:
+def fit(cases: list[_Case], defaults: dict[str, dict], params=PARAMS) -> dict[str, dict]:
     by_device: dict[str, list[_Case]] = {}
     for c in cases:
         by_device.setdefault(c.device, []).append(c)
-    return {dev: _fit_device(cs, defaults.get(dev, {})) for dev, cs in sorted(by_device.items())}
+    return {dev: _fit_device(cs, defaults.get(dev, {}), params) for dev, cs in sorted(by_device.items())}
 
 
 def mape(cases: list[_Case], params: dict[str, dict]) -> dict[str, float]:
@@ -109,7 +106,7 @@ def mape(cases: list[_Case], params: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def leave_one_source_out(cases: list[_Case], defaults: dict[str, dict]) -> dict[str, float]:
+def leave_one_source_out(cases: list[_Case], defaults: dict[str, dict], params=PARAMS) -> dict[str, float]:
     """Refit without each source and predict that source. A device seen only in the held-out source
     keeps its profile's values (what a user of an unseen stack would get)."""
     sources = sorted({str(c.row["source_code"]) for c in cases})
@@ -117,22 +114,30 @@ def leave_one_source_out(cases: list[_Case], defaults: dict[str, dict]) -> dict[
     for src in sources:
         train = [c for c in cases if str(c.row["source_code"]) != src]
         test = [c for c in cases if str(c.row["source_code"]) == src]
-        params = fit(train, defaults)
-        out[src] = mape(test, params)[src]
+        fitted = fit(train, defaults, params)
+        out[src] = mape(test, fitted)[src]
     all_err = [out[s] * sum(1 for c in cases if str(c.row["source_code"]) == s) for s in sources]
     out["overall"] = float(sum(all_err) / len(cases))
     return out
 
 
-def write_fit(params: dict[str, dict], path: Path, runs: str, n_rows: int) -> None:
+def write_fit(fitted: dict[str, dict], path: Path, runs: str, n_rows: int, stack: str | None = None) -> None:
+    """Merge a fit into the fitted-efficiency file: device-level (published runs) or under one
+    software stack (a source whose stack differs, e.g. vTrain's Megatron-DeepSpeed)."""
     import yaml
 
-    stamp = _dt.date.today().isoformat()
-    doc = {"fitted_on": Path(runs).name, "rows": n_rows, "date": stamp,
-           "method": "scipy.optimize.least_squares on log(predicted/measured), per device (planner.fit)",
-           "devices": params}
+    doc = yaml.safe_load(path.read_text()) if path.exists() else {}
+    doc = doc or {}
+    entry = {"fitted_on": Path(runs).name, "rows": n_rows, "date": _dt.date.today().isoformat(),
+             "method": "scipy.optimize.least_squares, soft-L1 on log(predicted/measured) (planner.fit)"}
+    if stack is None:
+        doc.update(entry)
+        doc["devices"] = fitted
+    else:
+        doc.setdefault("stacks", {})[stack] = {**entry, "devices": fitted}
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("# Generated by `python -m planner.fit`; do not edit by hand.\n" + yaml.safe_dump(doc))
+    tmp.write_text("# Generated by `python -m planner.fit`; do not edit by hand.\n" +
+                   yaml.safe_dump(doc, sort_keys=False))
     tmp.replace(path)
 
 
@@ -173,24 +178,41 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description="fit device efficiencies on a published-runs table")
     ap.add_argument("--runs", required=True)
+    ap.add_argument("--params", default=",".join(PARAMS),
+                    help=f"comma-separated efficiency fields to fit (of {', '.join(BOUNDS)})")
+    ap.add_argument("--stack", help="store the fit for this source's software stack, not the device")
+    ap.add_argument("--holdout", type=float, default=0.0,
+                    help="fraction of rows held out at random (seed 0) and reported separately")
     ap.add_argument("--write", action="store_true", help="write hardware_profiles/fitted_efficiency.yaml")
     ap.add_argument("--loso", action="store_true", help="also report leave-one-source-out error")
     ap.add_argument("--markdown", help="also write the error table as Markdown to this file")
     args = ap.parse_args(argv)
+    params = tuple(p.strip() for p in args.params.split(",") if p.strip())
+    unknown = [p for p in params if p not in BOUNDS]
+    if unknown:
+        ap.error(f"unknown parameter(s) {', '.join(unknown)}; choose from {', '.join(BOUNDS)}")
     cases = load_cases(args.runs)
     defaults = {}
     for c in cases:
         e = device(c.device).efficiency
-        defaults[c.device] = {"matmul": e.matmul, "matmul_fp8": e.matmul_fp8 or e.matmul * 0.88,
-                              "attention": e.attention}
+        defaults[c.device] = {**e.model_dump(), "matmul_fp8": e.matmul_fp8 or e.matmul * 0.88}
+    train, test = cases, []
+    if args.holdout:
+        rng = np.random.default_rng(0)
+        mask = rng.random(len(cases)) < args.holdout
+        train = [c for c, m in zip(cases, mask) if not m]
+        test = [c for c, m in zip(cases, mask) if m]
     before = mape(cases, {})
-    params = fit(cases, defaults)
-    after = mape(cases, params)
-    report = {"rows": len(cases), "params": params, "mape_before": before, "mape_after": after}
+    fitted = fit(train, defaults, params)
+    after = mape(cases, fitted)
+    report = {"rows": len(cases), "params": fitted, "mape_before": before, "mape_after": after}
+    if test:
+        report["rows_held_out"] = len(test)
+        report["mape_held_out"] = mape(test, fitted)
     if args.loso:
-        report["mape_leave_one_source_out"] = leave_one_source_out(cases, defaults)
+        report["mape_leave_one_source_out"] = leave_one_source_out(cases, defaults, params)
     if args.write:
-        write_fit(params, profiles_dir() / "fitted_efficiency.yaml", args.runs, len(cases))
+        write_fit(fitted, profiles_dir() / "fitted_efficiency.yaml", args.runs, len(train), args.stack)
     if args.markdown:
         _write_markdown(report, Path(args.markdown), args.runs)
     print(json.dumps(report, indent=2))

@@ -64,11 +64,19 @@ class Efficiency(BaseModel):
     # FP8 GEMMs reach a lower fraction of their (doubled) peak: H100 MAMF 70.9% FP8 vs 80.3% BF16
     # (reference clusters.md section 10). None: same as matmul.
     matmul_fp8: float | None = Field(None, gt=0, le=1)
+    # GEMM efficiency falls with the smallest GEMM dimension d as d / (d + gemm_half_dim): fewer tiles
+    # than the device has SMs, and tail waves, leave units idle (the shape effect of reference
+    # formulas.md 5.1). 0: no shape effect beyond the roofline.
+    gemm_half_dim: float = Field(0.0, ge=0)
     # Fixed cost per kernel launch (CUDA launch + framework dispatch), and per layer per pass for
     # framework work that does not scale with size (Python, hooks, allocator): what dominates small
     # models (vTrain single-node rows, reference README). Fitted by calibration.
     kernel_overhead_us: float = Field(4.0, ge=0)
     layer_overhead_us: float = Field(0.0, ge=0)
+    # Host time to dispatch one kernel (Python, framework, launch). It overlaps with device work, so a
+    # layer takes max(device time, kernels x this): invisible for big layers, the floor for small ones.
+    # Eager PyTorch dispatch costs on the order of 10 us per op; calibration fits it per stack.
+    host_dispatch_us: float = Field(10.0, ge=0)
     source: str = "default: median of measured fractions in reference/clusters.md section 10"
 
 
@@ -299,6 +307,16 @@ class Cluster(BaseModel):
                 g.add_edge(("node", node.index), ("core",), link=self.island_link,
                            bytes_per_s=self.island_link.bytes_per_s * self.island_ports_per_node)
         return g
+
+    def with_efficiency(self, **fields) -> Cluster:
+        """The same cluster with the given Efficiency fields replaced on every device."""
+        if not fields:
+            return self
+        devices = []
+        for ref in self.devices:
+            eff = ref.device.efficiency.model_copy(update=fields)
+            devices.append(ref.model_copy(update={"device": ref.device.model_copy(update={"efficiency": eff})}))
+        return self.model_copy(update={"devices": devices})
 
     def p2p(self, src: int, dst: int) -> tuple[float, float]:
         """(bytes/s, latency s) of a point-to-point transfer: the widest path's bottleneck and its latency."""

@@ -57,6 +57,9 @@ class ParallelPlan(BaseModel):
     mbs: PositiveInt = 1
     num_microbatches: PositiveInt | None = None  # None: global_batch / (mbs * dp)
     recompute: RecomputePolicy = "none"
+    # With recompute "full": how many blocks of each pipeline chunk are recomputed, the rest keep their
+    # activations (Megatron --recompute-method block --recompute-num-layers N). None: every block.
+    recompute_num_layers: NonNegativeInt | None = None
     offload: OffloadPolicy = OffloadPolicy()
     schedule: Schedule = "1f1b"
     flash_attention: bool = True  # False: unfused softmax attention (Megatron before 2022)
@@ -78,6 +81,12 @@ class ParallelPlan(BaseModel):
     def devices(self) -> int:
         """Devices the plan occupies: dp x tp x pp x cp (ep folds into dp x cp x tp, Megatron style)."""
         return self.dp * self.tp * self.pp * self.cp
+
+    def layer_recompute(self, position_in_chunk: int) -> RecomputePolicy:
+        """The recompute policy of the block at this position (0-based) of its pipeline chunk."""
+        if self.recompute == "full" and self.recompute_num_layers is not None:
+            return "full" if position_in_chunk < self.recompute_num_layers else "none"
+        return self.recompute
 
     def microbatches(self, workload: Workload) -> int:
         if self.num_microbatches is not None:

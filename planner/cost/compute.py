@@ -48,7 +48,9 @@ def gemm_time_s(m, n, k, device: Device, dtype: str, count=1):
     flops = 2.0 * m * n * k
     moved = nbytes * (m * k + k * n) + min(nbytes * 2, 4) * m * n  # fp8 GEMMs write bf16 outputs
     eff = e.matmul_fp8 if (dtype == "fp8" and e.matmul_fp8 is not None) else e.matmul
-    compute = flops / (device.peak_flops(dtype) * eff)
+    d = np.minimum(np.minimum(m, n), k)
+    shape = d / (d + e.gemm_half_dim)
+    compute = flops / (device.peak_flops(dtype) * eff * shape)
     memory = moved / (device.memory_bandwidth_bytes_per_s * e.memory)
     t = np.maximum(compute, memory) + e.kernel_overhead_us * 1e-6
     if dtype == "fp8":
@@ -143,6 +145,12 @@ def layer_time(layer: Layer, b, s, device: Device, dtype: str = "bf16", tp=1, cp
     overhead = kernels * e.kernel_overhead_us * 1e-6 + e.layer_overhead_us * 1e-6
     fwd = gemm_fwd + attn_fwd + ew_fwd + overhead
     bwd = gemm_bwd + ATTENTION_BWD_FACTOR * attn_fwd + 2 * ew_fwd + 2 * overhead
+    # The host dispatches kernels while the device runs earlier ones: the slower of the two sets the pace.
+    n_kernels = kernels + len(layer.gemms(1, 1)) * (local_experts if layer.kind == "moe" else 1) + \
+        (0 if flash else 4)
+    host_fwd = n_kernels * e.host_dispatch_us * 1e-6
+    fwd = np.maximum(fwd, host_fwd)
+    bwd = np.maximum(bwd, 2 * host_fwd)
     if not layer.trainable:
         # Frozen layers run forward only (no_grad): nothing to backpropagate into them.
         bwd = 0.0 * fwd

@@ -58,6 +58,18 @@ def split_chunks(graph: ModelGraph, plan: ParallelPlan) -> list[list[Layer]]:
     return out
 
 
+def _policies(layers: list[Layer], plan: ParallelPlan) -> dict[str, str]:
+    """Recompute policy of each layer of one chunk: by its block's position in the chunk."""
+    order = []
+    for layer in layers:
+        if layer.block is not None and layer.block not in order:
+            order.append(layer.block)
+    pos = {blk: i for i, blk in enumerate(order)}
+    return {layer.name: plan.layer_recompute(pos[layer.block]) if layer.block is not None else
+            ("none" if plan.recompute == "full" and plan.recompute_num_layers is not None else plan.recompute)
+            for layer in layers}
+
+
 def _group(base: int, stride: int, size: int) -> list[int]:
     return [base + stride * i for i in range(size)]
 
@@ -91,17 +103,19 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     for layers in chunks:
         f = bwd = 0.0
         parts = {k: 0.0 for k in part_names}
+        policies = _policies(layers, plan)
         for layer in layers:
+            policy = policies[layer.name]
             lt = layer_time(layer, b, s, dev, dtype, tp=tp, cp=cp, sp=plan.sp, ep=plan.ep,
                             flash=plan.flash_attention)
-            rc = recompute_time_s(lt, layer, plan.recompute)
+            rc = recompute_time_s(lt, layer, policy)
             tp_s = cp_s = ep_s = 0.0
             if tp > 1 and layer.kind in ("attention", "mlp", "moe", "encoder"):
                 # Megatron: one all-reduce (or AG + RS under SP) per sublayer forward, one backward, one more
                 # when the forward is recomputed (Narayanan 2021 section 3.2; Korthikanti 2022 section 4.2.2).
                 nbytes = layer.tokens(b, s) / cp * layer.hidden * e
                 one = comm.all_reduce_time_s(nbytes, tp_link)
-                tp_s = one * (2 + (1 if plan.recompute == "full" and layer.trainable else 0))
+                tp_s = one * (2 + (1 if policy == "full" and layer.trainable else 0))
             if cp > 1 and layer.kind == "attention":
                 # Ring attention passes K/V blocks around the cp ring while computing; what does not hide
                 # behind the attention core stays exposed (Liu et al. 2023, section 3).
@@ -123,8 +137,8 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
             parts["ep_comm_s"] += ep_s
             mult = 3 if layer.trainable else 1
             chunk_flops_model += mult * lt.fwd_flops
-            recompute_flops = lt.fwd_flops if (plan.recompute == "full" and layer.trainable) else 0.0
-            if plan.recompute == "selective" and layer.trainable:
+            recompute_flops = lt.fwd_flops if (policy == "full" and layer.trainable) else 0.0
+            if policy == "selective" and layer.trainable:
                 recompute_flops = layer.attention_core_flops(b, s, tp, cp)
             chunk_flops_hw += mult * lt.fwd_flops + recompute_flops
         fwd_s.append(float(f))
@@ -227,10 +241,14 @@ def _memory(model, chunks, workload, plan, pipe, params_dev, stage_params, dev) 
         frozen = sum(float(layer.params_per_device(tp=plan.tp)) * e_w
                      for c, ls in enumerate(chunks) if c % plan.pp == stage for layer in ls
                      if not layer.trainable)
-        act_one = sum(float(layer.activation_bytes(plan.mbs, workload.seq_len, plan.tp, plan.cp, plan.sp,
-                                                   plan.recompute, e_act,
-                                                   flash=plan.flash_attention))
-                      for c, ls in enumerate(chunks) if c % plan.pp == stage for layer in ls)
+        act_one = 0.0
+        for c, ls in enumerate(chunks):
+            if c % plan.pp != stage:
+                continue
+            policies = _policies(ls, plan)
+            act_one += sum(float(layer.activation_bytes(plan.mbs, workload.seq_len, plan.tp, plan.cp, plan.sp,
+                                                        policies[layer.name], e_act,
+                                                        flash=plan.flash_attention)) for layer in ls)
         inflight = pipe.peak_inflight[stage] / plan.vpp if plan.vpp > 1 else pipe.peak_inflight[stage]
         acts = act_one * inflight * (1 - plan.offload.activations)
         opt = states["optimizer"] * (1 - plan.offload.optimizer)
