@@ -319,7 +319,33 @@ class Cluster(BaseModel):
         return self.model_copy(update={"devices": devices})
 
     def p2p(self, src: int, dst: int) -> tuple[float, float]:
-        """(bytes/s, latency s) of a point-to-point transfer: the widest path's bottleneck and its latency."""
+        """(bytes/s, latency s) of a point-to-point transfer between two devices.
+
+        Read off the node structure (what the widest path through `graph` gives, without searching a
+        16k-device graph): inside a node the intra-node link; across nodes the slower of the two NICs
+        and the fabric, with one network crossing's latency; across islands also the island link.
+        """
+        if src == dst:
+            return float("inf"), 0.0
+        a, b = self.devices[src], self.devices[dst]
+        na, nb = self.nodes[a.node], self.nodes[b.node]
+        if a.node == b.node:
+            if na.intra_link is None:
+                raise ValueError(f"node type {na.node_type.name} has several devices but no intra_link")
+            return na.intra_link.bytes_per_s, na.intra_link.latency_s
+        if na.nic_link is None or nb.nic_link is None:
+            raise ValueError("a transfer between nodes needs NICs on both")
+        fabric = self.fabric or na.nic_link
+        bw = min(na.nic_link.bytes_per_s, nb.nic_link.bytes_per_s, fabric.bytes_per_s)
+        latency = max(na.nic_link.latency_s, nb.nic_link.latency_s, fabric.latency_s)
+        if na.island != nb.island:
+            assert self.island_link is not None
+            bw = min(bw, self.island_link.bytes_per_s * self.island_ports_per_node)
+            latency += self.island_link.latency_s
+        return bw, latency
+
+    def p2p_by_graph(self, src: int, dst: int) -> tuple[float, float]:
+        """p2p by widest-path search over `graph` (bottleneck bandwidth; latency summed per edge)."""
         if src == dst:
             return float("inf"), 0.0
         return _widest_path(self.graph, ("dev", src), ("dev", dst))

@@ -71,6 +71,11 @@ class Layer(BaseModel):
     params_fixed: int = 0
     output_elems_per_sample: int = 0
 
+    @cached_property
+    def shape_key(self) -> tuple:
+        """Everything but the name and block index: layers with equal keys cost the same."""
+        return tuple(getattr(self, k) for k in type(self).model_fields if k not in ("name", "block"))
+
     # ------------------------------------------------------------------------------------------
     # parameters
 

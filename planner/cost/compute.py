@@ -31,10 +31,22 @@ ELEMENTWISE_KERNELS = {"attention": 5, "encoder": 9, "mlp": 4, "moe": 8, "head":
 
 @dataclass(frozen=True)
 class LayerTime:
+    """Device time of one layer for one micro-batch, and the host's dispatch floor under it.
+
+    fwd_s and bwd_s are device time only: callers add the communication that runs in the same pass
+    and then take `floored`, so that a faster device or link can never make the pass slower.
+    """
+
     fwd_s: object  # float or ndarray
     bwd_s: object
     attention_fwd_s: object  # the attention core alone (what selective recompute repeats)
     fwd_flops: object
+    host_fwd_s: object = 0.0  # host dispatch time of the forward's kernels; backward dispatches twice
+
+
+def floored(device_s, host_s):
+    """A pass takes the longer of its device time and its host dispatch time (they overlap)."""
+    return np.maximum(device_s, host_s)
 
 
 def gemm_time_s(m, n, k, device: Device, dtype: str, count=1):
@@ -149,13 +161,11 @@ def layer_time(layer: Layer, b, s, device: Device, dtype: str = "bf16", tp=1, cp
     n_kernels = kernels + len(layer.gemms(1, 1)) * (local_experts if layer.kind == "moe" else 1) + \
         (0 if flash else 4)
     host_fwd = n_kernels * e.host_dispatch_us * 1e-6
-    fwd = np.maximum(fwd, host_fwd)
-    bwd = np.maximum(bwd, 2 * host_fwd)
     if not layer.trainable:
         # Frozen layers run forward only (no_grad): nothing to backpropagate into them.
         bwd = 0.0 * fwd
     return LayerTime(fwd_s=fwd, bwd_s=bwd, attention_fwd_s=attn_fwd + 0.0 * fwd,
-                     fwd_flops=layer.flops_fwd(b, s, tp, cp))
+                     fwd_flops=layer.flops_fwd(b, s, tp, cp), host_fwd_s=host_fwd)
 
 
 def recompute_time_s(lt: LayerTime, layer: Layer, policy: Recompute):

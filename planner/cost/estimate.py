@@ -7,10 +7,12 @@ then dp, then pp), so a tp group is contiguous and lands inside a node when tp <
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from planner.cost import comm, memory, pipeline
-from planner.cost.compute import DTYPE_BYTES, layer_time, recompute_time_s
+from planner.cost.compute import ATTENTION_BWD_FACTOR, DTYPE_BYTES, floored, layer_time, recompute_time_s
 from planner.errors import BadInput
 from planner.hardware import Cluster
 from planner.model import Layer, ModelGraph
@@ -58,6 +60,73 @@ def split_chunks(graph: ModelGraph, plan: ParallelPlan) -> list[list[Layer]]:
     return out
 
 
+@dataclass(frozen=True)
+class _Ctx:
+    b: int
+    s: int
+    tp: int
+    cp: int
+    e: int
+    dev: object
+    dtype: str
+    plan: ParallelPlan
+    tp_link: object
+    cp_link: object
+    ep_link: object
+
+
+@dataclass(frozen=True)
+class _LayerStep:
+    fwd_s: float
+    bwd_s: float
+    parts: dict
+    flops_model: float
+    flops_hw: float
+
+
+def _layer_step(layer: Layer, policy: str, c: _Ctx) -> _LayerStep:
+    """One layer's forward and backward pass for one micro-batch: compute, recompute, and the TP, CP
+    and EP communication that runs inside the pass, under the host's dispatch floor."""
+    b, s, tp, cp, e, plan = c.b, c.s, c.tp, c.cp, c.e, c.plan
+    lt = layer_time(layer, b, s, c.dev, c.dtype, tp=tp, cp=cp, sp=plan.sp, ep=plan.ep,
+                    flash=plan.flash_attention)
+    rc = recompute_time_s(lt, layer, policy)
+    tp_s = ep_s = cp_f = cp_b = 0.0
+    if tp > 1 and layer.kind in ("attention", "mlp", "moe", "encoder"):
+        # Megatron: one all-reduce (or AG + RS under SP) per sublayer forward, one backward, one more
+        # when the forward is recomputed (Narayanan 2021 section 3.2; Korthikanti 2022 section 4.2.2).
+        nbytes = layer.tokens(b, s) / cp * layer.hidden * e
+        one = float(comm.all_reduce_time_s(nbytes, c.tp_link))
+        tp_s = one * (2 + (1 if policy == "full" and layer.trainable else 0))
+    if cp > 1 and layer.kind == "attention":
+        # Ring attention passes K/V blocks around the cp ring while computing; what does not hide behind
+        # the attention core of the same pass stays exposed (Liu et al. 2023, section 3). A third of
+        # the traffic is the forward's, two thirds the backward's (K/V again, and dK/dV).
+        kv = comm.cp_kv_bytes_per_layer(b, s, layer.kv_heads, layer.head_dim, cp, e)
+        ring = float(comm.p2p_time_s(kv, c.cp_link.bus_bytes_per_s, c.cp_link.latency_s))
+        attn = float(lt.attention_fwd_s)
+        cp_f = max(0.0, ring / 3 - attn)
+        cp_b = max(0.0, 2 * ring / 3 - ATTENTION_BWD_FACTOR * attn)
+    if c.ep_link is not None and layer.kind == "moe":
+        tokens = layer.tokens(b, s) / cp / (tp if plan.sp else 1)
+        nbytes = tokens * layer.topk * layer.hidden * e
+        # dispatch + combine, forward and backward (Megatron MoE README)
+        ep_s = 4 * float(comm.all_to_all_time_s(
+            nbytes, c.ep_link, inter_node_bytes_per_s=c.ep_link.rank_inter_bytes_per_s))
+    host_b = 2 * lt.host_fwd_s + (lt.host_fwd_s if policy == "full" and layer.trainable else 0.0)
+    fwd = float(floored(lt.fwd_s + (tp_s + ep_s) / 2 + cp_f, lt.host_fwd_s))
+    bwd = lt.bwd_s + rc + (tp_s + ep_s) / 2 + cp_b
+    bwd = float(floored(bwd, host_b)) if layer.trainable else float(lt.bwd_s)
+    mult = 3 if layer.trainable else 1
+    recompute_flops = lt.fwd_flops if (policy == "full" and layer.trainable) else 0.0
+    if policy == "selective" and layer.trainable:
+        recompute_flops = layer.attention_core_flops(b, s, tp, cp)
+    parts = {"compute_s": float(lt.fwd_s + lt.bwd_s), "recompute_s": float(rc), "tp_comm_s": tp_s,
+             "cp_comm_s": cp_f + cp_b, "ep_comm_s": ep_s}
+    return _LayerStep(fwd_s=fwd, bwd_s=bwd, parts=parts, flops_model=float(mult * lt.fwd_flops),
+                      flops_hw=float(mult * lt.fwd_flops + recompute_flops))
+
+
 def _policies(layers: list[Layer], plan: ParallelPlan) -> dict[str, str]:
     """Recompute policy of each layer of one chunk: by its block's position in the chunk."""
     order = []
@@ -100,47 +169,24 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     chunk_flops_hw = 0.0
     part_names = ("compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s")
     per_chunk = []
+    ctx = _Ctx(b=b, s=s, tp=tp, cp=cp, e=e, dev=dev, dtype=dtype, plan=plan, tp_link=tp_link,
+               cp_link=cp_link, ep_link=ep_link)
+    memo: dict = {}
     for layers in chunks:
         f = bwd = 0.0
         parts = {k: 0.0 for k in part_names}
         policies = _policies(layers, plan)
         for layer in layers:
-            policy = policies[layer.name]
-            lt = layer_time(layer, b, s, dev, dtype, tp=tp, cp=cp, sp=plan.sp, ep=plan.ep,
-                            flash=plan.flash_attention)
-            rc = recompute_time_s(lt, layer, policy)
-            tp_s = cp_s = ep_s = 0.0
-            if tp > 1 and layer.kind in ("attention", "mlp", "moe", "encoder"):
-                # Megatron: one all-reduce (or AG + RS under SP) per sublayer forward, one backward, one more
-                # when the forward is recomputed (Narayanan 2021 section 3.2; Korthikanti 2022 section 4.2.2).
-                nbytes = layer.tokens(b, s) / cp * layer.hidden * e
-                one = comm.all_reduce_time_s(nbytes, tp_link)
-                tp_s = one * (2 + (1 if policy == "full" and layer.trainable else 0))
-            if cp > 1 and layer.kind == "attention":
-                # Ring attention passes K/V blocks around the cp ring while computing; what does not hide
-                # behind the attention core stays exposed (Liu et al. 2023, section 3).
-                kv = comm.cp_kv_bytes_per_layer(b, s, layer.kv_heads, layer.head_dim, cp, e)  # fwd + bwd
-                ring = comm.p2p_time_s(kv, cp_link.bus_bytes_per_s, cp_link.latency_s)
-                cp_s = max(0.0, ring - lt.attention_fwd_s * (1 + 2.5))
-            if ep_link is not None and layer.kind == "moe":
-                tokens = layer.tokens(b, s) / cp / (tp if plan.sp else 1)
-                nbytes = tokens * layer.topk * layer.hidden * e
-                # dispatch + combine, forward and backward (Megatron MoE README)
-                ep_s = 4 * comm.all_to_all_time_s(
-                    nbytes, ep_link, inter_node_bytes_per_s=ep_link.rank_inter_bytes_per_s)
-            f += lt.fwd_s + (tp_s + ep_s) / 2 + cp_s / 3
-            bwd += lt.bwd_s + rc + (tp_s + ep_s) / 2 + 2 * cp_s / 3
-            parts["compute_s"] += lt.fwd_s + lt.bwd_s
-            parts["recompute_s"] += rc
-            parts["tp_comm_s"] += tp_s
-            parts["cp_comm_s"] += cp_s
-            parts["ep_comm_s"] += ep_s
-            mult = 3 if layer.trainable else 1
-            chunk_flops_model += mult * lt.fwd_flops
-            recompute_flops = lt.fwd_flops if (policy == "full" and layer.trainable) else 0.0
-            if policy == "selective" and layer.trainable:
-                recompute_flops = layer.attention_core_flops(b, s, tp, cp)
-            chunk_flops_hw += mult * lt.fwd_flops + recompute_flops
+            key = (layer.shape_key, policies[layer.name])
+            if key not in memo:
+                memo[key] = _layer_step(layer, policies[layer.name], ctx)
+            one = memo[key]
+            f += one.fwd_s
+            bwd += one.bwd_s
+            for k in part_names:
+                parts[k] += one.parts[k]
+            chunk_flops_model += one.flops_model
+            chunk_flops_hw += one.flops_hw
         fwd_s.append(float(f))
         bwd_s.append(float(bwd))
         per_chunk.append(parts)
