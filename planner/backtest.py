@@ -117,7 +117,7 @@ def _candidates(row: dict, n_devices: int):
     per_chunk = -(-int(row["layers"]) // (pp * vpp))
     rec_opts = [(r, None) for r in rec_opts]
     if len(rec_opts) > 1:
-        rec_opts += [("full", k) for k in range(1, per_chunk)]
+        rec_opts += [("full", k) for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96) if k < per_chunk]
     for mbs in mbs_opts:
         for recompute, num_layers in rec_opts:
             for zero in zero_opts:

@@ -91,3 +91,18 @@ def test_estimate_bad_degrees_is_one_line(run_cli):
                            "--pp", "1", "--mbs", "1", "--gbs", "8", "--seq", "2048")
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and "divisible" in err
+
+
+def test_vtrain_single_node_within_issue_bound():
+    """vTrain's 1,440 single-node runs, on their own (not pooled with the published runs): the issue asks
+    for MAPE <= 15%. The stack's three efficiencies were fitted on a random half (planner.fit --stack
+    VTRAIN-SINGLE --holdout 0.5); the bound holds on all rows."""
+    res = run_backtest(DATA / "vtrain_single_node.csv")
+    assert res["coverage"] == 1.0
+    assert res["mape_pct"] <= 15.0
+    # The host-bound rows (tp 8, micro-batch 1) are where a FLOPs-and-bytes model is 5x too fast (-85% at
+    # datasheet efficiencies, no host term). They remain the worst group (about -30%: tp=8 collectives cost
+    # more than the alpha-beta model says); this guards the host-dispatch term, not their final accuracy.
+    rows = pd.read_csv(DATA / "vtrain_single_node.csv").set_index("id")
+    small = [r for r in res["rows"] if rows.loc[r["id"], "tp"] == 8 and rows.loc[r["id"], "micro_batch"] == 1]
+    assert small and sum(abs(r["error_pct"]) for r in small) / len(small) < 35
