@@ -127,6 +127,32 @@ def _layer_step(layer: Layer, policy: str, c: _Ctx) -> _LayerStep:
                       flops_hw=float(mult * lt.fwd_flops + recompute_flops))
 
 
+# Host-side AdamW (ZeRO-Offload's CPU-Adam) streams the same 32 bytes per parameter through host DRAM.
+# ASSUMPTION: 100 GB/s of usable host memory bandwidth per GPU's share of a dual-socket server (8-channel
+# DDR4-3200 is 205 GB/s per socket by spec); replace with a measured figure from `calibrate`.
+HOST_MEMORY_BYTES_PER_S = 100e9
+
+
+def _offload_time_s(cluster, plan: ParallelPlan, owned_params: float, e: int, g_bytes: int,
+                    stage_busy_s: float) -> float:
+    """Exposed time of optimizer offload: gradients go down and updated weights come back over the host
+    link (4 bytes per parameter at 16-bit, ZeRO-Offload section 3.3-3.5), and the CPU runs the update.
+    The gradient copy overlaps backward (ZeRO-Offload section 4.1); the update and the upload do not."""
+    frac = plan.offload.optimizer
+    if frac <= 0:
+        return 0.0
+    node = cluster.nodes[0]
+    if node.host_link is None:
+        from planner.errors import Infeasible
+
+        raise Infeasible(f"node type {node.node_type.name} has no host_link: optimizer offload needs one")
+    host_bw = node.host_link.bytes_per_s
+    upload = frac * owned_params * e / host_bw
+    cpu_step = frac * owned_params * 32 / HOST_MEMORY_BYTES_PER_S
+    download = frac * owned_params * g_bytes / host_bw
+    return upload + cpu_step + max(0.0, download - stage_busy_s)
+
+
 def _policies(layers: list[Layer], plan: ParallelPlan) -> dict[str, str]:
     """Recompute policy of each layer of one chunk: by its block's position in the chunk."""
     order = []
@@ -237,9 +263,11 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
 
     # Optimizer step: AdamW streams fp32 master weights, gradients and two moments (read and write).
     owned = params_dev / (plan.dp if plan.zero >= 1 else 1)
-    opt_s = owned * 32 / (dev.memory_bandwidth_bytes_per_s * dev.efficiency.memory)
+    on_device = owned * (1 - plan.offload.optimizer)
+    opt_s = on_device * 32 / (dev.memory_bandwidth_bytes_per_s * dev.efficiency.memory)
+    offload_s = _offload_time_s(cluster, plan, owned, e, g_bytes, stage_busy)
 
-    step = pipe.step_time_s + dp_exposed + opt_s
+    step = pipe.step_time_s + dp_exposed + opt_s + offload_s
     tokens = workload.global_batch * workload.seq_len
     # FLOPs are per device of one pipeline chunk; a step runs m micro-batches on tp*cp*dp devices per stage.
     flops_model = chunk_flops_model * m * tp * cp * plan.dp
@@ -264,6 +292,7 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
         "pipeline_bubble_s": pipe.bubble_s,
         "dp_comm_exposed_s": dp_exposed,
         "optimizer_s": opt_s,
+        "offload_s": offload_s,
     }
     fits = mem["total_bytes"] <= dev.memory_bytes
     why = _why(breakdown_out, step, fits, mem, dev)
@@ -315,5 +344,5 @@ def _why(bd: dict, step: float, fits: bool, mem: dict, dev) -> str:
     names = {"compute_s": "compute", "pipeline_bubble_s": "pipeline bubble", "tp_comm_s": "TP communication",
              "dp_comm_exposed_s": "exposed DP communication", "ep_comm_s": "expert all-to-all",
              "cp_comm_s": "context-parallel communication", "optimizer_s": "optimizer step",
-             "recompute_s": "recomputation", "pp_comm_s": "pipeline transfers"}
+             "recompute_s": "recomputation", "pp_comm_s": "pipeline transfers", "offload_s": "offload"}
     return f"limited by {names.get(top[0], top[0])} ({top[1] / step:.0%} of the step)"
