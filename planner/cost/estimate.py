@@ -222,8 +222,11 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     p2p_s = 0.0
     if plan.pp > 1:
         nbytes = b * s / cp * model.layers[0].hidden * e / (tp if plan.sp else 1)
-        bw, lat = cluster.p2p(0, stage_size)
-        p2p_s = comm.p2p_time_s(nbytes, bw, lat)
+        # The simulator takes one transfer time: the slowest boundary (one that leaves a node) sets it.
+        # Interleaving also wraps the last stage back to the first.
+        pairs = [(k * stage_size, ((k + 1) % plan.pp) * stage_size) for k in range(plan.pp)]
+        links = {cluster.p2p(a, c) for a, c in pairs if a != c}
+        p2p_s = max(float(comm.p2p_time_s(nbytes, bw, lat)) for bw, lat in links)
     pipe = pipeline.simulate(plan.schedule, fwd_s, bwd_s, m, v=plan.vpp, p2p_s=p2p_s)
 
     # Data parallel gradient reduction and ZeRO traffic over the dp group. One collective per layer
