@@ -1,0 +1,758 @@
+"""estimate_batch: the formulas of estimate() evaluated for many plans at once, with numpy arrays over plans.
+
+DESIGN.md: "A vectorized form of the same formulas may evaluate many plans at once, but a test holds it equal
+to the scalar form" (tests/test_batch.py holds every output equal to `estimate` within rel 1e-9, `fits`
+exactly). Nothing here re-derives a cost formula: per-layer costs call compute.py / comm.py / memory.py with
+arrays, and the logic that estimate.py writes inline is mirrored line by line, each block citing the
+function it mirrors. When estimate.py changes, the equality test fails until this file follows.
+
+How the work is shared between plans (the scalar estimate redoes all of it per plan):
+
+  1. Per layer: layers with the same `Layer.shape_key` cost the same. The layer terms depend on a plan only
+     through (mbs, tp, cp, sp, flash_attention, ep, etp) -- the "layer tuple". Distinct tuples are few
+     (hundreds in a batch of 100k plans); each distinct shape is evaluated once per policy (none,
+     selective, full) with arrays over the distinct tuples. Collective links depend only on (tp, cp, dp,
+     ep): Cluster.collective is called once per distinct group, cached per cluster.
+  2. Per chunk: which layers a pipeline chunk holds depends on pp * vpp, and their recompute policies on
+     (recompute, recompute_num_layers) -- a "count group". Per count group a matrix of layer counts
+     (chunk x shape x policy) turns the per-shape values into per-chunk and per-stage sums by a matmul.
+  3. Pipeline: per (schedule, pp, vpp, m) the op DAG is built once (cached) from the per-device orders of
+     pipeline.schedule_order, as pipeline.simulate times them, and the makespan of every distinct
+     pipeline problem of the group (chunk times + p2p time) is evaluated together by max-plus over the
+     DAG's topological levels: end(op) = max(end(prev op on device), end(dependency) + p2p) + duration,
+     with arrays over problems -- the same float operations, in the same order, as simulate.
+     Peak in-flight micro-batches per stage are the same for every plan of a group: taken from the one
+     simulate call that also yields the levels.
+  4. Per plan: DP exposure, optimizer step, memory per stage and the outputs, vectorized over plans.
+
+Falls back to calling the scalar `estimate` (one call per plan) for plans with an explicit
+`plan.partition` or with optimizer offload (`plan.offload.optimizer > 0`); activation offload is vectorized.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from functools import lru_cache
+
+import numpy as np
+
+from planner.cost import comm, memory, pipeline
+from planner.cost.compute import ATTENTION_BWD_FACTOR, DTYPE_BYTES, floored, layer_time, recompute_time_s
+from planner.cost.estimate import EXPOSED_TAIL_FRACTION, _group, _policies, estimate, split_chunks
+from planner.errors import BadInput
+from planner.hardware import Cluster
+from planner.model import ModelGraph
+from planner.plan import OffloadPolicy, ParallelPlan, Workload
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
+POLICIES = ("none", "selective", "full")
+OUTPUTS = ("step_time_s", "tokens_per_s", "mfu", "hfu", "peak_memory_bytes", "fits", "pipeline_s",
+           "pp_comm_s", "dp_comm_exposed_s", "optimizer_s", "offload_s")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plans as columns
+
+
+@dataclass
+class PlanArrays:
+    """Plans as columns (one entry per plan). None-able plan fields use a sentinel: etp 0 (= tp),
+    num_microbatches 0 (= global_batch / (mbs * dp)), recompute_num_layers -1 (= every block).
+    recompute is an index into POLICIES, schedule into SCHEDULES. An explicit partition is not
+    representable: pass such plans as ParallelPlan objects."""
+
+    dp: np.ndarray
+    tp: np.ndarray
+    pp: np.ndarray
+    vpp: np.ndarray
+    cp: np.ndarray
+    ep: np.ndarray
+    etp: np.ndarray
+    sp: np.ndarray
+    zero: np.ndarray
+    mbs: np.ndarray
+    num_microbatches: np.ndarray
+    recompute: np.ndarray
+    recompute_num_layers: np.ndarray
+    schedule: np.ndarray
+    flash_attention: np.ndarray
+    overlap_grad_reduce: np.ndarray
+    offload_optimizer: np.ndarray
+    offload_activations: np.ndarray
+
+    _INT = ("dp", "tp", "pp", "vpp", "cp", "ep", "etp", "zero", "mbs", "num_microbatches", "recompute",
+            "recompute_num_layers", "schedule")
+    _BOOL = ("sp", "flash_attention", "overlap_grad_reduce")
+
+    def __post_init__(self):
+        for f in fields(self):
+            a = np.asarray(getattr(self, f.name))
+            if f.name in self._INT:
+                a = a.astype(np.int64)
+            elif f.name in self._BOOL:
+                a = a.astype(bool)
+            else:
+                a = a.astype(float)
+            setattr(self, f.name, np.atleast_1d(a))
+        n = len(self.dp)
+        if any(len(getattr(self, f.name)) != n for f in fields(self)):
+            raise BadInput("PlanArrays columns must all have the same length")
+
+    def __len__(self) -> int:
+        return len(self.dp)
+
+    @classmethod
+    def from_plans(cls, plans: list[ParallelPlan]) -> PlanArrays:
+        if any(p.partition is not None for p in plans):
+            raise BadInput("PlanArrays cannot hold an explicit partition; pass the ParallelPlan list instead")
+        col = {
+            "dp": [p.dp for p in plans], "tp": [p.tp for p in plans], "pp": [p.pp for p in plans],
+            "vpp": [p.vpp for p in plans], "cp": [p.cp for p in plans], "ep": [p.ep for p in plans],
+            "etp": [p.etp or 0 for p in plans], "sp": [p.sp for p in plans], "zero": [p.zero for p in plans],
+            "mbs": [p.mbs for p in plans], "num_microbatches": [p.num_microbatches or 0 for p in plans],
+            "recompute": [POLICIES.index(p.recompute) for p in plans],
+            "recompute_num_layers": [-1 if p.recompute_num_layers is None else p.recompute_num_layers
+                                     for p in plans],
+            "schedule": [SCHEDULES.index(p.schedule) for p in plans],
+            "flash_attention": [p.flash_attention for p in plans],
+            "overlap_grad_reduce": [p.overlap_grad_reduce for p in plans],
+            "offload_optimizer": [p.offload.optimizer for p in plans],
+            "offload_activations": [p.offload.activations for p in plans],
+        }
+        return cls(**{k: np.array(v) for k, v in col.items()})
+
+    def take(self, idx) -> PlanArrays:
+        return PlanArrays(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def plan(self, i: int) -> ParallelPlan:
+        """Row i as a ParallelPlan (validated)."""
+        return ParallelPlan(
+            dp=int(self.dp[i]), tp=int(self.tp[i]), pp=int(self.pp[i]), vpp=int(self.vpp[i]), cp=int(self.cp[i]),
+            ep=int(self.ep[i]), etp=int(self.etp[i]) or None, sp=bool(self.sp[i]), zero=int(self.zero[i]),
+            mbs=int(self.mbs[i]), num_microbatches=int(self.num_microbatches[i]) or None,
+            recompute=POLICIES[int(self.recompute[i])],
+            recompute_num_layers=None if self.recompute_num_layers[i] < 0 else int(self.recompute_num_layers[i]),
+            offload=OffloadPolicy(optimizer=float(self.offload_optimizer[i]),
+                                  activations=float(self.offload_activations[i])),
+            schedule=SCHEDULES[int(self.schedule[i])], flash_attention=bool(self.flash_attention[i]),
+            overlap_grad_reduce=bool(self.overlap_grad_reduce[i]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# caches: links per cluster, chunk structure per model, pipeline DAG per (schedule, p, v, m)
+
+_LINKS: dict[int, tuple[Cluster, dict]] = {}
+
+
+def _links(cluster: Cluster) -> dict:
+    hit = _LINKS.get(id(cluster))
+    if hit is None or hit[0] is not cluster:
+        if len(_LINKS) > 16:
+            _LINKS.clear()
+        hit = _LINKS[id(cluster)] = (cluster, {})
+    return hit[1]
+
+
+def _collective(cluster: Cluster, base: int, stride: int, size: int):
+    """cluster.collective(_group(base, stride, size)), cached per cluster (estimate.py builds its groups
+    with _group(0, ...): tp (0, 1, tp), cp (0, tp, cp), dp (0, tp*cp, dp), ep (0, tp, ep))."""
+    cache = _links(cluster)
+    key = ("c", base, stride, size)
+    if key not in cache:
+        cache[key] = cluster.collective(_group(base, stride, size))
+    return cache[key]
+
+
+def _p2p(cluster: Cluster, src: int, dst: int):
+    cache = _links(cluster)
+    key = ("p", src, dst)
+    if key not in cache:
+        cache[key] = cluster.p2p(src, dst)
+    return cache[key]
+
+
+_CHUNKS: dict[tuple[int, int], tuple[ModelGraph, list]] = {}
+
+
+def _split(model: ModelGraph, chunks_n: int) -> list:
+    """split_chunks for pp * vpp = chunks_n and no explicit partition (it depends on nothing else)."""
+    key = (id(model), chunks_n)
+    hit = _CHUNKS.get(key)
+    if hit is None or hit[0] is not model:
+        if len(_CHUNKS) > 256:
+            _CHUNKS.clear()
+        hit = _CHUNKS[key] = (model, split_chunks(model, ParallelPlan.model_construct(pp=chunks_n, vpp=1,
+                                                                                       partition=None)))
+    return hit[1]
+
+
+@dataclass(frozen=True)
+class _Dag:
+    """A pipeline's op DAG with ops sorted by topological level. prev/dep index ops (n_ops: the zero
+    sentinel); durcol indexes the duration row [F_0..F_{n-1}, B_0.., W_0..] of virtual stages."""
+
+    n_ops: int
+    bounds: tuple  # (start, stop) of each level
+    prev: np.ndarray
+    dep: np.ndarray
+    cross: np.ndarray
+    durcol: np.ndarray
+    last: np.ndarray  # last op of every device
+    peak_inflight: tuple
+
+
+@lru_cache(maxsize=2048)
+def _dag(schedule: str, p: int, v: int, m: int) -> _Dag:
+    """The op DAG of pipeline.simulate for (schedule, p, v, m).
+
+    simulate's events list every device's ops in pipeline.schedule_order's per-device order. Timed with
+    unit durations (F = B = W = 1, no p2p) an op's end is 1 + max(end of the previous op on its device, end
+    of its dependency), i.e. its topological level + 1. The dependencies are simulate's `ready`:
+    F(k, j) after F(k-1, j); B(k, j) after B(k+1, j), or F(k, j) on the last virtual stage; W(k, j) after
+    B(k, j); p2p is added when the two virtual stages sit on different devices (k % p).
+    """
+    n = p * v
+    zb = schedule == "zb-h1"
+    res = pipeline.simulate(schedule, [1.0] * n, [2.0 if zb else 1.0] * n, m, v=v, p2p_s=0.0)
+    kinds = {"F": 0, "B": 1, "W": 2}
+    ev = np.array([(e.device, kinds[e.kind], e.microbatch, e.chunk, e.end_s) for e in res.events], dtype=float)
+    dev, kind, mb, chunk = (ev[:, i].astype(np.int64) for i in range(4))
+    level = ev[:, 4].astype(np.int64) - 1
+    n_ops = len(ev)
+    k = chunk * p + dev
+    table = np.full((3, n, m), -1, dtype=np.int64)
+    table[kind, k, mb] = np.arange(n_ops)
+    prev = np.arange(n_ops) - 1
+    first = np.ones(n_ops, dtype=bool)
+    first[1:] = dev[1:] != dev[:-1]
+    prev[first] = -1
+    dep = np.full(n_ops, -1, dtype=np.int64)
+    dk = k.copy()
+    f = (kind == 0) & (k > 0)
+    dep[f] = table[0, k[f] - 1, mb[f]]
+    dk[f] = k[f] - 1
+    b_last = (kind == 1) & (k == n - 1)
+    dep[b_last] = table[0, k[b_last], mb[b_last]]
+    b_mid = (kind == 1) & (k < n - 1)
+    dep[b_mid] = table[1, k[b_mid] + 1, mb[b_mid]]
+    dk[b_mid] = k[b_mid] + 1
+    w = kind == 2
+    dep[w] = table[1, k[w], mb[w]]
+    if np.any(dep[(kind != 0) | (k > 0)] < 0):
+        raise AssertionError("pipeline DAG: a dependency is missing")
+    cross = (dep >= 0) & (dk % p != k % p)
+    # sort by level; remap indices, -1 -> sentinel n_ops
+    order = np.argsort(level, kind="stable")
+    new = np.empty(n_ops + 1, dtype=np.int64)
+    new[order] = np.arange(n_ops)
+    new[n_ops] = n_ops
+    prev = new[np.where(prev < 0, n_ops, prev)][order]
+    dep = new[np.where(dep < 0, n_ops, dep)][order]
+    lv = level[order]
+    edges = np.flatnonzero(np.diff(lv)) + 1
+    starts = np.concatenate([[0], edges])
+    stops = np.concatenate([edges, [n_ops]])
+    last_old = np.flatnonzero(np.append(dev[1:] != dev[:-1], True))
+    return _Dag(n_ops=n_ops, bounds=tuple(zip(starts.tolist(), stops.tolist())), prev=prev, dep=dep,
+                cross=cross[order], durcol=(kind * n + k)[order], last=new[last_old],
+                peak_inflight=res.peak_inflight)
+
+
+def _levels(dag: _Dag) -> list:
+    """Per level: (start, stop, prev ops, dependency ops, whether any op there waits on a p2p transfer)."""
+    return [(lo, hi, dag.prev[lo:hi], dag.dep[lo:hi], bool(dag.cross[lo:hi].any())) for lo, hi in dag.bounds]
+
+
+_LEVELS: dict = {}
+
+
+def _makespan(dag: _Dag, dur_rows: np.ndarray, p2p: np.ndarray, block: int = 4_000_000) -> np.ndarray:
+    """pipeline.simulate's step_time_s for every row of dur_rows (problems x 3n durations) and p2p:
+    start = max(free, dep_end + p2p), stop = start + duration (simulate's loop), level by level."""
+    levels = _LEVELS.get(id(dag))
+    if levels is None or levels[0] is not dag:
+        if len(_LEVELS) > 4096:
+            _LEVELS.clear()
+        levels = _LEVELS[id(dag)] = (dag, _levels(dag))
+    levels = levels[1]
+    out = np.empty(len(dur_rows))
+    step = max(1, block // max(dag.n_ops, 1))
+    for a in range(0, len(dur_rows), step):
+        d = dur_rows[a:a + step]
+        dur = np.ascontiguousarray(d[:, dag.durcol].T)
+        add = dag.cross[:, None] * p2p[None, a:a + step]
+        end = np.zeros((dag.n_ops + 1, len(d)))
+        take = end.take
+        for lo, hi, prev, dep, cross in levels:
+            x = take(dep, axis=0)
+            if cross:
+                x += add[lo:hi]
+            np.maximum(take(prev, axis=0), x, out=x)
+            x += dur[lo:hi]
+            end[lo:hi] = x
+        out[a:a + step] = end[dag.last].max(axis=0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-layer values over distinct layer tuples
+
+
+def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s):
+    """Per distinct shape (rows) and policy, with arrays over the distinct layer tuples (columns):
+    forward and backward time of one micro-batch, model and hardware FLOPs, activation bytes; and
+    trainable / frozen parameters per device. Mirrors estimate._layer_step (time, FLOPs), the activation
+    sum of estimate._memory, and the params_per_device calls of estimate.estimate and estimate._memory.
+
+    compute.py takes sp, flash and ep as scalars (they select branches), so the tuples are evaluated per
+    distinct (sp, flash, ep), with arrays over (mbs, tp, cp, etp)."""
+    nu, ns = len(tuples), len(shapes)
+    out = {k: np.zeros((ns, 3, nu)) for k in ("fwd", "bwd", "fhw", "act")}
+    for k in ("fmodel", "par", "froz"):
+        out[k] = np.zeros((ns, nu))
+    sub_keys = tuples[:, [3, 4, 5]]
+    for key in np.unique(sub_keys, axis=0):
+        idx = np.flatnonzero(np.all(sub_keys == key, axis=1))
+        sp, flash, ep = bool(key[0]), bool(key[1]), int(key[2])
+        tpi, cpi = tuples[idx, 1], tuples[idx, 2]
+        b, tp, cp = tuples[idx, 0].astype(float), tpi.astype(float), cpi.astype(float)
+        n = len(idx)
+
+        def arr(x):
+            return np.broadcast_to(np.asarray(x, dtype=float), (n,)).copy()
+
+        # link properties per distinct group (estimate.estimate: cp_link = collective(_group(0, tp, cp)))
+        cp_bw = np.empty(n)
+        cp_lat = np.empty(n)
+        for t, c in {(int(x), int(y)) for x, y in zip(tpi, cpi)}:
+            mk = (tpi == t) & (cpi == c)
+            link = _collective(cluster, 0, t, c)
+            cp_bw[mk], cp_lat[mk] = link.bus_bytes_per_s, link.latency_s
+        for si, layer in enumerate(shapes):
+            lt = layer_time(layer, b, s, dev, dtype, tp=tp, cp=cp, sp=sp, ep=ep, flash=flash)
+            lt_fwd, lt_bwd, lt_attn = arr(lt.fwd_s), arr(lt.bwd_s), arr(lt.attention_fwd_s)
+            lt_flops = arr(lt.fwd_flops)
+            host = float(lt.host_fwd_s)
+            # --- mirrors estimate._layer_step ---
+            one = np.zeros(n)
+            if layer.kind in ("attention", "mlp", "moe", "encoder"):
+                nbytes = layer.tokens(b, s) / cp * layer.hidden * e
+                for t in np.unique(tpi[tpi > 1]).tolist():
+                    mk = tpi == t
+                    one[mk] = comm.all_reduce_time_s(nbytes[mk], _collective(cluster, 0, 1, t))
+            tp_on = tpi > 1
+            cp_f = cp_b = 0.0
+            if layer.kind == "attention":
+                kv = comm.cp_kv_bytes_per_layer(b, s, layer.kv_heads, layer.head_dim, cp, e)
+                ring = comm.p2p_time_s(kv, cp_bw, cp_lat)
+                cp_on = cpi > 1
+                cp_f = np.where(cp_on, np.maximum(0.0, ring / 3 - lt_attn), 0.0)
+                cp_b = np.where(cp_on, np.maximum(0.0, 2 * ring / 3 - ATTENTION_BWD_FACTOR * lt_attn), 0.0)
+            ep_s = 0.0
+            if ep > 1 and layer.kind == "moe":
+                tokens = layer.tokens(b, s) / cp / (tp if sp else 1)
+                nbytes = tokens * layer.topk * layer.hidden * e
+                ep_s = np.zeros(n)
+                for t in np.unique(tpi).tolist():
+                    mk = tpi == t
+                    link = _collective(cluster, 0, t, ep)
+                    ep_s[mk] = 4 * comm.all_to_all_time_s(nbytes[mk], link,
+                                                          inter_node_bytes_per_s=link.rank_inter_bytes_per_s)
+            mult = 3 if layer.trainable else 1
+            out["fmodel"][si, idx] = mult * lt_flops
+            for pi, policy in enumerate(POLICIES):
+                rc = arr(recompute_time_s(lt, layer, policy))
+                full = policy == "full" and layer.trainable
+                tp_s = np.where(tp_on, one * (2 + (1 if full else 0)), 0.0)
+                host_b = 2 * host + (host if full else 0.0)
+                out["fwd"][si, pi, idx] = floored(lt_fwd + (tp_s + ep_s) / 2 + cp_f, host)
+                x = lt_bwd + rc + (tp_s + ep_s) / 2 + cp_b
+                out["bwd"][si, pi, idx] = floored(x, host_b) if layer.trainable else lt_bwd
+                rflops = lt_flops if full else 0.0
+                if policy == "selective" and layer.trainable:
+                    rflops = arr(layer.attention_core_flops(b, s, tp, cp))
+                out["fhw"][si, pi, idx] = mult * lt_flops + rflops
+                # --- mirrors the activation sum of estimate._memory ---
+                out["act"][si, pi, idx] = layer.activation_bytes(b, s, tp, cp, sp, policy, e_act, flash=flash)
+            # --- params: estimate.estimate (stage_params) and estimate._memory (frozen) ---
+            if layer.trainable:
+                etp = tuples[idx, 6].astype(float)
+                out["par"][si, idx] = layer.params_per_device(tp=tp, ep=ep, etp=etp)
+            else:
+                out["froz"][si, idx] = arr(layer.params_per_device(tp=tp)) * e_w
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the batch estimate
+
+
+def estimate_batch(model: ModelGraph, cluster: Cluster, workload: Workload,
+                   plans: list[ParallelPlan] | PlanArrays, timings: dict | None = None) -> dict[str, np.ndarray]:
+    """estimate() for every plan, as arrays in the order of `plans`.
+
+    Returns {name: ndarray}: step_time_s, tokens_per_s, mfu, hfu, peak_memory_bytes, fits (bool), and from the
+    breakdown pipeline_s (the pipeline's makespan), pp_comm_s, dp_comm_exposed_s, optimizer_s, offload_s.
+    Equal to estimate() within floating-point rounding (tests/test_batch.py: rel 1e-9, fits exactly).
+
+    Plans with an explicit partition or optimizer offload are handed to the scalar estimate, one call each.
+    Raises BadInput, as estimate() would, for the first plan whose degrees do not match the cluster or the
+    batch. `timings`, when given, receives seconds per phase.
+    """
+    t_start = time.perf_counter()
+    tm = timings if timings is not None else {}
+    for k in ("prepare", "layers", "chunks", "pipeline", "step+memory", "fallback"):
+        tm.setdefault(k, 0.0)
+    n_all = len(plans)
+    if isinstance(plans, PlanArrays):
+        slow = np.flatnonzero(plans.offload_optimizer > 0)
+        slow_plans = [plans.plan(int(i)) for i in slow]
+        fast_rows = np.flatnonzero(plans.offload_optimizer <= 0)
+        pa = plans.take(fast_rows) if len(slow) else plans
+    else:
+        is_slow = [p.partition is not None or p.offload.optimizer > 0 for p in plans]
+        slow = np.flatnonzero(np.array(is_slow, dtype=bool))
+        slow_plans = [plans[int(i)] for i in slow]
+        fast_rows = np.flatnonzero(~np.array(is_slow, dtype=bool))
+        pa = PlanArrays.from_plans([plans[int(i)] for i in fast_rows])
+    out = {k: np.zeros(n_all, dtype=bool if k == "fits" else float) for k in OUTPUTS}
+    tm["prepare"] += time.perf_counter() - t_start
+
+    t0 = time.perf_counter()
+    for i, plan in zip(slow.tolist(), slow_plans):
+        est = estimate(model, cluster, workload, plan)
+        out["step_time_s"][i] = est.step_time_s
+        out["tokens_per_s"][i] = est.tokens_per_s
+        out["mfu"][i] = est.mfu
+        out["hfu"][i] = est.hfu
+        out["peak_memory_bytes"][i] = est.peak_memory_bytes
+        out["fits"][i] = est.fits
+        out["pipeline_s"][i] = np.nan  # not in Estimate
+        for k in ("pp_comm_s", "dp_comm_exposed_s", "optimizer_s", "offload_s"):
+            out[k][i] = est.breakdown[k]
+    tm["fallback"] += time.perf_counter() - t0
+    if len(pa):
+        res = _estimate_arrays(model, cluster, workload, pa, tm)
+        for k in OUTPUTS:
+            out[k][fast_rows] = res[k]
+    return out
+
+
+def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGraph, m: np.ndarray) -> None:
+    """The refusals of estimate.estimate, split_chunks, ParallelPlan and pipeline._check_args."""
+    n = pa.dp * pa.tp * pa.pp * pa.cp
+
+    def first(mask, msg):
+        bad = np.flatnonzero(mask)
+        if len(bad):
+            i = int(bad[0])
+            raise BadInput(f"plan {i}: {msg(i)}")
+
+    first(n != cluster.device_count, lambda i: f"plan uses dp*tp*pp*cp = {pa.dp[i]}*{pa.tp[i]}*{pa.pp[i]}*"
+          f"{pa.cp[i]} = {n[i]} devices, cluster {cluster.name} has {cluster.device_count}")
+    first(workload.global_batch % (pa.mbs * pa.dp) != 0,
+          lambda i: f"global batch {workload.global_batch} is not divisible by mbs*dp = {pa.mbs[i]}*{pa.dp[i]}")
+    first((pa.vpp > 1) & (pa.schedule != SCHEDULES.index("interleaved-1f1b")),
+          lambda i: f"vpp={pa.vpp[i]} needs schedule 'interleaved-1f1b'")
+    first(pa.sp & (pa.tp == 1), lambda i: "sequence parallel (sp) needs tp > 1")
+    first((pa.schedule == SCHEDULES.index("interleaved-1f1b")) & (m % pa.pp != 0),
+          lambda i: f"interleaved-1f1b needs the number of micro-batches ({m[i]}) to be a multiple of pp")
+    blocks = model.num_blocks
+    if blocks:
+        first(pa.pp * pa.vpp > blocks,
+              lambda i: f"pp*vpp = {pa.pp[i] * pa.vpp[i]} pipeline chunks but the model has only {blocks} blocks")
+    for name in ("dp", "tp", "pp", "vpp", "cp", "ep", "mbs"):
+        first(getattr(pa, name) < 1, lambda i, name=name: f"{name} must be >= 1")
+    first((pa.zero < 0) | (pa.zero > 3), lambda i: "zero must be 0-3")
+
+
+def _row_ids(cols: list) -> tuple[np.ndarray, np.ndarray]:
+    """(first row of each distinct row, id of every row's distinct row) for integer columns >= 0, with the
+    distinct rows in lexicographic order (the first column most significant)."""
+    cols = [np.asarray(c, dtype=np.int64) for c in cols]
+    bits = [max(1, int(c.max()).bit_length()) if len(c) else 1 for c in cols]
+    if sum(bits) <= 62 and all(int(c.min()) >= 0 for c in cols if len(c)):
+        key = np.zeros(len(cols[0]), dtype=np.int64)
+        for c, nb in zip(cols, bits):
+            key = (key << nb) | c
+        space = 1 << sum(bits)
+        if space <= 1 << 22:  # dense lookup table: no sort
+            present = np.zeros(space, dtype=bool)
+            present[key] = True
+            uniq = np.flatnonzero(present)
+            lut = np.empty(space, dtype=np.int64)
+            lut[uniq] = np.arange(len(uniq))
+            inv = lut[key]
+            first = np.empty(len(uniq), dtype=np.int64)
+            first[inv[::-1]] = np.arange(len(key))[::-1]
+            return first, inv
+        _, first, inv = np.unique(key, return_index=True, return_inverse=True)
+        return first, inv.reshape(-1)
+    _, first, inv = np.unique(np.stack(cols, axis=1), axis=0, return_index=True, return_inverse=True)
+    return first, inv.reshape(-1)
+
+
+def _ranges(sorted_ids: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """(start, stop) of each id 0..n-1 in an array of ids in ascending order."""
+    edges = np.searchsorted(sorted_ids, np.arange(n + 1))
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
+_COUNTS: dict = {}
+
+
+def _counts(model: ModelGraph, shape_of: dict, pp: int, vpp: int, rc: int, rnl: int):
+    """Layer counts of a count group: per chunk (chunk, shape x policy) and per stage (estimate.estimate:
+    chunk c runs on stage c % pp; estimate._policies gives each layer's policy; trainable layers count
+    toward stage_params, frozen ones toward estimate._memory's `frozen`)."""
+    key = (id(model), pp, vpp, rc, rnl)
+    hit = _COUNTS.get(key)
+    if hit is not None and hit[0] is model:
+        return hit[1]
+    S = len(shape_of)
+    chunks = _split(model, pp * vpp)
+    C = len(chunks)
+    mode_plan = ParallelPlan.model_construct(recompute=POLICIES[rc], recompute_num_layers=None if rnl < 0 else rnl)
+    K = np.zeros((C, S, 3))
+    T = np.zeros((C, S))
+    Fz = np.zeros((C, S))
+    for c, layers in enumerate(chunks):
+        pol = _policies(layers, mode_plan)
+        for layer in layers:
+            si = shape_of[layer.shape_key]
+            K[c, si, POLICIES.index(pol[layer.name])] += 1
+            if layer.trainable:
+                T[c, si] += 1
+            else:
+                Fz[c, si] += 1
+    stage_of = np.arange(C) % pp
+    onehot = np.zeros((pp, C))
+    onehot[stage_of, np.arange(C)] = 1.0
+    Kf = K.reshape(C, S * 3)
+    res = dict(C=C, K=Kf, Kst=onehot @ Kf, Tst=onehot @ T, Fst=onehot @ Fz, onehot=onehot,
+               Kall=K.sum(axis=(0, 2)), Ktot=Kf.sum(axis=0))
+    if len(_COUNTS) > 4096:
+        _COUNTS.clear()
+    _COUNTS[key] = (model, res)
+    return res
+
+
+def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict:
+    t0 = time.perf_counter()
+    P = len(pa)
+    n_dev = cluster.device_count
+    dev = cluster.devices[0].device
+    dtype = workload.dtype
+    # estimate.estimate: e, b, s, m
+    e = DTYPE_BYTES[dtype] if dtype != "fp8" else 2
+    s = workload.seq_len
+    m = np.where(pa.num_microbatches > 0, pa.num_microbatches,
+                 np.maximum(1, workload.global_batch // (pa.mbs * pa.dp)))
+    _check(pa, cluster, workload, model, m)
+    # estimate._memory: dtype sizes
+    e_w = 2 if workload.dtype in ("bf16", "fp16", "fp8") else 4
+    e_act = 2 if workload.dtype != "fp32" else 4
+    g_bytes = 4 if workload.grad_dtype == "fp32" else 2
+
+    # distinct shapes (estimate.estimate memoizes by shape_key)
+    shape_of: dict = {}
+    shapes = []
+    for layer in model.layers:
+        if layer.shape_key not in shape_of:
+            shape_of[layer.shape_key] = len(shapes)
+            shapes.append(layer)
+    S = len(shapes)
+    # distinct layer tuples u, count groups cg, pipeline groups pg
+    etp = np.where(pa.etp > 0, pa.etp, pa.tp)
+    lt_cols = [pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.ep, etp]
+    u_first, u_of = _row_ids(lt_cols)
+    tuples = np.stack([np.asarray(c, dtype=np.int64)[u_first] for c in lt_cols], axis=1)
+    NU = len(tuples)
+    cg_first, cg_of = _row_ids([pa.pp, pa.vpp, pa.recompute, pa.recompute_num_layers + 1])
+    cg_keys = np.stack([pa.pp[cg_first], pa.vpp[cg_first], pa.recompute[cg_first],
+                        pa.recompute_num_layers[cg_first]], axis=1)
+    NCG = len(cg_keys)
+    pg_first, pg_of = _row_ids([pa.schedule, pa.pp, pa.vpp, m])
+    pg_keys = np.stack([pa.schedule[pg_first], pa.pp[pg_first], pa.vpp[pg_first], m[pg_first]], axis=1)
+    NPG = len(pg_keys)
+    tm["prepare"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    lv = _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s)
+    V_fwd = lv["fwd"].reshape(S * 3, NU)
+    V_bwd = lv["bwd"].reshape(S * 3, NU)
+    V_fhw = lv["fhw"].reshape(S * 3, NU)
+    V_act = lv["act"].reshape(S * 3, NU)
+    tm["layers"] += time.perf_counter() - t0
+
+    # ---- per count group, for every layer tuple: chunk and stage sums -----------------------------------
+    t0 = time.perf_counter()
+    cg = []
+    cols = np.arange(NU)
+    scal = {k: np.empty((NCG, NU)) for k in ("params_dev", "last_bwd", "busy_worst", "fm", "fh")}
+    cnt_worst = np.empty((NCG, S, NU))
+    for gi, (pp, vpp, rc, rnl) in enumerate(cg_keys.tolist()):
+        k = _counts(model, shape_of, pp, vpp, rc, rnl)
+        Fc = k["K"] @ V_fwd  # (C, NU): estimate.estimate's fwd_s per chunk
+        Bc = k["K"] @ V_bwd
+        par_st = k["Tst"] @ lv["par"]  # (pp, NU): stage_params
+        # estimate.estimate: worst = argmax(stage_params); exact ties (equal stages) go to the first,
+        # robust to last-bit differences between a matmul and a sequential sum.
+        near = par_st >= par_st.max(axis=0) * (1 - 1e-12)
+        worst = np.argmax(near, axis=0)
+        Fst = k["onehot"] @ Fc
+        Bst = k["onehot"] @ Bc
+        scal["params_dev"][gi] = par_st[worst, cols]
+        scal["last_bwd"][gi] = Bst[worst, cols]
+        scal["busy_worst"][gi] = Fst[worst, cols] + Bst[worst, cols]
+        scal["fm"][gi] = k["Kall"] @ lv["fmodel"]
+        scal["fh"][gi] = k["Ktot"] @ V_fhw
+        cnt_worst[gi] = k["Tst"][worst].T
+        cg.append(dict(Fc=Fc, Bc=Bc, par_st=par_st, froz_st=k["Fst"] @ lv["froz"], act_st=k["Kst"] @ V_act))
+    # distinct (count group, layer tuple) pairs: dp is n / (tp cp pp), so the pair fixes every DP term
+    cu_first, cu_of = _row_ids([cg_of, u_of])
+    cu_cg, cu_u = cg_of[cu_first], u_of[cu_first]
+    # --- mirrors estimate.estimate: DP gradient reduction and ZeRO traffic over the dp group, per layer ---
+    cu_tpcp = tuples[cu_u, 1] * tuples[cu_u, 2]
+    cu_dp = n_dev // (cu_tpcp * cg_keys[cu_cg, 0])
+    par_cu = lv["par"][:, cu_u]  # (S, ncu) params of one layer of each shape
+    cw_cu = cnt_worst[cu_cg, :, cu_u].T  # (S, ncu) layers of each shape on the worst stage
+    ar = np.zeros(len(cu_cg))
+    rs = np.zeros(len(cu_cg))
+    ag = np.zeros(len(cu_cg))
+    lk_first, lk_of = _row_ids([cu_tpcp, cu_dp])
+    for li, r in enumerate(lk_first.tolist()):
+        if cu_dp[r] <= 1:
+            continue
+        mk = lk_of == li
+        link = _collective(cluster, 0, int(cu_tpcp[r]), int(cu_dp[r]))
+        pl, cw = par_cu[:, mk], cw_cu[:, mk]
+        ar[mk] = np.sum(cw * comm.all_reduce_time_s(pl * g_bytes, link), axis=0)
+        rs[mk] = np.sum(cw * comm.reduce_scatter_time_s(pl * g_bytes, link), axis=0)
+        ag[mk] = np.sum(cw * comm.all_gather_time_s(pl * e, link), axis=0)
+    tm["chunks"] += time.perf_counter() - t0
+
+    # ---- pipeline: distinct problems (pipeline group, count group, layer tuple) ---------------------------
+    t0 = time.perf_counter()
+    pr_first, pr_of = _row_ids([pg_of, cg_of, u_of])
+    pr_pg, pr_cg, pr_u = pg_of[pr_first], cg_of[pr_first], u_of[pr_first]
+    NPR = len(pr_first)
+    # --- mirrors estimate.estimate: p2p_s, the slowest stage boundary (the wrap from the last stage to
+    # the first included) ---
+    pr_pp = pg_keys[pr_pg, 1]
+    pr_tp, pr_cp, pr_b = tuples[pr_u, 1], tuples[pr_u, 2], tuples[pr_u, 0]
+    pr_ss = pr_tp * pr_cp * (n_dev // (pr_tp * pr_cp * pr_pp))  # stage_size = tp * cp * dp
+    p2p_pr = np.zeros(NPR)
+    hidden = model.layers[0].hidden
+    ps_first, ps_of = _row_ids([pr_pp, pr_ss])
+    for gi, r in enumerate(ps_first.tolist()):
+        pp, ss = int(pr_pp[r]), int(pr_ss[r])
+        if pp <= 1:
+            continue
+        mk = ps_of == gi
+        b, cp, tp = pr_b[mk].astype(float), pr_cp[mk].astype(float), pr_tp[mk].astype(float)
+        nbytes = b * s / cp * hidden * e / np.where(tuples[pr_u[mk], 3] > 0, tp, 1)
+        pairs = [(k * ss, ((k + 1) % pp) * ss) for k in range(pp)]
+        links = {_p2p(cluster, a, c) for a, c in pairs if a != c}
+        p2p_pr[mk] = np.max([comm.p2p_time_s(nbytes, bw, lat) for bw, lat in links], axis=0)
+    pipe_pr = np.empty(NPR)
+    pr_ranges = _ranges(pr_pg, NPG)
+    for gk, (sch, pp, vpp, mm) in enumerate(pg_keys.tolist()):
+        a, b = pr_ranges[gk]
+        schedule = SCHEDULES[sch]
+        dag = _dag(schedule, pp, vpp, mm)
+        n_st = pp * vpp
+        D = np.zeros((b - a, 3 * n_st))
+        for gi in np.unique(pr_cg[a:b]).tolist():
+            sel = pr_cg[a:b] == gi
+            F = cg[gi]["Fc"][:, pr_u[a:b][sel]].T
+            B = cg[gi]["Bc"][:, pr_u[a:b][sel]].T
+            D[sel, :n_st] = F
+            if schedule == "zb-h1":
+                # pipeline.simulate: w = bwd / 2, B op = bwd - w, W op = w
+                w = B / 2
+                D[sel, n_st:2 * n_st] = B - w
+                D[sel, 2 * n_st:] = w
+            else:
+                D[sel, n_st:2 * n_st] = B
+        pipe_pr[a:b] = _makespan(dag, D, p2p_pr[a:b])
+    tm["pipeline"] += time.perf_counter() - t0
+
+    # ---- step time, per plan --------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    dp = pa.dp
+    pipe_s = pipe_pr[pr_of]
+    p2p_s = p2p_pr[pr_of]
+    cu = cu_of
+    dp_s = np.where(pa.zero == 0, ar[cu], rs[cu] + np.where(pa.zero < 3, ag[cu], 2 * m * ag[cu]))
+    dp_s = np.where(dp > 1, dp_s, 0.0)
+    busy = scal["busy_worst"][cg_of, u_of]
+    last_bwd = scal["last_bwd"][cg_of, u_of]
+    params_dev = scal["params_dev"][cg_of, u_of]
+    stage_busy = np.where(pa.pp > 1, m * busy, pipe_s)
+    dp_exposed = np.where(
+        pa.zero == 3, np.maximum(dp_s - stage_busy, EXPOSED_TAIL_FRACTION * dp_s),
+        np.where(pa.overlap_grad_reduce, np.maximum(dp_s - last_bwd, EXPOSED_TAIL_FRACTION * dp_s), dp_s))
+    # optimizer step (offload_s is 0: plans with optimizer offload went to the scalar estimate)
+    owned = params_dev / np.where(pa.zero >= 1, dp, 1)
+    on_device = owned * (1 - pa.offload_optimizer)
+    opt_s = on_device * 32 / (dev.memory_bandwidth_bytes_per_s * dev.efficiency.memory)
+    offload_s = np.zeros(P)
+    step = pipe_s + dp_exposed + opt_s + offload_s
+    tokens = workload.global_batch * workload.seq_len
+    scale = m * pa.tp * pa.cp * dp
+    fm = scal["fm"][cg_of, u_of] * scale
+    fh = scal["fh"][cg_of, u_of] * scale
+    peak = dev.peak_flops(dtype) * n_dev
+
+    # ---- memory: distinct (problem, zero, offload fractions) -------------------------------------------
+    oa_first, oa_of = _row_ids([np.unique(pa.offload_activations, return_inverse=True)[1].reshape(-1),
+                                np.unique(pa.offload_optimizer, return_inverse=True)[1].reshape(-1)])
+    me_first, me_of = _row_ids([pr_of, pa.zero, oa_of])
+    me_pr = pr_of[me_first]
+    me_zero = pa.zero[me_first]
+    me_dp = dp[me_first]
+    me_oact = pa.offload_activations[me_first]
+    me_oopt = pa.offload_optimizer[me_first]
+    mem_me = np.empty(len(me_first))
+    me_ranges = _ranges(pr_pg[me_pr], NPG)
+    for gk, (sch, pp, vpp, mm) in enumerate(pg_keys.tolist()):
+        a, b = me_ranges[gk]
+        # --- mirrors estimate._memory ---
+        infl = np.array(_dag(SCHEDULES[sch], pp, vpp, mm).peak_inflight, dtype=float)
+        if vpp > 1:
+            infl = infl / vpp
+        gis, us = pr_cg[me_pr[a:b]], pr_u[me_pr[a:b]]
+        par_st = np.empty((pp, b - a))
+        froz_st = np.empty((pp, b - a))
+        act_st = np.empty((pp, b - a))
+        for gi in np.unique(gis).tolist():
+            sel = gis == gi
+            par_st[:, sel] = cg[gi]["par_st"][:, us[sel]]
+            froz_st[:, sel] = cg[gi]["froz_st"][:, us[sel]]
+            act_st[:, sel] = cg[gi]["act_st"][:, us[sel]]
+        z, dpr = me_zero[a:b], me_dp[a:b]
+        weights = np.empty_like(par_st)
+        grads = np.empty_like(par_st)
+        optim = np.empty_like(par_st)
+        for zz in np.unique(z).tolist():
+            sel = z == zz
+            st = memory.model_state_bytes(par_st[:, sel], dpr[sel], zz, weight_dtype_bytes=e_w,
+                                          grad_dtype_bytes=g_bytes, optimizer=workload.optimizer)
+            weights[:, sel] = st["weights"]
+            grads[:, sel] = st["gradients"]
+            optim[:, sel] = st["optimizer"]
+        acts = act_st * infl[:, None] * (1 - me_oact[a:b])
+        opt = optim * (1 - me_oopt[a:b])
+        subtotal = weights + grads + opt + froz_st + acts
+        total = subtotal + memory.allocator_overhead_bytes(subtotal)
+        mem_me[a:b] = total.max(axis=0)
+    peak_mem = mem_me[me_of]
+    out = {
+        "step_time_s": step, "tokens_per_s": tokens / step, "mfu": fm / (step * peak), "hfu": fh / (step * peak),
+        "peak_memory_bytes": peak_mem, "fits": peak_mem <= dev.memory_bytes, "pipeline_s": pipe_s,
+        "pp_comm_s": np.where(pa.pp > 1, 2 * m * pa.vpp * p2p_s, 0.0), "dp_comm_exposed_s": dp_exposed,
+        "optimizer_s": opt_s, "offload_s": offload_s,
+    }
+    tm["step+memory"] += time.perf_counter() - t0
+    return out
