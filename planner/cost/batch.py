@@ -38,7 +38,9 @@ import numpy as np
 
 from planner.cost import comm, memory, pipeline
 from planner.cost.compute import ATTENTION_BWD_FACTOR, DTYPE_BYTES, floored, layer_time, recompute_time_s
-from planner.cost.estimate import EXPOSED_TAIL_FRACTION, _group, _policies, estimate, split_chunks
+from planner.cost.estimate import (
+    EXPOSED_TAIL_FRACTION, _group, _policies, estimate, pipeline_p2p_s, split_chunks,
+)
 from planner.errors import BadInput
 from planner.hardware import Cluster
 from planner.model import ModelGraph
@@ -637,8 +639,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     pr_first, pr_of = _row_ids([pg_of, cg_of, u_of])
     pr_pg, pr_cg, pr_u = pg_of[pr_first], cg_of[pr_first], u_of[pr_first]
     NPR = len(pr_first)
-    # --- mirrors estimate.estimate: p2p_s, the slowest stage boundary (the wrap from the last stage to
-    # the first included) ---
+    # --- estimate.pipeline_p2p_s, the same function the scalar estimate calls ---
     pr_pp = pg_keys[pr_pg, 1]
     pr_tp, pr_cp, pr_b = tuples[pr_u, 1], tuples[pr_u, 2], tuples[pr_u, 0]
     pr_ss = pr_tp * pr_cp * (n_dev // (pr_tp * pr_cp * pr_pp))  # stage_size = tp * cp * dp
@@ -652,9 +653,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
         mk = ps_of == gi
         b, cp, tp = pr_b[mk].astype(float), pr_cp[mk].astype(float), pr_tp[mk].astype(float)
         nbytes = b * s / cp * hidden * e / np.where(tuples[pr_u[mk], 3] > 0, tp, 1)
-        pairs = [(k * ss, ((k + 1) % pp) * ss) for k in range(pp)]
-        links = {_p2p(cluster, a, c) for a, c in pairs if a != c}
-        p2p_pr[mk] = np.max([comm.p2p_time_s(nbytes, bw, lat) for bw, lat in links], axis=0)
+        p2p_pr[mk] = pipeline_p2p_s(cluster, pp, ss, nbytes, p2p=lambda a, c: _p2p(cluster, a, c))
     pipe_pr = np.empty(NPR)
     pr_ranges = _ranges(pr_pg, NPG)
     for gk, (sch, pp, vpp, mm) in enumerate(pg_keys.tolist()):

@@ -60,6 +60,18 @@ def split_chunks(graph: ModelGraph, plan: ParallelPlan) -> list[list[Layer]]:
     return out
 
 
+def pipeline_p2p_s(cluster: Cluster, pp: int, stage_size: int, nbytes, p2p=None):
+    """Time of one activation transfer between pipeline stages (nbytes may be an array).
+
+    The simulator takes one transfer time, so the slowest boundary (one that leaves a node) sets it;
+    interleaving also wraps the last stage back to the first. `p2p` replaces cluster.p2p (a cache).
+    """
+    p2p = p2p or cluster.p2p
+    pairs = [(k * stage_size, ((k + 1) % pp) * stage_size) for k in range(pp)]
+    links = {p2p(a, c) for a, c in pairs if a != c}
+    return np.max([comm.p2p_time_s(nbytes, bw, lat) for bw, lat in links], axis=0)
+
+
 @dataclass(frozen=True)
 class _Ctx:
     b: int
@@ -222,11 +234,7 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     p2p_s = 0.0
     if plan.pp > 1:
         nbytes = b * s / cp * model.layers[0].hidden * e / (tp if plan.sp else 1)
-        # The simulator takes one transfer time: the slowest boundary (one that leaves a node) sets it.
-        # Interleaving also wraps the last stage back to the first.
-        pairs = [(k * stage_size, ((k + 1) % plan.pp) * stage_size) for k in range(plan.pp)]
-        links = {cluster.p2p(a, c) for a, c in pairs if a != c}
-        p2p_s = max(float(comm.p2p_time_s(nbytes, bw, lat)) for bw, lat in links)
+        p2p_s = float(pipeline_p2p_s(cluster, plan.pp, stage_size, nbytes))
     pipe = pipeline.simulate(plan.schedule, fwd_s, bwd_s, m, v=plan.vpp, p2p_s=p2p_s)
 
     # Data parallel gradient reduction and ZeRO traffic over the dp group. One collective per layer
