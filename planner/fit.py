@@ -159,7 +159,7 @@ def _write_markdown(report: dict, path: Path, runs: str, command: str, marker: s
     held = report.get("mape_leave_one_source_out") or report.get("mape_held_out") or {}
     held_name = ("leave-one-source-out" if "mape_leave_one_source_out" in report else
                  f"on {report.get('rows_held_out', 0)} held-out rows")
-    lines = [f"| source | MAPE at profile defaults | MAPE fitted | MAPE {held_name} |",
+    lines = [f"| source | MAPE before this fit | MAPE fitted | MAPE {held_name} |",
              "|---|---:|---:|---:|"]
     for src in list(report["mape_after"]):
         lo = f"{held[src]:.1f}%" if src in held else "n/a"
