@@ -615,19 +615,20 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     cu_first, cu_of = _row_ids([cg_of, u_of])
     cu_cg, cu_u = cg_of[cu_first], u_of[cu_first]
     # --- mirrors estimate.estimate: DP gradient reduction and ZeRO traffic over the dp group, per layer ---
-    cu_tpcp = tuples[cu_u, 1] * tuples[cu_u, 2]
-    cu_dp = n_dev // (cu_tpcp * cg_keys[cu_cg, 0])
+    # gradients reduce over dp x cp ranks with stride tp (estimate.estimate: grad_ranks)
+    cu_tp = tuples[cu_u, 1]
+    cu_dp = n_dev // (cu_tp * cg_keys[cu_cg, 0])
     par_cu = lv["par"][:, cu_u]  # (S, ncu) params of one layer of each shape
     cw_cu = cnt_worst[cu_cg, :, cu_u].T  # (S, ncu) layers of each shape on the worst stage
     ar = np.zeros(len(cu_cg))
     rs = np.zeros(len(cu_cg))
     ag = np.zeros(len(cu_cg))
-    lk_first, lk_of = _row_ids([cu_tpcp, cu_dp])
+    lk_first, lk_of = _row_ids([cu_tp, cu_dp])
     for li, r in enumerate(lk_first.tolist()):
         if cu_dp[r] <= 1:
             continue
         mk = lk_of == li
-        link = _collective(cluster, 0, int(cu_tpcp[r]), int(cu_dp[r]))
+        link = _collective(cluster, 0, int(cu_tp[r]), int(cu_dp[r]))
         pl, cw = par_cu[:, mk], cw_cu[:, mk]
         ar[mk] = np.sum(cw * comm.all_reduce_time_s(pl * g_bytes, link), axis=0)
         rs[mk] = np.sum(cw * comm.reduce_scatter_time_s(pl * g_bytes, link), axis=0)
@@ -684,7 +685,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     p2p_s = p2p_pr[pr_of]
     cu = cu_of
     dp_s = np.where(pa.zero == 0, ar[cu], rs[cu] + np.where(pa.zero < 3, ag[cu], 2 * m * ag[cu]))
-    dp_s = np.where(dp > 1, dp_s, 0.0)
+    dp_s = np.where(dp * pa.cp > 1, dp_s, 0.0)  # estimate: grad_ranks > 1
     busy = scal["busy_worst"][cg_of, u_of]
     last_bwd = scal["last_bwd"][cg_of, u_of]
     params_dev = scal["params_dev"][cg_of, u_of]
@@ -693,7 +694,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
         pa.zero == 3, np.maximum(dp_s - stage_busy, EXPOSED_TAIL_FRACTION * dp_s),
         np.where(pa.overlap_grad_reduce, np.maximum(dp_s - last_bwd, EXPOSED_TAIL_FRACTION * dp_s), dp_s))
     # optimizer step (offload_s is 0: plans with optimizer offload went to the scalar estimate)
-    owned = params_dev / np.where(pa.zero >= 1, dp, 1)
+    owned = params_dev / np.where(pa.zero >= 1, dp * pa.cp, 1)
     on_device = owned * (1 - pa.offload_optimizer)
     opt_s = on_device * 32 / (dev.memory_bandwidth_bytes_per_s * dev.efficiency.memory)
     offload_s = np.zeros(P)
@@ -710,7 +711,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     me_first, me_of = _row_ids([pr_of, pa.zero, oa_of])
     me_pr = pr_of[me_first]
     me_zero = pa.zero[me_first]
-    me_dp = dp[me_first]
+    me_dp = (dp * pa.cp)[me_first]  # ZeRO shards over dp x cp (estimate._memory)
     me_oact = pa.offload_activations[me_first]
     me_oopt = pa.offload_optimizer[me_first]
     mem_me = np.empty(len(me_first))

@@ -198,7 +198,10 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
 
     tp_link = cluster.collective(_group(0, 1, tp))
     cp_link = cluster.collective(_group(0, tp, cp))
-    dp_link = cluster.collective(_group(0, tp * cp, plan.dp))
+    # Gradients are reduced, and ZeRO shards states, over dp x cp ranks: context-parallel ranks hold the
+    # same weights (Megatron's data-parallel group "with cp").
+    grad_ranks = plan.dp * cp
+    dp_link = cluster.collective(_group(0, tp, grad_ranks))
     ep_link = cluster.collective(_group(0, tp, plan.ep)) if plan.ep > 1 else None
 
     chunks = split_chunks(model, plan)
@@ -250,7 +253,7 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     params_dev = float(per_layer.sum())
     g_bytes = 4 if workload.grad_dtype == "fp32" else 2
     dp_s = 0.0
-    if plan.dp > 1:
+    if grad_ranks > 1:
         if plan.zero == 0:
             dp_s = float(np.sum(comm.all_reduce_time_s(per_layer * g_bytes, dp_link)))
         else:
@@ -273,7 +276,7 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
         dp_exposed = dp_s
 
     # Optimizer step: AdamW streams fp32 master weights, gradients and two moments (read and write).
-    owned = params_dev / (plan.dp if plan.zero >= 1 else 1)
+    owned = params_dev / (grad_ranks if plan.zero >= 1 else 1)
     on_device = owned * (1 - plan.offload.optimizer)
     opt_s = on_device * 32 / (dev.memory_bandwidth_bytes_per_s * dev.efficiency.memory)
     offload_s = _offload_time_s(cluster, plan, owned, e, g_bytes, stage_busy)
@@ -322,7 +325,7 @@ def _memory(model, chunks, workload, plan, pipe, params_dev, stage_params, dev) 
     g = 4 if workload.grad_dtype == "fp32" else 2
     stages = []
     for stage in range(plan.pp):
-        states = memory.model_state_bytes(stage_params[stage], plan.dp, plan.zero, weight_dtype_bytes=e_w,
+        states = memory.model_state_bytes(stage_params[stage], plan.dp * plan.cp, plan.zero, weight_dtype_bytes=e_w,
                                           grad_dtype_bytes=g, optimizer=workload.optimizer)
         frozen = sum(float(layer.params_per_device(tp=plan.tp)) * e_w
                      for c, ls in enumerate(chunks) if c % plan.pp == stage for layer in ls
