@@ -351,7 +351,16 @@ class Cluster(BaseModel):
         return _widest_path(self.graph, ("dev", src), ("dev", dst))
 
     def collective(self, device_ids: list[int] | tuple[int, ...]) -> CollectiveLink:
-        return collective_link(self, device_ids)
+        """collective_link over these devices, remembered per device set (the cluster is immutable)."""
+        key = tuple(device_ids)
+        cache = self._collective_cache
+        if key not in cache:
+            cache[key] = collective_link(self, key)
+        return cache[key]
+
+    @cached_property
+    def _collective_cache(self) -> dict:
+        return {}
 
 
 def _widest_path(g, a, b) -> tuple[float, float]:

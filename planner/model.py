@@ -341,9 +341,13 @@ class ModelGraph(BaseModel):
         return {layer.name: layer for layer in self.layers}
 
     def topological(self) -> list[Layer]:
+        return list(self._topological)
+
+    @cached_property
+    def _topological(self) -> tuple[Layer, ...]:
         import networkx as nx
 
-        return [self.by_name[n] for n in nx.topological_sort(self.graph)]
+        return tuple(self.by_name[n] for n in nx.topological_sort(self.graph))
 
     @property
     def params(self) -> int:

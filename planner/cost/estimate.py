@@ -245,11 +245,16 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     # ring over many ranks counts as often as it is paid.
     stage_layers = [[layer for c, ls in enumerate(chunks) if c % plan.pp == st for layer in ls
                      if layer.trainable] for st in range(plan.pp)]
-    stage_params = [sum(float(layer.params_per_device(tp=tp, ep=plan.ep, etp=plan.etp)) for layer in ls)
-                    for ls in stage_layers]
+    shard: dict = {}
+
+    def sharded(layer: Layer) -> float:
+        if layer.shape_key not in shard:
+            shard[layer.shape_key] = float(layer.params_per_device(tp=tp, ep=plan.ep, etp=plan.etp))
+        return shard[layer.shape_key]
+
+    stage_params = [sum(sharded(layer) for layer in ls) for ls in stage_layers]
     worst = int(np.argmax(stage_params))
-    per_layer = np.array([float(layer.params_per_device(tp=tp, ep=plan.ep, etp=plan.etp))
-                          for layer in stage_layers[worst]] or [0.0])
+    per_layer = np.array([sharded(layer) for layer in stage_layers[worst]] or [0.0])
     params_dev = float(per_layer.sum())
     g_bytes = 4 if workload.grad_dtype == "fp32" else 2
     dp_s = 0.0
@@ -324,6 +329,7 @@ def _memory(model, chunks, workload, plan, pipe, params_dev, stage_params, dev) 
     e_act = 2 if workload.dtype != "fp32" else 4
     g = 4 if workload.grad_dtype == "fp32" else 2
     stages = []
+    act_memo: dict = {}
     for stage in range(plan.pp):
         states = memory.model_state_bytes(stage_params[stage], plan.dp * plan.cp, plan.zero, weight_dtype_bytes=e_w,
                                           grad_dtype_bytes=g, optimizer=workload.optimizer)
@@ -335,9 +341,13 @@ def _memory(model, chunks, workload, plan, pipe, params_dev, stage_params, dev) 
             if c % plan.pp != stage:
                 continue
             policies = _policies(ls, plan)
-            act_one += sum(float(layer.activation_bytes(plan.mbs, workload.seq_len, plan.tp, plan.cp, plan.sp,
-                                                        policies[layer.name], e_act,
-                                                        flash=plan.flash_attention)) for layer in ls)
+            for layer in ls:
+                key = (layer.shape_key, policies[layer.name])
+                if key not in act_memo:
+                    act_memo[key] = float(layer.activation_bytes(
+                        plan.mbs, workload.seq_len, plan.tp, plan.cp, plan.sp, policies[layer.name], e_act,
+                        flash=plan.flash_attention))
+                act_one += act_memo[key]
         inflight = pipe.peak_inflight[stage] / plan.vpp if plan.vpp > 1 else pipe.peak_inflight[stage]
         acts = act_one * inflight * (1 - plan.offload.activations)
         opt = states["optimizer"] * (1 - plan.offload.optimizer)
