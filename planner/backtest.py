@@ -216,7 +216,11 @@ def run_backtest(path: str | Path) -> dict:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise BadInput(f"{path}: missing columns {', '.join(missing)} (see calibration_runs_clean.csv)")
-    rows = [backtest_row(r) for r in df.to_dict(orient="records")]
+    from tqdm import tqdm
+
+    # a progress bar on stderr when it is a terminal (tqdm's disable=None), silent in pipes and CI
+    records = df.to_dict(orient="records")
+    rows = [backtest_row(r) for r in tqdm(records, desc="backtest", unit="row", disable=None, leave=False)]
     ok = [r for r in rows if r.status == "ok"]
     usable = [r for r in rows if not r.reason.startswith("unusable")]
     by_source: dict[str, list[float]] = {}

@@ -66,8 +66,10 @@ def load_cases(path: str | Path) -> list[_Case]:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise BadInput(f"{path}: missing columns {', '.join(missing)}")
+    from tqdm import tqdm
+
     cases = []
-    for row in df.to_dict(orient="records"):
+    for row in tqdm(df.to_dict(orient="records"), desc="plans per row", unit="row", disable=None, leave=False):
         res = backtest_row(row, return_plan=True)
         if res.status == "ok" and res.plan is not None:
             cases.append(_Case(row, res.plan))
@@ -123,7 +125,9 @@ def leave_one_source_out(cases: list[_Case], defaults: dict[str, dict], params=P
     keeps its profile's values (what a user of an unseen stack would get)."""
     sources = sorted({str(c.row["source_code"]) for c in cases})
     out = {}
-    for src in sources:
+    from tqdm import tqdm
+
+    for src in tqdm(sources, desc="leave one source out", unit="fit", disable=None):
         train = [c for c in cases if str(c.row["source_code"]) != src]
         test = [c for c in cases if str(c.row["source_code"]) == src]
         fitted = fit(train, defaults, params)
