@@ -70,6 +70,8 @@ class ParallelPlan(BaseModel):
     def _check(self) -> ParallelPlan:
         if self.vpp > 1 and self.schedule != "interleaved-1f1b":
             raise ValueError(f"vpp={self.vpp} needs schedule 'interleaved-1f1b', got '{self.schedule}'")
+        if self.recompute_num_layers is not None and self.recompute != "full":
+            raise ValueError("recompute_num_layers needs recompute 'full' (Megatron's block method)")
         if self.sp and self.tp == 1:
             raise ValueError("sequence parallel (sp) needs tp > 1")
         if self.partition is not None and len(self.partition) != self.pp * self.vpp:

@@ -106,3 +106,15 @@ def test_vtrain_single_node_within_issue_bound():
     rows = pd.read_csv(DATA / "vtrain_single_node.csv").set_index("id")
     small = [r for r in res["rows"] if rows.loc[r["id"], "tp"] == 8 and rows.loc[r["id"], "micro_batch"] == 1]
     assert small and sum(abs(r["error_pct"]) for r in small) / len(small) < 35
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "llama3-8b", "--ep", "2"], "no MoE layers"),
+    (["--model", "mixtral-8x7b", "--ep", "16"], "does not divide the 8 experts"),
+    (["--model", "llama3-8b", "--recompute-num-layers", "2"], "needs recompute 'full'"),
+])
+def test_estimate_inconsistent_plan_is_one_line(run_cli, args, needle):
+    rc, out, err = run_cli("estimate", *args, "--cluster", "dgx-h100", "--tp", "1", "--pp", "1", "--mbs", "1",
+                           "--gbs", "8", "--seq", "512")
+    assert rc == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and needle in err

@@ -39,7 +39,7 @@ import numpy as np
 from planner.cost import comm, memory, pipeline
 from planner.cost.compute import ATTENTION_BWD_FACTOR, DTYPE_BYTES, floored, layer_time, recompute_time_s
 from planner.cost.estimate import (
-    EXPOSED_TAIL_FRACTION, _group, _policies, estimate, pipeline_p2p_s, split_chunks,
+    EXPOSED_TAIL_FRACTION, _check_expert_parallel, _group, _policies, estimate, pipeline_p2p_s, split_chunks,
 )
 from planner.errors import BadInput
 from planner.hardware import Cluster
@@ -457,6 +457,12 @@ def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGra
     first((pa.vpp > 1) & (pa.schedule != SCHEDULES.index("interleaved-1f1b")),
           lambda i: f"vpp={pa.vpp[i]} needs schedule 'interleaved-1f1b'")
     first(pa.sp & (pa.tp == 1), lambda i: "sequence parallel (sp) needs tp > 1")
+    # estimate._check_expert_parallel, once per distinct (ep, etp, dp, cp, tp)
+    for i in np.unique(np.stack([pa.ep, pa.etp, pa.dp, pa.cp, pa.tp]), axis=1, return_index=True)[1]:
+        try:
+            _check_expert_parallel(model, pa.plan(int(i)))
+        except BadInput as e:
+            raise BadInput(f"plan {int(i)}: {e}") from None
     first((pa.schedule == SCHEDULES.index("interleaved-1f1b")) & (m % pa.pp != 0),
           lambda i: f"interleaved-1f1b needs the number of micro-batches ({m[i]}) to be a multiple of pp")
     blocks = model.num_blocks

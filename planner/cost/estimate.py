@@ -177,6 +177,23 @@ def _policies(layers: list[Layer], plan: ParallelPlan) -> dict[str, str]:
             for layer in layers}
 
 
+def _check_expert_parallel(model: ModelGraph, plan: ParallelPlan) -> None:
+    """ep must divide every MoE layer's experts and fold into the dp x cp x tp ranks (Megatron's
+    expert_tensor x expert x expert-data grid over the same devices); a dense model takes ep = 1."""
+    if plan.ep == 1:
+        return
+    experts = {layer.experts for layer in model.layers if layer.kind == "moe"}
+    if not experts:
+        raise BadInput(f"--ep {plan.ep}: model {model.name} has no MoE layers; use --ep 1")
+    for n_exp in sorted(experts):
+        if n_exp % plan.ep:
+            raise BadInput(f"--ep {plan.ep} does not divide the {n_exp} experts of model {model.name}")
+    etp = plan.etp or plan.tp
+    ranks = plan.dp * plan.cp * plan.tp
+    if ranks % (plan.ep * etp):
+        raise BadInput(f"ep*etp = {plan.ep}*{etp} must divide dp*cp*tp = {ranks}; change --ep")
+
+
 def _group(base: int, stride: int, size: int) -> list[int]:
     return [base + stride * i for i in range(size)]
 
@@ -186,6 +203,7 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     if n != cluster.device_count:
         raise BadInput(f"plan uses dp*tp*pp*cp = {plan.dp}*{plan.tp}*{plan.pp}*{plan.cp} = {n} devices, "
                        f"cluster {cluster.name} has {cluster.device_count}")
+    _check_expert_parallel(model, plan)
     if workload.global_batch % (plan.mbs * plan.dp):
         raise BadInput(f"global batch {workload.global_batch} is not divisible by mbs*dp = "
                        f"{plan.mbs}*{plan.dp}")
