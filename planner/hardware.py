@@ -240,6 +240,9 @@ class CollectiveLink(BaseModel):
     # What one rank can push off its node through its own NIC share: what bounds all-to-all, where
     # every rank's off-node traffic leaves through its own NIC rather than through a ring of all of them.
     rank_inter_bytes_per_s: float = float("inf")
+    # Per-hop latency of the hops inside a node when the set spans nodes (NVLink-class), so a ring's
+    # intra-node steps are not charged the NIC's latency. None: same as latency_s.
+    intra_latency_s: float | None = None
 
 
 class Cluster(BaseModel):
@@ -415,6 +418,7 @@ def collective_link(cluster: Cluster, device_ids) -> CollectiveLink:
     bw = float("inf")
     rank_bw = float("inf")
     latency = 0.0
+    intra_latency = None
     level = "intra-node"
     for n, members in by_node.items():
         node = cluster.nodes[n]
@@ -423,6 +427,7 @@ def collective_link(cluster: Cluster, device_ids) -> CollectiveLink:
                 raise ValueError(f"node type {node.node_type.name} has several devices but no intra_link")
             bw = min(bw, node.intra_link.bytes_per_s)
             latency = max(latency, node.intra_link.latency_s)
+            intra_latency = max(intra_latency or 0.0, node.intra_link.latency_s)
     if len(by_node) > 1:
         level = "inter-node"
         islands: dict[str, list[int]] = {}
@@ -454,4 +459,5 @@ def collective_link(cluster: Cluster, device_ids) -> CollectiveLink:
                 rank_bw = min(rank_bw, gateway / members)
             latency = max(latency, link.latency_s)
     return CollectiveLink(bus_bytes_per_s=bw, latency_s=latency, level=level, ranks=len(ids),
-                          nodes=len(by_node), rank_inter_bytes_per_s=rank_bw)
+                          nodes=len(by_node), rank_inter_bytes_per_s=rank_bw,
+                          intra_latency_s=intra_latency if len(by_node) > 1 else None)

@@ -42,6 +42,28 @@ NCCL_SIMPLE_BASE_LATENCY_S = 8.4e-6  # tuning.cc baseLat[Ring][Simple] (Tree/Sim
 NCCL_TREE_ALGBW_FRACTION = 0.5
 
 AllReduceAlgorithm = Literal["ring", "tree", "auto"]
+Protocol = Literal["LL", "LL128", "Simple", "auto"]
+
+# NCCL's three protocols (tuning.cc @5067397, formulas.md 4.2): base latency per algorithm, per-hop latency
+# by link class (NVLink 0.6/1.9/3.4 us, NET 2.7/4.0/14 us for LL/LL128/Simple), and the share of each
+# packet that is data (LL sends 4 bytes of flag with every 4 of data; LL128 120 of 128 bytes; Simple all).
+# The catalog's link latencies are the LL figures; the other protocols scale them by NCCL's ratios. NCCL
+# picks the fastest protocol per size, as `protocol="auto"` does: LL for small messages, Simple for large
+# ones, whose per-hop latency is what a ring over thousands of ranks pays.
+PROTOCOLS = ("LL", "LL128", "Simple")
+RING_BASE_LATENCY_S = {"LL": 6.6e-6, "LL128": 14e-6, "Simple": 8.4e-6}
+TREE_BASE_LATENCY_S = {"LL": 6.8e-6, "LL128": 14e-6, "Simple": 8.4e-6}
+HOP_LATENCY_SCALE = {"intra": {"LL": 1.0, "LL128": 1.9 / 0.6, "Simple": 3.4 / 0.6},
+                     "inter": {"LL": 1.0, "LL128": 4.0 / 2.7, "Simple": 14.0 / 2.7}}
+DATA_FRACTION = {"LL": 0.5, "LL128": 120 / 128, "Simple": 1.0}
+
+
+def _protocols(protocol: str) -> tuple[str, ...]:
+    if protocol == "auto":
+        return PROTOCOLS
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be LL, LL128, Simple or auto, got {protocol!r}")
+    return (protocol,)
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
@@ -61,18 +83,26 @@ def _out(x, *inputs):
     return x
 
 
-def _hop_latencies_s(link: CollectiveLink, intra_latency_s: float | None) -> tuple[float, float]:
-    """(intraLat, interLat) per hop: interLat is the link's (slowest) latency; intraLat that too unless given."""
+def _hop_latencies_s(link: CollectiveLink, intra_latency_s: float | None,
+                     protocol: str = "LL") -> tuple[float, float]:
+    """(intraLat, interLat) per hop for a protocol: interLat is the link's (slowest) latency, intraLat the
+    given value, else the link's intra-node hop latency, else the same as interLat."""
     inter = float(link.latency_s)
-    intra = inter if intra_latency_s is None else float(intra_latency_s)
-    return intra, inter
+    if intra_latency_s is not None:
+        intra = float(intra_latency_s)
+    elif link.intra_latency_s is not None:
+        intra = float(link.intra_latency_s)
+    else:
+        intra = inter
+    inter_class = "inter" if link.nodes > 1 else "intra"
+    return intra * HOP_LATENCY_SCALE["intra"][protocol], inter * HOP_LATENCY_SCALE[inter_class][protocol]
 
 
 def _ring_latency_s(link: CollectiveLink, nsteps: int, n_inter: int, base_latency_s: float | None,
-                    intra_latency_s: float | None) -> float:
+                    intra_latency_s: float | None, protocol: str = "LL") -> float:
     """NCCL tuning.cc ring: lat = base + (nsteps - nInter) * intraLat + nInter * interLat."""
-    base = NCCL_RING_BASE_LATENCY_S if base_latency_s is None else base_latency_s
-    intra, inter = _hop_latencies_s(link, intra_latency_s)
+    base = RING_BASE_LATENCY_S[protocol] if base_latency_s is None else base_latency_s
+    intra, inter = _hop_latencies_s(link, intra_latency_s, protocol)
     n_inter = n_inter if link.nodes > 1 else 0
     return base + (nsteps - n_inter) * intra + n_inter * inter
 
@@ -87,7 +117,8 @@ def _finish(t, s: np.ndarray, link: CollectiveLink, nbytes):
 # --- collectives ------------------------------------------------------------------------------------------------
 
 def all_reduce_time_s(nbytes, link: CollectiveLink, *, algorithm: AllReduceAlgorithm = "auto",
-                      base_latency_s: float | None = None, intra_latency_s: float | None = None):
+                      base_latency_s: float | None = None, intra_latency_s: float | None = None,
+                      protocol: Protocol = "auto"):
     """All-reduce of an `nbytes` buffer over `link.ranks` ranks.
 
     ring: base + (2(n-1) - 2(N-1)) * intraLat + 2(N-1) * interLat + 2(n-1)/n * S / busbw  (N = link.nodes; the
@@ -104,38 +135,43 @@ def all_reduce_time_s(nbytes, link: CollectiveLink, *, algorithm: AllReduceAlgor
     n, nodes = link.ranks, link.nodes
     if n <= 1:
         return _finish(s, s, link, nbytes)
-    ring = _ring_latency_s(link, 2 * (n - 1), 2 * (nodes - 1), base_latency_s, intra_latency_s) \
-        + 2.0 * (n - 1) / n * s / link.bus_bytes_per_s
-    if algorithm == "ring":
-        return _finish(ring, s, link, nbytes)
-    intra, inter = _hop_latencies_s(link, intra_latency_s)
-    base = NCCL_TREE_BASE_LATENCY_S if base_latency_s is None else base_latency_s
-    log2_nodes = max(int(nodes), 1).bit_length() - 1  # NCCL log2i: floor(log2)
-    tree = base + 2.0 * ((n / nodes - 1) * intra + log2_nodes * inter) \
-        + s / (NCCL_TREE_ALGBW_FRACTION * link.bus_bytes_per_s)
-    if algorithm == "tree":
-        return _finish(tree, s, link, nbytes)
-    return _finish(np.minimum(ring, tree), s, link, nbytes)
+    best = None
+    for proto in _protocols(protocol):
+        bw = link.bus_bytes_per_s * DATA_FRACTION[proto]
+        ring = _ring_latency_s(link, 2 * (n - 1), 2 * (nodes - 1), base_latency_s, intra_latency_s, proto) \
+            + 2.0 * (n - 1) / n * s / bw
+        intra, inter = _hop_latencies_s(link, intra_latency_s, proto)
+        base = TREE_BASE_LATENCY_S[proto] if base_latency_s is None else base_latency_s
+        log2_nodes = max(int(nodes), 1).bit_length() - 1  # NCCL log2i: floor(log2)
+        tree = base + 2.0 * ((n / nodes - 1) * intra + log2_nodes * inter) + s / (NCCL_TREE_ALGBW_FRACTION * bw)
+        t = {"ring": ring, "tree": tree, "auto": np.minimum(ring, tree)}[algorithm]
+        best = t if best is None else np.minimum(best, t)
+    return _finish(best, s, link, nbytes)
 
 
 def reduce_scatter_time_s(nbytes, link: CollectiveLink, *, base_latency_s: float | None = None,
-                          intra_latency_s: float | None = None):
+                          intra_latency_s: float | None = None, protocol: Protocol = "auto"):
     """Ring reduce-scatter of a full buffer of `nbytes` (count per rank x n): latency over n-1 steps, N-1 of them
-    between nodes (NCCL tuning.cc), plus (n-1)/n * S / busbw (nccl-tests PERFORMANCE.md)."""
+    between nodes (NCCL tuning.cc), plus (n-1)/n * S / busbw (nccl-tests PERFORMANCE.md), for the fastest
+    protocol."""
     s = _bytes(nbytes)
     n = link.ranks
     if n <= 1:
         return _finish(s, s, link, nbytes)
-    t = _ring_latency_s(link, n - 1, link.nodes - 1, base_latency_s, intra_latency_s) \
-        + (n - 1) / n * s / link.bus_bytes_per_s
-    return _finish(t, s, link, nbytes)
+    best = None
+    for proto in _protocols(protocol):
+        t = _ring_latency_s(link, n - 1, link.nodes - 1, base_latency_s, intra_latency_s, proto) \
+            + (n - 1) / n * s / (link.bus_bytes_per_s * DATA_FRACTION[proto])
+        best = t if best is None else np.minimum(best, t)
+    return _finish(best, s, link, nbytes)
 
 
 def all_gather_time_s(nbytes, link: CollectiveLink, *, base_latency_s: float | None = None,
-                      intra_latency_s: float | None = None):
+                      intra_latency_s: float | None = None, protocol: Protocol = "auto"):
     """Ring all-gather into a full buffer of `nbytes` (count per rank x n); same cost as reduce-scatter
     (formulas.md 4.1 ring rows without the reduction term; NCCL tuning.cc uses the same step counts)."""
-    return reduce_scatter_time_s(nbytes, link, base_latency_s=base_latency_s, intra_latency_s=intra_latency_s)
+    return reduce_scatter_time_s(nbytes, link, base_latency_s=base_latency_s, intra_latency_s=intra_latency_s,
+                                 protocol=protocol)
 
 
 def all_to_all_time_s(nbytes, link: CollectiveLink, *, base_latency_s: float | None = None,
