@@ -103,6 +103,10 @@ def _candidates(row: dict, n_devices: int):
     dp = int(_num(row, "dp", n_devices // (tp * pp * cp)))
     vpp = int(_num(row, "vpp", 1))
     ep = int(_num(row, "ep", 1))
+    etp_printed = _num(row, "etp")
+    # Unprinted expert-tensor parallelism: Megatron's default (= tp) or none (1, the MoE-folding recipes);
+    # the search keeps whichever is valid and faster.
+    etp_opts = [int(etp_printed)] if etp_printed else sorted({tp, 1}) if ep > 1 else [None]
     gbs = int(row["global_batch"])
     mbs_printed = _num(row, "micro_batch")
     mbs_opts = [int(mbs_printed)] if mbs_printed else [x for x in (1, 2, 4, 8) if gbs % (x * dp) == 0]
@@ -118,17 +122,18 @@ def _candidates(row: dict, n_devices: int):
     rec_opts = [(r, None) for r in rec_opts]
     if len(rec_opts) > 1:
         rec_opts += [("full", k) for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96) if k < per_chunk]
-    for mbs in mbs_opts:
+    for mbs, etp in ((x, y) for x in mbs_opts for y in etp_opts):
         for recompute, num_layers in rec_opts:
             for zero in zero_opts:
                 for sp in sp_opts:
                     assumed = {"micro_batch": mbs if not mbs_printed else None,
+                               "etp": etp if (ep > 1 and not etp_printed) else None,
                                "recompute": recompute if len(rec_opts) > 1 else None,
                                "recompute_num_layers": num_layers,
                                "zero": zero if zero_printed is None else None,
                                "sp": sp if sp_printed is None else None}
                     yield ParallelPlan(
-                        dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, vpp=vpp, zero=zero, sp=sp and tp > 1, mbs=mbs,
+                        dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp, zero=zero, sp=sp and tp > 1, mbs=mbs,
                         recompute=recompute, recompute_num_layers=num_layers, **stack,
                         schedule="interleaved-1f1b" if vpp > 1 else "1f1b"), {
                         k: v for k, v in assumed.items() if v is not None}
