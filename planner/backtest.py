@@ -208,7 +208,8 @@ def backtest_row(row: dict, return_plan: bool = False) -> RowResult:
     return res
 
 
-def run_backtest(path: str | Path) -> dict:
+def read_runs(path: str | Path):
+    """A runs table as a DataFrame; BadInput for a missing or broken file or missing columns."""
     import pandas as pd
 
     path = Path(path)
@@ -221,6 +222,11 @@ def run_backtest(path: str | Path) -> dict:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise BadInput(f"{path}: missing columns {', '.join(missing)} (see calibration_runs_clean.csv)")
+    return df
+
+
+def run_backtest(path: str | Path) -> dict:
+    df = read_runs(path)
     from tqdm import tqdm
 
     # a progress bar on stderr when it is a terminal (tqdm's disable=None), silent in pipes and CI

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.backtest import REQUIRED_COLUMNS, TARGETS, backtest_row, predicted_value, row_model
+from planner.backtest import TARGETS, backtest_row, predicted_value, read_runs, row_model
 from planner.catalog import load_cluster, stack_efficiency
 from planner.cost.estimate import estimate
-from planner.errors import BadInput
 from planner.plan import ParallelPlan, Workload
 
 PARAMS = ("matmul", "matmul_fp8", "attention", "gemm_half_dim")
@@ -60,12 +59,7 @@ class _Case:
 
 
 def load_cases(path: str | Path) -> list[_Case]:
-    import pandas as pd
-
-    df = pd.read_csv(path)
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise BadInput(f"{path}: missing columns {', '.join(missing)}")
+    df = read_runs(path)
     from tqdm import tqdm
 
     cases = []
@@ -240,5 +234,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def _main_one_line_errors() -> int:
+    from planner.errors import PlannerError
+
+    try:
+        return main()
+    except PlannerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(_main_one_line_errors())

@@ -118,3 +118,13 @@ def test_estimate_inconsistent_plan_is_one_line(run_cli, args, needle):
                            "--gbs", "8", "--seq", "512")
     assert rc == 2 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_fit_bad_runs_file_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "planner.fit", "--runs", str(tmp_path / "none.csv")],
+                          cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "no such file" in proc.stderr
