@@ -34,6 +34,15 @@ SOFTWARE_STACKS = {
     "VTRAIN-SINGLE": {"flash_attention": False, "overlap_grad_reduce": False},
 }
 MODERN_STACK = {"flash_attention": True, "overlap_grad_reduce": True}
+
+
+def stack_key(row: dict) -> str:
+    """The software stack a row ran on, as fitted efficiencies are keyed: its source, and "<source>/zero3"
+    for a source's ZeRO-3 rows, which run a different data-parallel engine (NAR21's ZeRO-3 baseline is
+    DeepSpeed, its 3D rows Megatron-LM) and so get their own collective efficiency."""
+    src = str(row["source_code"])
+    zero = _num(row, "zero")
+    return f"{src}/zero3" if zero is not None and int(zero) == 3 else src
 DEFAULT_VOCAB = 51200  # GPT-3-style runs that do not print one (NeMo GPT3 recipes pad 50257 to this)
 
 
@@ -63,6 +72,44 @@ class RowResult:
 
 
 def row_model(row: dict):
+    """The row's model, built from its columns; a head_dim the row's own FLOP count contradicts is
+    replaced (see `head_dim_correction`)."""
+    fix = head_dim_correction(row)
+    return _build_row_model({**row, **fix}) if fix else _build_row_model(row)
+
+
+def _model_flops_per_token(row: dict) -> float:
+    """Model FLOPs per token (forward + backward = 3 x forward, no recompute) of the row's model."""
+    model = _build_row_model(row)
+    s = int(row["seq_len"])
+    return 3 * sum(float(layer.flops_fwd(1, s)) for layer in model.layers) / s
+
+
+def head_dim_correction(row: dict) -> dict:
+    """{"head_dim": d} when the row's head_dim looks derived (= hidden / heads) but the FLOPs per token
+    the source itself printed (model TFLOP/s over tokens/s) only agree with another standard head size.
+
+    Qwen3 decouples head_dim (128) from hidden / heads (64); a table that derives it halves the attention
+    FLOPs. The source's printed model-FLOPs rate is its own count of the same model, so where it agrees
+    within 3% with head_dim 128 or 256 and is >10% off the printed value, the printed value is the typo.
+    """
+    hd = _num(row, "head_dim")
+    tflops, tokens = _num(row, "measured_tflops_per_device"), _num(row, "measured_tokens_per_s_per_device")
+    if (hd is None or tflops is None or tokens is None or str(row.get("flops_convention")) != "model"
+            or int(hd) * int(row["heads"]) != int(row["hidden"]) or str(row["arch"]).startswith("deepseek")):
+        return {}
+    printed = float(tflops) * 1e12 / float(tokens)
+
+    def off(d):
+        return abs(printed / _model_flops_per_token({**row, "head_dim": d}) - 1)
+
+    if off(hd) <= 0.10:
+        return {}
+    best = min((128, 256), key=off)
+    return {"head_dim": best} if best != int(hd) and off(best) <= 0.03 else {}
+
+
+def _build_row_model(row: dict):
     arch = str(row["arch"])
     gpt = arch == "gpt"
     hidden, heads = int(row["hidden"]), int(row["heads"])
@@ -172,12 +219,13 @@ def backtest_row(row: dict, return_plan: bool = False) -> RowResult:
     res.measured = float(row[measured_col])
     try:
         model = row_model(row)
+        res.assumed.update(head_dim_correction(row))
         n_devices = int(row["device_count"])
         per_node = int(_num(row, "gpus_per_node", 8))
         cluster = load_cluster(str(row["cluster"]), nodes=max(1, n_devices // per_node),
                                devices=n_devices if n_devices < per_node else None)
         # A source whose software stack was fitted on its own (planner.fit --stack) uses that fit.
-        cluster = cluster.with_efficiency(**stack_efficiency(str(row["source_code"]), str(row["device"])))
+        cluster = cluster.with_efficiency(**stack_efficiency(stack_key(row), str(row["device"])))
         if cluster.device_count != n_devices:
             raise BadInput(f"cluster {row['cluster']} x {n_devices // per_node} nodes has "
                            f"{cluster.device_count} devices, row says {n_devices}")
@@ -196,7 +244,7 @@ def backtest_row(row: dict, return_plan: bool = False) -> RowResult:
         if best is None:
             raise BadInput("no candidate plan is valid for this row")
         _, est, assumed, plan = best
-        res.assumed = assumed
+        res.assumed = {**res.assumed, **assumed}
         if return_plan:
             res.plan = plan
         res.predicted = predicted_value(res.target, est, row, n_devices)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.backtest import TARGETS, backtest_row, predicted_value, read_runs, row_model
+from planner.backtest import TARGETS, backtest_row, predicted_value, read_runs, row_model, stack_key
 from planner.catalog import load_cluster, stack_efficiency
 from planner.cost.estimate import estimate
 from planner.plan import ParallelPlan, Workload
@@ -26,7 +26,7 @@ PARAMS = ("matmul", "matmul_fp8", "attention", "gemm_half_dim")
 # Upper bounds are what a device can do at best, not fitting slack: the best measured dense matmul
 # (MAMF) fractions are 70-87% BF16 and 70-76% FP8 (reference clusters.md section 10); GEMM tiles are
 # 128-256 wide, so a shape curve that halves efficiency beyond a 512-wide GEMM is not a tile effect.
-BOUNDS = {"matmul": (0.2, 0.9), "matmul_fp8": (0.15, 0.8), "attention": (0.1, 0.9),
+BOUNDS = {"dp_collective": (0.02, 1.0), "matmul": (0.2, 0.9), "matmul_fp8": (0.15, 0.8), "attention": (0.1, 0.9),
           "host_dispatch_us": (0.0, 300.0), "memory": (0.3, 0.95), "gemm_half_dim": (0.0, 512.0)}
 # Fewer rows than this per fitted parameter and the fit keeps to the one main matmul efficiency.
 ROWS_PER_PARAM = 4
@@ -44,7 +44,8 @@ class _Case:
         per_node = int(row.get("gpus_per_node") or 8)
         self.cluster = load_cluster(str(row["cluster"]), nodes=max(1, n // per_node),
                                     devices=n if n < per_node else None)
-        self.cluster = self.cluster.with_efficiency(**stack_efficiency(str(row["source_code"]), str(row["device"])))
+        self.stack = stack_key(row)
+        self.cluster = self.cluster.with_efficiency(**stack_efficiency(self.stack, str(row["device"])))
         precision = str(row.get("precision") or "bf16")
         self.workload = Workload(global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]),
                                  dtype=precision if precision in ("bf16", "fp16", "fp8", "fp32") else "bf16")
@@ -205,6 +206,9 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown parameter(s) {', '.join(unknown)}; choose from {', '.join(BOUNDS)}")
     cases = load_cases(args.runs)
+    if args.stack and any(c.stack == args.stack for c in cases):
+        # a stack within a table (e.g. NAR21/zero3) is fitted on its own rows only
+        cases = [c for c in cases if c.stack == args.stack]
     defaults = {}
     for c in cases:
         e = device(c.device).efficiency

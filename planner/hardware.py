@@ -77,6 +77,10 @@ class Efficiency(BaseModel):
     # layer takes max(device time, kernels x this): invisible for big layers, the floor for small ones.
     # Eager PyTorch dispatch costs on the order of 10 us per op; calibration fits it per stack.
     host_dispatch_us: float = Field(10.0, ge=0)
+    # Fraction of the modelled NCCL bandwidth that the software stack's data-parallel / ZeRO collectives
+    # reach. 1 for bucketed NCCL collectives (Megatron, FSDP); below 1 for stacks that gather parameter by
+    # parameter without bucketing (DeepSpeed ZeRO-3 of 2021): fitted per stack, never per device.
+    dp_collective: float = Field(1.0, gt=0, le=1)
     source: str = "default: median of measured fractions in reference/clusters.md section 10"
 
 

@@ -691,7 +691,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     p2p_s = p2p_pr[pr_of]
     cu = cu_of
     dp_s = np.where(pa.zero == 0, ar[cu], rs[cu] + np.where(pa.zero < 3, ag[cu], 2 * m * ag[cu]))
-    dp_s = np.where(dp * pa.cp > 1, dp_s, 0.0)  # estimate: grad_ranks > 1
+    dp_s = np.where(dp * pa.cp > 1, dp_s, 0.0) / dev.efficiency.dp_collective  # estimate: grad_ranks > 1
     busy = scal["busy_worst"][cg_of, u_of]
     last_bwd = scal["last_bwd"][cg_of, u_of]
     params_dev = scal["params_dev"][cg_of, u_of]

@@ -287,6 +287,7 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
                 # ZeRO-3 / FSDP gathers each layer's weights for every micro-batch's forward and again
                 # for its backward (ZeRO section 7.2.2; FSDP reshard_after_forward=True).
                 dp_s += 2 * m * float(np.sum(comm.all_gather_time_s(per_layer * e, dp_link)))
+        dp_s /= dev.efficiency.dp_collective
     stage_busy = float(pipe.busy_s[worst]) if plan.pp > 1 else float(pipe.step_time_s)
     if plan.zero == 3:
         # FSDP prefetches the next layer's gather during this layer's compute: only what compute cannot
