@@ -67,7 +67,7 @@ def random_plans(count: int, n_devices: int, blocks: int, gbs: int, seed: int) -
             "dp": dp, "tp": tp, "pp": pp, "vpp": vpp, "cp": cp, "ep": np.ones(k, int), "etp": np.zeros(k, int),
             "sp": (tp > 1) & (rng.random(k) < 0.7), "zero": rng.integers(0, 4, k), "mbs": mbs,
             "num_microbatches": np.zeros(k, int), "recompute": recompute, "recompute_num_layers": rnl,
-            "schedule": schedule, "flash_attention": rng.random(k) < 0.9, "overlap_grad_reduce": rng.random(k) < 0.5,
+            "schedule": schedule, "flash_attention": rng.random(k) < 0.9, "overlap_grad_reduce": rng.random(k) < 0.5, "overlap_tp_comm": rng.random(k) < 0.5,
             "offload_optimizer": np.zeros(k), "offload_activations": np.zeros(k),
         }
         for name, v in new.items():

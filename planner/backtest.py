@@ -34,6 +34,10 @@ SOFTWARE_STACKS = {
     "VTRAIN-SINGLE": {"flash_attention": False, "overlap_grad_reduce": False},
 }
 MODERN_STACK = {"flash_attention": True, "overlap_grad_reduce": True}
+# NeMo / Megatron-Bridge performance recipes also overlap TP communication with GEMMs (tp_comm_overlap,
+# Transformer Engine userbuffers); torchtitan does only with async TP, and XLA (MaxText) not by default.
+for _src in ("NEMO-24.07", "MBRIDGE-25.09"):
+    SOFTWARE_STACKS[_src] = {**MODERN_STACK, "overlap_tp_comm": True}
 
 
 def stack_key(row: dict) -> str:

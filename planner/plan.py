@@ -64,6 +64,9 @@ class ParallelPlan(BaseModel):
     schedule: Schedule = "1f1b"
     flash_attention: bool = True  # False: unfused softmax attention (Megatron before 2022)
     overlap_grad_reduce: bool = False  # Megatron's default; FSDP overlaps by design (zero 3)
+    # Tensor-parallel all-gather / reduce-scatter split into chunks that run under the neighbouring GEMMs
+    # (Megatron --tp-comm-overlap with Transformer Engine userbuffers; torchtitan's async TP).
+    overlap_tp_comm: bool = False
     partition: list[StageAssignment] | None = None  # None: blocks spread evenly over pp * vpp chunks
 
     @model_validator(mode="after")

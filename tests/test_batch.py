@@ -93,7 +93,8 @@ def plan_for(draw, name: str, n: int, gbs: int):
         sp=draw(st.booleans()) if tp > 1 else False, zero=draw(st.sampled_from([0, 1, 2, 3])),
         recompute=recompute, recompute_num_layers=rnl,
         flash_attention=draw(st.sampled_from([True, True, False])),
-        overlap_grad_reduce=draw(st.booleans()), offload=offload, partition=partition)
+        overlap_grad_reduce=draw(st.booleans()), overlap_tp_comm=draw(st.booleans()), offload=offload,
+        partition=partition)
 
 
 @st.composite

@@ -117,6 +117,7 @@ def cases(draw, models=MODELS, node_counts=NODE_COUNTS):
         recompute=draw(st.sampled_from(["none", "selective", "full"])),
         flash_attention=draw(st.sampled_from([True, True, False])),
         overlap_grad_reduce=draw(st.booleans()),
+        overlap_tp_comm=draw(st.booleans()),
     )
     workload = Workload(global_batch=mbs * dp * m, seq_len=draw(st.sampled_from([256, 1024, 4096])),
                         dtype=draw(st.sampled_from(["bf16", "bf16", "fp8"])))
@@ -323,3 +324,17 @@ def test_one_device_step_is_the_sum_of_its_layers(recompute, mbs, m, seq):
     assert e.breakdown["pipeline_bubble_s"] == pytest.approx(0.0, abs=1e-15)
     for k in ("tp_comm_s", "cp_comm_s", "ep_comm_s", "pp_comm_s", "dp_comm_exposed_s"):
         assert e.breakdown[k] == 0.0, k
+
+
+@PROPS
+@given(case=cases())
+def test_tp_comm_overlap_hides_but_never_all(case):
+    """Overlapping TP traffic under the GEMMs is never slower, and leaves at least the tail exposed."""
+    name, nodes, workload, plan = case
+    assume(plan.tp > 1)
+    c = cluster(nodes)
+    plain = est(name, c, workload, plan.model_copy(update={"overlap_tp_comm": False}))
+    hidden = est(name, c, workload, plan.model_copy(update={"overlap_tp_comm": True}))
+    assert hidden.step_time_s <= plain.step_time_s * (1 + REL)
+    assert hidden.breakdown["tp_comm_s"] >= 0.1 * plain.breakdown["tp_comm_s"] * (1 - REL)
+    assert hidden.breakdown["tp_comm_s"] <= plain.breakdown["tp_comm_s"] * (1 + REL)

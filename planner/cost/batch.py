@@ -9,7 +9,7 @@ function it mirrors. When estimate.py changes, the equality test fails until thi
 How the work is shared between plans (the scalar estimate redoes all of it per plan):
 
   1. Per layer: layers with the same `Layer.shape_key` cost the same. The layer terms depend on a plan only
-     through (mbs, tp, cp, sp, flash_attention, ep, etp) -- the "layer tuple". Distinct tuples are few
+     through (mbs, tp, cp, sp, flash_attention, ep, etp, overlap_tp_comm) -- the "layer tuple". Distinct tuples are few
      (hundreds in a batch of 100k plans); each distinct shape is evaluated once per policy (none,
      selective, full) with arrays over the distinct tuples. Collective links depend only on (tp, cp, dp,
      ep): Cluster.collective is called once per distinct group, cached per cluster.
@@ -39,7 +39,8 @@ import numpy as np
 from planner.cost import comm, memory, pipeline
 from planner.cost.compute import ATTENTION_BWD_FACTOR, DTYPE_BYTES, floored, layer_time, recompute_time_s
 from planner.cost.estimate import (
-    EXPOSED_TAIL_FRACTION, _check_expert_parallel, _group, _policies, estimate, pipeline_p2p_s, split_chunks,
+    EXPOSED_TAIL_FRACTION, _check_expert_parallel, _group, _overlapped_tp_s, _policies, estimate, pipeline_p2p_s,
+    split_chunks,
 )
 from planner.errors import BadInput
 from planner.hardware import Cluster
@@ -81,12 +82,15 @@ class PlanArrays:
     overlap_grad_reduce: np.ndarray
     offload_optimizer: np.ndarray
     offload_activations: np.ndarray
+    overlap_tp_comm: np.ndarray | None = None  # None: all False (the ParallelPlan default)
 
     _INT = ("dp", "tp", "pp", "vpp", "cp", "ep", "etp", "zero", "mbs", "num_microbatches", "recompute",
             "recompute_num_layers", "schedule")
-    _BOOL = ("sp", "flash_attention", "overlap_grad_reduce")
+    _BOOL = ("sp", "flash_attention", "overlap_grad_reduce", "overlap_tp_comm")
 
     def __post_init__(self):
+        if self.overlap_tp_comm is None:
+            self.overlap_tp_comm = np.zeros(len(np.atleast_1d(self.dp)), dtype=bool)
         for f in fields(self):
             a = np.asarray(getattr(self, f.name))
             if f.name in self._INT:
@@ -118,6 +122,7 @@ class PlanArrays:
             "schedule": [SCHEDULES.index(p.schedule) for p in plans],
             "flash_attention": [p.flash_attention for p in plans],
             "overlap_grad_reduce": [p.overlap_grad_reduce for p in plans],
+            "overlap_tp_comm": [p.overlap_tp_comm for p in plans],
             "offload_optimizer": [p.offload.optimizer for p in plans],
             "offload_activations": [p.offload.activations for p in plans],
         }
@@ -137,7 +142,7 @@ class PlanArrays:
             offload=OffloadPolicy(optimizer=float(self.offload_optimizer[i]),
                                   activations=float(self.offload_activations[i])),
             schedule=SCHEDULES[int(self.schedule[i])], flash_attention=bool(self.flash_attention[i]),
-            overlap_grad_reduce=bool(self.overlap_grad_reduce[i]))
+            overlap_grad_reduce=bool(self.overlap_grad_reduce[i]), overlap_tp_comm=bool(self.overlap_tp_comm[i]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,10 +317,10 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s):
     out = {k: np.zeros((ns, 3, nu)) for k in ("fwd", "bwd", "fhw", "act")}
     for k in ("fmodel", "par", "froz"):
         out[k] = np.zeros((ns, nu))
-    sub_keys = tuples[:, [3, 4, 5]]
+    sub_keys = tuples[:, [3, 4, 5, 7]]
     for key in np.unique(sub_keys, axis=0):
         idx = np.flatnonzero(np.all(sub_keys == key, axis=1))
-        sp, flash, ep = bool(key[0]), bool(key[1]), int(key[2])
+        sp, flash, ep, tp_overlap = bool(key[0]), bool(key[1]), int(key[2]), bool(key[3])
         tpi, cpi = tuples[idx, 1], tuples[idx, 2]
         b, tp, cp = tuples[idx, 0].astype(float), tpi.astype(float), cpi.astype(float)
         n = len(idx)
@@ -366,6 +371,8 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s):
                 rc = arr(recompute_time_s(lt, layer, policy))
                 full = policy == "full" and layer.trainable
                 tp_s = np.where(tp_on, one * (2 + (1 if full else 0)), 0.0)
+                if tp_overlap:
+                    tp_s = _overlapped_tp_s(tp_s, lt, rc)
                 host_b = 2 * host + (host if full else 0.0)
                 out["fwd"][si, pi, idx] = floored(lt_fwd + (tp_s + ep_s) / 2 + cp_f, host)
                 x = lt_bwd + rc + (tp_s + ep_s) / 2 + cp_b
@@ -572,7 +579,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     S = len(shapes)
     # distinct layer tuples u, count groups cg, pipeline groups pg
     etp = np.where(pa.etp > 0, pa.etp, pa.tp)
-    lt_cols = [pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.ep, etp]
+    lt_cols = [pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.ep, etp, pa.overlap_tp_comm]
     u_first, u_of = _row_ids(lt_cols)
     tuples = np.stack([np.asarray(c, dtype=np.int64)[u_first] for c in lt_cols], axis=1)
     NU = len(tuples)

@@ -96,6 +96,15 @@ class _LayerStep:
     flops_hw: float
 
 
+def _overlapped_tp_s(tp_s, lt, rc):
+    """What stays exposed of a layer's TP traffic when it is chunked under the GEMMs that produce or consume
+    it (Wang et al. 2023, "Overlap communication with dependent computation", ASPLOS; Megatron's
+    --tp-comm-overlap): the part the layer's GEMMs cannot cover -- all of its passes except the attention
+    core, which has no TP traffic beside it -- and never less than a tail, the first and last chunk."""
+    hideable = lt.fwd_s + lt.bwd_s + rc - (1 + ATTENTION_BWD_FACTOR) * lt.attention_fwd_s
+    return np.maximum(tp_s - hideable, EXPOSED_TAIL_FRACTION * tp_s)
+
+
 def _layer_step(layer: Layer, policy: str, c: _Ctx) -> _LayerStep:
     """One layer's forward and backward pass for one micro-batch: compute, recompute, and the TP, CP
     and EP communication that runs inside the pass, under the host's dispatch floor."""
@@ -110,6 +119,8 @@ def _layer_step(layer: Layer, policy: str, c: _Ctx) -> _LayerStep:
         nbytes = layer.tokens(b, s) / cp * layer.hidden * e
         one = float(comm.all_reduce_time_s(nbytes, c.tp_link))
         tp_s = one * (2 + (1 if policy == "full" and layer.trainable else 0))
+        if plan.overlap_tp_comm:
+            tp_s = float(_overlapped_tp_s(tp_s, lt, rc))
     if cp > 1 and layer.kind == "attention":
         # Ring attention passes K/V blocks around the cp ring while computing; what does not hide behind
         # the attention core of the same pass stays exposed (Liu et al. 2023, section 3). A third of
