@@ -1,0 +1,1 @@
+"""Search: enumerate, prune and rank parallel plans (issue 5)."""

@@ -1,0 +1,379 @@
+"""Uneven pipeline stage partition by dynamic programming.
+
+The even split (`split_chunks` with no partition) gives every pipeline chunk the same number of
+transformer blocks, but the embedding rides on the first chunk and the final norm + LM head on the last;
+with a 128k vocabulary the head of Llama 3.1 405B costs about half a block and holds a quarter-billion
+parameters per tp rank, and under 1F1B the first stage also holds the most micro-batches in flight.
+Llama 3 therefore trains 126 blocks on pp=16 as 7 + 14 x 8 + 7 (Llama 3 paper, section 3.3.2).
+
+Three pieces:
+  block_costs     per-block (and per head/tail extra) time, parameters, model-state and activation bytes,
+                  every number taken from the cost model's own functions (estimate._layer_step,
+                  Layer.activation_bytes, Layer.params_per_device, memory.model_state_bytes).
+  partition_dp    an exact DP over contiguous splits of n blocks into k chunks: minimise the slowest
+                  chunk's time per micro-batch, then (ties) its largest parameter count, then its peak
+                  memory, subject to every chunk fitting in memory. O(k n^2) with numpy prefix sums.
+  best_partition  runs the DP, evaluates its plan and the even split with the real `estimate`, returns
+                  the better one.
+
+Why that objective: for 1F1B with m >> p the simulated step is about (m - 1) x the slowest stage plus one
+pass through all stages (Narayanan et al. 2021, section 2.2.1), and the second sum does not depend on the
+split; what is left of the step (the data-parallel gradient reduction and the optimizer step) follows the
+stage with the most parameters (`estimate` takes that stage), hence the first tie-break. Peak memory is
+the last tie-break so that, among equally fast splits, the one with the most headroom wins.
+
+With vpp = 1 a chunk is a stage, so the DP is exact for this objective. With vpp > 1 (interleaving) a
+stage runs vpp chunks, and the DP balances chunks rather than stages: an approximation. Its memory
+check is then conservative (each chunk must fit in 1/vpp of the device, allocator constant included).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from planner.cost import memory, pipeline
+from planner.cost.compute import DTYPE_BYTES
+from planner.cost.estimate import _Ctx, _group, _layer_step, _policies, estimate, split_chunks
+from planner.errors import BadInput, Infeasible
+from planner.hardware import Cluster
+from planner.model import Layer, ModelGraph
+from planner.plan import Estimate, ParallelPlan, StageAssignment, Workload
+
+OBJECTIVES = ("time", "params", "memory")
+# Relative slack when a lexicographic pass keeps the optimum of the previous one: prefix-sum differences
+# and direct sums of the same floats can differ in the last bits.
+_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """Per transformer block (arrays of length n, in block order) and per extra, on one device.
+
+    time_s / act_bytes: forward + backward time and saved activations for one micro-batch, for a block
+    at a position >= recompute_cut of its chunk; early_time_s / early_act_bytes: the same at a position
+    < recompute_cut (Megatron's block method recomputes the first N blocks of every chunk; cut 0: every
+    position is "late"). params: trainable parameters per device. state_bytes: weights, gradients and
+    optimizer states on the device (after ZeRO sharding and optimizer offload) plus frozen weights.
+    head_*: layers before the first block (embedding, frozen encoders), carried by the first chunk;
+    tail_*: layers after the last block (final norm, LM head), carried by the last chunk.
+    """
+
+    time_s: np.ndarray
+    act_bytes: np.ndarray
+    early_time_s: np.ndarray
+    early_act_bytes: np.ndarray
+    params: np.ndarray
+    state_bytes: np.ndarray
+    recompute_cut: int = 0
+    head_time_s: float = 0.0
+    head_act_bytes: float = 0.0
+    head_params: float = 0.0
+    head_state_bytes: float = 0.0
+    tail_time_s: float = 0.0
+    tail_act_bytes: float = 0.0
+    tail_params: float = 0.0
+    tail_state_bytes: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return len(self.time_s)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A split of n blocks into k chunks: ranges[c] = [first, last) of chunk c, and the DP's view of it."""
+
+    ranges: tuple[tuple[int, int], ...]
+    chunk_time_s: tuple[float, ...]
+    chunk_params: tuple[float, ...]
+    chunk_memory_bytes: tuple[float, ...]
+
+    @property
+    def max_time_s(self) -> float:
+        return max(self.chunk_time_s)
+
+    @property
+    def max_params(self) -> float:
+        return max(self.chunk_params)
+
+    @property
+    def max_memory_bytes(self) -> float:
+        return max(self.chunk_memory_bytes)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(hi - lo for lo, hi in self.ranges)
+
+
+# ----------------------------------------------------------------------------------------------
+# block costs from the cost model
+
+
+def _dtype_bytes(workload: Workload) -> tuple[int, int, int, int]:
+    """(activation bytes in _Ctx, weight bytes, saved-activation bytes, gradient bytes) as estimate() uses
+    them (estimate.estimate and estimate._memory set these inline; mirrored here, see the report)."""
+    dtype = workload.dtype
+    e_ctx = DTYPE_BYTES[dtype] if dtype != "fp8" else 2  # fp8 GEMMs keep bf16 activations (estimate)
+    e_w = 2 if dtype in ("bf16", "fp16", "fp8") else 4  # estimate._memory
+    e_act = 2 if dtype != "fp32" else 4  # estimate._memory
+    g = 4 if workload.grad_dtype == "fp32" else 2  # estimate._memory
+    return e_ctx, e_w, e_act, g
+
+
+def _context(cluster: Cluster, workload: Workload, plan: ParallelPlan) -> _Ctx:
+    """The per-layer context estimate() builds: the same groups on the same links (Megatron rank order,
+    tp fastest, then cp; estimate.estimate)."""
+    e_ctx = _dtype_bytes(workload)[0]
+    tp, cp = plan.tp, plan.cp
+    tp_link = cluster.collective(_group(0, 1, tp))
+    cp_link = cluster.collective(_group(0, tp, cp))
+    ep_link = cluster.collective(_group(0, tp, plan.ep)) if plan.ep > 1 else None
+    return _Ctx(b=plan.mbs, s=workload.seq_len, tp=tp, cp=cp, e=e_ctx, dev=cluster.devices[0].device,
+                dtype=workload.dtype, plan=plan, tp_link=tp_link, cp_link=cp_link, ep_link=ep_link)
+
+
+def block_costs(model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan) -> BlockCosts:
+    """Cost terms of every block and of the head/tail extras under `plan` (its partition is ignored)."""
+    plan = plan.model_copy(update={"partition": None})
+    chunks = split_chunks(model, plan)  # BadInput when the model has fewer blocks than pp*vpp chunks
+    ctx = _context(cluster, workload, plan)
+    _, e_w, e_act, g = _dtype_bytes(workload)
+    cut = plan.recompute_num_layers or 0
+    early_policy = plan.layer_recompute(0)
+    late_policy = plan.layer_recompute(cut)
+
+    step_memo: dict = {}
+    act_memo: dict = {}
+
+    def time_s(layer: Layer, policy: str) -> float:
+        key = (layer.shape_key, policy)
+        if key not in step_memo:
+            one = _layer_step(layer, policy, ctx)
+            step_memo[key] = one.fwd_s + one.bwd_s
+        return step_memo[key]
+
+    def act_bytes(layer: Layer, policy: str) -> float:
+        key = (layer.shape_key, policy)
+        if key not in act_memo:
+            act_memo[key] = float(layer.activation_bytes(plan.mbs, workload.seq_len, plan.tp, plan.cp, plan.sp,
+                                                         policy, e_act, flash=plan.flash_attention))
+        return act_memo[key]
+
+    def params(layer: Layer) -> float:
+        # trainable parameters per device, as estimate() shards them
+        return float(layer.params_per_device(tp=plan.tp, ep=plan.ep, etp=plan.etp)) if layer.trainable else 0.0
+
+    def frozen_bytes(layer: Layer) -> float:
+        # frozen weights stay whole on every tp rank's share, unsharded by ZeRO (estimate._memory)
+        return 0.0 if layer.trainable else float(layer.params_per_device(tp=plan.tp)) * e_w
+
+    def states(p, frozen):
+        # model_state_bytes is linear in params, so per-block states add up to a chunk's
+        s = memory.model_state_bytes(np.asarray(p, dtype=float), plan.dp * plan.cp, plan.zero,
+                                     weight_dtype_bytes=e_w, grad_dtype_bytes=g, optimizer=workload.optimizer,
+                                     offload_fraction=plan.offload.optimizer)
+        return s["total"] + np.asarray(frozen, dtype=float)
+
+    order = model.topological()
+    block_ids = sorted({layer.block for layer in order if layer.block is not None})
+    index = {blk: i for i, blk in enumerate(block_ids)}
+    n = len(block_ids)
+    late_t, early_t, late_a, early_a, par, froz = (np.zeros(n) for _ in range(6))
+    for layer in order:
+        if layer.block is None:
+            continue
+        i = index[layer.block]
+        late_t[i] += time_s(layer, late_policy)
+        early_t[i] += time_s(layer, early_policy)
+        late_a[i] += act_bytes(layer, late_policy)
+        early_a[i] += act_bytes(layer, early_policy)
+        par[i] += params(layer)
+        froz[i] += frozen_bytes(layer)
+
+    def extras(layers: list[Layer]) -> dict:
+        layers = [layer for layer in layers if layer.block is None]
+        pol = _policies(layers, plan)
+        p = sum(params(x) for x in layers)
+        return {"time_s": float(sum(time_s(x, pol[x.name]) for x in layers)),
+                "act_bytes": float(sum(act_bytes(x, pol[x.name]) for x in layers)),
+                "params": float(p), "state_bytes": float(states(p, sum(frozen_bytes(x) for x in layers)))}
+
+    # split_chunks puts what precedes the first block on chunk 0 and what follows the last on chunk k-1;
+    # with one chunk both sit on it, and counting them all as head gives the same chunk totals.
+    head = extras(chunks[0])
+    tail = extras(chunks[-1]) if len(chunks) > 1 else extras([])
+    return BlockCosts(time_s=late_t, act_bytes=late_a, early_time_s=early_t, early_act_bytes=early_a,
+                      params=par, state_bytes=states(par, froz), recompute_cut=cut,
+                      **{f"head_{k}": v for k, v in head.items()}, **{f"tail_{k}": v for k, v in tail.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# the DP
+
+
+def _segments(late: np.ndarray, early: np.ndarray, cut: int, head: float, tail: float) -> np.ndarray:
+    """S[l, i]: the chunk sum over blocks l..i-1, the first `cut` of them taking `early`, the rest `late`,
+    plus the head extra when the chunk starts at block 0 and the tail extra when it ends at block n
+    (meaningless where l >= i; callers mask those)."""
+    n = len(late)
+    pl = np.concatenate(([0.0], np.cumsum(late)))  # prefix sums: sum(x[l:i]) = P[i] - P[l]
+    pe = np.concatenate(([0.0], np.cumsum(early)))
+    lo = np.arange(n + 1)[:, None]
+    hi = np.arange(n + 1)[None, :]
+    mid = np.clip(lo + cut, None, hi)  # end of the chunk's early (recomputed) positions
+    seg = (pe[mid] - pe[lo]) + (pl[hi] - pl[mid])
+    seg[0, :] += head
+    seg[:, n] += tail
+    return seg
+
+
+def _band(full: np.ndarray, k: int) -> np.ndarray:
+    """View of S[l, i] in band coordinates: out[c, a, b] = S[c + a, c + 1 + b], a, b in 0..n-k (the
+    starts and ends chunk c can take when each of k chunks keeps at least one block). No copy."""
+    n = full.shape[0] - 1
+    w = n - k + 1
+    s0, s1 = full.strides
+    return np.lib.stride_tricks.as_strided(full[:, 1:], shape=(k, w, w), strides=(s0 + s1, s0, s1),
+                                           writeable=False)
+
+
+def _minimax(obj: np.ndarray, allowed: np.ndarray) -> tuple[float, np.ndarray]:
+    """min over splits of max_c obj[c, a_c, b_c] with allowed[c, a_c, b_c], and the chunk edges.
+
+    Band coordinates: chunk c (of k) starts at block c + a and ends before block c + 1 + b, a, b in
+    0..w-1 with w = n - k + 1 (every chunk keeps at least one block, so no other start or end can lead
+    to a full split). The end of chunk c - 1 at local b is the start of chunk c at local a = b.
+    f_c[b] = min_a max(f_{c-1}[a], obj[c, a, b]): the bottleneck (linear) partition recurrence
+    (Skiena, The Algorithm Design Manual, section 8.5), O(k w^2). Ties go to the smallest a, so the
+    answer is deterministic. Returns (inf, _) when nothing is allowed.
+    """
+    k, w, _ = obj.shape
+    masked = np.where(allowed, obj, np.inf)
+    f = masked[0, 0]  # chunk 0 starts at block 0 (a = 0)
+    choice = np.zeros((k, w), dtype=np.int64)
+    cols = np.arange(w)
+    for c in range(1, k):
+        cand = np.maximum(f[:, None], masked[c])
+        choice[c] = np.argmin(cand, axis=0)
+        f = cand[choice[c], cols]
+    best = float(f[w - 1])  # the last chunk ends at block n
+    edges = np.zeros(k + 1, dtype=np.int64)
+    edges[k] = k - 1 + w
+    b = w - 1
+    for c in range(k - 1, 0, -1):
+        b = int(choice[c, b])
+        edges[c] = c + b
+    return best, edges
+
+
+def partition_dp(costs: BlockCosts, k: int, inflight: Sequence[float] | None = None,
+                 capacity_bytes: float = math.inf,
+                 overhead: Callable = memory.allocator_overhead_bytes,
+                 order: Sequence[str] = OBJECTIVES) -> Partition:
+    """Split costs.n blocks into k contiguous non-empty chunks, exactly optimal for `order`.
+
+    Chunk c's memory: x = model states + activations x inflight[c] (micro-batches it holds at its peak,
+    net of activation offload), plus overhead(x) (the allocator's), must be <= capacity_bytes. Among the
+    splits that fit, minimise lexicographically the max over chunks of each objective in `order`
+    ("time": fwd+bwd per micro-batch, "params", "memory"). Raises Infeasible when no split fits.
+    """
+    n = costs.n
+    if k < 1 or k > n:
+        raise BadInput(f"cannot split {n} blocks into {k} non-empty pipeline chunks")
+    if sorted(order) != sorted(OBJECTIVES):
+        raise ValueError(f"order must be a permutation of {OBJECTIVES}, got {tuple(order)}")
+    infl = np.ones(k) if inflight is None else np.asarray(inflight, dtype=float)
+    if infl.shape != (k,):
+        raise ValueError(f"inflight needs one entry per chunk ({k}), got {infl.shape}")
+    w = n - k + 1
+    valid = np.arange(w)[:, None] <= np.arange(w)[None, :]  # start c + a before end c + 1 + b
+    valid = np.broadcast_to(valid, (k, w, w))
+    cut = costs.recompute_cut
+    time = _band(_segments(costs.time_s, costs.early_time_s, cut, costs.head_time_s, costs.tail_time_s), k)
+    par = _band(_segments(costs.params, costs.params, 0, costs.head_params, costs.tail_params), k)
+    state = _band(_segments(costs.state_bytes, costs.state_bytes, 0, costs.head_state_bytes,
+                            costs.tail_state_bytes), k)
+    act = _band(_segments(costs.act_bytes, costs.early_act_bytes, cut, costs.head_act_bytes,
+                          costs.tail_act_bytes), k)
+    held = state + act * infl[:, None, None]  # allocated bytes of chunk c (states + in-flight activations)
+    mem = held + overhead(held)  # estimate._memory: total = subtotal + allocator overhead
+    objs = {"time": time, "params": par, "memory": mem}
+    allowed = valid & (mem <= capacity_bytes)
+    edges = None
+    for name in order:
+        best, edges = _minimax(objs[name], allowed)
+        if not math.isfinite(best):
+            least = _minimax(mem, valid)[0]
+            raise Infeasible(f"no split of {n} blocks into {k} pipeline chunks fits in "
+                             f"{capacity_bytes / 1e9:.1f} GB per chunk (the best needs {least / 1e9:.1f} GB)")
+        # the next objective only breaks ties of this one
+        allowed = allowed & (objs[name] <= best + _RTOL * abs(best))
+    ranges = tuple((int(edges[c]), int(edges[c + 1])) for c in range(k))
+    at = [(c, lo_ - c, hi_ - c - 1) for c, (lo_, hi_) in enumerate(ranges)]  # band coordinates
+    return Partition(ranges=ranges,
+                     chunk_time_s=tuple(float(time[x]) for x in at),
+                     chunk_params=tuple(float(par[x]) for x in at),
+                     chunk_memory_bytes=tuple(float(mem[x]) for x in at))
+
+
+# ----------------------------------------------------------------------------------------------
+# plans
+
+
+def chunk_inflight(workload: Workload, plan: ParallelPlan) -> np.ndarray:
+    """Micro-batches whose activations chunk c holds at its stage's peak, net of activation offload.
+
+    Taken from the schedule simulation estimate() uses (peak_inflight depends on the op order only, so
+    unit op times do); under interleaving its unit is one chunk's activations (divide by vpp as
+    estimate._memory does)."""
+    k = plan.pp * plan.vpp
+    m = plan.microbatches(workload)
+    try:
+        pipe = pipeline.simulate(plan.schedule, [1.0] * k, [2.0] * k, m, v=plan.vpp)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    per_stage = np.asarray(pipe.peak_inflight, dtype=float) / (plan.vpp if plan.vpp > 1 else 1)
+    return per_stage[np.arange(k) % plan.pp] * (1 - plan.offload.activations)
+
+
+def with_partition(plan: ParallelPlan, ranges: Sequence[tuple[int, int]]) -> ParallelPlan:
+    """`plan` with an explicit stage partition (validated like one a user writes)."""
+    data = plan.model_dump()
+    data["partition"] = [{"layers": (int(lo), int(hi))} for lo, hi in ranges]
+    return ParallelPlan.model_validate(data)
+
+
+def plan_partition(model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan) -> Partition:
+    """The DP's split for `plan`; when none fits in memory, the split with the least peak memory."""
+    k = plan.pp * plan.vpp
+    costs = block_costs(model, cluster, workload, plan)
+    inflight = chunk_inflight(workload, plan)
+    # vpp chunks share a device: each must fit in 1/vpp of it (exact for vpp = 1, conservative above)
+    capacity = cluster.devices[0].device.memory_bytes / plan.vpp
+    try:
+        return partition_dp(costs, k, inflight, capacity)
+    except Infeasible:
+        return partition_dp(costs, k, inflight, order=("memory", "time", "params"))
+
+
+def best_partition(model: ModelGraph, cluster: Cluster, workload: Workload,
+                   plan: ParallelPlan) -> tuple[ParallelPlan, Estimate]:
+    """The better of the DP's partition and the even split, by the real estimate(): the lower step time
+    among those that fit, else the lower peak memory (the even split wins ties)."""
+    if plan.pp * plan.vpp == 1:
+        return plan, estimate(model, cluster, workload, plan)
+    even = plan.model_copy(update={"partition": None})
+    part = plan_partition(model, cluster, workload, plan)  # BadInput: too few blocks, bad micro-batch count
+    even_est = estimate(model, cluster, workload, even)
+    dp_plan = with_partition(plan, part.ranges)
+    dp_est = estimate(model, cluster, workload, dp_plan)
+    if dp_est.fits != even_est.fits:
+        return (dp_plan, dp_est) if dp_est.fits else (even, even_est)
+    if dp_est.fits:
+        better = dp_est.step_time_s < even_est.step_time_s
+    else:
+        better = dp_est.peak_memory_bytes < even_est.peak_memory_bytes
+    return (dp_plan, dp_est) if better else (even, even_est)
