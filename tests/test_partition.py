@@ -351,11 +351,16 @@ def test_405b_pp16_memory_aware_split_fits_where_even_does_not():
     assert best.fits and sizes[0] < sizes[-1]
 
 
-def test_405b_pp16_even_split_kept_when_dp_is_not_faster():
-    """ZeRO-1, full recompute: the DP's 7 + 14 x 8 + 7 trims the data-parallel reduction but the
-    simulated 1F1B pays about one block for a light first stage; best_partition keeps the even split."""
+def test_405b_pp16_best_partition_keeps_the_faster_split():
+    """ZeRO-1, full recompute: both fit, and best_partition returns whichever of the DP and the even split
+    estimate() finds faster (the even one on a tie). Here the DP's 7 + 14 x 8 + 7 trims the data-parallel
+    reduction but the simulated 1F1B pays about one block's time for a light first stage."""
     m, c, plan = model("llama3.1-405b"), cluster(256), _405b(zero=1, recompute="full")
-    best_plan, best = best_partition(m, c, W405, plan)
     even = estimate(m, c, W405, plan)
-    assert best.step_time_s <= even.step_time_s
-    assert best_plan.partition is None
+    part = partition_dp(block_costs(m, c, W405, plan), 16, chunk_inflight(W405, plan),
+                        c.devices[0].device.memory_bytes)
+    dp = estimate(m, c, W405, with_partition(plan, part.ranges))
+    best_plan, best = best_partition(m, c, W405, plan)
+    assert even.fits and dp.fits
+    assert best.step_time_s == min(even.step_time_s, dp.step_time_s)
+    assert (best_plan.partition is None) == (even.step_time_s <= dp.step_time_s)
