@@ -85,8 +85,8 @@ def bench_405b() -> None:
         total_ms = (time.perf_counter() - start) * 1e3
         even_sizes = [len(x) for x in np.array_split(np.arange(126), 16)]
         print(f"  {name}:")
-        print(f"    even  {even.step_time_s:8.3f} s  fits={even.fits!s:5}  peak {even.peak_memory_bytes / 1e9:6.1f} GB"
-              f"  {even_sizes}")
+        print(f"    even  {even.step_time_s:8.3f} s  fits={even.fits!s:5}  "
+              f"peak {even.peak_memory_bytes / 1e9:6.1f} GB  {even_sizes}")
         print(f"    DP    {dp.step_time_s:8.3f} s  fits={dp.fits!s:5}  peak {dp.peak_memory_bytes / 1e9:6.1f} GB"
               f"  {list(part.sizes)}")
         print(f"    DP - even {dp.step_time_s - even.step_time_s:+.3f} s; best_partition keeps "
