@@ -29,14 +29,70 @@ def split_chunks(graph: ModelGraph, plan: ParallelPlan) -> list[list[Layer]]:
     Layers outside the transformer blocks go to the chunk of the block they feed: embedding and frozen
     encoders to the first chunk, final norm and head to the last.
     """
-    chunks_n = plan.pp * plan.vpp
+    # fresh lists: callers may change them; the cached split stays as it was
+    return [list(c) for c in _chunks(graph, plan.pp, plan.vpp, _partition_key(plan))]
+
+
+def _partition_key(plan: ParallelPlan):
+    return None if plan.partition is None else tuple(tuple(a.layers) for a in plan.partition)
+
+
+# Per-object caches (models and clusters are frozen): keyed by id(), holding the object itself so that
+# its id cannot be reused by another object while the entry lives, and checked with `is` on every hit.
+_BY_MODEL: dict[int, tuple[object, dict]] = {}
+_BY_CLUSTER: dict[int, tuple[object, dict]] = {}
+
+
+def _cache_for(store: dict, obj) -> dict:
+    hit = store.get(id(obj))
+    if hit is None or hit[0] is not obj:
+        if len(store) > 32:
+            store.clear()
+        hit = store[id(obj)] = (obj, {})
+    return hit[1]
+
+
+def _chunks(graph: ModelGraph, pp: int, vpp: int, partition) -> tuple[tuple[Layer, ...], ...]:
+    """split_chunks for (pp, vpp, partition key), cached per model; refusals are not cached."""
+    cache = _cache_for(_BY_MODEL, graph)
+    key = ("chunks", pp, vpp, partition)
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = tuple(tuple(c) for c in _split_chunks(graph, pp, vpp, partition))
+    return hit
+
+
+def _topological(graph: ModelGraph) -> list[Layer]:
+    """graph.topological(), without importing networkx (half a second, on a process's first estimate) when
+    the layers form one chain: then there is exactly one topological order, the chain's."""
+    succ: dict[str, str] = {}
+    has_pred: set[str] = set()
+    for u, w in graph.edges:
+        if u in succ or w in has_pred:  # a branch or a join: not a chain
+            return graph.topological()
+        succ[u] = w
+        has_pred.add(w)
+    heads = [layer.name for layer in graph.layers if layer.name not in has_pred]
+    if len(heads) != 1:
+        return graph.topological()
+    by_name = graph.by_name
+    order = [by_name[heads[0]]]
+    while order[-1].name in succ and len(order) <= len(graph.layers):
+        order.append(by_name[succ[order[-1].name]])
+    if len(order) != len(graph.layers) or len(by_name) != len(graph.layers):
+        return graph.topological()  # a cycle, a stray layer or an edge to an unknown name: its rules
+    return order
+
+
+def _split_chunks(graph: ModelGraph, pp: int, vpp: int, partition) -> list[list[Layer]]:
+    chunks_n = pp * vpp
     blocks = sorted({layer.block for layer in graph.layers if layer.block is not None})
     if not blocks:
         return [list(graph.topological())] + [[] for _ in range(chunks_n - 1)]
     if len(blocks) < chunks_n:
         raise BadInput(f"pp*vpp = {chunks_n} pipeline chunks but the model has only {len(blocks)} blocks")
-    if plan.partition is not None:
-        ranges = [a.layers for a in plan.partition]
+    if partition is not None:
+        ranges = list(partition)
         covered = [i for lo, hi in ranges for i in range(lo, hi)]
         if covered != list(range(len(blocks))):
             raise BadInput(f"partition {ranges} does not cover blocks 0..{len(blocks) - 1} once, in order")
@@ -48,7 +104,7 @@ def split_chunks(graph: ModelGraph, plan: ParallelPlan) -> list[list[Layer]]:
     for c, (lo, hi) in enumerate(ranges):
         for i in range(lo, hi):
             chunk_of_block[blocks[i]] = c
-    order = graph.topological()
+    order = _topological(graph)
     out: list[list[Layer]] = [[] for _ in range(chunks_n)]
     seen_block = False
     for layer in order:
@@ -209,6 +265,118 @@ def _group(base: int, stride: int, size: int) -> list[int]:
     return [base + stride * i for i in range(size)]
 
 
+_PARTS = ("compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s")
+
+
+@dataclass(frozen=True)
+class _Structure:
+    """What estimate() reads off the chunk split and the recompute policies, for one (model, pp, vpp,
+    partition, recompute, recompute_num_layers); cached per model.
+
+    reps: per distinct (shape_key, policy) the first layer with it in chunk order (the one the
+    per-call memo of layer steps was keyed by) and its policy. idx: (chunks, longest chunk) index into
+    reps of each layer, padded with len(reps) (a zero row). train: per stage its trainable layers
+    (chunks c % pp == stage in chunk order); frozen: its frozen layers; acts: the reps index of each
+    of its layers, in the order _memory sums their activations."""
+
+    chunks: tuple
+    reps: tuple
+    idx: np.ndarray
+    train: tuple
+    frozen: tuple
+    acts: tuple
+    shapes: tuple  # the first trainable layer of each shape_key, in stage order
+    train_shape: tuple  # per stage: the index into shapes of each of its trainable layers
+
+
+def _structure(model: ModelGraph, plan: ParallelPlan) -> _Structure:
+    cache = _cache_for(_BY_MODEL, model)
+    key = ("structure", plan.pp, plan.vpp, _partition_key(plan), plan.recompute, plan.recompute_num_layers)
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    chunks = _chunks(model, plan.pp, plan.vpp, _partition_key(plan))
+    index: dict = {}
+    reps = []
+    rows = []
+    layer_keys = []
+    for layers in chunks:
+        policies = _policies(list(layers), plan)
+        row = []
+        for layer in layers:
+            k = (layer.shape_key, policies[layer.name])
+            if k not in index:
+                index[k] = len(reps)
+                reps.append((layer, policies[layer.name]))
+            row.append(index[k])
+        rows.append(row)
+        layer_keys.append(row)
+    width = max([len(r) for r in rows] + [1])
+    idx = np.full((len(chunks), width), len(reps), dtype=np.int64)
+    for c, row in enumerate(rows):
+        idx[c, :len(row)] = row
+    on = [[c for c in range(len(chunks)) if c % plan.pp == st] for st in range(plan.pp)]
+    train = tuple(tuple(layer for c in cs for layer in chunks[c] if layer.trainable) for cs in on)
+    frozen = tuple(tuple(layer for c in cs for layer in chunks[c] if not layer.trainable) for cs in on)
+    acts = tuple(tuple(k for c in cs for k in layer_keys[c]) for cs in on)
+    shape_index: dict = {}
+    shapes = []
+    for ls in train:
+        for layer in ls:
+            if layer.shape_key not in shape_index:
+                shape_index[layer.shape_key] = len(shapes)
+                shapes.append(layer)
+    train_shape = tuple(tuple(shape_index[layer.shape_key] for layer in ls) for ls in train)
+    if len(cache) > 4096:
+        cache.clear()
+    hit = cache[key] = _Structure(chunks=chunks, reps=tuple(reps), idx=idx, train=train, frozen=frozen,
+                                  acts=acts, shapes=tuple(shapes), train_shape=train_shape)
+    return hit
+
+
+def _link(cluster: Cluster, base: int, stride: int, size: int):
+    """cluster.collective(_group(base, stride, size)), cached per cluster by (base, stride, size): a dp
+    group of 16k ranks is otherwise a 16k-element list and tuple hashed on every call."""
+    cache = _cache_for(_BY_CLUSTER, cluster)
+    key = ("collective", base, stride, size)
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = cluster.collective(_group(base, stride, size))
+    return hit
+
+
+def _p2p_cached(cluster: Cluster):
+    """cluster.p2p with its answers remembered per cluster."""
+    cache = _cache_for(_BY_CLUSTER, cluster)
+    memo = cache.setdefault("p2p", {})
+
+    def p2p(a: int, c: int):
+        hit = memo.get((a, c))
+        if hit is None:
+            hit = memo[(a, c)] = cluster.p2p(a, c)
+        return hit
+    return p2p
+
+
+def _steps(model, cluster, st: _Structure, ctx: _Ctx) -> list[_LayerStep]:
+    """_layer_step of each of st.reps, cached per cluster by the representative layer (held in the entry,
+    so its id stays its own) and every input _layer_step reads."""
+    cache = _cache_for(_BY_CLUSTER, cluster)
+    plan = ctx.plan
+    common = (ctx.b, ctx.s, ctx.tp, ctx.cp, ctx.e, ctx.dtype, plan.sp, plan.ep, plan.flash_attention,
+              plan.overlap_tp_comm)
+    out = []
+    for layer, policy in st.reps:
+        key = ("step", id(layer), policy, common)
+        hit = cache.get(key)
+        if hit is None or hit[0] is not layer:
+            if len(cache) > 200_000:
+                cache.clear()
+            hit = cache[key] = (layer, _layer_step(layer, policy, ctx))
+        out.append(hit[1])
+    return out
+
+
 def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan) -> Estimate:
     n = plan.devices
     if n != cluster.device_count:
@@ -225,65 +393,52 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     tp, cp = plan.tp, plan.cp
     stage_size = tp * cp * plan.dp
 
-    tp_link = cluster.collective(_group(0, 1, tp))
-    cp_link = cluster.collective(_group(0, tp, cp))
+    tp_link = _link(cluster, 0, 1, tp)
+    cp_link = _link(cluster, 0, tp, cp)
     # Gradients are reduced, and ZeRO shards states, over dp x cp ranks: context-parallel ranks hold the
     # same weights (Megatron's data-parallel group "with cp").
     grad_ranks = plan.dp * cp
-    dp_link = cluster.collective(_group(0, tp, grad_ranks))
-    ep_link = cluster.collective(_group(0, tp, plan.ep)) if plan.ep > 1 else None
+    dp_link = _link(cluster, 0, tp, grad_ranks)
+    ep_link = _link(cluster, 0, tp, plan.ep) if plan.ep > 1 else None
 
-    chunks = split_chunks(model, plan)
-    fwd_s, bwd_s = [], []
-    chunk_flops_model = 0.0
-    chunk_flops_hw = 0.0
-    part_names = ("compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s")
-    per_chunk = []
+    st = _structure(model, plan)
+    chunks = st.chunks
     ctx = _Ctx(b=b, s=s, tp=tp, cp=cp, e=e, dev=dev, dtype=dtype, plan=plan, tp_link=tp_link,
                cp_link=cp_link, ep_link=ep_link)
-    memo: dict = {}
-    for layers in chunks:
-        f = bwd = 0.0
-        parts = {k: 0.0 for k in part_names}
-        policies = _policies(layers, plan)
-        for layer in layers:
-            key = (layer.shape_key, policies[layer.name])
-            if key not in memo:
-                memo[key] = _layer_step(layer, policies[layer.name], ctx)
-            one = memo[key]
-            f += one.fwd_s
-            bwd += one.bwd_s
-            for k in part_names:
-                parts[k] += one.parts[k]
-            chunk_flops_model += one.flops_model
-            chunk_flops_hw += one.flops_hw
-        fwd_s.append(float(f))
-        bwd_s.append(float(bwd))
-        per_chunk.append(parts)
+    # Per chunk, the sums over its layers of each layer step's terms. cumsum adds along a row one element
+    # after the other, as the loop `f += one.fwd_s` over the chunk's layers did, so the sums are the same
+    # floats; the padding adds 0.0, which changes nothing.
+    vals = np.zeros((len(st.reps) + 1, 9))
+    for i, one in enumerate(_steps(model, cluster, st, ctx)):
+        vals[i] = (one.fwd_s, one.bwd_s, *(one.parts[k] for k in _PARTS), one.flops_model, one.flops_hw)
+    per_layer_vals = vals[st.idx]  # (chunks, longest chunk, 9)
+    sums = np.cumsum(per_layer_vals, axis=1)[:, -1, :].tolist()
+    fwd_s = [row[0] for row in sums]
+    bwd_s = [row[1] for row in sums]
+    per_chunk = [dict(zip(_PARTS, row[2:7])) for row in sums]
+    # FLOPs: one running sum over every layer of every chunk, in chunk order
+    chunk_flops_model = float(np.cumsum(per_layer_vals[:, :, 7].reshape(-1))[-1])
+    chunk_flops_hw = float(np.cumsum(per_layer_vals[:, :, 8].reshape(-1))[-1])
 
     # Pipeline: activations cross each stage boundary once per micro-batch each way (Narayanan 2021 3.2);
     # with sequence parallel (scatter/gather) each tp rank sends 1/tp of them.
     p2p_s = 0.0
     if plan.pp > 1:
         nbytes = b * s / cp * model.layers[0].hidden * e / (tp if plan.sp else 1)
-        p2p_s = float(pipeline_p2p_s(cluster, plan.pp, stage_size, nbytes))
-    pipe = pipeline.simulate(plan.schedule, fwd_s, bwd_s, m, v=plan.vpp, p2p_s=p2p_s)
+        p2p_s = float(pipeline_p2p_s(cluster, plan.pp, stage_size, nbytes, p2p=_p2p_cached(cluster)))
+    # simulate_times: simulate's timing without its event list, equal field for field (estimate reads no
+    # events)
+    pipe = pipeline.simulate_times(plan.schedule, fwd_s, bwd_s, m, v=plan.vpp, p2p_s=p2p_s)
 
     # Data parallel gradient reduction and ZeRO traffic over the dp group. One collective per layer
     # (Megatron and DDP reduce in buckets of about a layer's size), so the per-collective latency of a
     # ring over many ranks counts as often as it is paid.
-    stage_layers = [[layer for c, ls in enumerate(chunks) if c % plan.pp == st for layer in ls
-                     if layer.trainable] for st in range(plan.pp)]
-    shard: dict = {}
-
-    def sharded(layer: Layer) -> float:
-        if layer.shape_key not in shard:
-            shard[layer.shape_key] = float(layer.params_per_device(tp=tp, ep=plan.ep, etp=plan.etp))
-        return shard[layer.shape_key]
-
-    stage_params = [sum(sharded(layer) for layer in ls) for ls in stage_layers]
+    # Parameters per device of each trainable shape (layers with one shape_key hold the same), summed per
+    # stage over its trainable layers in chunk order, as sum() over the layers did.
+    sharded = [float(layer.params_per_device(tp=tp, ep=plan.ep, etp=plan.etp)) for layer in st.shapes]
+    stage_params = [sum(sharded[i] for i in ls) for ls in st.train_shape]
     worst = int(np.argmax(stage_params))
-    per_layer = np.array([sharded(layer) for layer in stage_layers[worst]] or [0.0])
+    per_layer = np.array([sharded[i] for i in st.train_shape[worst]] or [0.0])
     params_dev = float(per_layer.sum())
     g_bytes = 4 if workload.grad_dtype == "fp32" else 2
     dp_s = 0.0
@@ -325,7 +480,7 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     mfu = flops_model / (step * peak)
     hfu = flops_hw / (step * peak)
 
-    mem = _memory(model, chunks, workload, plan, pipe, params_dev, stage_params, dev)
+    mem = _memory(model, st, workload, plan, pipe, params_dev, stage_params, dev)
     # The breakdown describes the busiest pipeline stage: its per-micro-batch parts times m, plus the
     # step-level terms. compute_s excludes recompute, which has its own line.
     busiest = int(np.argmax(pipe.busy_s))
@@ -354,30 +509,30 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
         why=why)
 
 
-def _memory(model, chunks, workload, plan, pipe, params_dev, stage_params, dev) -> dict:
+def _memory(model, st: _Structure, workload, plan, pipe, params_dev, stage_params, dev) -> dict:
     e_w = 2 if workload.dtype in ("bf16", "fp16", "fp8") else 4
     e_act = 2 if workload.dtype != "fp32" else 4
     g = 4 if workload.grad_dtype == "fp32" else 2
+    cache = _cache_for(_BY_MODEL, model)
+    # activation bytes of each (shape, policy) of the structure, cached per model (its layers stay alive
+    # with it, so their ids are stable): they depend on nothing but these arguments
+    act_args = (plan.mbs, workload.seq_len, plan.tp, plan.cp, plan.sp, e_act, plan.flash_attention)
+    act_of = []
+    for layer, policy in st.reps:
+        key = ("act", id(layer), policy, act_args)
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = float(layer.activation_bytes(
+                plan.mbs, workload.seq_len, plan.tp, plan.cp, plan.sp, policy, e_act, flash=plan.flash_attention))
+        act_of.append(hit)
     stages = []
-    act_memo: dict = {}
     for stage in range(plan.pp):
         states = memory.model_state_bytes(stage_params[stage], plan.dp * plan.cp, plan.zero, weight_dtype_bytes=e_w,
                                           grad_dtype_bytes=g, optimizer=workload.optimizer)
-        frozen = sum(float(layer.params_per_device(tp=plan.tp)) * e_w
-                     for c, ls in enumerate(chunks) if c % plan.pp == stage for layer in ls
-                     if not layer.trainable)
+        frozen = sum(float(layer.params_per_device(tp=plan.tp)) * e_w for layer in st.frozen[stage])
         act_one = 0.0
-        for c, ls in enumerate(chunks):
-            if c % plan.pp != stage:
-                continue
-            policies = _policies(ls, plan)
-            for layer in ls:
-                key = (layer.shape_key, policies[layer.name])
-                if key not in act_memo:
-                    act_memo[key] = float(layer.activation_bytes(
-                        plan.mbs, workload.seq_len, plan.tp, plan.cp, plan.sp, policies[layer.name], e_act,
-                        flash=plan.flash_attention))
-                act_one += act_memo[key]
+        for k in st.acts[stage]:
+            act_one += act_of[k]
         inflight = pipe.peak_inflight[stage] / plan.vpp if plan.vpp > 1 else pipe.peak_inflight[stage]
         acts = act_one * inflight * (1 - plan.offload.activations)
         opt = states["optimizer"] * (1 - plan.offload.optimizer)

@@ -36,6 +36,7 @@ Per-device orders:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal, NamedTuple, Sequence
 
 PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"]
@@ -282,6 +283,120 @@ def simulate(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: i
         peak_inflight=tuple(inflight), peak_pending_w=tuple(pending),
         events=tuple(e for evs in events for e in evs),
     )
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """simulate's op processing for one (schedule, p, m, v), durations left out: per op, in the order
+    simulate times them, (device, slot, dep, cross). slot indexes the duration list fwd + B + W (virtual
+    stage k of kind F/B/W at k, n + k, 2n + k); dep is 1 + the index of the op it waits for, 0 for none
+    (a sentinel end time of 0.0, simulate's `ready` of F on virtual stage 0); cross: the dependency ran on
+    another device (p2p_s is added)."""
+
+    ops: tuple
+    peak_inflight: tuple
+    peak_pending_w: tuple
+
+
+@lru_cache(maxsize=1024)
+def _compiled(schedule: str, p: int, m: int, v: int) -> _Compiled:
+    orders = schedule_order(schedule, p, m, v)
+    n_stages = p * v
+    slot_of = {"F": 0, "B": n_stages, "W": 2 * n_stages}
+    index: dict[tuple[str, int, int], int] = {}
+    ops = []
+    pos = [0] * p
+    remaining = sum(len(o) for o in orders)
+    # the same sweep as simulate's loop (an op is placed once its dependency has been), so the op list
+    # is in an order in which every dependency comes first
+    while remaining:
+        progressed = False
+        for d in range(p):
+            while pos[d] < len(orders[d]):
+                kind, j, c = orders[d][pos[d]]
+                k = c * p + d
+                if kind == "F":
+                    dep, dk = (("F", k - 1, j), k - 1) if k > 0 else (None, k)
+                elif kind == "B":
+                    dep, dk = (("F", k, j), k) if k == n_stages - 1 else (("B", k + 1, j), k + 1)
+                else:
+                    dep, dk = ("B", k, j), k
+                if dep is not None and dep not in index:
+                    break
+                ops.append((d, slot_of[kind] + k, 0 if dep is None else index[dep] + 1,
+                            dep is not None and dk % p != k % p))
+                index[(kind, k, j)] = len(ops) - 1
+                pos[d] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError(f"schedule {schedule!r} deadlocks (p={p}, m={m}, v={v})")
+    inflight, pending = [], []
+    for order in orders:  # simulate's in-flight and pending-W counts (they do not depend on durations)
+        held = peak = wait_w = peak_w = 0
+        for kind, _, _ in order:
+            if kind == "F":
+                held += 1
+                peak = max(peak, held)
+            elif kind == "B":
+                held -= 1
+                wait_w += schedule == "zb-h1"
+            else:
+                wait_w -= 1
+            if kind != "B":
+                peak_w = max(peak_w, wait_w)
+        inflight.append(peak)
+        pending.append(peak_w)
+    return _Compiled(ops=tuple(ops), peak_inflight=tuple(inflight), peak_pending_w=tuple(pending))
+
+
+def simulate_times(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: int, v: int = 1,
+                   p2p_s: float = 0.0) -> PipelineResult:
+    """`simulate` without the event list (events is empty), for the cost model's hot path.
+
+    The op order and dependencies are compiled once per (schedule, p, m, v); each call then runs one
+    loop over the ops doing the float operations simulate does, in the same order: start = max(free,
+    dependency end + (p2p_s or 0.0)), stop = start + duration, busy += stop - start. Every field but
+    `events` is equal to simulate's, bit for bit (tests/test_perf_equivalence.py). No wgrad_s: zb-h1
+    takes simulate's default W = bwd / 2.
+    """
+    fwd = [float(x) for x in fwd_s]
+    bwd = [float(x) for x in bwd_s]
+    if len(fwd) != len(bwd) or not fwd:
+        raise ValueError(f"fwd_s and bwd_s must be non-empty and the same length "
+                         f"(got {len(fwd)} and {len(bwd)})")
+    if len(fwd) % v != 0:
+        raise ValueError(f"{len(fwd)} stage times do not split into v={v} chunks per device")
+    if any(x < 0 for x in fwd + bwd) or p2p_s < 0:
+        raise ValueError("stage and p2p times must be >= 0")
+    p = len(fwd) // v
+    _check_args(schedule, p, m, v)
+    if schedule == "zb-h1":
+        w = [x / 2 for x in bwd]
+        dur = fwd + [b - x for b, x in zip(bwd, w)] + w
+    else:
+        dur = fwd + bwd
+    comp = _compiled(schedule, p, m, v)
+    end = [0.0]
+    append = end.append
+    free = [0.0] * p
+    busy = [0] * p  # simulate sums with sum(), which starts from the int 0
+    for d, slot, dep, cross in comp.ops:
+        r = end[dep] + (p2p_s if cross else 0.0)
+        f = free[d]
+        start = f if f >= r else r  # max(free, r), which keeps the first on ties
+        stop = start + dur[slot]
+        append(stop)
+        free[d] = stop
+        busy[d] += stop - start
+    step = max(free)
+    busy_t = tuple(busy)
+    bubble = step - max(busy_t)
+    return PipelineResult(
+        schedule=schedule, p=p, v=v, m=m, step_time_s=step, busy_s=busy_t,
+        idle_s=tuple(step - b for b in busy_t), bubble_s=bubble,
+        bubble_fraction=bubble / step if step > 0 else 0.0,
+        peak_inflight=comp.peak_inflight, peak_pending_w=comp.peak_pending_w, events=())
 
 
 # ----------------------------------------------------------------------------------------------
