@@ -272,6 +272,22 @@ def _levels(dag: _Dag) -> list:
 
 _LEVELS: dict = {}
 
+# Makespans per pipeline problem, per (model, cluster, seq_len, dtype): see _estimate_arrays.
+_PIPE: dict = {}
+_PIPE_MEMO_MAX = 500_000
+
+
+def _pipe_memo(model: ModelGraph, cluster: Cluster, workload: Workload) -> dict:
+    """The makespan memo of one (model, cluster, seq_len, dtype). Held by identity: the entry keeps its
+    model and cluster alive, so their id() cannot be reused by another object while it is cached."""
+    key = (id(model), id(cluster), workload.seq_len, workload.dtype)
+    hit = _PIPE.get(key)
+    if hit is None or hit[0] is not model or hit[1] is not cluster:
+        if len(_PIPE) > 16:
+            _PIPE.clear()
+        hit = _PIPE[key] = (model, cluster, {})
+    return hit[2]
+
 
 def _makespan(dag: _Dag, dur_rows: np.ndarray, p2p: np.ndarray, block: int = 4_000_000) -> np.ndarray:
     """pipeline.simulate's step_time_s for every row of dur_rows (problems x 3n durations) and p2p:
@@ -464,8 +480,13 @@ def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGra
     first((pa.vpp > 1) & (pa.schedule != SCHEDULES.index("interleaved-1f1b")),
           lambda i: f"vpp={pa.vpp[i]} needs schedule 'interleaved-1f1b'")
     first(pa.sp & (pa.tp == 1), lambda i: "sequence parallel (sp) needs tp > 1")
-    # estimate._check_expert_parallel, once per distinct (ep, etp, dp, cp, tp)
-    for i in np.unique(np.stack([pa.ep, pa.etp, pa.dp, pa.cp, pa.tp]), axis=1, return_index=True)[1]:
+    # estimate._check_expert_parallel, once per distinct (ep, etp, dp, cp, tp); it accepts ep = 1 without
+    # looking further, so only plans with ep > 1 are checked. _row_ids lists the distinct rows in the
+    # lexicographic order np.unique(axis=...) would, without its argsort of a structured view (which took
+    # most of a hot 100k-plan call).
+    moe_rows = np.flatnonzero(pa.ep != 1)
+    firsts = _row_ids([pa.ep[moe_rows], pa.etp[moe_rows], pa.dp[moe_rows], pa.cp[moe_rows], pa.tp[moe_rows]])[0]
+    for i in moe_rows[firsts]:
         try:
             _check_expert_parallel(model, pa.plan(int(i)))
         except BadInput as e:
@@ -505,6 +526,14 @@ def _row_ids(cols: list) -> tuple[np.ndarray, np.ndarray]:
         return first, inv.reshape(-1)
     _, first, inv = np.unique(np.stack(cols, axis=1), axis=0, return_index=True, return_inverse=True)
     return first, inv.reshape(-1)
+
+
+def _float_ids(a: np.ndarray) -> np.ndarray:
+    """Id of each value among the distinct values of a float column (np.unique's inverse). A column that holds
+    one value (offload fractions are usually all 0) skips np.unique's sort."""
+    if len(a) == 0 or bool(np.all(a == a[0])):
+        return np.zeros(len(a), dtype=np.int64)
+    return np.unique(a, return_inverse=True)[1].reshape(-1)
 
 
 def _ranges(sorted_ids: np.ndarray, n: int) -> list[tuple[int, int]]:
@@ -615,11 +644,15 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
         # robust to last-bit differences between a matmul and a sequential sum.
         near = par_st >= par_st.max(axis=0) * (1 - 1e-12)
         worst = np.argmax(near, axis=0)
-        Fst = k["onehot"] @ Fc
-        Bst = k["onehot"] @ Bc
+        # the worst stage's chunks (c % pp == worst) summed in chunk order, as estimate.estimate sums them;
+        # gathering just those rows is cheaper than a (pp x C) one-hot matmul, which OpenBLAS threads
+        # slowly on a busy machine
+        rows = worst[None, :] + pp * np.arange(vpp)[:, None]
+        Fw = Fc[rows, cols].sum(axis=0)
+        Bw = Bc[rows, cols].sum(axis=0)
         scal["params_dev"][gi] = par_st[worst, cols]
-        scal["last_bwd"][gi] = Bst[worst, cols]
-        scal["busy_worst"][gi] = Fst[worst, cols] + Bst[worst, cols]
+        scal["last_bwd"][gi] = Bw
+        scal["busy_worst"][gi] = Fw + Bw
         scal["fm"][gi] = k["Kall"] @ lv["fmodel"]
         scal["fh"][gi] = k["Ktot"] @ V_fhw
         cnt_worst[gi] = k["Tst"][worst].T
@@ -668,18 +701,29 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
         b, cp, tp = pr_b[mk].astype(float), pr_cp[mk].astype(float), pr_tp[mk].astype(float)
         nbytes = b * s / cp * hidden * e / np.where(tuples[pr_u[mk], 3] > 0, tp, 1)
         p2p_pr[mk] = pipeline_p2p_s(cluster, pp, ss, nbytes, p2p=lambda a, c: _p2p(cluster, a, c))
-    pipe_pr = np.empty(NPR)
+    # A problem's makespan is fixed by its (pipeline group, count group, layer tuple) once the model, the
+    # cluster, seq_len and dtype are: reuse what an earlier call on them computed (a search calls
+    # estimate_batch again and again on one cluster; most of its pipeline problems repeat).
+    memo = _pipe_memo(model, cluster, workload)
+    keys = list(map(tuple, np.concatenate([pg_keys[pr_pg], cg_keys[pr_cg], tuples[pr_u]], axis=1).tolist()))
+    got = [memo.get(k) for k in keys]
+    miss = np.fromiter((g is None for g in got), dtype=bool, count=NPR)
+    pipe_pr = np.array([np.nan if g is None else g for g in got], dtype=float)
     pr_ranges = _ranges(pr_pg, NPG)
     for gk, (sch, pp, vpp, mm) in enumerate(pg_keys.tolist()):
         a, b = pr_ranges[gk]
+        rows = a + np.flatnonzero(miss[a:b])
+        if not len(rows):
+            continue
         schedule = SCHEDULES[sch]
         dag = _dag(schedule, pp, vpp, mm)
         n_st = pp * vpp
-        D = np.zeros((b - a, 3 * n_st))
-        for gi in np.unique(pr_cg[a:b]).tolist():
-            sel = pr_cg[a:b] == gi
-            F = cg[gi]["Fc"][:, pr_u[a:b][sel]].T
-            B = cg[gi]["Bc"][:, pr_u[a:b][sel]].T
+        D = np.zeros((len(rows), 3 * n_st))
+        cgs, us = pr_cg[rows], pr_u[rows]
+        for gi in np.unique(cgs).tolist():
+            sel = cgs == gi
+            F = cg[gi]["Fc"][:, us[sel]].T
+            B = cg[gi]["Bc"][:, us[sel]].T
             D[sel, :n_st] = F
             if schedule == "zb-h1":
                 # pipeline.simulate: w = bwd / 2, B op = bwd - w, W op = w
@@ -688,7 +732,12 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
                 D[sel, 2 * n_st:] = w
             else:
                 D[sel, n_st:2 * n_st] = B
-        pipe_pr[a:b] = _makespan(dag, D, p2p_pr[a:b])
+        pipe_pr[rows] = _makespan(dag, D, p2p_pr[rows])
+    if miss.any():
+        if len(memo) > _PIPE_MEMO_MAX:
+            memo.clear()
+        for i in np.flatnonzero(miss).tolist():
+            memo[keys[i]] = float(pipe_pr[i])
     tm["pipeline"] += time.perf_counter() - t0
 
     # ---- step time, per plan --------------------------------------------------------------------------
@@ -719,8 +768,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     peak = dev.peak_flops(dtype) * n_dev
 
     # ---- memory: distinct (problem, zero, offload fractions) -------------------------------------------
-    oa_first, oa_of = _row_ids([np.unique(pa.offload_activations, return_inverse=True)[1].reshape(-1),
-                                np.unique(pa.offload_optimizer, return_inverse=True)[1].reshape(-1)])
+    oa_first, oa_of = _row_ids([_float_ids(pa.offload_activations), _float_ids(pa.offload_optimizer)])
     me_first, me_of = _row_ids([pr_of, pa.zero, oa_of])
     me_pr = pr_of[me_first]
     me_zero = pa.zero[me_first]
