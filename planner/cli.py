@@ -145,15 +145,51 @@ def _plan_from_args(args, cluster):
         raise BadInput("plan: " + e.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
+def read_plan_file(path: str):
+    """A PlanFile from disk; BadInput (one line) for a missing, broken or unknown-version file."""
+    from pydantic import ValidationError
+
+    from planner.plan import PlanFile
+
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"{path}: no such file")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path}: cannot read as JSON ({e})") from None
+    try:
+        return PlanFile.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        raise BadInput(f"{path}: {where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}") from None
+
+
 def cmd_estimate(args) -> None:
     from planner.cost.estimate import estimate
     from planner.importers import load_model
     from planner.plan import Workload
 
-    model = load_model(args.model)
-    cluster = catalog.load_cluster(args.cluster, args.nodes)
-    plan = _plan_from_args(args, cluster)
-    workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype)
+    if args.plan:
+        # Everything comes from the plan file (what `plan --save` wrote); the flags that pick a plan are
+        # refused rather than silently ignored.
+        given = [f for f in ("model", "cluster", "nodes", "mbs", "gbs", "seq") if getattr(args, f) is not None]
+        if given:
+            raise BadInput(f"--plan {args.plan} fixes the model, cluster and plan; drop --{given[0]}")
+        pf = read_plan_file(args.plan)
+        model = load_model(pf.model)
+        cluster = catalog.load_cluster(pf.cluster, pf.nodes)
+        plan, workload = pf.plan, pf.workload
+    else:
+        missing = [f"--{f}" for f in ("model", "cluster", "mbs", "gbs", "seq") if getattr(args, f) is None]
+        if missing:
+            raise BadInput(f"planner estimate: the following arguments are required: {', '.join(missing)} "
+                           "(or --plan PLAN.json)")
+        model = load_model(args.model)
+        cluster = catalog.load_cluster(args.cluster, args.nodes)
+        plan = _plan_from_args(args, cluster)
+        workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype)
     est = estimate(model, cluster, workload, plan)
     out = est.model_dump()
     out["plan"] = plan.model_dump()
@@ -184,6 +220,83 @@ def cmd_backtest(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# plan
+
+
+def _constraints_from_args(args):
+    from planner.search.space import Constraints
+
+    for flag in ("tp", "pp", "dp", "cp", "ep", "vpp", "mbs", "max_tp", "max_pp", "top", "nodes", "gbs", "seq"):
+        v = getattr(args, flag)
+        if v is not None and v <= 0:
+            raise BadInput(f"--{flag.replace('_', '-')} must be a positive integer, got {v}")
+    c = Constraints(tp=args.tp, pp=args.pp, dp=args.dp, cp=args.cp, ep=args.ep, vpp=args.vpp, zero=args.zero,
+                    mbs=args.mbs, recompute=args.recompute, schedule=args.schedule, sp=args.sp,
+                    max_tp=args.max_tp, max_pp=args.max_pp, allow_cross_node_tp=args.allow_cross_node_tp,
+                    partial_recompute=args.partial_recompute,
+                    offload_optimizer=(0.0, 1.0) if args.offload else (0.0,),
+                    overlap_tp_comm=args.overlap_tp_comm)
+    c.check()
+    return c
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same directory and os.replace: a reader never sees half a file."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_plan(args) -> None:
+    from planner.importers import load_model
+    from planner.plan import PlanFile, Workload
+    from planner.search.search import search
+
+    save = Path(args.save) if args.save else None
+    if save is not None:  # refuse before searching, not after
+        if save.exists() and not args.force:
+            raise BadInput(f"{save} exists; use --force to overwrite it")
+        if not save.parent.is_dir():
+            raise BadInput(f"{save}: directory {save.parent} does not exist")
+    constraints = _constraints_from_args(args)
+    model = load_model(args.model)
+    cluster = catalog.load_cluster(args.cluster, args.nodes)
+    workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype)
+    res = search(model, cluster, workload, constraints, top_k=args.top)
+    if save is not None:
+        best = res.plans[0]
+        pf = PlanFile(model=args.model, cluster=args.cluster, nodes=args.nodes, workload=workload, plan=best.plan,
+                      estimate=best.estimate)
+        _write_atomic(save, pf.model_dump_json(indent=2) + "\n")
+    out = {"plans": [rp.as_dict(model) for rp in res.plans], "search": res.summary()}
+    lines = [f"{model.name} on {cluster.name} ({cluster.device_count} devices), global batch {workload.global_batch}, "
+             f"seq {workload.seq_len}, {workload.dtype}",
+             f"{'#':>2} {'tp':>3} {'pp':>3} {'dp':>5} {'vpp':>3} {'cp':>3} {'ep':>3} {'zero':>4} {'sp':>3} {'mbs':>3} "
+             f"{'recompute':<9} {'schedule':<16} {'step s':>9} {'tokens/s':>12} {'MFU':>6} {'mem GB':>7}  why"]
+    for i, rp in enumerate(res.plans, 1):
+        p, e = rp.plan, rp.estimate
+        rec = p.recompute if p.recompute_num_layers is None else f"full:{p.recompute_num_layers}"
+        sched = p.schedule + ("*" if p.partition is not None else "")
+        lines.append(f"{i:>2} {p.tp:>3} {p.pp:>3} {p.dp:>5} {p.vpp:>3} {p.cp:>3} {p.ep:>3} {p.zero:>4} "
+                     f"{'y' if p.sp else '-':>3} {p.mbs:>3} {rec:<9} {sched:<16} {e.step_time_s:9.3f} "
+                     f"{e.tokens_per_s:12,.0f} {e.mfu:6.1%} {e.peak_memory_bytes / 1e9:7.1f}  {e.why}")
+    lines.append(f"searched {res.enumerated:,} plans: {res.pruned_memory:,} pruned by memory, {res.pruned_bound:,} "
+                 f"by the step-time bound, {res.evaluated:,} costed, in {res.wall_s:.2f} s"
+                 + (" (* uneven stage partition)" if any(rp.plan.partition for rp in res.plans) else ""))
+    if save is not None:
+        lines.append(f"best plan written to {save}")
+    _emit(out, args.json, "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps.set_defaults(func=cmd_profiles_show)
 
     est = sub.add_parser("estimate", help="predict step time, throughput, MFU and memory of one plan")
-    est.add_argument("--model", required=True, help="catalog name, config.json or model file")
-    est.add_argument("--cluster", required=True, help="catalog name or cluster file")
+    est.add_argument("--plan", help="a plan file (plan --save): model, cluster, workload and plan from it")
+    est.add_argument("--model", help="catalog name, config.json or model file")
+    est.add_argument("--cluster", help="catalog name or cluster file")
     est.add_argument("--nodes", type=int)
     est.add_argument("--tp", type=int, default=1)
     est.add_argument("--pp", type=int, default=1)
@@ -212,9 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--ep", type=int, default=1)
     est.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0)
     est.add_argument("--sp", action="store_true")
-    est.add_argument("--mbs", type=int, required=True)
-    est.add_argument("--gbs", type=int, required=True)
-    est.add_argument("--seq", type=int, required=True)
+    est.add_argument("--mbs", type=int)
+    est.add_argument("--gbs", type=int)
+    est.add_argument("--seq", type=int)
     est.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
     est.add_argument("--recompute-num-layers", type=int,
                      help="with --recompute full: blocks per pipeline chunk recomputed (Megatron block method)")
@@ -222,6 +336,34 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--dtype", choices=["bf16", "fp16", "fp8", "fp32"], default="bf16")
     est.add_argument("--json", action="store_true")
     est.set_defaults(func=cmd_estimate)
+
+    pl = sub.add_parser("plan", help="search for the fastest plans that fit (top K, best first)")
+    pl.add_argument("--model", required=True, help="catalog name, config.json or model file")
+    pl.add_argument("--cluster", required=True, help="catalog name or cluster file")
+    pl.add_argument("--nodes", type=int)
+    pl.add_argument("--gbs", type=int, required=True)
+    pl.add_argument("--seq", type=int, required=True)
+    pl.add_argument("--dtype", choices=["bf16", "fp16", "fp8", "fp32"], default="bf16")
+    pl.add_argument("--top", type=int, default=5, help="plans to show (default 5)")
+    for flag in ("tp", "pp", "dp", "cp", "ep", "vpp", "mbs"):
+        pl.add_argument(f"--{flag}", type=int, help=f"fix {flag}")
+    pl.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="fix the ZeRO stage")
+    pl.add_argument("--recompute", choices=["none", "selective", "full"], help="fix the recompute policy")
+    pl.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"])
+    pl.add_argument("--max-tp", type=int)
+    pl.add_argument("--max-pp", type=int)
+    pl.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
+                    help="fix sequence parallel on (--sp) or off (--no-sp)")
+    pl.add_argument("--allow-cross-node-tp", action="store_true", help="let tp span nodes")
+    pl.add_argument("--partial-recompute", action="store_true",
+                    help="also search Megatron's partial recompute (--recompute-num-layers)")
+    pl.add_argument("--offload", action="store_true", help="also search optimizer offload to the host")
+    pl.add_argument("--overlap-tp-comm", action="store_true",
+                    help="the stack overlaps TP communication with GEMMs (Megatron --tp-comm-overlap)")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--save", metavar="PLAN.json", help="write the best plan as a plan file")
+    pl.add_argument("--force", action="store_true", help="with --save: overwrite an existing file")
+    pl.set_defaults(func=cmd_plan)
 
     bt = sub.add_parser("backtest", help="predict a table of published runs and report the error")
     bt.add_argument("--runs", required=True, help="CSV in the columns of calibration_runs_clean.csv")

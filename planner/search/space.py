@@ -1,0 +1,406 @@
+"""The search space: every plan the planner considers for (model, cluster, workload), as PlanArrays columns,
+and a memory lower bound that prunes plans before they are costed.
+
+Enumeration is numpy throughout: degree triples (tp, pp, cp) first (dp follows from the device count), then
+a cross join with each further dimension and a vectorized filter after each, so a space of a million plans
+costs milliseconds. Every filter has a name; when one leaves nothing, `EmptySpace` says which (and with
+what the user asked for), so an impossible request is one readable line.
+
+The rules (DESIGN.md section 2; Megatron-LM's argument checks):
+  dp * tp * pp * cp = devices; tp within a node (devices per node divisible by tp) unless allowed across
+  nodes; tp divides every attention layer's heads and kv_heads; pp * vpp <= blocks; cp > 1 needs
+  seq % (2 cp) == 0 (load-balanced causal ring attention); ep divides the experts and ep * etp divides
+  dp * cp * tp, and ep | dp * cp (the expert group strides over tp ranks in estimate()); global batch % (mbs * dp) == 0; interleaving needs the micro-batch count to be a multiple
+  of pp; sp needs tp > 1.
+With pp = 1 every schedule runs the same ops, and 1F1B holds the fewest micro-batches, so only 1F1B is
+enumerated there (unless --schedule fixes another).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from planner.cost import memory
+from planner.cost.batch import POLICIES, SCHEDULES, PlanArrays
+from planner.cost.pipeline import inflight_microbatches
+from planner.errors import BadInput
+from planner.hardware import Cluster
+from planner.model import ModelGraph
+from planner.plan import Workload
+
+# Megatron's block method (--recompute-num-layers N): the blocks of each chunk recomputed, when partial
+# recompute is searched. The same coarse grid planner.backtest tries for runs that do not print it.
+PARTIAL_RECOMPUTE_LAYERS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What the user fixes (a value) or bounds (max_*); None leaves a dimension free.
+
+    flash_attention, overlap_grad_reduce and overlap_tp_comm describe the software stack, not a choice the
+    search makes: they are copied into every plan (a current Megatron/NeMo stack has all three; Megatron
+    of 2021-22 had none).
+    """
+
+    tp: int | None = None
+    pp: int | None = None
+    dp: int | None = None
+    cp: int | None = None
+    ep: int | None = None
+    etp: int | None = None
+    vpp: int | None = None
+    zero: int | None = None
+    mbs: int | None = None
+    recompute: str | None = None
+    schedule: str | None = None
+    sp: bool | None = None
+    max_tp: int | None = None
+    max_pp: int | None = None
+    max_cp: int | None = 16
+    max_vpp: int | None = 8
+    max_mbs: int | None = 16
+    allow_cross_node_tp: bool = False
+    partial_recompute: bool = False  # also search Megatron's partial (block) recompute
+    offload_optimizer: tuple[float, ...] = (0.0,)  # fractions of optimizer state on the host to try
+    flash_attention: bool = True
+    overlap_grad_reduce: bool = True
+    overlap_tp_comm: bool = False
+
+    def check(self) -> None:
+        """Refuse values no plan could take (BadInput: exit 2)."""
+        for name in ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "mbs", "max_tp", "max_pp", "max_cp", "max_vpp",
+                     "max_mbs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+        if self.zero is not None and self.zero not in (0, 1, 2, 3):
+            raise BadInput(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+        if self.recompute is not None and self.recompute not in POLICIES:
+            raise BadInput(f"--recompute must be one of {', '.join(POLICIES)}, got {self.recompute!r}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise BadInput(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.vpp is not None and self.vpp > 1 and self.schedule not in (None, "interleaved-1f1b"):
+            raise BadInput(f"--vpp {self.vpp} needs --schedule interleaved-1f1b, got {self.schedule}")
+        if self.sp and self.tp == 1:
+            raise BadInput("--sp needs tp > 1 (sequence parallel splits along the tensor-parallel group)")
+        for f in self.offload_optimizer:
+            if not 0.0 <= f <= 1.0:
+                raise BadInput(f"optimizer offload fraction must be in [0, 1], got {f}")
+
+
+class EmptySpace(BadInput):
+    """No plan satisfies the divisibility rules and the user's constraints (exit 2: the request itself
+    cannot be met by any degree, whatever the memory)."""
+
+
+@dataclass
+class Space:
+    plans: PlanArrays
+    filters: list[tuple[str, int]] = field(default_factory=list)  # (rule, plans left after it)
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+
+def divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _model_facts(model: ModelGraph) -> dict:
+    att = [(layer.heads, layer.kv_heads) for layer in model.layers if layer.kind == "attention" and layer.heads]
+    experts = sorted({layer.experts for layer in model.layers if layer.kind == "moe"})
+    return {"heads": sorted({a for a, _ in att}), "kv_heads": sorted({k for _, k in att if k}),
+            "experts": experts, "blocks": model.num_blocks}
+
+
+class _Table:
+    """Columns being cross-joined and filtered; records how many rows each named rule leaves."""
+
+    def __init__(self, cols: dict[str, np.ndarray]):
+        self.cols = {k: np.asarray(v) for k, v in cols.items()}
+        self.log: list[tuple[str, int]] = [("devices", len(self))]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.cols.values())))
+
+    def keep(self, mask, rule: str) -> None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.all():
+            return
+        self.cols = {k: v[mask] for k, v in self.cols.items()}
+        self.log.append((rule, len(self)))
+        if len(self) == 0:
+            raise EmptySpace(f"no plan satisfies {rule}")
+
+    def join(self, name: str, options) -> None:
+        """Cross join with a column of options (every row repeated once per option)."""
+        opts = np.asarray(options)
+        n = len(self)
+        self.cols = {k: np.repeat(v, len(opts)) for k, v in self.cols.items()}
+        self.cols[name] = np.tile(opts, n)
+
+    def join_rows(self, names: tuple[str, ...], rows: list[tuple]) -> None:
+        """Cross join with a small table of option rows."""
+        arr = np.asarray(rows)
+        n = len(self)
+        self.cols = {k: np.repeat(v, len(arr)) for k, v in self.cols.items()}
+        for j, name in enumerate(names):
+            self.cols[name] = np.tile(arr[:, j], n)
+
+
+def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: Constraints = Constraints()
+                    ) -> Space:
+    """Every plan of the space, as PlanArrays (see the module docstring for the rules)."""
+    c.check()
+    n = cluster.device_count
+    per_node = cluster.devices_per_node
+    facts = _model_facts(model)
+    blocks = facts["blocks"] or 1
+    gbs, seq = workload.global_batch, workload.seq_len
+    divs = divisors(n)
+
+    def fixed_or(opts, fixed):
+        return [fixed] if fixed is not None else opts
+
+    # --- degrees: tp x pp x cp, dp = n / (tp pp cp) -----------------------------------------------------
+    tp_o = np.array(fixed_or(divs, c.tp))
+    pp_o = np.array(fixed_or(divs, c.pp))
+    cp_o = np.array(fixed_or(divs, c.cp))
+    t = _Table({"tp": tp_o})
+    t.join("pp", pp_o)
+    t.join("cp", cp_o)
+    tp, pp, cp = t.cols["tp"], t.cols["pp"], t.cols["cp"]
+    what = f"dp*tp*pp*cp = {n} devices"
+    if c.tp is not None or c.pp is not None or c.cp is not None:
+        what += f" with {' '.join(f'--{k} {getattr(c, k)}' for k in ('tp', 'pp', 'cp') if getattr(c, k))}"
+    t.keep(n % (tp * pp * cp) == 0, what)
+    t.cols["dp"] = n // (t.cols["tp"] * t.cols["pp"] * t.cols["cp"])
+    if c.dp is not None:
+        t.keep(t.cols["dp"] == c.dp, f"--dp {c.dp} (dp = {n} / (tp*pp*cp))")
+    if not c.allow_cross_node_tp:
+        t.keep(per_node % t.cols["tp"] == 0, f"tp within a node of {per_node} devices (--allow-cross-node-tp "
+                                             "lifts this)")
+    if c.max_tp is not None:
+        t.keep(t.cols["tp"] <= c.max_tp, f"--max-tp {c.max_tp}")
+    for a in facts["heads"]:
+        t.keep(a % t.cols["tp"] == 0, f"tp dividing the {a} attention heads")
+    for k in facts["kv_heads"]:
+        t.keep(k % t.cols["tp"] == 0, f"tp dividing the {k} kv heads")
+    t.keep(t.cols["pp"] <= blocks, f"pp <= {blocks} blocks")
+    if c.max_pp is not None:
+        t.keep(t.cols["pp"] <= c.max_pp, f"--max-pp {c.max_pp}")
+    if c.max_cp is not None and c.cp is None:
+        t.keep(t.cols["cp"] <= c.max_cp, f"cp <= {c.max_cp}")
+    t.keep((t.cols["cp"] == 1) | (seq % (2 * t.cols["cp"]) == 0), f"seq {seq} divisible by 2*cp")
+    t.keep(gbs % t.cols["dp"] == 0, f"global batch {gbs} divisible by dp")
+
+    # --- expert parallelism: ep | experts, etp in {tp, 1}, ep*etp | dp*cp*tp ----------------------------
+    if facts["experts"]:
+        g = 0
+        for e in facts["experts"]:
+            g = math.gcd(g, e)
+        ep_o = fixed_or(divisors(g), c.ep)
+        t.join("ep", np.array(ep_o))
+        t.keep(g % t.cols["ep"] == 0, f"ep dividing the {g} experts")
+        # etp sentinel 0 = same as tp (PlanArrays); 1 = experts not tensor-split (MoE parallel folding)
+        t.join("etp", np.array([0, 1] if c.etp is None else [c.etp]))
+        etp_eff = np.where(t.cols["etp"] > 0, t.cols["etp"], t.cols["tp"])
+        t.keep((t.cols["etp"] != 1) | (t.cols["tp"] > 1) | (c.etp == 1), "distinct etp")  # tp=1: 0 and 1 equal
+        etp_eff = np.where(t.cols["etp"] > 0, t.cols["etp"], t.cols["tp"])
+        t.cols["etp"] = np.where(etp_eff == t.cols["tp"], 0, etp_eff)
+        ranks = t.cols["dp"] * t.cols["cp"] * t.cols["tp"]
+        t.keep(ranks % (t.cols["ep"] * etp_eff) == 0, "ep*etp dividing dp*cp*tp")
+        # estimate() places the expert group at stride tp (ranks 0, tp, .., (ep-1) tp), so it must stay
+        # inside the dp*cp*tp ranks of a stage: ep | dp*cp. (With etp = 1 < tp Megatron would fold experts
+        # across tp ranks too; the cost model does not describe that placement, so it is not searched.)
+        t.keep((t.cols["dp"] * t.cols["cp"]) % t.cols["ep"] == 0, "ep dividing dp*cp")
+    else:
+        if c.ep not in (None, 1):
+            raise EmptySpace(f"--ep {c.ep}: model {model.name} has no MoE layers")
+        t.cols["ep"] = np.ones(len(t), dtype=np.int64)
+        t.cols["etp"] = np.zeros(len(t), dtype=np.int64)
+
+    # --- micro-batch size: mbs * dp | gbs ----------------------------------------------------------------
+    mbs_o = [m for m in divisors(gbs) if c.max_mbs is None or m <= c.max_mbs] if c.mbs is None else [c.mbs]
+    t.join("mbs", np.array(mbs_o))
+    t.keep(gbs % (t.cols["mbs"] * t.cols["dp"]) == 0, f"global batch {gbs} divisible by mbs*dp")
+    m = gbs // (t.cols["mbs"] * t.cols["dp"])
+
+    # --- schedule and vpp ---------------------------------------------------------------------------------
+    inter = SCHEDULES.index("interleaved-1f1b")
+    rows = []
+    scheds = [c.schedule] if c.schedule else list(SCHEDULES)
+    max_vpp = c.max_vpp or blocks
+    for s in scheds:
+        si = SCHEDULES.index(s)
+        if si == inter:
+            vpps = [c.vpp] if c.vpp is not None else list(range(2, min(max_vpp, blocks) + 1))
+            rows += [(si, v) for v in vpps]
+        elif c.vpp in (None, 1):
+            rows.append((si, 1))
+    if not rows:
+        raise EmptySpace(f"no schedule takes --vpp {c.vpp}")
+    t.join_rows(("schedule", "vpp"), rows)
+    t.cols["m"] = np.repeat(m, len(rows))
+    sched, vpp, pp = t.cols["schedule"], t.cols["vpp"], t.cols["pp"]
+    if c.schedule is None:
+        t.keep((pp > 1) | (sched == SCHEDULES.index("1f1b")), "one schedule when pp = 1")
+        sched, vpp, pp = t.cols["schedule"], t.cols["vpp"], t.cols["pp"]
+    t.keep(pp * vpp <= blocks, f"pp*vpp <= {blocks} blocks")
+    t.keep((t.cols["schedule"] != inter) | (t.cols["m"] % t.cols["pp"] == 0),
+           "interleaving with micro-batches a multiple of pp")
+
+    # --- ZeRO, sequence parallel, recompute, offload ------------------------------------------------------
+    t.join("zero", np.array(fixed_or([0, 1, 2, 3], c.zero)))
+    t.join("sp", np.array(fixed_or([False, True], c.sp)))
+    t.keep(~t.cols["sp"] | (t.cols["tp"] > 1), "sp only with tp > 1")
+    rec_rows = [(POLICIES.index(r), -1) for r in fixed_or(list(POLICIES), c.recompute)]
+    if c.partial_recompute and c.recompute in (None, "full"):
+        rec_rows += [(POLICIES.index("full"), k) for k in PARTIAL_RECOMPUTE_LAYERS if k < blocks]
+    t.join_rows(("recompute", "recompute_num_layers"), rec_rows)
+    per_chunk = -(-blocks // (t.cols["pp"] * t.cols["vpp"]))  # blocks in the largest chunk
+    t.keep(t.cols["recompute_num_layers"] < per_chunk, "partial recompute below the blocks of a chunk")
+    t.join("offload_optimizer", np.array(c.offload_optimizer, dtype=float))
+
+    cols = t.cols
+    P = len(t)
+    plans = PlanArrays(
+        dp=cols["dp"], tp=cols["tp"], pp=cols["pp"], vpp=cols["vpp"], cp=cols["cp"], ep=cols["ep"],
+        etp=cols["etp"], sp=cols["sp"], zero=cols["zero"], mbs=cols["mbs"],
+        num_microbatches=np.zeros(P, dtype=np.int64), recompute=cols["recompute"],
+        recompute_num_layers=cols["recompute_num_layers"], schedule=cols["schedule"],
+        flash_attention=np.full(P, c.flash_attention), overlap_grad_reduce=np.full(P, c.overlap_grad_reduce),
+        offload_optimizer=cols["offload_optimizer"], offload_activations=np.zeros(P),
+        overlap_tp_comm=np.full(P, c.overlap_tp_comm))
+    return Space(plans=plans, filters=t.log)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# memory lower bound
+
+
+def _row_groups(*cols) -> tuple[np.ndarray, np.ndarray]:
+    """(first row of each distinct combination, group id of every row)."""
+    stacked = np.stack([np.asarray(x, dtype=np.int64) for x in cols], axis=1)
+    _, first, inv = np.unique(stacked, axis=0, return_index=True, return_inverse=True)
+    return first, inv.reshape(-1)
+
+
+def _stage_inflight(schedule: str, p: int, m: int, v: int) -> tuple[float, float, float]:
+    """Micro-batches in flight at the peak of the first stage, the last stage, and the fewest on any stage
+    (pipeline.inflight_microbatches; the unit estimate._memory multiplies one micro-batch's activations of
+    the whole stage by)."""
+    per_stage = [inflight_microbatches(schedule, p, m, st, v) for st in range(p)]
+    return per_stage[0], per_stage[-1], min(per_stage)
+
+
+def memory_lower_bound(model: ModelGraph, workload: Workload, pa: PlanArrays) -> np.ndarray:
+    """Bytes per device that estimate()'s peak memory is never below, for every plan of the space (no
+    explicit partition).
+
+    estimate._memory takes the worst pipeline stage: overhead(states + frozen + activations x in-flight),
+    with states = memory.model_state_bytes(stage params, dp*cp, zero); the overhead is affine and
+    increasing, every other term linear in the layers a stage holds. So the peak is at least each of:
+      - the mean stage: the same functions on 1/pp of the whole model, with the fewest micro-batches in
+        flight on any stage;
+      - the first stage: the layers before the first block (embedding, frozen encoders) plus the fewest
+        blocks split_chunks gives a stage (floor(blocks / (pp vpp)) per chunk, vpp chunks), each at the
+        smallest block's parameters and activations, with the first stage's micro-batches in flight;
+      - the last stage: the same with the layers after the last block (final norm, LM head: a 128k
+        vocabulary's fp32 logits) and the last stage's micro-batches in flight.
+    Partial recompute keeps, per layer, no less than the smaller of its full and no-recompute activations.
+    tests/test_search.py holds the bound below estimate()'s peak.
+    """
+    e_w = 2 if workload.dtype in ("bf16", "fp16", "fp8") else 4  # estimate._memory's dtype sizes
+    e_act = 2 if workload.dtype != "fp32" else 4
+    g_bytes = 4 if workload.grad_dtype == "fp32" else 2
+    s = workload.seq_len
+    P = len(pa)
+    etp = np.where(pa.etp > 0, pa.etp, pa.tp)
+    # identical layers (shape_key) cost the same; where each layer sits: before, in, after the blocks
+    shape_ids: dict = {}
+    shapes = []
+    region = []  # per layer: (shape id, region 0 pre / 1 block / 2 post, block index)
+    seen_block = False
+    for layer in model.topological():
+        sid = shape_ids.setdefault(layer.shape_key, len(shapes))
+        if sid == len(shapes):
+            shapes.append(layer)
+        if layer.block is not None:
+            seen_block = True
+        region.append((sid, 1 if layer.block is not None else (2 if seen_block else 0), layer.block))
+    S = len(shapes)
+    blocks = sorted({b for _, r, b in region if r == 1})
+    bpos = {b: i for i, b in enumerate(blocks)}
+    count = np.zeros((3, S))  # layers of each shape per region
+    per_block = np.zeros((max(len(blocks), 1), S))  # layers of each shape in each block
+    for sid, r, b in region:
+        count[r, sid] += 1
+        if r == 1:
+            per_block[bpos[b], sid] += 1
+    trainable = np.array([layer.trainable for layer in shapes], dtype=float)
+
+    def shape_vals(fn) -> np.ndarray:
+        return np.array([float(fn(layer)) for layer in shapes])
+
+    # per plan: trainable params per device and frozen weight bytes by region; smallest block
+    par = np.empty((P, 4))  # pre, blocks total, post, smallest block
+    froz = np.empty((P, 4))
+    first, gid = _row_groups(pa.tp, pa.ep, etp)
+    for gi, r in enumerate(first.tolist()):
+        tp_, ep_, etp_ = int(pa.tp[r]), int(pa.ep[r]), int(etp[r])
+        p = shape_vals(lambda layer: layer.params_per_device(tp=tp_, ep=ep_, etp=etp_)) * trainable
+        f = shape_vals(lambda layer: layer.params_per_device(tp=tp_)) * e_w * (1 - trainable)
+        sel = gid == gi
+        par[sel] = [*(count @ p), (per_block @ p).min()]
+        froz[sel] = [*(count @ f), (per_block @ f).min()]
+
+    # per plan: activations of one micro-batch, by region and smallest block
+    act = np.empty((P, 4))
+    partial = pa.recompute_num_layers >= 0
+    first, gid = _row_groups(pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.recompute, partial)
+    for gi, r in enumerate(first.tolist()):
+        b, tp_, cp_, sp_ = int(pa.mbs[r]), int(pa.tp[r]), int(pa.cp[r]), bool(pa.sp[r])
+        flash = bool(pa.flash_attention[r])
+
+        def one(policy):
+            return shape_vals(lambda layer: layer.activation_bytes(b, s, tp_, cp_, sp_, policy, e_act, flash=flash))
+
+        if partial[r]:
+            a = np.minimum(one("full"), one("none"))
+        else:
+            a = one(POLICIES[int(pa.recompute[r])])
+        act[gid == gi] = [*(count @ a), (per_block @ a).min()]
+
+    # micro-batches in flight: first stage, last stage, fewest on any stage
+    m = np.where(pa.num_microbatches > 0, pa.num_microbatches,
+                 np.maximum(1, workload.global_batch // (pa.mbs * pa.dp)))
+    infl = np.empty((P, 3))
+    first, gid = _row_groups(pa.schedule, pa.pp, pa.vpp, m)
+    for gi, r in enumerate(first.tolist()):
+        infl[gid == gi] = _stage_inflight(SCHEDULES[int(pa.schedule[r])], int(pa.pp[r]), int(m[r]),
+                                          int(pa.vpp[r]))
+
+    pp = pa.pp.astype(float)
+    nb = (len(blocks) // (pa.pp * pa.vpp)) * pa.vpp  # fewest blocks on a stage (split_chunks' even split)
+    total = par[:, 0] + par[:, 1] + par[:, 2]
+    candidates = [  # (params, frozen bytes, activation bytes of one micro-batch, in flight)
+        (total / pp, (froz[:, 0] + froz[:, 1] + froz[:, 2]) / pp, (act[:, 0] + act[:, 1] + act[:, 2]) / pp,
+         infl[:, 2]),
+        (par[:, 0] + nb * par[:, 3], froz[:, 0] + nb * froz[:, 3], act[:, 0] + nb * act[:, 3], infl[:, 0]),
+        (par[:, 2] + nb * par[:, 3], froz[:, 2] + nb * froz[:, 3], act[:, 2] + nb * act[:, 3], infl[:, 1]),
+    ]
+    best = np.zeros(P)
+    for params, frozen, acts, inflight in candidates:
+        states = np.empty(P)
+        for z in np.unique(pa.zero).tolist():
+            sel = pa.zero == z
+            st = memory.model_state_bytes(params[sel], (pa.dp * pa.cp)[sel], z, weight_dtype_bytes=e_w,
+                                          grad_dtype_bytes=g_bytes, optimizer=workload.optimizer)
+            states[sel] = st["weights"] + st["gradients"] + st["optimizer"] * (1 - pa.offload_optimizer[sel])
+        subtotal = states + frozen + acts * inflight * (1 - pa.offload_activations)
+        best = np.maximum(best, subtotal + memory.allocator_overhead_bytes(subtotal))
+    return best

@@ -1,0 +1,143 @@
+"""`plan` on the command line (DESIGN.md section 3): a readable table, --json with the contract's fields, --save
+writing a PlanFile atomically (refusing to overwrite without --force) that `estimate --plan` reads back, and
+infeasible (exit 1) and bad (exit 2) requests as one line on stderr, never a traceback."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from planner.cli import main
+from planner.plan import PlanFile
+
+TINY = ["--model", "tiny-llama-20m", "--cluster", "dgx-h100", "--gbs", "32", "--seq", "512"]
+PLAN_KEYS = {"tp", "pp", "dp", "vpp", "cp", "ep", "zero", "sp", "mbs", "recompute", "schedule", "partition", "estimate"}
+ESTIMATE_KEYS = {"step_time_s", "tokens_per_s", "mfu", "hfu", "peak_memory_bytes", "fits", "breakdown", "memory"}
+
+
+def run(capsys, *args):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line(rc, err, expected):
+    assert "Traceback" not in err
+    assert rc == expected, (rc, err)
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_plan_table(capsys):
+    rc, out, err = run(capsys, "plan", *TINY, "--top", "3")
+    assert rc == 0, err
+    assert err == ""
+    lines = out.splitlines()
+    assert "tiny-llama-20m" in lines[0] and "tokens/s" in lines[1]
+    assert len([ln for ln in lines if ln[:2].strip().isdigit()]) == 3
+    assert "limited by" in out and "costed" in lines[-1]
+
+
+def test_plan_json_fields(capsys):
+    rc, out, _ = run(capsys, "plan", *TINY, "--top", "4", "--json")
+    assert rc == 0
+    data = json.loads(out)
+    assert set(data) >= {"plans", "search"}
+    assert set(data["search"]) >= {"evaluated", "wall_s"} and data["search"]["evaluated"] > 0
+    plans = data["plans"]
+    assert 1 <= len(plans) <= 4
+    for p in plans:
+        assert PLAN_KEYS <= set(p)
+        assert ESTIMATE_KEYS <= set(p["estimate"])
+        assert p["estimate"]["fits"] and p["why"]
+        assert p["dp"] * p["tp"] * p["pp"] * p["cp"] == 8
+        assert len(p["partition"]) == p["pp"] * p["vpp"]
+    steps = [p["estimate"]["step_time_s"] for p in plans]
+    assert steps == sorted(steps)  # best first
+
+
+def test_plan_constraints(capsys):
+    rc, out, _ = run(capsys, "plan", *TINY, "--tp", "2", "--zero", "3", "--no-sp", "--recompute", "full", "--json")
+    assert rc == 0
+    for p in json.loads(out)["plans"]:
+        assert (p["tp"], p["zero"], p["sp"], p["recompute"]) == (2, 3, False, "full")
+
+
+def test_save_force_and_read_back(capsys, tmp_path):
+    path = tmp_path / "best.json"
+    rc, out, _ = run(capsys, "plan", *TINY, "--save", path, "--json")
+    assert rc == 0
+    best = json.loads(out)["plans"][0]
+    pf = PlanFile.model_validate_json(path.read_text())
+    assert (pf.plan.tp, pf.plan.pp, pf.plan.dp, pf.plan.mbs) == (best["tp"], best["pp"], best["dp"], best["mbs"])
+    assert pf.model == "tiny-llama-20m" and pf.workload.global_batch == 32
+    assert not [p for p in tmp_path.iterdir() if p.name != "best.json"]  # no temporary left behind
+
+    before = path.read_text()
+    rc, _, err = run(capsys, "plan", *TINY, "--save", path)
+    line = one_line(rc, err, 2)
+    assert str(path) in line and "--force" in line
+    assert path.read_text() == before
+    rc, _, err = run(capsys, "plan", *TINY, "--gbs", "64", "--save", path, "--force")
+    assert rc == 0, err
+    assert PlanFile.model_validate_json(path.read_text()).workload.global_batch == 64
+
+    # estimate reads the plan file and predicts the same step time
+    rc, out, _ = run(capsys, "estimate", "--plan", path, "--json")
+    assert rc == 0
+    pf = PlanFile.model_validate_json(path.read_text())
+    assert json.loads(out)["step_time_s"] == pytest.approx(pf.estimate.step_time_s, rel=1e-12)
+
+
+def test_estimate_plan_file_errors(capsys, tmp_path):
+    rc, _, err = run(capsys, "estimate", "--plan", tmp_path / "missing.json")
+    assert "no such file" in one_line(rc, err, 2)
+    bad = tmp_path / "v9.json"
+    bad.write_text(json.dumps({"schema_version": 9, "model": "m", "cluster": "c",
+                               "workload": {"global_batch": 1, "seq_len": 1}, "plan": {}}))
+    rc, _, err = run(capsys, "estimate", "--plan", bad)
+    assert "schema_version 9" in one_line(rc, err, 2)
+    rc, _, err = run(capsys, "estimate", "--model", "tiny-llama-20m", "--cluster", "dgx-h100")
+    assert "--mbs" in one_line(rc, err, 2)
+
+
+def test_infeasible_lists_closest_plans(capsys):
+    rc, out, err = run(capsys, "plan", "--model", "tiny-llama-20m", "--cluster", "dgx-h100", "--gbs", "8",
+                       "--seq", "4194304", "--tp", "1", "--pp", "1", "--cp", "1", "--recompute", "none")
+    line = one_line(rc, err, 1)
+    assert out == ""
+    assert "no plan fits" in line and "80 GB" in line
+    assert "closest: tp1 pp1 dp8" in line and line.count(" GB)") == 3
+    assert "try --seq" in line and "--recompute full" in line
+
+
+def test_infeasible_suggests_more_nodes(run_cli):
+    rc, out, err = run_cli("plan", "--model", "llama3-70b", "--cluster", "dgx-h100", "--gbs", "64", "--seq", "8192")
+    line = one_line(rc, err, 1)
+    assert "no plan fits" in line and "closest:" in line and "--nodes" in line
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--tp", "0"], ["--tp", "positive"]),
+    (["--tp", "3"], ["tp"]),
+    (["--top", "0"], ["--top"]),
+    (["--gbs", "-4"], ["--gbs"]),
+    (["--zero", "5"], ["--zero"]),
+    (["--schedule", "pipedream"], ["--schedule"]),
+    (["--model", "no-such-model"], ["no-such-model"]),
+    (["--nodes", "0"], ["--nodes"]),
+    (["--vpp", "2", "--schedule", "1f1b"], ["--vpp"]),
+    (["--ep", "2"], ["--ep"]),
+])
+def test_bad_input_is_one_line(capsys, args, words):
+    rc, out, err = run(capsys, "plan", *TINY, *args)
+    line = one_line(rc, err, 2)
+    assert out == ""
+    for w in words:
+        assert w in line, line
+
+
+def test_save_into_missing_directory(capsys, tmp_path):
+    rc, _, err = run(capsys, "plan", *TINY, "--save", tmp_path / "nope" / "p.json")
+    assert "does not exist" in one_line(rc, err, 2)
