@@ -55,9 +55,8 @@ def timed(fn, runs: int) -> list[float]:
 def p2p_memoized():
     """What-if, benchmark only: Cluster.p2p answered from a cache (planner/ is not changed on disk).
 
-    Cluster.p2p runs a widest-path Dijkstra over the whole topology graph on every call (about 87k heap
-    pops on 16,384 devices, since every path ties on bandwidth); estimate() calls it once per plan with
-    pp > 1. Caching it (or answering same-node / same-island pairs in closed form) removes that cost.
+    Cluster.p2p now answers from the node structure in closed form, and estimate() remembers its answers
+    per cluster, so this what-if changes little; kept to show that p2p is no longer a cost.
     """
     original = Cluster.p2p
     cache: dict = {}
