@@ -82,7 +82,8 @@ def clear_caches() -> None:
     batch_mod._CHUNKS.clear()
     batch_mod._COUNTS.clear()
     batch_mod._LEVELS.clear()
-    batch_mod._PIPE.clear()
+    batch_mod._CTX.clear()
+    batch_mod._INFL.clear()
 
 
 def run(model, cluster, plans: PlanArrays) -> tuple[float, dict, dict]:

@@ -2,16 +2,22 @@
 
 pipeline.simulate_times (compiled op order, no events) against pipeline.simulate, on random uneven stage
 times and p2p, every schedule; estimate()'s cached structures against a fresh evaluation on a copy of the
-model and cluster (new objects, so nothing is served from a cache built for the originals).
+model and cluster (new objects, so nothing is served from a cache built for the originals); estimate_batch's
+per-(model, cluster, workload) memo (layer columns, count groups, makespans) against fresh calls; the parts of
+memory.model_state_bytes that estimate_batch takes from model_state_parts.
 """
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
-from planner.cost import pipeline
+from planner.catalog import load_cluster
+from planner.cost import batch, memory, pipeline
 from planner.cost.pipeline import SCHEDULES, simulate, simulate_times
+from planner.importers import load_model
+from planner.plan import Workload
 
 
 def _cases(seed: int, count: int):
@@ -47,3 +53,78 @@ def test_simulate_times_refuses_what_simulate_refuses():
     with pytest.raises(ValueError):
         simulate_times("nope", [1.0], [1.0], 1)
     assert pipeline._compiled.cache_info().maxsize > 0
+
+
+def _plan_arrays(model, n: int, gbs: int, count: int, seed: int) -> batch.PlanArrays:
+    """Random valid plans (every schedule, ZeRO stage, recompute policy; ep for MoE; activation offload)."""
+    rng = np.random.default_rng(seed)
+    experts = [layer.experts for layer in model.layers if layer.kind == "moe"]
+    rows = []
+    while len(rows) < count:
+        tp, cp = int(rng.choice([1, 2, 4, 8])), int(rng.choice([1, 2]))
+        if n % (tp * cp):
+            continue
+        rest = n // (tp * cp)
+        pp = int(rng.choice([d for d in range(1, rest + 1) if rest % d == 0 and d <= model.num_blocks]))
+        dp = rest // pp
+        ep, etp = 1, 0
+        if experts:
+            ep = int(rng.choice([d for d in range(1, dp * cp + 1) if (dp * cp) % d == 0 and experts[0] % d == 0]))
+            etp = int(rng.choice([0, 1]))
+            if (dp * cp * tp) % (ep * (etp or tp)):
+                continue
+        sch, mbs = int(rng.integers(0, 4)), int(rng.choice([1, 2, 4]))
+        if gbs % (mbs * dp):
+            continue
+        vpp, nmb = 1, 0
+        if batch.SCHEDULES[sch] == "interleaved-1f1b":
+            vpp = int(rng.choice([1, 2]))
+            if pp * vpp > model.num_blocks:
+                continue
+            nmb = pp * int(rng.integers(1, 4))
+        rc = int(rng.integers(0, 3))
+        rows.append(dict(dp=dp, tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, etp=etp, sp=tp > 1 and rng.random() < .5,
+                         zero=int(rng.integers(0, 4)), mbs=mbs, num_microbatches=nmb, recompute=rc,
+                         recompute_num_layers=int(rng.choice([-1, 1, 2])) if rc == 2 else -1, schedule=sch,
+                         flash_attention=rng.random() < .7, overlap_grad_reduce=rng.random() < .5,
+                         overlap_tp_comm=rng.random() < .5, offload_optimizer=0.0,
+                         offload_activations=float(rng.choice([0.0, 0.0, 0.0, 0.5]))))
+    return batch.PlanArrays(**{k: np.array([r[k] for r in rows]) for k in rows[0]})
+
+
+@pytest.mark.parametrize("name,nodes", [("llama3-8b", 2), ("mixtral-8x7b", 1)])
+def test_batch_memo_equals_fresh_calls(name, nodes):
+    """Calls that reuse estimate_batch's memo (a second batch bringing new layer tuples and groups, then the
+    first again) give what a call on an empty memo gives: the same floats up to the last bits of a matmul
+    over more columns, `fits` exactly."""
+    model, cluster = load_model(name), load_cluster("dgx-h100", nodes=nodes)
+    workload = Workload(global_batch=64, seq_len=1024)
+    a, b = (_plan_arrays(model, cluster.device_count, 64, 150, seed) for seed in (1, 2))
+    batch._CTX.clear()
+    fresh = []
+    for pa in (a, b):
+        batch._CTX.clear()
+        fresh.append(batch.estimate_batch(model, cluster, workload, pa))
+    batch._CTX.clear()
+    got = [batch.estimate_batch(model, cluster, workload, pa) for pa in (a.take(np.arange(40)), b, a)]
+    for want, have in ((fresh[1], got[1]), (fresh[0], got[2])):
+        for k in batch.OUTPUTS:
+            if k == "fits":
+                np.testing.assert_array_equal(have[k], want[k])
+            else:
+                np.testing.assert_allclose(have[k], want[k], rtol=1e-12, atol=0, err_msg=k)
+
+
+def test_model_state_parts_are_model_state_bytes():
+    params = np.array([[1.5e9, 3.0e8], [7.0e7, 2.0]])
+    dp = np.array([8, 3])
+    for zero in range(4):
+        for p, d in ((params, dp), (123456789, 7), (2.5e8, 16.0)):
+            # the formulas as model_state_bytes wrote them before model_state_parts (always dividing)
+            want = (p * 2 / (d if zero >= 3 else 1), p * 4 / (d if zero >= 2 else 1), p * 12 / (d if zero >= 1 else 1))
+            full = memory.model_state_bytes(p, d, zero, weight_dtype_bytes=2, grad_dtype_bytes=4)
+            got = memory.model_state_parts(p, d, zero, weight_dtype_bytes=2, grad_dtype_bytes=4)
+            for k, x, w in zip(("weights", "gradients", "optimizer"), got, want):
+                np.testing.assert_array_equal(x, w)
+                np.testing.assert_array_equal(full[k], w)
+                assert type(x) is type(w) and type(full[k]) is type(w)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
+
 from planner.cost.pipeline import inflight_microbatches
 
 OptimizerName = Literal["adamw", "adam", "sgd"]
@@ -60,14 +62,10 @@ def model_state_bytes(params, dp, zero: int, weight_dtype_bytes: int = 2, grad_d
     Returns {"weights", "gradients", "optimizer", "total", "host"}: the first three are device bytes
     and sum to "total"; "host" is the optimizer bytes offloaded to CPU memory.
     """
-    if zero not in (0, 1, 2, 3):
-        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero!r}")
+    weights, grads, opt = model_state_parts(params, dp, zero, weight_dtype_bytes, grad_dtype_bytes, optimizer,
+                                            master_weights, fp32_main_grads)
     if not 0.0 <= offload_fraction <= 1.0:
         raise ValueError(f"offload_fraction must be in [0, 1], got {offload_fraction}")
-    k = optimizer_bytes_per_param(optimizer, weight_dtype_bytes, master_weights, fp32_main_grads)
-    weights = params * weight_dtype_bytes / (dp if zero >= 3 else 1)
-    grads = params * grad_dtype_bytes / (dp if zero >= 2 else 1)
-    opt = params * k / (dp if zero >= 1 else 1)
     opt_device = opt * (1.0 - offload_fraction)
     return {
         "weights": weights,
@@ -76,6 +74,28 @@ def model_state_bytes(params, dp, zero: int, weight_dtype_bytes: int = 2, grad_d
         "total": weights + grads + opt_device,
         "host": opt * offload_fraction,
     }
+
+
+def model_state_parts(params, dp, zero: int, weight_dtype_bytes: int = 2, grad_dtype_bytes: int = 4,
+                      optimizer: str = "adamw", master_weights: bool = True, fp32_main_grads: bool = False):
+    """(weights, gradients, optimizer) bytes on one device before any optimizer offload: the parts of
+    model_state_bytes (which see), without its totals, for callers that evaluate large arrays
+    (estimate_batch)."""
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero!r}")
+    k = optimizer_bytes_per_param(optimizer, weight_dtype_bytes, master_weights, fp32_main_grads)
+    return (_shard(params * weight_dtype_bytes, dp, zero >= 3), _shard(params * grad_dtype_bytes, dp, zero >= 2),
+            _shard(params * k, dp, zero >= 1))
+
+
+def _shard(x, dp, sharded: bool):
+    """x / dp where sharded, else x / 1 -- which returns a float array's x itself, bit for bit, so that
+    division is skipped there (ints and Python numbers still go through / to become floats)."""
+    if sharded:
+        return x / dp
+    if isinstance(x, np.ndarray) and x.dtype.kind == "f":
+        return x
+    return x / 1
 
 
 # ----------------------------------------------------------------------------------------------
