@@ -338,3 +338,18 @@ def test_tp_comm_overlap_hides_but_never_all(case):
     assert hidden.step_time_s <= plain.step_time_s * (1 + REL)
     assert hidden.breakdown["tp_comm_s"] >= 0.1 * plain.breakdown["tp_comm_s"] * (1 - REL)
     assert hidden.breakdown["tp_comm_s"] <= plain.breakdown["tp_comm_s"] * (1 + REL)
+
+
+def test_expert_group_without_expert_tensor_parallel_stays_inside_the_stage():
+    """tp 2, etp 1, ep 4 on dp 2: the 4 expert ranks are the stage's 4 consecutive ranks (etp apart), not
+    ranks 0, 2, 4, 6 (tp apart), which would leave the 4-device stage. Batch and scalar agree."""
+    from planner.cost.batch import PlanArrays, estimate_batch
+
+    c = load_cluster("dgx-h100", nodes=1, devices=4)
+    w = Workload(global_batch=8, seq_len=1024)
+    plan = ParallelPlan(dp=2, tp=2, ep=4, etp=1, sp=True, mbs=1)
+    one = estimate(model("mixtral-8x7b"), c, w, plan)
+    wide = estimate(model("mixtral-8x7b"), c, w, plan.model_copy(update={"etp": None, "ep": 2}))
+    assert one.breakdown["ep_comm_s"] > 0 and wide.breakdown["ep_comm_s"] > 0
+    got = estimate_batch(model("mixtral-8x7b"), c, w, PlanArrays.from_plans([plan]))
+    assert got["step_time_s"][0] == pytest.approx(one.step_time_s, rel=1e-9)

@@ -399,7 +399,9 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     # same weights (Megatron's data-parallel group "with cp").
     grad_ranks = plan.dp * cp
     dp_link = _link(cluster, 0, tp, grad_ranks)
-    ep_link = _link(cluster, 0, tp, plan.ep) if plan.ep > 1 else None
+    # Megatron lays the expert grid out as [expert-data][expert][expert-tensor] over the dp x cp x tp ranks
+    # of a stage: the ranks of one expert-parallel group sit etp apart.
+    ep_link = _link(cluster, 0, plan.etp or tp, plan.ep) if plan.ep > 1 else None
 
     st = _structure(model, plan)
     chunks = st.chunks
