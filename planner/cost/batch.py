@@ -464,8 +464,9 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s):
                 tokens = layer.tokens(b, s) / cp / (tp if sp else 1)
                 nbytes = tokens * layer.topk * layer.hidden * e
                 ep_s = np.zeros(n)
-                for t in np.unique(tpi).tolist():
-                    mk = tpi == t
+                etpi = tuples[idx, 6]  # estimate: ep_link = collective(_group(0, etp or tp, ep))
+                for t in np.unique(etpi).tolist():
+                    mk = etpi == t
                     link = _collective(cluster, 0, t, ep)
                     ep_s[mk] = 4 * comm.all_to_all_time_s(nbytes[mk], link,
                                                           inter_node_bytes_per_s=link.rank_inter_bytes_per_s)
