@@ -297,6 +297,34 @@ def cmd_plan(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# export (planner/export/)
+
+
+def cmd_export(args) -> None:
+    from planner.export import export_text, make_context
+
+    out = Path(args.output) if args.output else None
+    if out is not None:  # refuse before loading anything, not after
+        if out.exists() and not args.force:
+            raise BadInput(f"{out} exists; use --force to overwrite it")
+        if not out.parent.is_dir():
+            raise BadInput(f"{out}: directory {out.parent} does not exist")
+    pf = read_plan_file(args.plan)
+    ctx = make_context(pf, load_cluster=args.to == "megatron")
+    text = export_text(ctx, args.to)
+    if args.to == "deepspeed":  # JSON has no comments: say on stderr what the file cannot
+        from planner.export.deepspeed import notes
+
+        for line in notes(ctx):
+            print(f"note: {line}", file=sys.stderr)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        _write_atomic(out, text)
+        print(f"{args.to} configuration written to {out}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,6 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--save", metavar="PLAN.json", help="write the best plan as a plan file")
     pl.add_argument("--force", action="store_true", help="with --save: overwrite an existing file")
     pl.set_defaults(func=cmd_plan)
+
+    ex = sub.add_parser("export", help="a plan file as launcher arguments or config (Megatron, DeepSpeed, torchtitan)")
+    ex.add_argument("plan", metavar="PLAN.json", help="a plan file (plan --save)")
+    ex.add_argument("--to", required=True, choices=["megatron", "deepspeed", "torchtitan", "torchtitan-py"],
+                    help="megatron: pretrain_gpt.py launch script; deepspeed: ds_config JSON; torchtitan: TOML "
+                         "job config (0.2.x); torchtitan-py: Python Trainer.Config (0.3 and later)")
+    ex.add_argument("-o", "--output", metavar="FILE", help="file to write (default: stdout)")
+    ex.add_argument("--force", action="store_true", help="overwrite an existing -o file")
+    ex.set_defaults(func=cmd_export)
 
     bt = sub.add_parser("backtest", help="predict a table of published runs and report the error")
     bt.add_argument("--runs", required=True, help="CSV in the columns of calibration_runs_clean.csv")
