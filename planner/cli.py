@@ -297,6 +297,73 @@ def cmd_plan(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# simulate and sweep (planner/viz.py, planner/sweep.py)
+
+
+def cmd_simulate(args) -> None:
+    from planner.importers import load_model
+    from planner.sweep import check_output
+    from planner.viz import plot_timeline, timeline
+
+    out = Path(args.output) if args.output else None
+    if out is None and not args.json:
+        out = Path(args.plan).with_suffix(".timeline.png")
+    if out is not None:  # refuse before simulating, not after
+        if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise BadInput(f"{out}: unknown image format '{out.suffix}'; use .png, .svg or .pdf")
+        check_output(out, args.force)
+    pf = read_plan_file(args.plan)
+    model = load_model(pf.model)
+    cluster = catalog.load_cluster(pf.cluster, pf.nodes)
+    tl = timeline(model, cluster, pf.workload, pf.plan)
+    if out is not None:
+        plot_timeline(tl, str(out))
+    tail = tl.tail
+    lines = [f"{tl.model} on {tl.cluster} ({tl.devices} devices): {tl.label()}",
+             f"{pf.plan.schedule}, {tl.microbatches} micro-batches: step {tl.step_time_s:.4g} s = pipeline "
+             f"{tl.pipeline_s:.4g} s + exposed DP sync {tail['dp_comm_exposed_s']:.3g} s + optimizer "
+             f"{tail['optimizer_s']:.3g} s" + (f" + offload {tail['offload_s']:.3g} s" if tail["offload_s"] else ""),
+             f"{'stage':>5} {'warm-up F':>9} {'steady F+B':>10} {'cool-down B':>11} {'busy s':>9} {'idle':>6} "
+             f"{'memory GB':>13}"]
+    cap = tl.estimate.memory_capacity_bytes / 1e9
+    for st in tl.stages:
+        mem = st.get("memory", {}).get("total_bytes", 0.0) / 1e9
+        lines.append(f"{st['stage']:>5} {st['warmup_forwards']:>9} {st['steady_pairs']:>10} "
+                     f"{st['cooldown_backwards']:>11} {st['busy_s']:9.4g} {st['idle_s'] / tl.pipeline_s:6.1%} "
+                     f"{mem:6.1f} / {cap:<4.0f}")
+    if out is not None:
+        lines.append(f"timeline written to {out}")
+    _emit(tl.as_dict(), args.json, "\n".join(lines))
+
+
+def cmd_sweep(args) -> None:
+    from planner.sweep import check_output, parse_list, sweep, write_csv
+
+    out = Path(args.output) if args.output else None
+    if out is not None:
+        check_output(out, args.force)
+    df = sweep(parse_list(args.model, str, "model"), parse_list(args.cluster, str, "cluster"),
+               nodes=parse_list(args.nodes, int, "--nodes"), seqs=parse_list(args.seq, int, "--seq"),
+               gbs=parse_list(args.gbs, int, "--gbs"), links=parse_list(args.link, str, "link"),
+               dtypes=parse_list(args.dtype, str, "dtype"), refine_partition=not args.no_refine, progress=None)
+    if out is None:
+        sys.stdout.write(df.to_csv(index=False, float_format="%.6g"))
+        return
+    write_csv(df, out, force=args.force)
+    lines = [f"{'model':<14} {'cluster':<16} {'nodes':>5} {'link':<9} {'seq':>6} {'gbs':>5} {'step s':>9} "
+             f"{'tokens/s':>11} {'MFU':>6}  best plan / why"]
+    for r in df.itertuples():
+        if r.status == "ok":
+            lines.append(f"{r.model:<14} {r.cluster:<16} {r.nodes:>5} {r.link or '-':<9} {r.seq:>6} {r.gbs:>5} "
+                         f"{r.step_time_s:9.3f} {r.tokens_per_s:11,.0f} {r.mfu:6.1%}  {r.label}: {r.why}")
+        else:
+            lines.append(f"{r.model:<14} {r.cluster:<16} {r.nodes if r.nodes is not None else '-':>5} "
+                         f"{r.link or '-':<9} {r.seq:>6} {r.gbs:>5} {r.status:>9}  {r.why}")
+    lines.append(f"{len(df)} cells ({(df['status'] == 'ok').sum()} with a plan) written to {out}")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
 # export (planner/export/)
 
 
@@ -392,6 +459,27 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--save", metavar="PLAN.json", help="write the best plan as a plan file")
     pl.add_argument("--force", action="store_true", help="with --save: overwrite an existing file")
     pl.set_defaults(func=cmd_plan)
+
+    sim = sub.add_parser("simulate", help="timeline of one step of a plan file: Gantt chart, memory, events")
+    sim.add_argument("plan", metavar="PLAN.json", help="a plan file (plan --save)")
+    sim.add_argument("-o", "--output", metavar="FILE",
+                     help="image to write (.png, .svg, .pdf); default PLAN.timeline.png, none with --json")
+    sim.add_argument("--json", action="store_true", help="print the event list (every op, gap and phase)")
+    sim.add_argument("--force", action="store_true", help="overwrite an existing image")
+    sim.set_defaults(func=cmd_simulate)
+
+    sw = sub.add_parser("sweep", help="what-if grid: the best plan of every combination, as CSV")
+    sw.add_argument("--model", required=True, help="comma-separated models")
+    sw.add_argument("--cluster", required=True, help="comma-separated clusters")
+    sw.add_argument("--nodes", help="comma-separated node counts (node-type presets)")
+    sw.add_argument("--seq", required=True, help="comma-separated sequence lengths")
+    sw.add_argument("--gbs", required=True, help="comma-separated global batch sizes")
+    sw.add_argument("--link", help="comma-separated scale-out links replacing the nodes' NICs and fabric")
+    sw.add_argument("--dtype", default="bf16", help="comma-separated precisions (default bf16)")
+    sw.add_argument("-o", "--output", metavar="FILE.csv", help="CSV to write (default: CSV on stdout)")
+    sw.add_argument("--force", action="store_true", help="overwrite an existing CSV")
+    sw.add_argument("--no-refine", action="store_true", help="skip the DP stage-partition refinement (faster)")
+    sw.set_defaults(func=cmd_sweep)
 
     ex = sub.add_parser("export", help="a plan file as launcher arguments or config (Megatron, DeepSpeed, torchtitan)")
     ex.add_argument("plan", metavar="PLAN.json", help="a plan file (plan --save)")

@@ -1,0 +1,196 @@
+"""What-if grids: the best plan for every combination of model, cluster, node count, scale-out link,
+sequence length, global batch and precision, as one table (a pandas DataFrame; `sweep` on the command line
+writes it as CSV).
+
+Each cell runs the same search as `plan --top 1` (planner.search.search, exact branch and bound with stage
+partition refinement) and keeps its best plan. A cell where no plan fits is a row with status "infeasible"
+and the search's one-line reason; a cell whose request no plan can take at all (a batch no micro-batch size
+divides, say) is "no-plan" with the rule that emptied the space. Names are checked before the first cell,
+so a typo fails at once (BadInput, exit 2) rather than after a long sweep.
+
+Clusters whose size is fixed by their preset (two-pods-25gbe, mixed-a100-h100, ...) run once at their own
+size whatever the node list says. `link` replaces the scale-out link of every node (its NICs, same count and
+sharing) and the fabric between nodes: "what if this cluster had 100 GbE instead of InfiniBand NDR".
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Sequence
+
+DTYPES = ("bf16", "fp16", "fp8", "fp32")
+COLUMNS = [
+    "model", "cluster", "nodes", "devices", "link", "seq", "gbs", "dtype", "status",
+    "tp", "pp", "dp", "vpp", "cp", "ep", "zero", "sp", "mbs", "recompute", "schedule", "uneven_partition",
+    "label", "step_time_s", "tokens_per_s", "mfu", "hfu", "peak_memory_gb", "memory_capacity_gb",
+    "bubble_s", "why", "evaluated", "search_s",
+]
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return [None]
+    if isinstance(x, (str, int)):
+        return [x]
+    out = list(x)
+    return out or [None]
+
+
+def parse_list(text: str | None, kind=str, what: str = "value") -> list:
+    """'a,b,c' -> [a, b, c] (converted by `kind`); BadInput naming the bad item."""
+    from planner.errors import BadInput
+
+    if text is None:
+        return [None]
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise BadInput(f"empty {what} in list '{text}'")
+        try:
+            val = kind(item)
+        except ValueError:
+            raise BadInput(f"{what} '{item}' is not a valid {kind.__name__}") from None
+        if kind is int and val <= 0:
+            raise BadInput(f"{what} must be a positive integer, got {val}")
+        out.append(val)
+    return out
+
+
+def cells(models: Sequence, clusters: Sequence, nodes: Sequence = (None,), seqs: Sequence = (4096,),
+          gbs: Sequence = (512,), links: Sequence = (None,), dtypes: Sequence = ("bf16",)) -> list[dict]:
+    """Every combination, with fixed-size clusters collapsed to their own size (nodes None)."""
+    from planner import catalog
+
+    out, seen = [], set()
+    for model, cluster, n, link, seq, g, dtype in itertools.product(
+            models, clusters, nodes, links, seqs, gbs, dtypes):
+        if isinstance(cluster, str) and not catalog.cluster_spec(cluster).needs_node_count:
+            n = None
+        key = (str(model), str(cluster), n, link, seq, g, dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append({"model": model, "cluster": cluster, "nodes": n, "link": link, "seq": seq, "gbs": g,
+                    "dtype": dtype})
+    return out
+
+
+def _check_names(models, clusters, links, dtypes=()) -> None:
+    """Fail before the first cell on an unknown model, cluster, link or precision (BadInput)."""
+    from planner import catalog
+    from planner.errors import BadInput, did_you_mean
+    from planner.importers import load_model
+
+    for m in dict.fromkeys(models):
+        if isinstance(m, str):
+            load_model(m)
+    for c in dict.fromkeys(clusters):
+        if isinstance(c, str):
+            catalog.cluster_spec(c)
+    for ln in dict.fromkeys(links):
+        if ln is not None and ln not in catalog.names("links"):
+            raise BadInput(f"unknown link '{ln}'{did_you_mean(ln, catalog.names('links'))}; see `profiles list`")
+    for d in dict.fromkeys(dtypes):
+        if d not in DTYPES:
+            raise BadInput(f"unknown dtype '{d}'; use one of {', '.join(DTYPES)}")
+
+
+def run_cell(cell: dict, constraints=None, refine_partition: bool = True, _models: dict | None = None) -> dict:
+    """The best plan of one cell as a row of COLUMNS."""
+    from planner.api import load_cluster, load_model, plan_row
+    from planner.errors import BadInput, Infeasible
+    from planner.plan import Workload
+    from planner.search.search import search
+    from planner.search.space import Constraints
+
+    _models = {} if _models is None else _models
+    key = id(cell["model"]) if not isinstance(cell["model"], str) else cell["model"]
+    if key not in _models:
+        _models[key] = load_model(cell["model"])
+    model = _models[key]
+    row = {c: None for c in COLUMNS}
+    row.update(model=model.name, cluster=cell["cluster"] if isinstance(cell["cluster"], str) else cell["cluster"].name,
+               nodes=cell["nodes"], link=cell["link"] or "", seq=cell["seq"], gbs=cell["gbs"], dtype=cell["dtype"])
+    t0 = time.perf_counter()
+    try:
+        cluster = load_cluster(cell["cluster"], cell["nodes"], link=cell["link"])
+        row["devices"] = cluster.device_count
+        if row["nodes"] is None:
+            row["nodes"] = len(cluster.nodes)
+        workload = Workload(global_batch=cell["gbs"], seq_len=cell["seq"], dtype=cell["dtype"])
+        res = search(model, cluster, workload, constraints or Constraints(), top_k=1,
+                     refine_partition=refine_partition, progress=False)
+    except Infeasible as e:
+        row.update(status="infeasible", why=str(e), search_s=time.perf_counter() - t0)
+        return row
+    except BadInput as e:
+        row.update(status="no-plan", why=str(e), search_s=time.perf_counter() - t0)
+        return row
+    best = res.plans[0]
+    row.update({k: v for k, v in plan_row(best.plan, best.estimate).items() if k in COLUMNS})
+    row.update(status="ok", evaluated=res.evaluated, search_s=time.perf_counter() - t0)
+    return row
+
+
+def sweep(models: Iterable | str, clusters: Iterable | str, nodes: Iterable | int | None = None,
+          seqs: Iterable | int = (4096,), gbs: Iterable | int = (512,), links: Iterable | str | None = None,
+          dtypes: Iterable | str = ("bf16",), constraints=None, refine_partition: bool = True,
+          progress: bool | None = None):
+    """The best plan of every cell of the grid, as a pandas DataFrame in COLUMNS order.
+
+    progress: a tqdm bar on stderr (None: only when stderr is a terminal)."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    models, clusters = _as_list(models), _as_list(clusters)
+    nodes, seqs, gbs, links, dtypes = (_as_list(x) for x in (nodes, seqs, gbs, links, dtypes))
+    _check_names(models, clusters, links, dtypes)
+    grid = cells(models, clusters, nodes, seqs, gbs, links, dtypes)
+    rows = []
+    cache: dict = {}
+    bar = tqdm(grid, desc="sweep", unit="cell", disable=None if progress is None else not progress)
+    for cell in bar:
+        bar.set_postfix_str(f"{cell['model']} {cell['cluster']} x{cell['nodes'] or '-'} seq {cell['seq']}",
+                            refresh=False)
+        rows.append(run_cell(cell, constraints, refine_partition, cache))
+    bar.close()
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def write_csv(df, path, force: bool = False) -> None:
+    """Write the table as CSV through a temporary file and os.replace; an existing file needs force."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from planner.errors import BadInput
+
+    path = Path(path)
+    check_output(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            df.to_csv(f, index=False, float_format="%.6g")
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise BadInput(f"{path}: cannot write ({e.strerror or e})") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_output(path, force: bool) -> None:
+    """Refuse (BadInput) an output path that exists without force, or whose directory does not."""
+    from pathlib import Path
+
+    from planner.errors import BadInput
+
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"{path} is a directory; give a file name")
+    if path.exists() and not force:
+        raise BadInput(f"{path} exists; use --force to overwrite it")
+    if not path.parent.is_dir():
+        raise BadInput(f"{path}: directory {path.parent} does not exist")
