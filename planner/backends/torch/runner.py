@@ -1,0 +1,489 @@
+"""Run plans for real on N local processes and measure them: losses, step time, peak memory per rank.
+
+Launch: torch.multiprocessing with the spawn start method (one fresh interpreter per rank), rendezvous over
+TCP on 127.0.0.1. Backend: NCCL with one GPU per rank when CUDA has at least N devices, gloo on the CPU
+otherwise (or as `device` says). The same code runs world size 1..N on either: nothing here knows which.
+
+Several jobs (plans) can run one after the other in one group of processes, each with its own device mesh:
+the loss-equivalence tests pay the process start-up (importing torch) once for many plans.
+
+Data: synthetic token ids, a function of (seed, step) only, so every plan and the single-process reference
+see the same global batch; data-parallel rank d takes rows [d*B/dp, (d+1)*B/dp), split into micro-batches
+of `mbs` rows. Loss: mean cross-entropy over the global batch (each micro-batch's mean, averaged), which is
+what a single process computes on the whole batch.
+
+Measurements:
+- step time: each step starts after a barrier; a rank's step ends after its optimizer step (and a CUDA
+  synchronize); the step's time is the slowest rank's; reported as the median after `warmup` steps.
+- peak memory, CUDA: torch.cuda.max_memory_allocated (torch's allocator counter), reset after the model is
+  built and sharded, so it holds the states and activations of the timed steps, no CUDA context.
+- peak memory, CPU: torch keeps no counter of its CPU allocations, and tracemalloc sees Python objects only,
+  not torch's C++ buffers. We measure the process's resident set instead: the Linux peak (VmHWM, reset
+  through /proc/self/clear_refs after the model is built) minus the resident set before the model was built.
+  glibc is told to mmap every allocation above 64 KiB (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the
+  resident set at once and the peak tracks live tensors; gloo's buffers and the Python objects of the run
+  are included (a few MB).
+- model-state bytes: the exact bytes of this rank's local parameters, gradients and optimizer states (sums of
+  tensor sizes; DTensor and FSDP shards counted locally), checked against the planner's memory terms.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime as _dt
+import gc
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from planner.errors import BadInput, PlannerError
+from planner.model import ModelGraph
+from planner.plan import ParallelPlan, Workload
+
+MMAP_THRESHOLD_BYTES = 65536
+
+
+class RunFailed(PlannerError):
+    """A rank failed while running a valid plan (exit status 1, as for an infeasible request)."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    steps: int = 5
+    warmup: int = 2
+    seed: int = 0
+    lr: float = 1e-3
+    device: str = "auto"  # auto, cpu or cuda
+    threads: int = 1  # torch intra-op threads per process
+    timeout_s: float = 900.0
+
+
+@dataclass(frozen=True)
+class Job:
+    graph: ModelGraph
+    workload: Workload
+    plan: ParallelPlan
+
+
+# ---------------------------------------------------------------------------------------------------
+# data, loss, reference
+
+
+def global_batch(step: int, seed: int, workload: Workload, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of one step: token ids of shape (global_batch, seq), labels shifted by one."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + step)
+    toks = torch.randint(0, vocab, (workload.global_batch, workload.seq_len + 1), generator=gen)
+    return toks[:, :-1].contiguous(), toks[:, 1:].contiguous()
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
+    # foreach=False: the same per-parameter update everywhere (plain tensors, DTensors, FSDP shards), so
+    # a sharded run and the reference differ only by the order of floating-point sums.
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=False)
+
+
+def train_single(graph: ModelGraph, workload: Workload, steps: int, seed: int = 0, lr: float = 1e-3) -> list[float]:
+    """The reference: the same model, data and optimizer in this one process, whole batch at once."""
+    from planner.backends.torch.model import build_decoder
+
+    model = build_decoder(graph, init_seed=seed)
+    opt = make_optimizer(model.parameters(), lr)
+    losses = []
+    for step in range(steps):
+        x, y = global_batch(step, seed, workload, model.spec.vocab)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------------
+# memory probes (Linux /proc; zeros elsewhere)
+
+
+def _status_kb(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _trim() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _tensor_bytes(t) -> int:
+    if t is None:
+        return 0
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    return t.numel() * t.element_size()
+
+
+def _model_state_bytes(params, optimizer) -> dict:
+    # `params` as given to the optimizer: DDP over tensor-parallel modules swaps the modules' own
+    # parameters for local views, so the modules cannot be asked.
+    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer holds the local AdamW
+    opt_bytes = sum(_tensor_bytes(v) for st in inner.state.values() for v in st.values()
+                    if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return {"weights": sum(_tensor_bytes(p) for p in params),
+            "gradients": sum(_tensor_bytes(p.grad) for p in params),
+            "optimizer": opt_bytes}
+
+
+# ---------------------------------------------------------------------------------------------------
+# one job on one rank
+
+
+def _autocast(device: torch.device, dtype: str):
+    if device.type == "cuda" and dtype in ("bf16", "fp16", "fp8"):
+        return torch.autocast("cuda", dtype=torch.float16 if dtype == "fp16" else torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def executed_dtype(device_type: str, dtype: str) -> str:
+    """What a run computes in: the plan's 16-bit dtype under autocast on CUDA (fp8 as bf16); fp32 on the
+    CPU, where 16-bit matmuls are slow emulations that no one trains with."""
+    if device_type == "cpu":
+        return "fp32"
+    return "bf16" if dtype == "fp8" else dtype
+
+
+def run_job(job: Job, opts: RunOptions, device: torch.device) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from planner.backends.torch.model import spec_from_graph
+    from planner.backends.torch.parallel import (
+        apply_dp, apply_tp, set_recompute, stage_modules, uses_zero_redundancy_optimizer,
+    )
+
+    plan, workload = job.plan, job.workload
+    spec = spec_from_graph(job.graph)
+    rank = dist.get_rank()
+    mesh = init_device_mesh(device.type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
+    pp_rank, dp_rank, tp_rank = (mesh.get_local_rank(d) for d in ("pp", "dp", "tp"))
+
+    _trim()
+    base_anon = _status_kb("RssAnon") * 1024
+    torch.manual_seed(opts.seed)
+    chunk_ids, modules = stage_modules(job.graph, plan, pp_rank, opts.seed)
+    modules = [m.to(device) for m in modules]
+    for m in modules:
+        set_recompute(m, plan)
+        if plan.tp > 1:
+            apply_tp(m, mesh["tp"], plan.sp)
+    modules = apply_dp(modules, plan, mesh["dp"], device)
+    params = [p for m in modules for p in m.parameters()]
+    if uses_zero_redundancy_optimizer(plan):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
+                                      process_group=mesh["dp"].get_group(), lr=opts.lr, betas=(0.9, 0.95),
+                                      eps=1e-8, weight_decay=0.0, foreach=False)
+    else:
+        opt = make_optimizer(params, opts.lr)
+
+    m_micro = plan.microbatches(workload)
+    local_rows = workload.global_batch // plan.dp
+    n_chunks = plan.pp * plan.vpp
+    first = 0 in chunk_ids
+    last = (n_chunks - 1) in chunk_ids
+    schedule = None
+    if plan.pp > 1:
+        schedule = _pipeline_schedule(modules, chunk_ids, n_chunks, plan, workload, spec, mesh, device, m_micro)
+
+    rss_reset = False
+    times, losses = [], []
+    for step in range(opts.steps):
+        if step == min(1, opts.warmup):
+            # The peak is taken from the second step on: the first one also pays one-time costs (lazy
+            # initialisation, library pages) that are no part of training's steady state.
+            _trim()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+            rss_reset = _reset_peak_rss()
+        x, y = global_batch(step, opts.seed, workload, spec.vocab)
+        x = x[dp_rank * local_rows:(dp_rank + 1) * local_rows].to(device)
+        y = y[dp_rank * local_rows:(dp_rank + 1) * local_rows].to(device)
+        dist.barrier()
+        t0 = time.perf_counter()
+        with _autocast(device, workload.dtype):
+            if schedule is not None:
+                mb_losses: list = []
+                schedule.step(*([x] if first else []), target=y if last else None,
+                              losses=mb_losses if last else None)
+                step_loss = float(torch.stack([v.detach().float() for v in mb_losses]).mean()) if last else 0.0
+            else:
+                step_loss = _accumulate(modules[0], x, y, m_micro, plan)
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # keep gradient buffers: they are part of the measured peak
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        # The loss of the step: the last stage's, once per data-parallel replica (tp rank 0), averaged.
+        share = step_loss if (last and tp_rank == 0) else 0.0
+        t = torch.tensor([share], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        losses.append(float(t) / plan.dp)
+    if device.type == "cuda":
+        peak = int(torch.cuda.max_memory_allocated(device))
+        method = "torch.cuda.max_memory_allocated"
+    else:
+        # The peak resident set, less the file-backed and shared pages (library code) resident now,
+        # less the anonymous memory the process held before the model was built.
+        peak = (_status_kb("VmHWM") - _status_kb("RssFile") - _status_kb("RssShmem")) * 1024 - base_anon
+        method = "Linux VmHWM - RssFile - RssShmem - RssAnon before build" if rss_reset else \
+            "Linux VmHWM since process start (peak reset unavailable: includes set-up) - RssAnon before build"
+    states = _model_state_bytes(params, opt)
+    out = {"rank": rank, "coords": {"pp": pp_rank, "dp": dp_rank, "tp": tp_rank}, "losses": losses,
+           "step_times_s": times, "peak_memory_bytes": peak, "memory_method": method,
+           "model_state_bytes": states}
+    del schedule, modules, opt, params
+    _trim()
+    return out
+
+
+def _accumulate(module, x, y, m_micro: int, plan: ParallelPlan) -> float:
+    """Forward and backward of m micro-batches without a pipeline; the gradient reduction runs once, with
+    the last micro-batch (DDP no_sync / FSDP2 set_requires_gradient_sync)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    mbs = plan.mbs
+    total = 0.0
+    for i in range(m_micro):
+        is_last = i == m_micro - 1
+        ctx = contextlib.nullcontext()
+        if isinstance(module, DDP) and not is_last:
+            ctx = module.no_sync()
+        elif hasattr(module, "set_requires_gradient_sync"):
+            module.set_requires_gradient_sync(is_last)
+        with ctx:
+            loss = loss_fn(module(x[i * mbs:(i + 1) * mbs]), y[i * mbs:(i + 1) * mbs]) / m_micro
+            loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def _pipeline_schedule(modules, chunk_ids, n_chunks, plan, workload, spec, mesh, device, m_micro):
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    mbs, seq = plan.mbs, workload.seq_len
+    seq_local = seq // plan.tp if plan.sp else seq
+    act = torch.float32
+    logits = torch.bfloat16 if (device.type == "cuda" and workload.dtype in ("bf16", "fp8")) else \
+        torch.float16 if (device.type == "cuda" and workload.dtype == "fp16") else torch.float32
+    group = mesh["pp"].get_group()
+    stages = []
+    for c, mod in zip(chunk_ids, modules):
+        # Example tensors give the stage its shapes and dtypes up front (no shape-inference pass over
+        # DTensor modules); requires_grad marks the activations that carry gradients back.
+        inp = torch.zeros(mbs, seq, dtype=torch.long, device=device) if c == 0 else \
+            torch.empty(mbs, seq_local, spec.hidden, dtype=act, device=device, requires_grad=True)
+        out = torch.empty(mbs, seq, spec.vocab, dtype=logits, device=device, requires_grad=True) \
+            if c == n_chunks - 1 else \
+            torch.empty(mbs, seq_local, spec.hidden, dtype=act, device=device, requires_grad=True)
+        stages.append(PipelineStage(mod, c, n_chunks, device, input_args=(inp,), output_args=(out,),
+                                    group=group))
+    if plan.schedule == "interleaved-1f1b":
+        return ScheduleInterleaved1F1B(stages, m_micro, loss_fn=loss_fn)
+    cls = ScheduleGPipe if plan.schedule == "gpipe" else Schedule1F1B
+    return cls(stages[0], m_micro, loss_fn=loss_fn)
+
+
+# ---------------------------------------------------------------------------------------------------
+# processes
+
+
+def choose_device(device: str, nproc: int) -> str:
+    """'cuda' when asked for or (auto) when there is one GPU per rank; 'cpu' otherwise."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise BadInput(f"device must be auto, cpu or cuda, got {device!r}")
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "cuda" and have < nproc:
+        raise BadInput(f"--device cuda needs one GPU per process: {nproc} processes, {have} GPUs")
+    if device == "auto":
+        return "cuda" if have >= nproc else "cpu"
+    return device
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _preload() -> None:
+    """Import every module a job may use before the first job measures its memory baseline: a module's
+    code objects are anonymous memory that would otherwise count as that job's peak."""
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.optim  # noqa: F401
+    import torch.distributed.pipelining  # noqa: F401
+    import torch.distributed.tensor.parallel  # noqa: F401
+    import torch.nn.parallel  # noqa: F401
+    import torch.utils.checkpoint  # noqa: F401
+
+
+def _worker(rank: int, world: int, port: int, jobs: list[Job], opts: RunOptions, device_type: str,
+            outdir: str) -> None:
+    """One rank: join the group, run every job, write rank{r}.json (or rank{r}.error.json and exit 1)."""
+    import torch.distributed as dist
+
+    out = Path(outdir)
+    try:
+        torch.set_num_threads(opts.threads)
+        if device_type == "cuda":
+            torch.cuda.set_device(rank)
+            device = torch.device("cuda", rank)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=_dt.timedelta(seconds=opts.timeout_s),
+                                **({"device_id": device} if device_type == "cuda" else {}))
+        _preload()
+        results = [run_job(job, opts, device) for job in jobs]
+        dist.barrier()
+        dist.destroy_process_group()
+        _write_json(out / f"rank{rank}.json", results)
+    except BaseException as e:  # noqa: BLE001 - every failure becomes one line for the parent
+        if os.environ.get("PLANNER_BACKEND_DEBUG"):  # the full traceback, for developing the backend
+            import traceback
+
+            traceback.print_exc()
+        kind = "BadInput" if isinstance(e, BadInput) else "error"
+        where = ""
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None:
+            where = f" ({Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno})"
+        _write_json(out / f"rank{rank}.error.json",
+                    {"kind": kind, "message": _one_line(e) + where})
+        sys.stdout.flush()
+        os._exit(1)  # skip interpreter teardown: peers may be blocked in a collective with us
+
+
+def _one_line(e: BaseException) -> str:
+    """The first non-empty line of an exception (torch's pipelining errors start with a blank line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def _child_env(opts: RunOptions):
+    """Environment the spawned ranks start with: one OpenMP thread each, and glibc returning freed
+    tensors to the OS at once (see the module docstring on CPU memory)."""
+    want = {"OMP_NUM_THREADS": str(opts.threads), "MKL_NUM_THREADS": str(opts.threads),
+            "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES), "MALLOC_TRIM_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)}
+    old = {k: os.environ.get(k) for k in want}
+    os.environ.update(want)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def launch(jobs: list[Job], nproc: int, opts: RunOptions = RunOptions()) -> list[dict]:
+    """Run `jobs` one after the other on `nproc` fresh processes; one summary per job (see summarize)."""
+    import torch.multiprocessing as mp
+
+    from planner.backends.torch.model import spec_from_graph
+    from planner.backends.torch.parallel import check_runnable
+
+    if nproc < 1:
+        raise BadInput(f"--nproc must be a positive integer, got {nproc}")
+    if opts.steps <= opts.warmup:
+        raise BadInput(f"--steps ({opts.steps}) must exceed the {opts.warmup} warm-up steps")
+    for job in jobs:
+        check_runnable(spec_from_graph(job.graph), job.workload, job.plan, nproc)
+    device_type = choose_device(opts.device, nproc)
+    with tempfile.TemporaryDirectory(prefix="planner-run-") as outdir:
+        port = _free_port()
+        with _child_env(opts):
+            ctx = mp.start_processes(_worker, args=(nproc, port, jobs, opts, device_type, outdir), nprocs=nproc,
+                                     start_method="spawn", join=False)
+        deadline = time.monotonic() + opts.timeout_s * max(1, len(jobs))
+        failure = None
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise RunFailed(f"the run did not finish within {opts.timeout_s * len(jobs):.0f} s")
+        except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
+            failure = e
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+        errors = sorted(Path(outdir).glob("rank*.error.json"))
+        if errors:
+            err = json.loads(errors[0].read_text())
+            rank = errors[0].name.split(".")[0]
+            cls = BadInput if err["kind"] == "BadInput" else RunFailed
+            raise cls(f"{rank}: {err['message']}")
+        if failure is not None:
+            raise RunFailed(f"a rank died: {str(failure).splitlines()[0]}")
+        per_rank = [json.loads((Path(outdir) / f"rank{r}.json").read_text()) for r in range(nproc)]
+    return [summarize([per_rank[r][j] for r in range(nproc)], opts, device_type) for j in range(len(jobs))]
+
+
+def summarize(ranks: list[dict], opts: RunOptions, device_type: str) -> dict:
+    """One job's figures over its ranks: the slowest rank's time per step, median after warm-up."""
+    steps = [max(r["step_times_s"][i] for r in ranks) for i in range(opts.steps)]
+    timed = steps[opts.warmup:]
+    return {
+        "losses": ranks[0]["losses"],
+        "step_times_s": steps,
+        "measured_step_time_s": statistics.median(timed),
+        "measured_step_time_min_s": min(timed),
+        "measured_peak_memory_bytes": max(r["peak_memory_bytes"] for r in ranks),
+        "peak_memory_bytes_per_rank": [r["peak_memory_bytes"] for r in ranks],
+        "model_state_bytes_per_rank": [r["model_state_bytes"] for r in ranks],
+        "memory_method": ranks[0]["memory_method"],
+        "device": device_type,
+        "nproc": len(ranks),
+        "options": asdict(opts),
+    }
