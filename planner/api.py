@@ -331,22 +331,12 @@ def to_plan_file(table, rank: int = 1) -> PlanFile:
 def save_plan(table_or_file, path: str | Path, rank: int = 1, force: bool = False) -> Path:
     """Write a PlanFile (or the row `rank` of a plan() table) as JSON, atomically; an existing file needs
     force. Returns the path."""
-    import os
-    import tempfile
-
-    from planner.sweep import check_output
+    from planner.sweep import check_output, write_atomic
 
     pf = table_or_file if isinstance(table_or_file, PlanFile) else to_plan_file(table_or_file, rank)
     path = Path(path)
     check_output(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(pf.model_dump_json(indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, pf.model_dump_json(indent=2) + "\n")
     return path
 
 

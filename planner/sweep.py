@@ -160,6 +160,13 @@ def sweep(models: Iterable | str, clusters: Iterable | str, nodes: Iterable | in
 
 def write_csv(df, path, force: bool = False) -> None:
     """Write the table as CSV through a temporary file and os.replace; an existing file needs force."""
+    check_output(path, force)
+    write_atomic(path, df.to_csv(index=False, float_format="%.6g"))
+
+
+def write_atomic(path, data: str | bytes) -> None:
+    """Write a file through a temporary file beside it and os.replace, so a reader never sees half of it,
+    with the mode an ordinary open() would give (mkstemp's is 0600). BadInput when it cannot be written."""
     import os
     import tempfile
     from pathlib import Path
@@ -167,11 +174,16 @@ def write_csv(df, path, force: bool = False) -> None:
     from planner.errors import BadInput
 
     path = Path(path)
-    check_output(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
-            df.to_csv(f, index=False, float_format="%.6g")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise BadInput(f"{path}: cannot write ({e.strerror or e})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)

@@ -403,7 +403,11 @@ def plot_timeline(tl: Timeline, path: str | None = None, title: str | None = Non
     axm.set_axisbelow(True)
 
     handles = []
-    if v > 1:
+    if v > 3:  # the first and last chunk's shades: later chunks are lighter
+        for kind in ("forward", "backward"):
+            handles += [Patch(color=_shade(COLORS[kind], 0, v), label=f"{kind}, chunk 0"),
+                        Patch(color=_shade(COLORS[kind], v - 1, v), label=f"{kind}, chunk {v - 1} (lighter)")]
+    elif v > 1:
         handles += [Patch(color=_shade(COLORS["forward"], c, v), label=f"forward, chunk {c}") for c in range(v)]
         handles += [Patch(color=_shade(COLORS["backward"], c, v), label=f"backward, chunk {c}") for c in range(v)]
     else:
@@ -436,30 +440,25 @@ def plot_timeline(tl: Timeline, path: str | None = None, title: str | None = Non
 
 
 def save_figure(fig, path, formats=("png", "svg", "pdf")) -> None:
-    """Write a matplotlib Figure atomically (temporary file beside it, then os.replace)."""
-    import os
-    import tempfile
+    """Write a matplotlib Figure atomically (rendered in memory, then planner.sweep.write_atomic)."""
+    import io
     from pathlib import Path
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from planner.errors import BadInput
+    from planner.sweep import write_atomic
 
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in formats:
         raise BadInput(f"{path}: unknown image format '{path.suffix}'; use one of "
                        + ", ".join("." + f for f in formats))
-    if fig.canvas is None or not isinstance(fig.canvas, FigureCanvasAgg):
+    if not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=DPI)
+    write_atomic(path, buf.getvalue())
 
 
 def png_size(path) -> tuple[int, int]:
@@ -495,7 +494,7 @@ def plot_breakdown(table, ax=None, title: str | None = None):
     ax.set_yticklabels([name for name, _ in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("seconds per step (busiest stage; compute and comm overlap where the model says so)")
-    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     if title:
         ax.set_title(title)
     return ax
@@ -504,5 +503,6 @@ def plot_breakdown(table, ax=None, title: str | None = None):
 def _breakdown_rows(table) -> list[tuple[str, dict]]:
     if hasattr(table, "columns") and "estimate" in getattr(table, "columns", ()):
         labels = table["label"] if "label" in table.columns else table.index.astype(str)
-        return [(f"#{i} {lab}", est.breakdown) for i, lab, est in zip(table.index, labels, table["estimate"])]
+        return [(f"#{i} {lab}" if isinstance(i, (int, np.integer)) else str(i), est.breakdown)
+                for i, lab, est in zip(table.index, labels, table["estimate"])]
     return [(str(name), est.breakdown) for name, est in table]

@@ -4,6 +4,7 @@ schedule's phases, and the picture is written atomically at the size the layout 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -88,6 +89,9 @@ def test_png_written_at_its_size(capsys, plan_file, tmp_path):
     assert out.exists() and viz.png_size(out) == viz.figure_size_px(P) == (1600, 600)
     assert "warm-up" in text and f"timeline written to {out}" in text
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not mkstemp's 0600
     # refuses to overwrite, then overwrites with --force
     before = out.stat().st_mtime_ns
     one_line(*run(capsys, "simulate", plan_file, "-o", out)[::2])
