@@ -431,7 +431,8 @@ def plot_timeline(tl: Timeline, path: str | None = None, title: str | None = Non
     bubble = sum(g["end_s"] - g["start_s"] for g in tl.gaps if g["stage"] == 0)
     fig.suptitle(title or (
         f"{tl.model} on {tl.cluster} ({tl.devices} devices): {tl.label()}\n"
-        f"{tl.microbatches} micro-batches of {plan.mbs} x {tl.workload.seq_len} tokens; step {tl.step_time_s * scale:.4g} {unit}, "
+        f"{tl.microbatches} micro-batches of {plan.mbs} x {tl.workload.seq_len} tokens; "
+        f"step {tl.step_time_s * scale:.4g} {unit}, "
         f"{est.tokens_per_s:,.0f} tokens/s, MFU {est.mfu:.1%}; stage 0 idle {bubble / step:.1%}"
         f"{'' if est.fits else '; DOES NOT FIT'}"), fontsize=10.5)
     if path is not None:
