@@ -392,6 +392,73 @@ def cmd_export(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# validate and calibrate: the torch backend (planner/backends/torch/), imported only when asked for
+
+
+def _torch_backend(args) -> None:
+    if args.backend != "torch":
+        raise BadInput(f"unknown backend '{args.backend}'; the only backend is 'torch'")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise BadInput("the torch backend needs torch: pip install torch==2.13.0 (the CPU wheel is enough)") from None
+
+
+def cmd_validate(args) -> None:
+    _torch_backend(args)
+    from planner.backends.torch.runner import RunOptions
+    from planner.backends.torch.validate import report_text, validate
+
+    for flag in ("nproc", "steps", "threads"):
+        v = getattr(args, flag)
+        if v is not None and v <= 0:
+            raise BadInput(f"--{flag} must be a positive integer, got {v}")
+    if args.warmup < 0:
+        raise BadInput(f"--warmup must be >= 0, got {args.warmup}")
+    pf = read_plan_file(args.plan)
+    opts = RunOptions(steps=args.steps, warmup=args.warmup, seed=args.seed, device=args.device,
+                      threads=args.threads)
+    res = validate(pf, args.nproc, opts)
+    _emit(res, args.json, report_text(res))
+
+
+def cmd_calibrate(args) -> None:
+    _torch_backend(args)
+    from planner.backends.torch.calibrate import calibrate, report_text
+
+    if args.nproc is not None and args.nproc < 2:
+        raise BadInput(f"--nproc must be at least 2 (collectives need two processes), got {args.nproc}")
+    res = calibrate(nproc=args.nproc, quick=args.quick, out_dir=args.out_dir, force=args.force,
+                    dry_run=args.dry_run)
+    _emit(res, args.json, report_text(res))
+
+
+def _add_backend_commands(sub) -> None:
+    va = sub.add_parser("validate", help="run a plan file for real (torch.distributed) and compare with the prediction")
+    va.add_argument("plan", metavar="PLAN.json", help="a plan file (plan --save)")
+    va.add_argument("--backend", default="torch", help="execution backend (torch)")
+    va.add_argument("--nproc", type=int, help="processes (default: the plan's dp*tp*pp)")
+    va.add_argument("--steps", type=int, default=6, help="training steps, warm-up included (default 6)")
+    va.add_argument("--warmup", type=int, default=2, help="steps left out of the median (default 2)")
+    va.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: one GPU per process with NCCL when there are enough, else CPU with gloo")
+    va.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    va.add_argument("--seed", type=int, default=0)
+    va.add_argument("--json", action="store_true")
+    va.set_defaults(func=cmd_validate)
+
+    ca = sub.add_parser("calibrate", help="measure this machine and write the `local` device, link and cluster profile")
+    ca.add_argument("--backend", default="torch", help="measurement backend (torch)")
+    ca.add_argument("--nproc", type=int, help="processes for the collective measurements (default: the cores, >= 2)")
+    ca.add_argument("--quick", action="store_true", help="fewer shapes and sizes (a test run, not a profile to trust)")
+    ca.add_argument("--out-dir", metavar="DIR", help="write devices/ links/ nodes/ under DIR instead of the catalog")
+    ca.add_argument("--force", action="store_true", help="overwrite an existing local profile")
+    ca.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
+    ca.add_argument("--json", action="store_true")
+    ca.set_defaults(func=cmd_calibrate)
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -489,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", metavar="FILE", help="file to write (default: stdout)")
     ex.add_argument("--force", action="store_true", help="overwrite an existing -o file")
     ex.set_defaults(func=cmd_export)
+
+    _add_backend_commands(sub)
 
     bt = sub.add_parser("backtest", help="predict a table of published runs and report the error")
     bt.add_argument("--runs", required=True, help="CSV in the columns of calibration_runs_clean.csv")

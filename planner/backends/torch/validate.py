@@ -1,0 +1,123 @@
+"""`validate PLAN.json --backend torch`: run a saved plan for real and put the measurement beside the
+planner's prediction for the same model, cluster, workload and plan.
+
+The prediction is `estimate()` for the workload as executed: on the CPU the run computes in fp32 (see
+runner.executed_dtype), so the prediction is made for fp32 too, or it would compare 2-byte predictions with
+4-byte tensors. When more processes than cores share this machine (4 ranks on 2 cores), each rank gets
+cores/nproc of a core: the prediction divides the device's FLOP/s and memory bandwidth by the same factor
+(time-sharing is not in the cost model, which assumes one device per rank).
+
+Memory is compared two ways: the planner's peak (`predicted_peak_memory_bytes`, the contract figure, which
+includes its allocator and CUDA-context allowance) and its tensor bytes alone (peak minus that allowance,
+what torch's counters and the resident-set delta see), which gives `memory_error_pct`.
+"""
+from __future__ import annotations
+
+import os
+
+from planner import catalog
+from planner.backends.torch.runner import Job, RunOptions, choose_device, executed_dtype, launch
+from planner.errors import BadInput
+from planner.plan import PlanFile
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def shared_core_cluster(cluster, nproc: int, device_type: str):
+    """The cluster as `nproc` CPU ranks see it when they outnumber the cores: each device's FLOP/s and
+    memory bandwidth times cores/nproc. Unchanged on CUDA or when every rank has a core."""
+    cores = usable_cores()
+    if device_type != "cpu" or nproc <= cores:
+        return cluster, 1.0
+    share = cores / nproc
+    devices = []
+    for ref in cluster.devices:
+        d = ref.device
+        slower = d.model_copy(update={"peak_tflops": {k: v * share for k, v in d.peak_tflops.items()},
+                                      "memory_bandwidth_gb_s": d.memory_bandwidth_gb_s * share})
+        devices.append(ref.model_copy(update={"device": slower}))
+    return cluster.model_copy(update={"devices": devices}), share
+
+
+def predict(pf: PlanFile, nproc: int, device_type: str):
+    """(Estimate, executed workload, core share) for the plan as this backend will run it."""
+    from planner.cost.estimate import estimate
+    from planner.importers import load_model
+
+    graph = load_model(pf.model)
+    workload = pf.workload.model_copy(update={"dtype": executed_dtype(device_type, pf.workload.dtype)})
+    cluster = catalog.load_cluster(pf.cluster, pf.nodes)
+    cluster, share = shared_core_cluster(cluster, nproc, device_type)
+    return graph, workload, estimate(graph, cluster, workload, pf.plan), share
+
+
+def validate(pf: PlanFile, nproc: int | None = None, opts: RunOptions = RunOptions()) -> dict:
+    nproc = pf.plan.devices if nproc is None else nproc
+    if nproc != pf.plan.devices:
+        raise BadInput(f"the plan uses dp*tp*pp*cp = {pf.plan.devices} devices; --nproc {nproc} cannot run it "
+                       f"(use --nproc {pf.plan.devices})")
+    device_type = choose_device(opts.device, nproc)
+    graph, workload, est, share = predict(pf, nproc, device_type)
+    res = launch([Job(graph, workload, pf.plan)], nproc, opts)[0]
+    measured_t = res["measured_step_time_s"]
+    overhead = est.memory.get("overhead_bytes", 0.0)
+    tensor_bytes = est.peak_memory_bytes - overhead
+    measured_mem = res["measured_peak_memory_bytes"]
+    states = res["model_state_bytes_per_rank"]
+    measured_states = max(s["weights"] + s["gradients"] + s["optimizer"] for s in states)
+    predicted_states = sum(est.memory.get(k, 0.0) for k in ("weights_bytes", "gradients_bytes", "optimizer_bytes"))
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "model": pf.model, "cluster": pf.cluster, "nodes": pf.nodes, "plan": pf.plan.model_dump(),
+        "workload": workload.model_dump(), "backend": "torch", "device": device_type, "nproc": nproc,
+        "core_share": share,
+        "measured_step_time_s": measured_t,
+        "predicted_step_time_s": est.step_time_s,
+        "error_pct": 100.0 * (est.step_time_s - measured_t) / measured_t,
+        "measured_peak_memory_bytes": measured_mem,
+        "predicted_peak_memory_bytes": est.peak_memory_bytes,
+        "predicted_tensor_memory_bytes": tensor_bytes,
+        "memory_error_pct": 100.0 * (tensor_bytes - measured_mem) / measured_mem if measured_mem > 0 else None,
+        "measured_model_state_bytes": measured_states,
+        "predicted_model_state_bytes": predicted_states,
+        "memory_method": res["memory_method"],
+        "losses": res["losses"],
+        "step_times_s": res["step_times_s"],
+        "measured_step_time_min_s": res["measured_step_time_min_s"],
+        "peak_memory_bytes_per_rank": res["peak_memory_bytes_per_rank"],
+        "predicted_breakdown": est.breakdown,
+        "predicted_why": est.why,
+        "load_average_1m": load[0],
+        "steps": opts.steps, "warmup": opts.warmup,
+    }
+
+
+def report_text(r: dict) -> str:
+    p = r["plan"]
+    head = (f"{r['model']} on {r['cluster']}: {r['nproc']} processes, {r['device']} "
+            f"({'nccl' if r['device'] == 'cuda' else 'gloo'}), {r['workload']['dtype']}, "
+            f"gbs {r['workload']['global_batch']} seq {r['workload']['seq_len']}; dp{p['dp']} tp{p['tp']} "
+            f"pp{p['pp']} vpp{p['vpp']} zero{p['zero']}{' sp' if p['sp'] else ''} mbs{p['mbs']} "
+            f"recompute {p['recompute']} {p['schedule']}")
+    mem_err = r["memory_error_pct"]
+    lines = [head,
+             f"{'':<24}{'measured':>14}{'predicted':>14}{'error':>9}",
+             f"{'step time (median) s':<24}{r['measured_step_time_s']:>14.4f}{r['predicted_step_time_s']:>14.4f}"
+             f"{r['error_pct']:>8.1f}%",
+             f"{'peak memory MB':<24}{r['measured_peak_memory_bytes'] / 1e6:>14.1f}"
+             f"{r['predicted_tensor_memory_bytes'] / 1e6:>14.1f}"
+             + (f"{mem_err:>8.1f}%" if mem_err is not None else f"{'-':>9}")
+             + f"   (planner peak with its allocator allowance: {r['predicted_peak_memory_bytes'] / 1e6:.1f} MB)",
+             f"{'model states MB':<24}{r['measured_model_state_bytes'] / 1e6:>14.1f}"
+             f"{r['predicted_model_state_bytes'] / 1e6:>14.1f}",
+             f"losses: {' '.join(f'{x:.4f}' for x in r['losses'])}",
+             f"memory: {r['memory_method']}; {r['steps']} steps, {r['warmup']} warm-up; "
+             f"load average {r['load_average_1m']:.2f}"
+             + (f"; {r['nproc']} ranks share {usable_cores()} cores (prediction scaled by {r['core_share']:.2f})"
+                if r["core_share"] < 1 else "")]
+    return "\n".join(lines)
