@@ -270,6 +270,11 @@ def cmd_plan(args) -> None:
     model = load_model(args.model)
     cluster = catalog.load_cluster(args.cluster, args.nodes)
     workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype)
+    from planner.hetero import cli as hetero_cli  # mixed devices, islands, phones: planners of their own
+
+    kind = hetero_cli.route(cluster)
+    if kind is not None:
+        return hetero_cli.cmd_plan(args, model, cluster, workload, kind, save, _emit, _write_atomic)
     res = search(model, cluster, workload, constraints, top_k=args.top)
     if save is not None:
         best = res.plans[0]

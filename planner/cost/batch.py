@@ -31,7 +31,8 @@ How the work is shared between plans (the scalar estimate redoes all of it per p
      later call evaluates only what is new to it (a search calls estimate_batch again and again).
 
 Falls back to calling the scalar `estimate` (one call per plan) for plans with an explicit
-`plan.partition` or with optimizer offload (`plan.offload.optimizer > 0`); activation offload is vectorized.
+`plan.partition` or with optimizer offload (`plan.offload.optimizer > 0`), and for every plan on a cluster of
+several device types (each stage timed on its own devices); activation offload is vectorized.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from planner.cost.estimate import (
 )
 from planner.errors import BadInput
 from planner.hardware import Cluster
+from planner.hetero.stages import _homogeneous
 from planner.model import ModelGraph
 from planner.plan import OffloadPolicy, ParallelPlan, Workload
 
@@ -518,13 +520,16 @@ def estimate_batch(model: ModelGraph, cluster: Cluster, workload: Workload,
     for k in ("prepare", "layers", "chunks", "pipeline", "step+memory", "fallback"):
         tm.setdefault(k, 0.0)
     n_all = len(plans)
+    # Several device types: every stage is timed on its own devices (planner/hetero/stages.py), which only
+    # the scalar estimate does; every plan takes the scalar path there.
+    mixed = not _homogeneous(cluster)
     if isinstance(plans, PlanArrays):
-        slow = np.flatnonzero(plans.offload_optimizer > 0)
+        slow = np.flatnonzero((plans.offload_optimizer > 0) | mixed)
         slow_plans = [plans.plan(int(i)) for i in slow]
-        fast_rows = np.flatnonzero(plans.offload_optimizer <= 0)
+        fast_rows = np.flatnonzero((plans.offload_optimizer <= 0) & (not mixed))
         pa = plans.take(fast_rows) if len(slow) else plans
     else:
-        is_slow = [p.partition is not None or p.offload.optimizer > 0 for p in plans]
+        is_slow = [mixed or p.partition is not None or p.offload.optimizer > 0 for p in plans]
         slow = np.flatnonzero(np.array(is_slow, dtype=bool))
         slow_plans = [plans[int(i)] for i in slow]
         fast_rows = np.flatnonzero(~np.array(is_slow, dtype=bool))
