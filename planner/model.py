@@ -170,11 +170,13 @@ class Layer(BaseModel):
         """Tokens this layer sees per micro-batch of b sequences of s tokens."""
         return b * (self.fixed_tokens if self.fixed_tokens is not None else s)
 
-    def gemms(self, b, s, tp=1, cp=1):
+    def gemms(self, b, s, tp=1, cp=1, etp=1):
         """Forward GEMMs on one device as (name, m, n, k): m tokens, n output and k reduced columns.
 
         Column- then row-parallel splits as in Megatron (Shoeybi et al. 2019, section 3): the first GEMM of
-        a pair divides n by tp, the second divides k. 2*m*n*k FLOPs each.
+        a pair divides n by tp, the second divides k. 2*m*n*k FLOPs each. Routed experts are split etp ways
+        (expert tensor parallel): an etp group gathers etp ranks' tokens and each computes f/etp columns, so
+        a device's expert FLOPs are the same for every etp (MoE Parallel Folding, Liu et al. 2025).
         """
         t = self.tokens(b, s) / cp
         h = self.hidden
@@ -202,9 +204,9 @@ class Layer(BaseModel):
         if self.kind == "moe":
             f, k = self.ffn_hidden, self.topk
             out.append(("router", t, self.experts, h))
-            # Balanced routing: each device computes tokens*k/tp expert rows (see expert_flops note).
-            out.append(("expert_up", t * k / tp, (2 if self.gated else 1) * f, h))
-            out.append(("expert_down", t * k / tp, h, f))
+            # Balanced routing: each device computes tokens*k*etp/tp expert rows of f/etp columns.
+            out.append(("expert_up", t * k * etp / tp, (2 if self.gated else 1) * f / etp, h))
+            out.append(("expert_down", t * k * etp / tp, h, f / etp))
             if self.shared_experts:
                 fs = self.shared_ffn_hidden * self.shared_experts
                 out.append(("shared_up", t, (2 if self.gated else 1) * fs / tp, h))

@@ -21,6 +21,11 @@ class Workload(BaseModel):
     dtype: TrainDtype = "bf16"
     optimizer: Optimizer = "adamw"
     grad_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # Megatron keeps fp32 main grads by default
+    # MoE routing (planner/cost/moe.py): tokens per expert capped at capacity_factor x the mean, overflow
+    # dropped (Switch section 2.2; Megatron --moe-expert-capacity-factor); None: dropless. imbalance: the
+    # busiest expert's load over the mean (>= 1; 1 = balanced, as Megatron's benchmarks force).
+    moe_capacity_factor: float | None = Field(None, gt=0)
+    moe_imbalance: float = Field(1.0, ge=1.0)
 
     @property
     def tokens_per_step(self) -> int:
@@ -67,6 +72,10 @@ class ParallelPlan(BaseModel):
     # Tensor-parallel all-gather / reduce-scatter split into chunks that run under the neighbouring GEMMs
     # (Megatron --tp-comm-overlap with Transformer Engine userbuffers; torchtitan's async TP).
     overlap_tp_comm: bool = False
+    # How context parallel exchanges attention inputs: "ring" passes K/V blocks round the cp ring under the
+    # attention core (Liu et al. 2023; Megatron); "a2a" re-shards sequence <-> heads with all-to-alls
+    # (DeepSpeed-Ulysses, Jacobs et al. 2023), needing cp | heads/tp.
+    cp_comm: Literal["ring", "a2a"] = "ring"
     partition: list[StageAssignment] | None = None  # None: blocks spread evenly over pp * vpp chunks
 
     @model_validator(mode="after")
@@ -75,6 +84,8 @@ class ParallelPlan(BaseModel):
             raise ValueError(f"vpp={self.vpp} needs schedule 'interleaved-1f1b', got '{self.schedule}'")
         if self.recompute_num_layers is not None and self.recompute != "full":
             raise ValueError("recompute_num_layers needs recompute 'full' (Megatron's block method)")
+        if self.cp_comm == "a2a" and self.cp == 1:
+            raise ValueError("cp_comm 'a2a' (Ulysses) needs cp > 1")
         if self.sp and self.tp == 1:
             raise ValueError("sequence parallel (sp) needs tp > 1")
         if self.partition is not None and len(self.partition) != self.pp * self.vpp:

@@ -31,8 +31,8 @@ How the work is shared between plans (the scalar estimate redoes all of it per p
      later call evaluates only what is new to it (a search calls estimate_batch again and again).
 
 Falls back to calling the scalar `estimate` (one call per plan) for plans with an explicit
-`plan.partition` or with optimizer offload (`plan.offload.optimizer > 0`), and for every plan on a cluster of
-several device types (each stage timed on its own devices); activation offload is vectorized.
+`plan.partition` or with optimizer offload (`plan.offload.optimizer > 0`), and for activation offload (its
+per-layer host-transfer time is modelled in estimate._layer_step only).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from planner.cost import comm, memory, pipeline
+from planner.cost import comm, longctx, memory, moe, pipeline
 from planner.cost.compute import ATTENTION_BWD_FACTOR, DTYPE_BYTES, floored, layer_time, recompute_time_s
 from planner.cost.estimate import (
     EXPOSED_TAIL_FRACTION, _check_expert_parallel, _group, _overlapped_tp_s, _policies, estimate, pipeline_p2p_s,
@@ -50,7 +50,6 @@ from planner.cost.estimate import (
 )
 from planner.errors import BadInput
 from planner.hardware import Cluster
-from planner.hetero.stages import _homogeneous
 from planner.model import ModelGraph
 from planner.plan import OffloadPolicy, ParallelPlan, Workload
 
@@ -90,14 +89,17 @@ class PlanArrays:
     offload_optimizer: np.ndarray
     offload_activations: np.ndarray
     overlap_tp_comm: np.ndarray | None = None  # None: all False (the ParallelPlan default)
+    cp_a2a: np.ndarray | None = None  # cp_comm "a2a" (Ulysses); None: all False (the ring)
 
     _INT = ("dp", "tp", "pp", "vpp", "cp", "ep", "etp", "zero", "mbs", "num_microbatches", "recompute",
             "recompute_num_layers", "schedule")
-    _BOOL = ("sp", "flash_attention", "overlap_grad_reduce", "overlap_tp_comm")
+    _BOOL = ("sp", "flash_attention", "overlap_grad_reduce", "overlap_tp_comm", "cp_a2a")
 
     def __post_init__(self):
         if self.overlap_tp_comm is None:
             self.overlap_tp_comm = np.zeros(len(np.atleast_1d(self.dp)), dtype=bool)
+        if self.cp_a2a is None:
+            self.cp_a2a = np.zeros(len(np.atleast_1d(self.dp)), dtype=bool)
         for f in fields(self):
             a = np.asarray(getattr(self, f.name))
             if f.name in self._INT:
@@ -130,6 +132,7 @@ class PlanArrays:
             "flash_attention": [p.flash_attention for p in plans],
             "overlap_grad_reduce": [p.overlap_grad_reduce for p in plans],
             "overlap_tp_comm": [p.overlap_tp_comm for p in plans],
+            "cp_a2a": [p.cp_comm == "a2a" for p in plans],
             "offload_optimizer": [p.offload.optimizer for p in plans],
             "offload_activations": [p.offload.activations for p in plans],
         }
@@ -149,7 +152,8 @@ class PlanArrays:
             offload=OffloadPolicy(optimizer=float(self.offload_optimizer[i]),
                                   activations=float(self.offload_activations[i])),
             schedule=SCHEDULES[int(self.schedule[i])], flash_attention=bool(self.flash_attention[i]),
-            overlap_grad_reduce=bool(self.overlap_grad_reduce[i]), overlap_tp_comm=bool(self.overlap_tp_comm[i]))
+            overlap_grad_reduce=bool(self.overlap_grad_reduce[i]), overlap_tp_comm=bool(self.overlap_tp_comm[i]),
+            cp_comm="a2a" if self.cp_a2a[i] else "ring")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,7 +314,7 @@ class _Ctx:
                 self.shape_of[layer.shape_key] = len(self.shapes)
                 self.shapes.append(layer)
         self.col: dict = {}
-        self.tuples = np.zeros((0, 8), dtype=np.int64)
+        self.tuples = np.zeros((0, 9), dtype=np.int64)
         self.lv: dict | None = None
         self.groups: dict = {}
         self.stages = None
@@ -347,12 +351,13 @@ class _Ctx:
             for x, r in zip(ents, rows.tolist()):
                 x["row"] = r
             self.stages = tuple(np.concatenate([x[k] for x in ents]).ravel()
-                                for k in ("par_st", "froz_st", "act_st"))
+                                for k in ("par_st", "froz_st", "act_st", "parx_st"))
         return self.stages
 
 
 def _ctx(model: ModelGraph, cluster: Cluster, workload: Workload) -> _Ctx:
-    key = (id(model), id(cluster), workload.seq_len, workload.dtype, workload.grad_dtype)
+    key = (id(model), id(cluster), workload.seq_len, workload.dtype, workload.grad_dtype, workload.moe_imbalance,
+           workload.moe_capacity_factor)
     hit = _CTX.get(key)
     if (hit is None or hit.model is not model or hit.cluster is not cluster
             or max(len(hit.col), len(hit.pg_id), len(hit.cg_id)) > _IDS_MAX):
@@ -411,7 +416,7 @@ def _makespan(dag: _Dag, dur_rows: np.ndarray, p2p: np.ndarray, block: int = 4_0
 # per-layer values over distinct layer tuples
 
 
-def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s):
+def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s, routing=(1.0, None)):
     """Per distinct shape (rows) and policy, with arrays over the distinct layer tuples (columns):
     forward and backward time of one micro-batch, model and hardware FLOPs, activation bytes; and
     trainable / frozen parameters per device. Mirrors estimate._layer_step (time, FLOPs), the activation
@@ -421,12 +426,12 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s):
     distinct (sp, flash, ep), with arrays over (mbs, tp, cp, etp)."""
     nu, ns = len(tuples), len(shapes)
     out = {k: np.zeros((ns, 3, nu)) for k in ("fwd", "bwd", "fhw", "act")}
-    for k in ("fmodel", "par", "froz"):
+    for k in ("fmodel", "par", "froz", "parx"):
         out[k] = np.zeros((ns, nu))
-    sub_keys = tuples[:, [3, 4, 5, 7]]
+    sub_keys = tuples[:, [3, 4, 5, 7, 8]]
     for key in np.unique(sub_keys, axis=0):
         idx = np.flatnonzero(np.all(sub_keys == key, axis=1))
-        sp, flash, ep, tp_overlap = bool(key[0]), bool(key[1]), int(key[2]), bool(key[3])
+        sp, flash, ep, tp_overlap, a2a = bool(key[0]), bool(key[1]), int(key[2]), bool(key[3]), bool(key[4])
         tpi, cpi = tuples[idx, 1], tuples[idx, 2]
         b, tp, cp = tuples[idx, 0].astype(float), tpi.astype(float), cpi.astype(float)
         n = len(idx)
@@ -441,8 +446,13 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s):
             mk = (tpi == t) & (cpi == c)
             link = _collective(cluster, 0, t, c)
             cp_bw[mk], cp_lat[mk] = link.bus_bytes_per_s, link.latency_s
+        etp_c = tuples[idx, 6]
         for si, layer in enumerate(shapes):
-            lt = layer_time(layer, b, s, dev, dtype, tp=tp, cp=cp, sp=sp, ep=ep, flash=flash)
+            load = 1.0
+            if layer.kind == "moe":  # estimate._layer_step: the busiest expert-parallel rank
+                load = moe.rank_load_factor(routing[0], routing[1], max(1, layer.experts // ep))
+            lt = layer_time(layer, b, s, dev, dtype, tp=tp, cp=cp, sp=sp, ep=ep, flash=flash,
+                            etp=etp_c.astype(float), expert_load=load)
             lt_fwd, lt_bwd, lt_attn = arr(lt.fwd_s), arr(lt.bwd_s), arr(lt.attention_fwd_s)
             lt_flops = arr(lt.fwd_flops)
             host = float(lt.host_fwd_s)
@@ -454,8 +464,21 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s):
                     mk = tpi == t
                     one[mk] = comm.all_reduce_time_s(nbytes[mk], _collective(cluster, 0, 1, t))
             tp_on = tpi > 1
+            if layer.kind == "moe" and sp and not layer.shared_experts:
+                tp_on = tp_on & (etp_c != 1)  # estimate._layer_step: folded experts skip the TP group
             cp_f = cp_b = 0.0
-            if layer.kind == "attention":
+            if layer.kind == "attention" and a2a:
+                width = layer.head_dim or (layer.mla.qk_nope_head_dim + layer.mla.qk_rope_head_dim
+                                           if layer.mla else 0)
+                nb = longctx.ulysses_a2a_bytes(b, s, layer.heads, layer.kv_heads or layer.heads, width, cp, tp, e)
+                cp_f = np.zeros(n)
+                for t, c in {(int(x), int(y)) for x, y in zip(tpi, cpi)}:
+                    mk = (tpi == t) & (cpi == c)
+                    link = _collective(cluster, 0, t, c)
+                    cp_f[mk] = comm.all_to_all_time_s(nb[mk], link, inter_node_bytes_per_s=link.rank_inter_bytes_per_s)
+                cp_f = np.where(cpi > 1, cp_f, 0.0)
+                cp_b = cp_f
+            elif layer.kind == "attention":
                 kv = comm.cp_kv_bytes_per_layer(b, s, layer.kv_heads, layer.head_dim, cp, e)
                 ring = comm.p2p_time_s(kv, cp_bw, cp_lat)
                 cp_on = cpi > 1
@@ -464,7 +487,7 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s):
             ep_s = 0.0
             if ep > 1 and layer.kind == "moe":
                 tokens = layer.tokens(b, s) / cp / (tp if sp else 1)
-                nbytes = tokens * layer.topk * layer.hidden * e
+                nbytes = tokens * layer.topk * layer.hidden * e * load
                 ep_s = np.zeros(n)
                 etpi = tuples[idx, 6]  # estimate: ep_link = collective(_group(0, etp or tp, ep))
                 for t in np.unique(etpi).tolist():
@@ -494,6 +517,8 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s):
             if layer.trainable:
                 etp = tuples[idx, 6].astype(float)
                 out["par"][si, idx] = layer.params_per_device(tp=tp, ep=ep, etp=etp)
+                # estimate.estimate: stage_expert, the routed parameters per device
+                out["parx"][si, idx] = float(layer.routed_params()) / (ep * etp)
             else:
                 out["froz"][si, idx] = arr(layer.params_per_device(tp=tp)) * e_w
     return out
@@ -520,16 +545,14 @@ def estimate_batch(model: ModelGraph, cluster: Cluster, workload: Workload,
     for k in ("prepare", "layers", "chunks", "pipeline", "step+memory", "fallback"):
         tm.setdefault(k, 0.0)
     n_all = len(plans)
-    # Several device types: every stage is timed on its own devices (planner/hetero/stages.py), which only
-    # the scalar estimate does; every plan takes the scalar path there.
-    mixed = not _homogeneous(cluster)
     if isinstance(plans, PlanArrays):
-        slow = np.flatnonzero((plans.offload_optimizer > 0) | mixed)
+        # activation offload adds per-layer transfer time only estimate._layer_step models: scalar path
+        slow = np.flatnonzero((plans.offload_optimizer > 0) | (plans.offload_activations > 0))
         slow_plans = [plans.plan(int(i)) for i in slow]
-        fast_rows = np.flatnonzero((plans.offload_optimizer <= 0) & (not mixed))
+        fast_rows = np.flatnonzero((plans.offload_optimizer <= 0) & (plans.offload_activations <= 0))
         pa = plans.take(fast_rows) if len(slow) else plans
     else:
-        is_slow = [mixed or p.partition is not None or p.offload.optimizer > 0 for p in plans]
+        is_slow = [p.partition is not None or p.offload.optimizer > 0 or p.offload.activations > 0 for p in plans]
         slow = np.flatnonzero(np.array(is_slow, dtype=bool))
         slow_plans = [plans[int(i)] for i in slow]
         fast_rows = np.flatnonzero(~np.array(is_slow, dtype=bool))
@@ -701,7 +724,7 @@ def _group_entry(ctx: _Ctx, pp: int, vpp: int, rc: int, rnl: int, n_dev: int, e:
     rows = worst[None, :] + pp * np.arange(vpp)[:, None]
     Fw = Fc[rows, cols].sum(axis=0)
     Bw = Bc[rows, cols].sum(axis=0)
-    ent = dict(Fc=Fc, Bc=Bc, par_st=par_st, froz_st=k["Fst"] @ lv["froz"],
+    ent = dict(Fc=Fc, Bc=Bc, par_st=par_st, froz_st=k["Fst"] @ lv["froz"], parx_st=k["Tst"] @ lv["parx"],
                act_st=k["Kst"] @ lv["act"].reshape(S * 3, G), params_dev=par_st[worst, cols], last_bwd=Bw,
                busy_worst=Fw + Bw, fm=k["Kall"] @ lv["fmodel"], fh=k["Ktot"] @ lv["fhw"].reshape(S * 3, G))
     # --- mirrors estimate.estimate: DP gradient reduction and ZeRO traffic over the dp group, per layer ---
@@ -719,6 +742,25 @@ def _group_entry(ctx: _Ctx, pp: int, vpp: int, rc: int, rnl: int, n_dev: int, e:
         ar[mk] = np.sum(cw * comm.all_reduce_time_s(pl * g_bytes, link), axis=0)
         rs[mk] = np.sum(cw * comm.reduce_scatter_time_s(pl * g_bytes, link), axis=0)
         ag[mk] = np.sum(cw * comm.all_gather_time_s(pl * e, link), axis=0)
+    # estimate.estimate: with ep*etp != tp the routed experts sync over EDP = n/(pp ep etp) ranks ep*etp apart
+    ep_c, etp_c = tuples[:, 5], tuples[:, 6]
+    for t, x, y in {(int(a), int(b), int(c)) for a, b, c in zip(tp_c, ep_c, etp_c) if b * c != a}:
+        mk = (tp_c == t) & (ep_c == x) & (etp_c == y)
+        dp = n_dev // (t * pp)
+        edp = n_dev // (pp * x * y)
+        px, cw = lv["parx"][:, mk], cnt_worst[:, mk]
+        pl = lv["par"][:, mk] - px
+        ar[mk] = rs[mk] = ag[mk] = 0.0  # columns whose degrees fit no plan of this pp keep 0
+        if dp > 1:
+            link = _collective(cluster, 0, t, dp)
+            ar[mk] = np.sum(cw * comm.all_reduce_time_s(pl * g_bytes, link), axis=0)
+            rs[mk] = np.sum(cw * comm.reduce_scatter_time_s(pl * g_bytes, link), axis=0)
+            ag[mk] = np.sum(cw * comm.all_gather_time_s(pl * e, link), axis=0)
+        if edp > 1 and n_dev % (pp * x * y) == 0:
+            link = _collective(cluster, 0, x * y, edp)
+            ar[mk] += np.sum(cw * comm.all_reduce_time_s(px * g_bytes, link), axis=0)
+            rs[mk] += np.sum(cw * comm.reduce_scatter_time_s(px * g_bytes, link), axis=0)
+            ag[mk] += np.sum(cw * comm.all_gather_time_s(px * e, link), axis=0)
     # --- estimate.pipeline_p2p_s, the same function the scalar estimate calls (columns whose tp * cp does
     # not fit this pp on the cluster belong to no plan: nan) ---
     p2p = np.zeros(G)
@@ -761,7 +803,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
 
     # distinct layer tuples -> columns of ctx (u_of: every plan's column), count groups cg, pipeline groups pg
     etp = np.where(pa.etp > 0, pa.etp, pa.tp)
-    lt_cols = [pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.ep, etp, pa.overlap_tp_comm]
+    lt_cols = [pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.ep, etp, pa.overlap_tp_comm, pa.cp_a2a]
     u_first, u_of = _row_ids(lt_cols)
     tuples_b = np.stack([np.asarray(c, dtype=np.int64)[u_first] for c in lt_cols], axis=1)
     cg_first, cg_of = _row_ids([pa.pp, pa.vpp, pa.recompute, pa.recompute_num_layers + 1])
@@ -773,7 +815,8 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     tm["prepare"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    u_of = ctx.columns(tuples_b, (cluster, dev, dtype, e, e_act, e_w, s))[u_of]
+    u_of = ctx.columns(tuples_b, (cluster, dev, dtype, e, e_act, e_w, s,
+                                  (workload.moe_imbalance, workload.moe_capacity_factor)))[u_of]
     G = len(ctx.tuples)
     tm["layers"] += time.perf_counter() - t0
 
@@ -844,7 +887,8 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     p2p_s = p2p_pr[pr_of]
     ar, rs, ag = per_cu["ar"][cu_of], per_cu["rs"][cu_of], per_cu["ag"][cu_of]
     dp_s = np.where(pa.zero == 0, ar, rs + np.where(pa.zero < 3, ag, 2 * m * ag))
-    dp_s = np.where(dp * pa.cp > 1, dp_s, 0.0) / dev.efficiency.dp_collective  # estimate: grad_ranks > 1
+    # estimate: grad_ranks > 1, or routed experts syncing over their own EDP group
+    dp_s = np.where((dp * pa.cp > 1) | (pa.ep * etp != pa.tp), dp_s, 0.0) / dev.efficiency.dp_collective
     busy = per_cu["busy_worst"][cu_of]
     last_bwd = per_cu["last_bwd"][cu_of]
     params_dev = per_cu["params_dev"][cu_of]
@@ -874,7 +918,9 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     me_oopt = pa.offload_optimizer[me_first]
     oact_any, oopt_any = bool(me_oact.any()), bool(me_oopt.any())  # x * (1 - 0) is x: skipped when all 0
     me_pg = pr_pg[me_pr]
-    par_t, froz_t, act_t = ctx.stage_tables()
+    par_t, froz_t, act_t, parx_t = ctx.stage_tables()
+    # estimate.expert_data_parallel: the ranks sharing the same experts
+    me_edp = (dp * pa.cp * pa.tp // (pa.ep * etp))[me_first]
     me_row = np.array([x["row"] for x in cg], dtype=np.int64)[pr_cg[me_pr]]
     me_u = pr_u[me_pr]
     me_pp = pg_keys[me_pg, 1]
@@ -896,6 +942,15 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
         weights, grads, optim = memory.model_state_parts(par_t.take(at), me_dp[idx][:, None], zz,
                                                          weight_dtype_bytes=e_w, grad_dtype_bytes=g_bytes,
                                                          optimizer=workload.optimizer)
+        parx = parx_t.take(at)
+        split = (parx > 0) & (me_edp[idx] != me_dp[idx])[:, None]
+        if split.any():  # estimate._memory: dense states over dp x cp, routed experts over EDP
+            dense = memory.model_state_parts(par_t.take(at) - parx, me_dp[idx][:, None], zz, weight_dtype_bytes=e_w,
+                                             grad_dtype_bytes=g_bytes, optimizer=workload.optimizer)
+            routed = memory.model_state_parts(parx, me_edp[idx][:, None], zz, weight_dtype_bytes=e_w,
+                                              grad_dtype_bytes=g_bytes, optimizer=workload.optimizer)
+            weights, grads, optim = (np.where(split, d + r, x) for d, r, x in
+                                     zip(dense, routed, (weights, grads, optim)))
         acts = act_t.take(at) * infl_t.take(me_pg[idx][:, None] * max_pp + st)
         if oact_any:
             acts = acts * (1 - me_oact[idx])[:, None]

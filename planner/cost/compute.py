@@ -132,8 +132,11 @@ def elementwise_bytes_fwd(layer: Layer, b, s, tp=1, cp=1, sp=False, dtype_bytes=
 
 
 def layer_time(layer: Layer, b, s, device: Device, dtype: str = "bf16", tp=1, cp=1, sp=False, ep=1,
-               flash=True) -> LayerTime:
-    """Forward and backward time of `layer` for one micro-batch on one device (recompute not included)."""
+               flash=True, etp=1, expert_load=1.0) -> LayerTime:
+    """Forward and backward time of `layer` for one micro-batch on one device (recompute not included).
+
+    etp: expert tensor parallel degree (GEMM shapes only). expert_load: the busiest rank's routed tokens
+    over the balanced share (moe.rank_load_factor), scaling its expert GEMM rows."""
     e = device.efficiency
     if layer.kind == "vae":
         flops = layer.flops_fwd(b, s)
@@ -142,11 +145,12 @@ def layer_time(layer: Layer, b, s, device: Device, dtype: str = "bf16", tp=1, cp
     gemm_fwd = 0.0
     gemm_bwd = 0.0
     local_experts = max(1, layer.experts // ep) if layer.kind == "moe" else 1
-    for name, m, n, k in layer.gemms(b, s, tp, cp):
+    for name, m, n, k in layer.gemms(b, s, tp, cp, etp):
         count = 1
         if name.startswith("expert_"):
-            # Each local expert is its own (grouped) GEMM over its share of the routed tokens.
-            count, m = local_experts, m / local_experts
+            # Each local expert is its own (grouped) GEMM over its share of the routed tokens; the busiest
+            # rank's share is expert_load times the balanced one (planner/cost/moe.py).
+            count, m = local_experts, m * expert_load / local_experts
         gemm_fwd = gemm_fwd + gemm_time_s(m, n, k, device, dtype, count)
         gemm_bwd = gemm_bwd + gemm_time_s(m, k, n, device, dtype, count) + \
             gemm_time_s(k, n, m, device, dtype, count)

@@ -7,16 +7,14 @@ then dp, then pp), so a tp group is contiguous and lands inside a node when tp <
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost import comm, memory, pipeline
+from planner.cost import comm, longctx, memory, moe, pipeline
 from planner.cost.compute import ATTENTION_BWD_FACTOR, DTYPE_BYTES, floored, layer_time, recompute_time_s
-from planner.errors import BadInput
+from planner.errors import BadInput, Infeasible
 from planner.hardware import Cluster
-from planner.hetero.stages import boundary_p2p_s, stage_layout, stage_links
 from planner.model import Layer, ModelGraph
 from planner.plan import Estimate, ParallelPlan, Workload
 
@@ -143,6 +141,12 @@ class _Ctx:
     tp_link: object
     cp_link: object
     ep_link: object
+    # MoE routing (workload.moe_imbalance, workload.moe_capacity_factor), host link bytes/s for activation
+    # offload, activation bytes per element: defaults keep a context built without them balanced and
+    # offload-free.
+    moe_routing: tuple = (1.0, None)
+    host_bytes_per_s: float | None = None
+    e_act: int = 2
 
 
 @dataclass(frozen=True)
@@ -167,11 +171,19 @@ def _layer_step(layer: Layer, policy: str, c: _Ctx) -> _LayerStep:
     """One layer's forward and backward pass for one micro-batch: compute, recompute, and the TP, CP
     and EP communication that runs inside the pass, under the host's dispatch floor."""
     b, s, tp, cp, e, plan = c.b, c.s, c.tp, c.cp, c.e, c.plan
+    etp = plan.etp or tp
+    load = 1.0
+    if layer.kind == "moe":
+        # the busiest expert-parallel rank sets the layer's time (planner/cost/moe.py)
+        load = moe.rank_load_factor(c.moe_routing[0], c.moe_routing[1], max(1, layer.experts // plan.ep))
     lt = layer_time(layer, b, s, c.dev, c.dtype, tp=tp, cp=cp, sp=plan.sp, ep=plan.ep,
-                    flash=plan.flash_attention)
+                    flash=plan.flash_attention, etp=etp, expert_load=load)
     rc = recompute_time_s(lt, layer, policy)
-    tp_s = ep_s = cp_f = cp_b = 0.0
-    if tp > 1 and layer.kind in ("attention", "mlp", "moe", "encoder"):
+    tp_s = ep_s = cp_f = cp_b = off_f = off_b = 0.0
+    # MoE Parallel Folding (Liu et al. 2025): with etp = 1 and sequence parallel, the routed experts take
+    # their tokens through the expert all-to-all alone; only shared experts (tp-split) need the TP group.
+    folded = layer.kind == "moe" and etp == 1 and plan.sp and not layer.shared_experts
+    if tp > 1 and layer.kind in ("attention", "mlp", "moe", "encoder") and not folded:
         # Megatron: one all-reduce (or AG + RS under SP) per sublayer forward, one backward, one more
         # when the forward is recomputed (Narayanan 2021 section 3.2; Korthikanti 2022 section 4.2.2).
         nbytes = layer.tokens(b, s) / cp * layer.hidden * e
@@ -179,7 +191,15 @@ def _layer_step(layer: Layer, policy: str, c: _Ctx) -> _LayerStep:
         tp_s = one * (2 + (1 if policy == "full" and layer.trainable else 0))
         if plan.overlap_tp_comm:
             tp_s = float(_overlapped_tp_s(tp_s, lt, rc))
-    if cp > 1 and layer.kind == "attention":
+    if cp > 1 and layer.kind == "attention" and plan.cp_comm == "a2a":
+        # Ulysses: all-to-alls before and after the core in each pass, not overlapped (Jacobs et al. 2023
+        # section 3.2); the core then runs on heads/cp heads of the whole sequence, causally balanced.
+        width = layer.head_dim or (layer.mla.qk_nope_head_dim + layer.mla.qk_rope_head_dim if layer.mla else 0)
+        nbytes = longctx.ulysses_a2a_bytes(b, s, layer.heads, layer.kv_heads or layer.heads, width, cp, tp, e)
+        one = float(comm.all_to_all_time_s(nbytes, c.cp_link,
+                                           inter_node_bytes_per_s=c.cp_link.rank_inter_bytes_per_s))
+        cp_f, cp_b = one, one
+    elif cp > 1 and layer.kind == "attention":
         # Ring attention passes K/V blocks around the cp ring while computing; what does not hide behind
         # the attention core of the same pass stays exposed (Liu et al. 2023, section 3). A third of
         # the traffic is the forward's, two thirds the backward's (K/V again, and dK/dV).
@@ -190,20 +210,31 @@ def _layer_step(layer: Layer, policy: str, c: _Ctx) -> _LayerStep:
         cp_b = max(0.0, 2 * ring / 3 - ATTENTION_BWD_FACTOR * attn)
     if c.ep_link is not None and layer.kind == "moe":
         tokens = layer.tokens(b, s) / cp / (tp if plan.sp else 1)
-        nbytes = tokens * layer.topk * layer.hidden * e
+        # the busiest rank receives `load` times the balanced share (moe.rank_load_factor)
+        nbytes = tokens * layer.topk * layer.hidden * e * load
         # dispatch + combine, forward and backward (Megatron MoE README)
         ep_s = 4 * float(comm.all_to_all_time_s(
             nbytes, c.ep_link, inter_node_bytes_per_s=c.ep_link.rank_inter_bytes_per_s))
+    frac = plan.offload.activations
+    if frac > 0 and layer.trainable:
+        # Activation offload: the layer's saved tensors go to the host during its forward and come back
+        # for its backward over the host link, beside the pass's compute (SPPO; formulas.md 2.4, Δ).
+        if c.host_bytes_per_s is None:
+            raise Infeasible("activation offload needs a host_link on the node type; this cluster has none")
+        act = frac * float(layer.activation_bytes(b, s, tp, cp, plan.sp, policy, c.e_act,
+                                                  flash=plan.flash_attention))
+        off_f = longctx.offload_exposed_s(act, c.host_bytes_per_s, float(lt.fwd_s))
+        off_b = longctx.offload_exposed_s(act, c.host_bytes_per_s, float(lt.bwd_s + rc))
     host_b = 2 * lt.host_fwd_s + (lt.host_fwd_s if policy == "full" and layer.trainable else 0.0)
-    fwd = float(floored(lt.fwd_s + (tp_s + ep_s) / 2 + cp_f, lt.host_fwd_s))
-    bwd = lt.bwd_s + rc + (tp_s + ep_s) / 2 + cp_b
+    fwd = float(floored(lt.fwd_s + (tp_s + ep_s) / 2 + cp_f + off_f, lt.host_fwd_s))
+    bwd = lt.bwd_s + rc + (tp_s + ep_s) / 2 + cp_b + off_b
     bwd = float(floored(bwd, host_b)) if layer.trainable else float(lt.bwd_s)
     mult = 3 if layer.trainable else 1
     recompute_flops = lt.fwd_flops if (policy == "full" and layer.trainable) else 0.0
     if policy == "selective" and layer.trainable:
         recompute_flops = layer.attention_core_flops(b, s, tp, cp)
     parts = {"compute_s": float(lt.fwd_s + lt.bwd_s), "recompute_s": float(rc), "tp_comm_s": tp_s,
-             "cp_comm_s": cp_f + cp_b, "ep_comm_s": ep_s}
+             "cp_comm_s": cp_f + cp_b, "ep_comm_s": ep_s, "act_offload_s": off_f + off_b}
     return _LayerStep(fwd_s=fwd, bwd_s=bwd, parts=parts, flops_model=float(mult * lt.fwd_flops),
                       flops_hw=float(mult * lt.fwd_flops + recompute_flops))
 
@@ -263,11 +294,22 @@ def _check_expert_parallel(model: ModelGraph, plan: ParallelPlan) -> None:
         raise BadInput(f"ep*etp = {plan.ep}*{etp} must divide dp*cp*tp = {ranks}; change --ep")
 
 
+def _check_context_parallel(model: ModelGraph, plan: ParallelPlan) -> None:
+    """Ulysses (cp_comm 'a2a') gives each cp rank heads/(tp*cp) whole heads (Jacobs et al. 2023 section 3.2:
+    the degree must divide the heads)."""
+    if plan.cp_comm != "a2a":
+        return
+    for layer in model.layers:
+        if layer.kind == "attention" and layer.heads % (plan.tp * plan.cp):
+            raise BadInput(f"cp_comm a2a: tp*cp = {plan.tp}*{plan.cp} must divide the {layer.heads} heads of "
+                           f"model {model.name}; use the ring")
+
+
 def _group(base: int, stride: int, size: int) -> list[int]:
     return [base + stride * i for i in range(size)]
 
 
-_PARTS = ("compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s")
+_PARTS = ("compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s", "act_offload_s")
 
 
 @dataclass(frozen=True)
@@ -360,14 +402,14 @@ def _p2p_cached(cluster: Cluster):
     return p2p
 
 
-def _steps(model, cluster, st: _Structure, ctx: _Ctx, where: tuple = ()) -> list[_LayerStep]:
+def _steps(model, cluster, st: _Structure, ctx: _Ctx) -> list[_LayerStep]:
     """_layer_step of each of st.reps, cached per cluster by the representative layer (held in the entry,
-    so its id stays its own) and every input _layer_step reads. `where`: the stage's devices and profile
-    when they are not the cluster's first (heterogeneous layouts)."""
+    so its id stays its own) and every input _layer_step reads."""
     cache = _cache_for(_BY_CLUSTER, cluster)
     plan = ctx.plan
     common = (ctx.b, ctx.s, ctx.tp, ctx.cp, ctx.e, ctx.dtype, plan.sp, plan.ep, plan.flash_attention,
-              plan.overlap_tp_comm) + tuple(where)
+              plan.overlap_tp_comm) + (plan.etp, plan.cp_comm, plan.offload.activations, ctx.moe_routing,
+                                       ctx.host_bytes_per_s, ctx.e_act)
     out = []
     for layer, policy in st.reps:
         key = ("step", id(layer), policy, common)
@@ -403,6 +445,7 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
         raise BadInput(f"plan uses dp*tp*pp*cp = {plan.dp}*{plan.tp}*{plan.pp}*{plan.cp} = {n} devices, "
                        f"cluster {cluster.name} has {cluster.device_count}")
     _check_expert_parallel(model, plan)
+    _check_context_parallel(model, plan)
     if workload.global_batch % (plan.mbs * plan.dp):
         raise BadInput(f"global batch {workload.global_batch} is not divisible by mbs*dp = "
                        f"{plan.mbs}*{plan.dp}")
@@ -422,53 +465,35 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     # Megatron lays the expert grid out as [expert-data][expert][expert-tensor] over the dp x cp x tp ranks
     # of a stage: the ranks of one expert-parallel group sit etp apart.
     ep_link = _link(cluster, 0, plan.etp or tp, plan.ep) if plan.ep > 1 else None
-    # Several device types, or a plan that places its stages: each stage on its own devices and profile
-    # (planner/hetero/stages.py); None keeps the homogeneous path below unchanged.
-    layout = stage_layout(cluster, plan, dtype)
-    if layout is not None:
-        dev = layout.devices[0]
-        tp_link, cp_link, dp_link, ep_link = stage_links(cluster, layout, 0, plan)
 
     st = _structure(model, plan)
     chunks = st.chunks
+    host = cluster.nodes[0].host_link
     ctx = _Ctx(b=b, s=s, tp=tp, cp=cp, e=e, dev=dev, dtype=dtype, plan=plan, tp_link=tp_link,
-               cp_link=cp_link, ep_link=ep_link)
+               cp_link=cp_link, ep_link=ep_link, moe_routing=(workload.moe_imbalance, workload.moe_capacity_factor),
+               host_bytes_per_s=None if host is None else host.bytes_per_s,
+               e_act=2 if workload.dtype != "fp32" else 4)
     # Per chunk, the sums over its layers of each layer step's terms. cumsum adds along a row one element
     # after the other, as the loop `f += one.fwd_s` over the chunk's layers did, so the sums are the same
     # floats; the padding adds 0.0, which changes nothing.
-    vals = np.zeros((len(st.reps) + 1, 9))
-    for i, one in enumerate(_steps(model, cluster, st, ctx, () if layout is None else (layout.groups[0], dev.name))):
+    vals = np.zeros((len(st.reps) + 1, 4 + len(_PARTS)))
+    for i, one in enumerate(_steps(model, cluster, st, ctx)):
         vals[i] = (one.fwd_s, one.bwd_s, *(one.parts[k] for k in _PARTS), one.flops_model, one.flops_hw)
-    per_layer_vals = vals[st.idx]  # (chunks, longest chunk, 9)
-    if layout is not None:  # the other stages' chunks on their own devices and links
-        per_layer_vals = per_layer_vals.copy()
-        for stage in range(1, plan.pp):
-            s_tp, s_cp, _, s_ep = stage_links(cluster, layout, stage, plan)
-            s_ctx = dataclasses.replace(ctx, dev=layout.devices[stage], tp_link=s_tp, cp_link=s_cp, ep_link=s_ep)
-            s_vals = np.zeros_like(vals)
-            key = (layout.groups[stage], layout.devices[stage].name)
-            for i, one in enumerate(_steps(model, cluster, st, s_ctx, key)):
-                s_vals[i] = (one.fwd_s, one.bwd_s, *(one.parts[k] for k in _PARTS), one.flops_model, one.flops_hw)
-            rows = [c for c in range(len(chunks)) if c % plan.pp == stage]
-            per_layer_vals[rows] = s_vals[st.idx[rows]]
+    per_layer_vals = vals[st.idx]  # (chunks, longest chunk, 4 + parts)
     sums = np.cumsum(per_layer_vals, axis=1)[:, -1, :].tolist()
     fwd_s = [row[0] for row in sums]
     bwd_s = [row[1] for row in sums]
-    per_chunk = [dict(zip(_PARTS, row[2:7])) for row in sums]
+    per_chunk = [dict(zip(_PARTS, row[2:2 + len(_PARTS)])) for row in sums]
     # FLOPs: one running sum over every layer of every chunk, in chunk order
-    chunk_flops_model = float(np.cumsum(per_layer_vals[:, :, 7].reshape(-1))[-1])
-    chunk_flops_hw = float(np.cumsum(per_layer_vals[:, :, 8].reshape(-1))[-1])
+    chunk_flops_model = float(np.cumsum(per_layer_vals[:, :, -2].reshape(-1))[-1])
+    chunk_flops_hw = float(np.cumsum(per_layer_vals[:, :, -1].reshape(-1))[-1])
 
     # Pipeline: activations cross each stage boundary once per micro-batch each way (Narayanan 2021 3.2);
     # with sequence parallel (scatter/gather) each tp rank sends 1/tp of them.
     p2p_s = 0.0
     if plan.pp > 1:
         nbytes = b * s / cp * model.layers[0].hidden * e / (tp if plan.sp else 1)
-        if layout is None:
-            p2p_s = float(pipeline_p2p_s(cluster, plan.pp, stage_size, nbytes, p2p=_p2p_cached(cluster)))
-        else:  # every rank pair of each boundary at once, sharing NICs and island gateways
-            p2p_s = float(max(boundary_p2p_s(cluster, layout, k, nbytes, p2p=_p2p_cached(cluster))
-                              for k in range(plan.pp)))
+        p2p_s = float(pipeline_p2p_s(cluster, plan.pp, stage_size, nbytes, p2p=_p2p_cached(cluster)))
     # simulate_times: simulate's timing without its event list, equal field for field (estimate reads no
     # events)
     pipe = pipeline.simulate_times(plan.schedule, fwd_s, bwd_s, m, v=plan.vpp, p2p_s=p2p_s)
@@ -481,13 +506,21 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     sharded = [float(layer.params_per_device(tp=tp, ep=plan.ep, etp=plan.etp)) for layer in st.shapes]
     stage_params = [sum(sharded[i] for i in ls) for ls in st.train_shape]
     worst = int(np.argmax(stage_params))
-    if layout is not None:  # the busiest stage's gradient traffic, over its own dp group, on its device
-        dp_link = stage_links(cluster, layout, worst, plan)[2]
-        dev = layout.devices[worst]
     per_layer = np.array([sharded[i] for i in st.train_shape[worst]] or [0.0])
     params_dev = float(per_layer.sum())
     g_bytes = 4 if workload.grad_dtype == "fp32" else 2
-    dp_s = dp_sync_s(per_layer, g_bytes, e, plan.zero, m, dp_link, dev) if grad_ranks > 1 else 0.0
+    edp = expert_data_parallel(plan)
+    if plan.ep * (plan.etp or tp) != tp:
+        # routed experts reduce (and, under ZeRO, gather) over their own expert-data-parallel group: the
+        # ranks ep*etp apart in the stage (Megatron parallel_state.py), the rest over dp x cp
+        routed = np.array([float(st.shapes[i].routed_params()) / (plan.ep * (plan.etp or tp))
+                           for i in st.train_shape[worst]] or [0.0])
+        dp_s = dp_sync_s(per_layer - routed, g_bytes, e, plan.zero, m, dp_link, dev) if grad_ranks > 1 else 0.0
+        if edp > 1:
+            dp_s += dp_sync_s(routed, g_bytes, e, plan.zero, m, _link(cluster, 0, plan.ep * (plan.etp or tp), edp),
+                              dev)
+    else:
+        dp_s = dp_sync_s(per_layer, g_bytes, e, plan.zero, m, dp_link, dev) if grad_ranks > 1 else 0.0
     stage_busy = float(pipe.busy_s[worst]) if plan.pp > 1 else float(pipe.step_time_s)
     if plan.zero == 3:
         # FSDP prefetches the next layer's gather during this layer's compute: only what compute cannot
@@ -503,10 +536,6 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     owned = params_dev / (grad_ranks if plan.zero >= 1 else 1)
     on_device = owned * (1 - plan.offload.optimizer)
     opt_s = on_device * 32 / (dev.memory_bandwidth_bytes_per_s * dev.efficiency.memory)
-    if layout is not None:  # every stage steps its own optimizer at once: the slowest one counts
-        opt_s = max(p / (grad_ranks if plan.zero >= 1 else 1) * (1 - plan.offload.optimizer) * 32
-                    / (d.memory_bandwidth_bytes_per_s * d.efficiency.memory)
-                    for p, d in zip(stage_params, layout.devices))
     offload_s = _offload_time_s(cluster, plan, owned, e, g_bytes, stage_busy)
 
     step = pipe.step_time_s + dp_exposed + opt_s + offload_s
@@ -515,12 +544,13 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     flops_model = chunk_flops_model * m * tp * cp * plan.dp
     flops_hw = chunk_flops_hw * m * tp * cp * plan.dp
     peak = dev.peak_flops(dtype) * n
-    if layout is not None:
-        peak = sum(cluster.devices[i].device.peak_flops(dtype) for g in layout.groups for i in g)
     mfu = flops_model / (step * peak)
     hfu = flops_hw / (step * peak)
 
-    mem = _memory(model, st, workload, plan, pipe, params_dev, stage_params, dev)
+    # routed-expert parameters per stage: their states shard over the expert-data-parallel ranks
+    expert = [float(layer.routed_params()) / (plan.ep * (plan.etp or tp)) for layer in st.shapes]
+    stage_expert = [sum(expert[i] for i in ls) for ls in st.train_shape]
+    mem = _memory(model, st, workload, plan, pipe, params_dev, stage_params, dev, stage_expert)
     # The breakdown describes the busiest pipeline stage: its per-micro-batch parts times m, plus the
     # step-level terms. compute_s excludes recompute, which has its own line.
     busiest = int(np.argmax(pipe.busy_s))
@@ -532,6 +562,7 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
         "tp_comm_s": stage_parts["tp_comm_s"],
         "cp_comm_s": stage_parts["cp_comm_s"],
         "ep_comm_s": stage_parts["ep_comm_s"],
+        "act_offload_s": stage_parts["act_offload_s"],
         "pp_comm_s": 2 * m * plan.vpp * p2p_s if plan.pp > 1 else 0.0,
         "pipeline_bubble_s": pipe.bubble_s,
         "dp_comm_exposed_s": dp_exposed,
@@ -539,23 +570,28 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
         "offload_s": offload_s,
     }
     fits = mem["total_bytes"] <= dev.memory_bytes
-    capacity = dev.memory_bytes
-    if layout is not None:  # each stage against its own smallest device; report the tightest stage
-        tight = max(range(plan.pp), key=lambda i: mem["stages"][i]["total_bytes"] / layout.capacity_bytes[i])
-        fits = all(mem["stages"][i]["total_bytes"] <= layout.capacity_bytes[i] for i in range(plan.pp))
-        mem = {**mem["stages"][tight], "stages": mem["stages"]}
-        capacity, dev = layout.capacity_bytes[tight], layout.devices[tight]
     why = _why(breakdown_out, step, fits, mem, dev)
+    if fits and cp > 1:
+        # why context parallel: each rank keeps s/cp tokens' activations and does 1/cp of the s^2 attention
+        why += (f"; cp {cp} ({'Ulysses all-to-all' if plan.cp_comm == 'a2a' else 'ring'}) gives each GPU "
+                f"{s // cp} of the {s} tokens: {mem['activations_bytes'] / 1e9:.1f} GB of activations, which "
+                f"cp 1 would multiply by {cp}, and 1/{cp} of the quadratic attention")
     return Estimate(
         step_time_s=step, tokens_per_s=tokens / step, mfu=mfu, hfu=hfu,
-        peak_memory_bytes=mem["total_bytes"], memory_capacity_bytes=capacity, fits=fits,
+        peak_memory_bytes=mem["total_bytes"], memory_capacity_bytes=dev.memory_bytes, fits=fits,
         breakdown=breakdown_out, memory={k: v for k, v in mem.items() if k != "stages"},
         stages=[{"stage": i, "fwd_s": fwd_s[i], "bwd_s": bwd_s[i], **mem["stages"][i]}
                 for i in range(min(plan.pp, len(fwd_s)))],
         why=why)
 
 
-def _memory(model, st: _Structure, workload, plan, pipe, params_dev, stage_params, dev) -> dict:
+def expert_data_parallel(plan: ParallelPlan) -> int:
+    """EDP = dp*cp*tp / (ep*etp): the ranks that hold the same experts (Megatron parallel_state.py; MoE
+    Parallel Folding, formulas.md section 6)."""
+    return plan.dp * plan.cp * plan.tp // (plan.ep * (plan.etp or plan.tp))
+
+
+def _memory(model, st: _Structure, workload, plan, pipe, params_dev, stage_params, dev, stage_expert=None) -> dict:
     e_w = 2 if workload.dtype in ("bf16", "fp16", "fp8") else 4
     e_act = 2 if workload.dtype != "fp32" else 4
     g = 4 if workload.grad_dtype == "fp32" else 2
@@ -575,6 +611,15 @@ def _memory(model, st: _Structure, workload, plan, pipe, params_dev, stage_param
     for stage in range(plan.pp):
         states = memory.model_state_bytes(stage_params[stage], plan.dp * plan.cp, plan.zero, weight_dtype_bytes=e_w,
                                           grad_dtype_bytes=g, optimizer=workload.optimizer)
+        edp = expert_data_parallel(plan)
+        if stage_expert is not None and stage_expert[stage] > 0 and edp != plan.dp * plan.cp:
+            # dense parameters shard over dp x cp, routed experts over EDP (Megatron's expert-data group)
+            dense = memory.model_state_bytes(stage_params[stage] - stage_expert[stage], plan.dp * plan.cp,
+                                             plan.zero, weight_dtype_bytes=e_w, grad_dtype_bytes=g,
+                                             optimizer=workload.optimizer)
+            routed = memory.model_state_bytes(stage_expert[stage], edp, plan.zero, weight_dtype_bytes=e_w,
+                                              grad_dtype_bytes=g, optimizer=workload.optimizer)
+            states = {k: dense[k] + routed[k] for k in ("weights", "gradients", "optimizer")}
         frozen = sum(float(layer.params_per_device(tp=plan.tp)) * e_w for layer in st.frozen[stage])
         act_one = 0.0
         for k in st.acts[stage]:
@@ -599,5 +644,6 @@ def _why(bd: dict, step: float, fits: bool, mem: dict, dev) -> str:
     names = {"compute_s": "compute", "pipeline_bubble_s": "pipeline bubble", "tp_comm_s": "TP communication",
              "dp_comm_exposed_s": "exposed DP communication", "ep_comm_s": "expert all-to-all",
              "cp_comm_s": "context-parallel communication", "optimizer_s": "optimizer step",
-             "recompute_s": "recomputation", "pp_comm_s": "pipeline transfers", "offload_s": "offload"}
+             "recompute_s": "recomputation", "pp_comm_s": "pipeline transfers", "offload_s": "offload",
+             "act_offload_s": "activation offload"}
     return f"limited by {names.get(top[0], top[0])} ({top[1] / step:.0%} of the step)"

@@ -135,9 +135,12 @@ def _context(cluster: Cluster, workload: Workload, plan: ParallelPlan) -> _Ctx:
     tp, cp = plan.tp, plan.cp
     tp_link = cluster.collective(_group(0, 1, tp))
     cp_link = cluster.collective(_group(0, tp, cp))
-    ep_link = cluster.collective(_group(0, tp, plan.ep)) if plan.ep > 1 else None
+    ep_link = cluster.collective(_group(0, plan.etp or tp, plan.ep)) if plan.ep > 1 else None
+    host = cluster.nodes[0].host_link
     return _Ctx(b=plan.mbs, s=workload.seq_len, tp=tp, cp=cp, e=e_ctx, dev=cluster.devices[0].device,
-                dtype=workload.dtype, plan=plan, tp_link=tp_link, cp_link=cp_link, ep_link=ep_link)
+                dtype=workload.dtype, plan=plan, tp_link=tp_link, cp_link=cp_link, ep_link=ep_link,
+                moe_routing=(workload.moe_imbalance, workload.moe_capacity_factor),
+                host_bytes_per_s=None if host is None else host.bytes_per_s, e_act=_dtype_bytes(workload)[2])
 
 
 def block_costs(model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan) -> BlockCosts:
@@ -175,18 +178,26 @@ def block_costs(model: ModelGraph, cluster: Cluster, workload: Workload, plan: P
         # frozen weights: split tp ways, no gradients or optimizer states, not ZeRO-sharded (estimate._memory)
         return 0.0 if layer.trainable else float(layer.params_per_device(tp=plan.tp)) * e_w
 
-    def states(p, frozen):
-        # model_state_bytes is linear in params, so per-block states add up to a chunk's
-        s = memory.model_state_bytes(np.asarray(p, dtype=float), plan.dp * plan.cp, plan.zero,
-                                     weight_dtype_bytes=e_w, grad_dtype_bytes=g, optimizer=workload.optimizer,
-                                     offload_fraction=plan.offload.optimizer)
-        return s["total"] + np.asarray(frozen, dtype=float)
+    edp = plan.dp * plan.cp * plan.tp // (plan.ep * (plan.etp or plan.tp))  # estimate.expert_data_parallel
+
+    def states(p, frozen, px=0.0):
+        # model_state_bytes is linear in params, so per-block states add up to a chunk's; routed experts
+        # (px of p) shard over the expert-data-parallel ranks (estimate._memory)
+        kw = dict(weight_dtype_bytes=e_w, grad_dtype_bytes=g, optimizer=workload.optimizer,
+                  offload_fraction=plan.offload.optimizer)
+        p, px = np.asarray(p, dtype=float), np.asarray(px, dtype=float)
+        if edp == plan.dp * plan.cp or not np.any(px > 0):
+            s = memory.model_state_bytes(p, plan.dp * plan.cp, plan.zero, **kw)["total"]
+        else:
+            s = (memory.model_state_bytes(p - px, plan.dp * plan.cp, plan.zero, **kw)["total"]
+                 + memory.model_state_bytes(px, edp, plan.zero, **kw)["total"])
+        return s + np.asarray(frozen, dtype=float)
 
     order = model.topological()
     block_ids = sorted({layer.block for layer in order if layer.block is not None})
     index = {blk: i for i, blk in enumerate(block_ids)}
     n = len(block_ids)
-    late_t, early_t, late_a, early_a, par, froz = (np.zeros(n) for _ in range(6))
+    late_t, early_t, late_a, early_a, par, froz, parx = (np.zeros(n) for _ in range(7))
     for layer in order:
         if layer.block is None:
             continue
@@ -196,6 +207,8 @@ def block_costs(model: ModelGraph, cluster: Cluster, workload: Workload, plan: P
         late_a[i] += act_bytes(layer, late_policy)
         early_a[i] += act_bytes(layer, early_policy)
         par[i] += params(layer)
+        if layer.trainable:
+            parx[i] += float(layer.routed_params()) / (plan.ep * (plan.etp or plan.tp))
         froz[i] += frozen_bytes(layer)
 
     def extras(layers: list[Layer]) -> dict:
@@ -211,7 +224,7 @@ def block_costs(model: ModelGraph, cluster: Cluster, workload: Workload, plan: P
     head = extras(chunks[0])
     tail = extras(chunks[-1]) if len(chunks) > 1 else extras([])
     return BlockCosts(time_s=late_t, act_bytes=late_a, early_time_s=early_t, early_act_bytes=early_a,
-                      params=par, state_bytes=states(par, froz), recompute_cut=cut,
+                      params=par, state_bytes=states(par, froz, parx), recompute_cut=cut,
                       **{f"head_{k}": v for k, v in head.items()}, **{f"tail_{k}": v for k, v in tail.items()})
 
 

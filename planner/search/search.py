@@ -55,7 +55,7 @@ class RankedPlan:
         if p.vpp > 1:
             parts.append(f"vpp{p.vpp}")
         if p.cp > 1:
-            parts.append(f"cp{p.cp}")
+            parts.append(f"cp{p.cp}" + (" ulysses" if p.cp_comm == "a2a" else ""))
         if p.ep > 1:
             parts.append(f"ep{p.ep}" + (f" etp{p.etp}" if p.etp else ""))
         parts += [f"zero{p.zero}", f"mbs{p.mbs}"]
@@ -68,6 +68,8 @@ class RankedPlan:
             parts.append(p.schedule)
         if p.offload.optimizer > 0:
             parts.append("offload")
+        if p.offload.activations > 0:
+            parts.append(f"act-offload{p.offload.activations:g}")
         return " ".join(parts)
 
     def as_dict(self, model: ModelGraph) -> dict:
@@ -77,7 +79,8 @@ class RankedPlan:
             "tp": p.tp, "pp": p.pp, "dp": p.dp, "vpp": p.vpp, "cp": p.cp, "ep": p.ep, "etp": p.etp or p.tp,
             "zero": p.zero, "sp": p.sp, "mbs": p.mbs, "recompute": p.recompute,
             "recompute_num_layers": p.recompute_num_layers, "schedule": p.schedule,
-            "offload_optimizer": p.offload.optimizer, "flash_attention": p.flash_attention,
+            "offload_optimizer": p.offload.optimizer, "offload_activations": p.offload.activations,
+            "cp_comm": p.cp_comm, "flash_attention": p.flash_attention,
             "overlap_grad_reduce": p.overlap_grad_reduce, "partition": partition_of(model, p),
             "why": self.estimate.why, "estimate": self.estimate.model_dump(),
         }
@@ -150,7 +153,7 @@ def step_lower_bound(model: ModelGraph, cluster: Cluster, workload: Workload, pa
     proxies = {} if proxies is None else proxies
     rec = np.where(pa.recompute_num_layers >= 0, 0, pa.recompute)  # POLICIES[0] == "none"
     keys = np.stack([pa.pp, pa.dp, pa.tp, pa.cp, pa.ep, pa.etp, pa.sp, pa.mbs, pa.flash_attention, rec,
-                     pa.num_microbatches, pa.overlap_tp_comm], axis=1).astype(np.int64)
+                     pa.num_microbatches, pa.overlap_tp_comm, pa.cp_a2a], axis=1).astype(np.int64)
     uniq, inv = np.unique(keys, axis=0, return_inverse=True)
     inv = inv.reshape(-1)
     out_u = np.empty(len(uniq))
@@ -166,7 +169,7 @@ def step_lower_bound(model: ModelGraph, cluster: Cluster, workload: Workload, pa
             sp=u[:, 6], zero=np.zeros(k), mbs=u[:, 7], num_microbatches=u[:, 10], recompute=u[:, 9],
             recompute_num_layers=np.full(k, -1), schedule=np.full(k, SCHEDULES.index("1f1b")),
             flash_attention=u[:, 8], overlap_grad_reduce=np.zeros(k), offload_optimizer=np.zeros(k),
-            offload_activations=np.zeros(k), overlap_tp_comm=u[:, 11])
+            offload_activations=np.zeros(k), overlap_tp_comm=u[:, 11], cp_a2a=u[:, 12])
         res = estimate_batch(model, proxies[pp], workload, proxy)
         out_u[rows] = res["pipeline_s"] / pp
     return out_u[inv]

@@ -10,7 +10,7 @@ The rules (DESIGN.md section 2; Megatron-LM's argument checks):
   dp * tp * pp * cp = devices; tp within a node (devices per node divisible by tp) unless allowed across
   nodes; tp divides every attention layer's heads and kv_heads; pp * vpp <= blocks; cp > 1 needs
   seq % (2 cp) == 0 (load-balanced causal ring attention); ep divides the experts and ep * etp divides
-  dp * cp * tp, and ep | dp * cp (the expert group strides over tp ranks in estimate()); global batch % (mbs * dp) == 0; interleaving needs the micro-batch count to be a multiple
+  dp * cp * tp (MoE Parallel Folding: the expert grid refolds the stage's ranks); global batch % (mbs * dp) == 0; interleaving needs the micro-batch count to be a multiple
   of pp; sp needs tp > 1.
 With pp = 1 every schedule runs the same ops, and 1F1B holds the fewest micro-batches, so only 1F1B is
 enumerated there (unless --schedule fixes another).
@@ -67,6 +67,9 @@ class Constraints:
     flash_attention: bool = True
     overlap_grad_reduce: bool = True
     overlap_tp_comm: bool = False
+    fold: bool = True  # False: experts split like attention (etp = tp), no MoE Parallel Folding
+    cp_comm: tuple[str, ...] = ("ring", "a2a")  # context-parallel exchanges to try (a2a: Ulysses)
+    offload_activations: tuple[float, ...] = (0.0,)  # fractions of saved activations on the host to try
 
     def check(self) -> None:
         """Refuse values no plan could take (BadInput: exit 2)."""
@@ -88,6 +91,11 @@ class Constraints:
         for f in self.offload_optimizer:
             if not 0.0 <= f <= 1.0:
                 raise BadInput(f"optimizer offload fraction must be in [0, 1], got {f}")
+        for f in self.offload_activations:
+            if not 0.0 <= f <= 1.0:
+                raise BadInput(f"activation offload fraction must be in [0, 1], got {f}")
+        if not self.cp_comm or any(k not in ("ring", "a2a") for k in self.cp_comm):
+            raise BadInput(f"cp_comm must be among ring, a2a; got {', '.join(self.cp_comm) or 'none'}")
 
 
 class EmptySpace(BadInput):
@@ -212,11 +220,15 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
         etp_eff = np.where(t.cols["etp"] > 0, t.cols["etp"], t.cols["tp"])
         t.cols["etp"] = np.where(etp_eff == t.cols["tp"], 0, etp_eff)
         ranks = t.cols["dp"] * t.cols["cp"] * t.cols["tp"]
+        # MoE Parallel Folding (Liu et al. 2025; Megatron parallel_state.py): the MoE layers' etp x ep x edp
+        # grid covers the same dp*cp*tp ranks of a stage as attention's tp x cp x dp, so ep*etp | dp*cp*tp
+        # is the only rule; estimate() places the expert group at stride etp (with etp = 1, inside the tp
+        # and cp ranks: ep may exceed dp*cp).
         t.keep(ranks % (t.cols["ep"] * etp_eff) == 0, "ep*etp dividing dp*cp*tp")
-        # estimate() places the expert group at stride tp (ranks 0, tp, .., (ep-1) tp), so it must stay
-        # inside the dp*cp*tp ranks of a stage: ep | dp*cp. (With etp = 1 < tp Megatron would fold experts
-        # across tp ranks too; the cost model does not describe that placement, so it is not searched.)
-        t.keep((t.cols["dp"] * t.cols["cp"]) % t.cols["ep"] == 0, "ep dividing dp*cp")
+        if c.fold is False:
+            # without folding Megatron nests the expert group in the data-parallel group: etp = tp, ep | dp*cp
+            t.keep(t.cols["etp"] == 0, "etp = tp (folding disabled)")
+            t.keep((t.cols["dp"] * t.cols["cp"]) % t.cols["ep"] == 0, "ep dividing dp*cp (folding disabled)")
     else:
         if c.ep not in (None, 1):
             raise EmptySpace(f"--ep {c.ep}: model {model.name} has no MoE layers")
@@ -264,6 +276,13 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
     per_chunk = -(-blocks // (t.cols["pp"] * t.cols["vpp"]))  # blocks in the largest chunk
     t.keep(t.cols["recompute_num_layers"] < per_chunk, "partial recompute below the blocks of a chunk")
     t.join("offload_optimizer", np.array(c.offload_optimizer, dtype=float))
+    t.join("offload_activations", np.array(c.offload_activations, dtype=float))
+    # context-parallel exchange: the ring, or Ulysses all-to-all where tp*cp divides every head count
+    t.join("cp_a2a", np.array(sorted({k == "a2a" for k in c.cp_comm})))
+    ok = t.cols["cp"] > 1
+    for a in facts["heads"]:
+        ok = ok & (a % (t.cols["tp"] * t.cols["cp"]) == 0)
+    t.keep(~t.cols["cp_a2a"] | ok, "Ulysses (cp_comm a2a) with cp > 1 and tp*cp dividing the heads")
 
     cols = t.cols
     P = len(t)
@@ -273,8 +292,8 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
         num_microbatches=np.zeros(P, dtype=np.int64), recompute=cols["recompute"],
         recompute_num_layers=cols["recompute_num_layers"], schedule=cols["schedule"],
         flash_attention=np.full(P, c.flash_attention), overlap_grad_reduce=np.full(P, c.overlap_grad_reduce),
-        offload_optimizer=cols["offload_optimizer"], offload_activations=np.zeros(P),
-        overlap_tp_comm=np.full(P, c.overlap_tp_comm))
+        offload_optimizer=cols["offload_optimizer"], offload_activations=cols["offload_activations"],
+        overlap_tp_comm=np.full(P, c.overlap_tp_comm), cp_a2a=cols["cp_a2a"])
     return Space(plans=plans, filters=t.log)
 
 
@@ -394,11 +413,14 @@ def memory_lower_bound(model: ModelGraph, workload: Workload, pa: PlanArrays) ->
         (par[:, 2] + nb * par[:, 3], froz[:, 2] + nb * froz[:, 3], act[:, 2] + nb * act[:, 3], infl[:, 1]),
     ]
     best = np.zeros(P)
+    # estimate._memory shards dense states over dp*cp and routed experts over EDP = dp*cp*tp/(ep*etp): the
+    # larger of the two bounds both from below
+    shard = np.maximum(pa.dp * pa.cp, pa.dp * pa.cp * pa.tp // (pa.ep * etp))
     for params, frozen, acts, inflight in candidates:
         states = np.empty(P)
         for z in np.unique(pa.zero).tolist():
             sel = pa.zero == z
-            st = memory.model_state_bytes(params[sel], (pa.dp * pa.cp)[sel], z, weight_dtype_bytes=e_w,
+            st = memory.model_state_bytes(params[sel], shard[sel], z, weight_dtype_bytes=e_w,
                                           grad_dtype_bytes=g_bytes, optimizer=workload.optimizer)
             states[sel] = st["weights"] + st["gradients"] + st["optimizer"] * (1 - pa.offload_optimizer[sel])
         subtotal = states + frozen + acts * inflight * (1 - pa.offload_activations)
