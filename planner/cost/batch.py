@@ -31,8 +31,9 @@ How the work is shared between plans (the scalar estimate redoes all of it per p
      later call evaluates only what is new to it (a search calls estimate_batch again and again).
 
 Falls back to calling the scalar `estimate` (one call per plan) for plans with an explicit
-`plan.partition` or with optimizer offload (`plan.offload.optimizer > 0`), and for activation offload (its
-per-layer host-transfer time is modelled in estimate._layer_step only).
+`plan.partition` or with optimizer offload (`plan.offload.optimizer > 0`), and for every plan on a cluster of
+several device types (each stage timed on its own devices), and for activation offload (its per-layer
+host-transfer time is modelled in estimate._layer_step only).
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ from planner.cost.estimate import (
 )
 from planner.errors import BadInput
 from planner.hardware import Cluster
+from planner.hetero.stages import _homogeneous
 from planner.model import ModelGraph
 from planner.plan import OffloadPolicy, ParallelPlan, Workload
 
@@ -545,14 +547,18 @@ def estimate_batch(model: ModelGraph, cluster: Cluster, workload: Workload,
     for k in ("prepare", "layers", "chunks", "pipeline", "step+memory", "fallback"):
         tm.setdefault(k, 0.0)
     n_all = len(plans)
+    # Several device types: every stage is timed on its own devices (planner/hetero/stages.py), which only
+    # the scalar estimate does; every plan takes the scalar path there.
+    mixed = not _homogeneous(cluster)
     if isinstance(plans, PlanArrays):
         # activation offload adds per-layer transfer time only estimate._layer_step models: scalar path
-        slow = np.flatnonzero((plans.offload_optimizer > 0) | (plans.offload_activations > 0))
+        slow = np.flatnonzero((plans.offload_optimizer > 0) | (plans.offload_activations > 0) | mixed)
         slow_plans = [plans.plan(int(i)) for i in slow]
-        fast_rows = np.flatnonzero((plans.offload_optimizer <= 0) & (plans.offload_activations <= 0))
+        fast_rows = np.flatnonzero((plans.offload_optimizer <= 0) & (plans.offload_activations <= 0) & (not mixed))
         pa = plans.take(fast_rows) if len(slow) else plans
     else:
-        is_slow = [p.partition is not None or p.offload.optimizer > 0 or p.offload.activations > 0 for p in plans]
+        is_slow = [mixed or p.partition is not None or p.offload.optimizer > 0 or p.offload.activations > 0
+                   for p in plans]
         slow = np.flatnonzero(np.array(is_slow, dtype=bool))
         slow_plans = [plans[int(i)] for i in slow]
         fast_rows = np.flatnonzero(~np.array(is_slow, dtype=bool))

@@ -7,6 +7,7 @@ then dp, then pp), so a tp group is contiguous and lands inside a node when tp <
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ from planner.cost import comm, longctx, memory, moe, pipeline
 from planner.cost.compute import ATTENTION_BWD_FACTOR, DTYPE_BYTES, floored, layer_time, recompute_time_s
 from planner.errors import BadInput, Infeasible
 from planner.hardware import Cluster
+from planner.hetero.stages import boundary_p2p_s, stage_layout, stage_links
 from planner.model import Layer, ModelGraph
 from planner.plan import Estimate, ParallelPlan, Workload
 
@@ -402,14 +404,15 @@ def _p2p_cached(cluster: Cluster):
     return p2p
 
 
-def _steps(model, cluster, st: _Structure, ctx: _Ctx) -> list[_LayerStep]:
+def _steps(model, cluster, st: _Structure, ctx: _Ctx, where: tuple = ()) -> list[_LayerStep]:
     """_layer_step of each of st.reps, cached per cluster by the representative layer (held in the entry,
-    so its id stays its own) and every input _layer_step reads."""
+    so its id stays its own) and every input _layer_step reads. `where`: the stage's devices and profile
+    when they are not the cluster's first (heterogeneous layouts)."""
     cache = _cache_for(_BY_CLUSTER, cluster)
     plan = ctx.plan
     common = (ctx.b, ctx.s, ctx.tp, ctx.cp, ctx.e, ctx.dtype, plan.sp, plan.ep, plan.flash_attention,
-              plan.overlap_tp_comm) + (plan.etp, plan.cp_comm, plan.offload.activations, ctx.moe_routing,
-                                       ctx.host_bytes_per_s, ctx.e_act)
+              plan.overlap_tp_comm) + tuple(where) + (plan.etp, plan.cp_comm, plan.offload.activations,
+                                                     ctx.moe_routing, ctx.host_bytes_per_s, ctx.e_act)
     out = []
     for layer, policy in st.reps:
         key = ("step", id(layer), policy, common)
@@ -465,6 +468,12 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     # Megatron lays the expert grid out as [expert-data][expert][expert-tensor] over the dp x cp x tp ranks
     # of a stage: the ranks of one expert-parallel group sit etp apart.
     ep_link = _link(cluster, 0, plan.etp or tp, plan.ep) if plan.ep > 1 else None
+    # Several device types, or a plan that places its stages: each stage on its own devices and profile
+    # (planner/hetero/stages.py); None keeps the homogeneous path below unchanged.
+    layout = stage_layout(cluster, plan, dtype)
+    if layout is not None:
+        dev = layout.devices[0]
+        tp_link, cp_link, dp_link, ep_link = stage_links(cluster, layout, 0, plan)
 
     st = _structure(model, plan)
     chunks = st.chunks
@@ -477,9 +486,20 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     # after the other, as the loop `f += one.fwd_s` over the chunk's layers did, so the sums are the same
     # floats; the padding adds 0.0, which changes nothing.
     vals = np.zeros((len(st.reps) + 1, 4 + len(_PARTS)))
-    for i, one in enumerate(_steps(model, cluster, st, ctx)):
+    for i, one in enumerate(_steps(model, cluster, st, ctx, () if layout is None else (layout.groups[0], dev.name))):
         vals[i] = (one.fwd_s, one.bwd_s, *(one.parts[k] for k in _PARTS), one.flops_model, one.flops_hw)
     per_layer_vals = vals[st.idx]  # (chunks, longest chunk, 4 + parts)
+    if layout is not None:  # the other stages' chunks on their own devices and links
+        per_layer_vals = per_layer_vals.copy()
+        for stage in range(1, plan.pp):
+            s_tp, s_cp, _, s_ep = stage_links(cluster, layout, stage, plan)
+            s_ctx = dataclasses.replace(ctx, dev=layout.devices[stage], tp_link=s_tp, cp_link=s_cp, ep_link=s_ep)
+            s_vals = np.zeros_like(vals)
+            key = (layout.groups[stage], layout.devices[stage].name)
+            for i, one in enumerate(_steps(model, cluster, st, s_ctx, key)):
+                s_vals[i] = (one.fwd_s, one.bwd_s, *(one.parts[k] for k in _PARTS), one.flops_model, one.flops_hw)
+            rows = [c for c in range(len(chunks)) if c % plan.pp == stage]
+            per_layer_vals[rows] = s_vals[st.idx[rows]]
     sums = np.cumsum(per_layer_vals, axis=1)[:, -1, :].tolist()
     fwd_s = [row[0] for row in sums]
     bwd_s = [row[1] for row in sums]
@@ -493,7 +513,11 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     p2p_s = 0.0
     if plan.pp > 1:
         nbytes = b * s / cp * model.layers[0].hidden * e / (tp if plan.sp else 1)
-        p2p_s = float(pipeline_p2p_s(cluster, plan.pp, stage_size, nbytes, p2p=_p2p_cached(cluster)))
+        if layout is None:
+            p2p_s = float(pipeline_p2p_s(cluster, plan.pp, stage_size, nbytes, p2p=_p2p_cached(cluster)))
+        else:  # every rank pair of each boundary at once, sharing NICs and island gateways
+            p2p_s = float(max(boundary_p2p_s(cluster, layout, k, nbytes, p2p=_p2p_cached(cluster))
+                              for k in range(plan.pp)))
     # simulate_times: simulate's timing without its event list, equal field for field (estimate reads no
     # events)
     pipe = pipeline.simulate_times(plan.schedule, fwd_s, bwd_s, m, v=plan.vpp, p2p_s=p2p_s)
@@ -506,11 +530,14 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     sharded = [float(layer.params_per_device(tp=tp, ep=plan.ep, etp=plan.etp)) for layer in st.shapes]
     stage_params = [sum(sharded[i] for i in ls) for ls in st.train_shape]
     worst = int(np.argmax(stage_params))
+    if layout is not None:  # the busiest stage's gradient traffic, over its own dp group, on its device
+        dp_link = stage_links(cluster, layout, worst, plan)[2]
+        dev = layout.devices[worst]
     per_layer = np.array([sharded[i] for i in st.train_shape[worst]] or [0.0])
     params_dev = float(per_layer.sum())
     g_bytes = 4 if workload.grad_dtype == "fp32" else 2
     edp = expert_data_parallel(plan)
-    if plan.ep * (plan.etp or tp) != tp:
+    if plan.ep * (plan.etp or tp) != tp and layout is None:
         # routed experts reduce (and, under ZeRO, gather) over their own expert-data-parallel group: the
         # ranks ep*etp apart in the stage (Megatron parallel_state.py), the rest over dp x cp
         routed = np.array([float(st.shapes[i].routed_params()) / (plan.ep * (plan.etp or tp))
@@ -536,6 +563,10 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     owned = params_dev / (grad_ranks if plan.zero >= 1 else 1)
     on_device = owned * (1 - plan.offload.optimizer)
     opt_s = on_device * 32 / (dev.memory_bandwidth_bytes_per_s * dev.efficiency.memory)
+    if layout is not None:  # every stage steps its own optimizer at once: the slowest one counts
+        opt_s = max(p / (grad_ranks if plan.zero >= 1 else 1) * (1 - plan.offload.optimizer) * 32
+                    / (d.memory_bandwidth_bytes_per_s * d.efficiency.memory)
+                    for p, d in zip(stage_params, layout.devices))
     offload_s = _offload_time_s(cluster, plan, owned, e, g_bytes, stage_busy)
 
     step = pipe.step_time_s + dp_exposed + opt_s + offload_s
@@ -544,6 +575,8 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     flops_model = chunk_flops_model * m * tp * cp * plan.dp
     flops_hw = chunk_flops_hw * m * tp * cp * plan.dp
     peak = dev.peak_flops(dtype) * n
+    if layout is not None:
+        peak = sum(cluster.devices[i].device.peak_flops(dtype) for g in layout.groups for i in g)
     mfu = flops_model / (step * peak)
     hfu = flops_hw / (step * peak)
 
@@ -570,6 +603,12 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
         "offload_s": offload_s,
     }
     fits = mem["total_bytes"] <= dev.memory_bytes
+    capacity = dev.memory_bytes
+    if layout is not None:  # each stage against its own smallest device; report the tightest stage
+        tight = max(range(plan.pp), key=lambda i: mem["stages"][i]["total_bytes"] / layout.capacity_bytes[i])
+        fits = all(mem["stages"][i]["total_bytes"] <= layout.capacity_bytes[i] for i in range(plan.pp))
+        mem = {**mem["stages"][tight], "stages": mem["stages"]}
+        capacity, dev = layout.capacity_bytes[tight], layout.devices[tight]
     why = _why(breakdown_out, step, fits, mem, dev)
     if fits and cp > 1:
         # why context parallel: each rank keeps s/cp tokens' activations and does 1/cp of the s^2 attention
@@ -578,7 +617,7 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
                 f"cp 1 would multiply by {cp}, and 1/{cp} of the quadratic attention")
     return Estimate(
         step_time_s=step, tokens_per_s=tokens / step, mfu=mfu, hfu=hfu,
-        peak_memory_bytes=mem["total_bytes"], memory_capacity_bytes=dev.memory_bytes, fits=fits,
+        peak_memory_bytes=mem["total_bytes"], memory_capacity_bytes=capacity, fits=fits,
         breakdown=breakdown_out, memory={k: v for k, v in mem.items() if k != "stages"},
         stages=[{"stage": i, "fwd_s": fwd_s[i], "bwd_s": bwd_s[i], **mem["stages"][i]}
                 for i in range(min(plan.pp, len(fwd_s)))],
