@@ -37,7 +37,8 @@ def mixed() -> dict:
     h100 = r.alone["h100-sxm-80gb"]
     out = {"setting": "llama3-8b, mixed-a100-h100 (16 A100 80GB + 16 H100), gbs 256, seq 4096, bf16",
            "both": {"tokens_per_s": r.best.tokens_per_s, "plan": r.best.label, "kind": r.best.kind},
-           "best_shares": {"tokens_per_s": r.best_shares.tokens_per_s, "plan": r.best_shares.label} if r.best_shares else None,
+           "best_shares": ({"tokens_per_s": r.best_shares.tokens_per_s, "plan": r.best_shares.label}
+                           if r.best_shares else None),
            "h100_alone": {"tokens_per_s": h100.tokens_per_s, "plan": h100.label},
            "naive_even": {"tokens_per_s": r.even.tokens_per_s, "plan": r.even.label},
            "wall_s": r.wall_s}

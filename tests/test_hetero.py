@@ -153,3 +153,21 @@ def test_mixed_cluster_must_show(mixed):
     # and its own estimate is the figure reported
     if res.best.plan is not None:
         assert estimate(model, mixed, w, res.best.plan).step_time_s == res.best.step_time_s
+
+
+def test_plan_cli_routes_fixed_presets(run_cli, tmp_path):
+    """`plan --cluster NAME` on the fixed heterogeneous presets needs no --nodes and picks its planner."""
+    import json
+
+    rc, out, err = run_cli("plan", "--model", "tiny-llama-20m", "--cluster", "phones-snapdragon-wifi6", "--gbs", "8",
+                           "--seq", "512", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["search"]["planner"] == "edge"
+    rc, out, err = run_cli("plan", "--model", "tiny-llama-20m", "--cluster", "two-pods-25gbe", "--gbs", "64",
+                           "--seq", "512", "--json", timeout=300)
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["search"]["planner"] == "ilp" and d["plans"][0]["placement"]
+    rc, out, err = run_cli("plan", "--model", "tiny-llama-20m", "--cluster", "mixed-a100-h100", "--gbs", "64",
+                           "--seq", "512", "--tp", "2")
+    assert rc == 2 and err.startswith("error:") and "drop --tp" in err and len(err.strip().splitlines()) == 1

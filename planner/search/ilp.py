@@ -369,8 +369,8 @@ def uniform_cluster(cluster: Cluster) -> Cluster:
     """The same nodes on one island of the cluster's fabric (what 'RDMA everywhere' means)."""
     nodes = [n.model_copy(update={"island": "main"}) for n in cluster.nodes]
     devices = [d.model_copy(update={"island": "main"}) for d in cluster.devices]
-    spec = cluster.spec.model_copy(update={"groups": [g.model_copy(update={"island": "main"}) for g in cluster.spec.groups],
-                                           "between_islands": None})
+    groups = [g.model_copy(update={"island": "main"}) for g in cluster.spec.groups]
+    spec = cluster.spec.model_copy(update={"groups": groups, "between_islands": None})
     return Cluster(name=f"{cluster.name} (one island)", spec=spec, nodes=nodes, devices=devices,
                    fabric=cluster.fabric, island_link=None)
 
