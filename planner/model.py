@@ -259,14 +259,17 @@ class Layer(BaseModel):
         attention 11sbh + 5as^2b, MLP 19sbh, two norms 4sbh. Tensors before the column-parallel GEMM
         (norm inputs, dropout masks) are replicated over tp unless sequence parallel splits them.
         FlashAttention keeps no s^2 scores (Dao et al. 2022). Full recompute keeps only the block input;
-        selective recompute drops the attention core's score tensors.
+        selective recompute drops the attention core's score tensors. The LM head and its loss are not
+        recomputed under any policy (Narayanan et al. 2021 section 5.1 counts no recompute for the logit layer,
+        formulas.md 1.2; Megatron checkpoints the transformer layers only), so the head keeps its fp32 logits
+        under full recompute too.
         """
         if not self.trainable:
             return 0 * b
         t = self.tokens(b, s) / cp
         h, e = self.hidden, dtype_bytes
         rep = tp if sp else 1  # split of the tensors outside the tp region
-        if recompute == "full":
+        if recompute == "full" and self.kind != "head":
             # One checkpoint per block: the block input, kept by the attention node.
             keep = self.kind in ("attention", "encoder", "embedding")
             return (t * h * e / rep) if keep and self.kind != "embedding" else 0 * b
@@ -311,6 +314,24 @@ class Layer(BaseModel):
                 fs = self.shared_ffn_hidden * self.shared_experts
                 total = total + t * fs * e * (3 if self.gated else 2) / tp
         return total
+
+
+    def logits_transient_bytes(self, b, s, tp=1, cp=1, dtype_bytes=2):
+        """Bytes of the loss's 16-bit logits copy, beyond the fp32 logits activation_bytes keeps: one
+        micro-batch on one device, b x s/cp x vocab/tp x dtype_bytes (LM head only, else 0).
+
+        Megatron's vocab-parallel cross entropy (megatron/core/tensor_parallel/cross_entropy.py) casts the
+        head's 16-bit logits to fp32 (`calculate_logits_max`: `.float()`), turns that copy into the softmax
+        in place and saves it (the 4 bytes per element of activation_bytes, Korthikanti 4.3); backward makes
+        the gradient in place in the same fp32 buffer, and the cast's backward produces a 16-bit logits
+        gradient. So 16-bit logits (forward) or their 16-bit gradient (backward) sit beside the fp32 buffer:
+        one micro-batch, once per stage, at the last stage's peak. With fp32 activations `.float()` is the
+        same tensor and the cast backward a no-op: nothing beyond the saved copy. Eager PyTorch
+        (F.cross_entropy on upcast logits) keeps more copies: that belongs to the torch stack, not here.
+        """
+        if self.kind != "head" or not self.trainable or dtype_bytes >= 4:
+            return 0 * b
+        return self.tokens(b, s) / cp * self.vocab * dtype_bytes / tp
 
 
 class ModelGraph(BaseModel):

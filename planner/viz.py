@@ -51,6 +51,8 @@ MEMORY_COLORS = {
     "gradients_bytes": ("gradients", "#dd6b20"),
     "optimizer_bytes": ("optimizer states", "#2f855a"),
     "activations_bytes": ("activations", "#805ad5"),
+    "backward_working_bytes": ("backward working set", "#b794f4"),
+    "logits_transient_bytes": ("loss logits copy", "#d6bcfa"),
     "overhead_bytes": ("allocator overhead", "#a0aec0"),
 }
 

@@ -204,7 +204,8 @@ def test_more_recompute_never_uses_more_memory(case):
     assert peaks[0] >= peaks[1] * (1 - REL) and peaks[1] >= peaks[2] * (1 - REL), dict(zip(RECOMPUTE_ORDER, peaks))
 
 
-MEMORY_TERMS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "overhead_bytes")
+MEMORY_TERMS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "backward_working_bytes",
+                "logits_transient_bytes", "overhead_bytes")
 
 
 @PROPS

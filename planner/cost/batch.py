@@ -345,15 +345,16 @@ class _Ctx:
         return np.array([table.setdefault(k, len(table)) for k in map(tuple, keys.tolist())], dtype=np.int64)
 
     def stage_tables(self):
-        """(row offset of each count group entry, per-stage params, frozen bytes and activation bytes of every
-        entry stacked as flat arrays: entry row r + stage, column c at (r + stage) * columns + c)."""
+        """(row offset of each count group entry, per-stage params, frozen bytes, activation bytes, routed
+        params, backward working bytes and logits bytes of every entry stacked as flat arrays: entry row
+        r + stage, column c at (r + stage) * columns + c)."""
         if self.stages is None:
             ents = list(self.groups.values())
             rows = np.cumsum([0] + [len(x["par_st"]) for x in ents])
             for x, r in zip(ents, rows.tolist()):
                 x["row"] = r
             self.stages = tuple(np.concatenate([x[k] for x in ents]).ravel()
-                                for k in ("par_st", "froz_st", "act_st", "parx_st"))
+                                for k in ("par_st", "froz_st", "act_st", "parx_st", "work_st", "logit_st"))
         return self.stages
 
 
@@ -428,7 +429,7 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s, routing
     distinct (sp, flash, ep), with arrays over (mbs, tp, cp, etp)."""
     nu, ns = len(tuples), len(shapes)
     out = {k: np.zeros((ns, 3, nu)) for k in ("fwd", "bwd", "fhw", "act")}
-    for k in ("fmodel", "par", "froz", "parx"):
+    for k in ("fmodel", "par", "froz", "parx", "logit"):
         out[k] = np.zeros((ns, nu))
     sub_keys = tuples[:, [3, 4, 5, 7, 8]]
     for key in np.unique(sub_keys, axis=0):
@@ -515,6 +516,8 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s, routing
                 out["fhw"][si, pi, idx] = mult * lt_flops + rflops
                 # --- mirrors the activation sum of estimate._memory ---
                 out["act"][si, pi, idx] = layer.activation_bytes(b, s, tp, cp, sp, policy, e_act, flash=flash)
+            # --- estimate._memory: the loss's 16-bit logits copy (LM head only) ---
+            out["logit"][si, idx] = layer.logits_transient_bytes(b, s, tp, cp, e_act)
             # --- params: estimate.estimate (stage_params) and estimate._memory (frozen) ---
             if layer.trainable:
                 etp = tuples[idx, 6].astype(float)
@@ -683,21 +686,30 @@ def _counts(model: ModelGraph, shape_of: dict, pp: int, vpp: int, rc: int, rnl: 
     K = np.zeros((C, S, 3))
     T = np.zeros((C, S))
     Fz = np.zeros((C, S))
+    # estimate._memory's backward working set: per stage, the distinct blocks (their trainable layers'
+    # (shape, policy) in layer order), of which the largest counts
+    sigs: list = [[] for _ in range(pp)]
     for c, layers in enumerate(chunks):
         pol = _policies(layers, mode_plan)
+        blocks: dict = {}
         for layer in layers:
             si = shape_of[layer.shape_key]
             K[c, si, POLICIES.index(pol[layer.name])] += 1
             if layer.trainable:
                 T[c, si] += 1
+                if layer.block is not None:
+                    blocks.setdefault(layer.block, []).append((si, POLICIES.index(pol[layer.name])))
             else:
                 Fz[c, si] += 1
+        for sig in map(tuple, blocks.values()):
+            if sig not in sigs[c % pp]:
+                sigs[c % pp].append(sig)
     stage_of = np.arange(C) % pp
     onehot = np.zeros((pp, C))
     onehot[stage_of, np.arange(C)] = 1.0
     Kf = K.reshape(C, S * 3)
     res = dict(C=C, K=Kf, Kst=onehot @ Kf, Tst=onehot @ T, Fst=onehot @ Fz, onehot=onehot,
-               Kall=K.sum(axis=(0, 2)), Ktot=Kf.sum(axis=0))
+               Kall=K.sum(axis=(0, 2)), Ktot=Kf.sum(axis=0), Lst=onehot @ K.sum(axis=2), sigs=sigs)
     if len(_COUNTS) > 4096:
         _COUNTS.clear()
     _COUNTS[key] = (model, res)
@@ -730,7 +742,15 @@ def _group_entry(ctx: _Ctx, pp: int, vpp: int, rc: int, rnl: int, n_dev: int, e:
     rows = worst[None, :] + pp * np.arange(vpp)[:, None]
     Fw = Fc[rows, cols].sum(axis=0)
     Bw = Bc[rows, cols].sum(axis=0)
+    # estimate._memory: the largest block's backward working set per stage, and the loss logits copy
+    work_st = np.zeros((pp, G))
+    for st_, sigs in enumerate(k["sigs"]):
+        for sig in sigs:
+            full = np.stack([lv["act"][si, 0] for si, _ in sig])
+            kept = np.stack([lv["act"][si, pi] for si, pi in sig])
+            work_st[st_] = np.maximum(work_st[st_], memory.backward_working_bytes(full, kept))
     ent = dict(Fc=Fc, Bc=Bc, par_st=par_st, froz_st=k["Fst"] @ lv["froz"], parx_st=k["Tst"] @ lv["parx"],
+               work_st=work_st, logit_st=k["Lst"] @ lv["logit"],
                act_st=k["Kst"] @ lv["act"].reshape(S * 3, G), params_dev=par_st[worst, cols], last_bwd=Bw,
                busy_worst=Fw + Bw, fm=k["Kall"] @ lv["fmodel"], fh=k["Ktot"] @ lv["fhw"].reshape(S * 3, G))
     # --- mirrors estimate.estimate: DP gradient reduction and ZeRO traffic over the dp group, per layer ---
@@ -924,7 +944,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     me_oopt = pa.offload_optimizer[me_first]
     oact_any, oopt_any = bool(me_oact.any()), bool(me_oopt.any())  # x * (1 - 0) is x: skipped when all 0
     me_pg = pr_pg[me_pr]
-    par_t, froz_t, act_t, parx_t = ctx.stage_tables()
+    par_t, froz_t, act_t, parx_t, work_t, logit_t = ctx.stage_tables()
     # estimate.expert_data_parallel: the ranks sharing the same experts
     me_edp = (dp * pa.cp * pa.tp // (pa.ep * etp))[me_first]
     me_row = np.array([x["row"] for x in cg], dtype=np.int64)[pr_cg[me_pr]]
@@ -962,7 +982,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
             acts = acts * (1 - me_oact[idx])[:, None]
         if oopt_any:
             optim = optim * (1 - me_oopt[idx])[:, None]
-        subtotal = weights + grads + optim + froz_t.take(at) + acts
+        subtotal = weights + grads + optim + froz_t.take(at) + acts + work_t.take(at) + logit_t.take(at)
         # the worst stage's total: allocator_overhead_bytes (x + (0.07 x + c)) is nondecreasing in x, also
         # in floating point, so it is applied to the largest subtotal only
         top = subtotal.max(axis=1)

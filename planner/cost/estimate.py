@@ -323,7 +323,9 @@ class _Structure:
     per-call memo of layer steps was keyed by) and its policy. idx: (chunks, longest chunk) index into
     reps of each layer, padded with len(reps) (a zero row). train: per stage its trainable layers
     (chunks c % pp == stage in chunk order); frozen: its frozen layers; acts: the reps index of each
-    of its layers, in the order _memory sums their activations."""
+    of its layers, in the order _memory sums their activations; blocks: per stage, per transformer block
+    on it, the reps index of each of its trainable layers (the backward working set is the largest
+    block's; identical blocks listed once); heads: per stage its LM head layers (the loss logits)."""
 
     chunks: tuple
     reps: tuple
@@ -333,6 +335,8 @@ class _Structure:
     acts: tuple
     shapes: tuple  # the first trainable layer of each shape_key, in stage order
     train_shape: tuple  # per stage: the index into shapes of each of its trainable layers
+    blocks: tuple = ()
+    heads: tuple = ()
 
 
 def _structure(model: ModelGraph, plan: ParallelPlan) -> _Structure:
@@ -365,6 +369,15 @@ def _structure(model: ModelGraph, plan: ParallelPlan) -> _Structure:
     train = tuple(tuple(layer for c in cs for layer in chunks[c] if layer.trainable) for cs in on)
     frozen = tuple(tuple(layer for c in cs for layer in chunks[c] if not layer.trainable) for cs in on)
     acts = tuple(tuple(k for c in cs for k in layer_keys[c]) for cs in on)
+    blocks = []
+    for cs in on:
+        per_block: dict = {}
+        for c in cs:
+            for layer, k in zip(chunks[c], layer_keys[c]):
+                if layer.block is not None and layer.trainable:
+                    per_block.setdefault((c, layer.block), []).append(k)
+        blocks.append(tuple(dict.fromkeys(tuple(v) for v in per_block.values())))  # distinct, in order
+    heads = tuple(tuple(layer for c in cs for layer in chunks[c] if layer.kind == "head") for cs in on)
     shape_index: dict = {}
     shapes = []
     for ls in train:
@@ -376,7 +389,8 @@ def _structure(model: ModelGraph, plan: ParallelPlan) -> _Structure:
     if len(cache) > 4096:
         cache.clear()
     hit = cache[key] = _Structure(chunks=chunks, reps=tuple(reps), idx=idx, train=train, frozen=frozen,
-                                  acts=acts, shapes=tuple(shapes), train_shape=train_shape)
+                                  acts=acts, shapes=tuple(shapes), train_shape=train_shape,
+                                  blocks=tuple(blocks), heads=heads)
     return hit
 
 
@@ -638,14 +652,17 @@ def _memory(model, st: _Structure, workload, plan, pipe, params_dev, stage_param
     # activation bytes of each (shape, policy) of the structure, cached per model (its layers stay alive
     # with it, so their ids are stable): they depend on nothing but these arguments
     act_args = (plan.mbs, workload.seq_len, plan.tp, plan.cp, plan.sp, e_act, plan.flash_attention)
-    act_of = []
-    for layer, policy in st.reps:
+    def act(layer, policy):
         key = ("act", id(layer), policy, act_args)
         hit = cache.get(key)
         if hit is None:
             hit = cache[key] = float(layer.activation_bytes(
                 plan.mbs, workload.seq_len, plan.tp, plan.cp, plan.sp, policy, e_act, flash=plan.flash_attention))
-        act_of.append(hit)
+        return hit
+
+    act_of = [act(layer, policy) for layer, policy in st.reps]
+    act_none = [act(layer, "none") for layer, _ in st.reps]  # what each layer materialises in its backward
+    work_of: dict = {}  # backward working set per distinct block (reps indices)
     stages = []
     for stage in range(plan.pp):
         states = memory.model_state_bytes(stage_params[stage], plan.dp * plan.cp, plan.zero, weight_dtype_bytes=e_w,
@@ -665,11 +682,25 @@ def _memory(model, st: _Structure, workload, plan, pipe, params_dev, stage_param
             act_one += act_of[k]
         inflight = pipe.peak_inflight[stage] / plan.vpp if plan.vpp > 1 else pipe.peak_inflight[stage]
         acts = act_one * inflight * (1 - plan.offload.activations)
+        # the block in backward: re-materialised activations and activation gradients, once per stage, on
+        # the device whatever is offloaded (memory.backward_working_bytes)
+        working = 0.0
+        for blk in st.blocks[stage]:
+            hit = work_of.get(blk)
+            if hit is None:
+                hit = work_of[blk] = float(memory.backward_working_bytes([act_none[k] for k in blk],
+                                                                         [act_of[k] for k in blk]))
+            working = max(working, hit)
+        # the loss's 16-bit logits copy beside the saved fp32 ones, one micro-batch (Layer.logits_transient_bytes)
+        logits = 0.0
+        for layer in st.heads[stage]:
+            logits += float(layer.logits_transient_bytes(plan.mbs, workload.seq_len, plan.tp, plan.cp, e_act))
         opt = states["optimizer"] * (1 - plan.offload.optimizer)
-        subtotal = states["weights"] + states["gradients"] + opt + frozen + acts
+        subtotal = states["weights"] + states["gradients"] + opt + frozen + acts + working + logits
         overhead = memory.allocator_overhead_bytes(subtotal)
         stages.append({"weights_bytes": states["weights"] + frozen, "gradients_bytes": states["gradients"],
-                       "optimizer_bytes": opt, "activations_bytes": acts, "overhead_bytes": overhead,
+                       "optimizer_bytes": opt, "activations_bytes": acts, "backward_working_bytes": working,
+                       "logits_transient_bytes": logits, "overhead_bytes": overhead,
                        "total_bytes": subtotal + overhead})
     worst = max(stages, key=lambda d: d["total_bytes"])
     return {**worst, "stages": stages}

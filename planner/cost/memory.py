@@ -1,5 +1,6 @@
-"""Memory per device: model states (ZeRO / Megatron), GPT-layer activations (Korthikanti), pipeline
-in-flight activations, allocator overhead. Pure functions (reference/formulas.md section 2).
+"""Memory per device: model states (ZeRO / Megatron), GPT-layer activations (Korthikanti), the backward
+working set of one block, pipeline in-flight activations, allocator overhead. Pure functions
+(reference/formulas.md section 2).
 
 Arguments may be numpy arrays where noted (params, dp, sizes) so the search can evaluate many plans at
 once; schedule names, ZeRO stage and optimizer are scalars.
@@ -125,6 +126,33 @@ def activation_bytes_gpt_layer(s, b, h, a, t=1, sp: bool = False, recompute: str
     base = 34 / t if sp else 10 + 24 / t
     score = 0 if (recompute == "selective" or flash) else 5 * a * s / (h * t)
     return sbh * (base + score)
+
+
+def backward_working_bytes(full_bytes, kept_bytes):
+    """Transient bytes of the one block whose backward is running, beyond what its micro-batch keeps saved:
+    once per pipeline stage (the block in backward), not per micro-batch in flight.
+
+    full_bytes: each layer of the block's activations without recompute (Layer.activation_bytes, policy
+    "none"); kept_bytes: what its policy keeps saved (the same with the policy in force). Axis 0 is the
+    block's layers; further axes (plans) broadcast.
+
+      re-materialised: sum(full - kept). Recomputation keeps the checkpoints plus one segment's
+        activations while that segment runs backward (Chen et al. 2016, "Training Deep Nets with Sublinear
+        Memory Cost", section 4.1: cost O(n/k) + O(k)); Korthikanti et al. 2022 section 5: full recompute
+        still materialises one transformer layer's activations for its backward. The checkpointed block
+        input is already among the kept bytes, hence full - kept. Zero without recompute.
+      activation gradients: the gradients of the largest layer's saved tensors, max(full). Each saved
+        tensor feeds an op whose backward returns a gradient of its shape (e.g. a SwiGLU MLP: the gradients
+        of the activation output and of both up projections, 3 t f / tp, beside the incoming t h); autograd
+        frees them once consumed, so about one layer's worth is live at a time (Δ: an estimate, the largest
+        layer stands for the peak inside it). Present under every policy, so more recompute never adds
+        memory: the extra re-materialised bytes are at most what the saved ones shrink by.
+    """
+    full = np.asarray(full_bytes, dtype=float)
+    kept = np.asarray(kept_bytes, dtype=float)
+    if full.shape[0] == 0:
+        return np.zeros(full.shape[1:]) if full.ndim > 1 else 0.0
+    return np.sum(full - kept, axis=0) + np.max(full, axis=0)
 
 
 def pipeline_activation_bytes(per_microbatch_bytes, schedule: str, p: int, m: int, stage: int = 0,

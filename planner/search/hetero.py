@@ -35,7 +35,7 @@ from planner.hetero.stages import device_speed_key
 from planner.model import ModelGraph
 from planner.plan import Estimate, ParallelPlan, StageAssignment, Workload
 from planner.cost.pipeline import inflight_microbatches
-from planner.search.partition import _band, _minimax, _segments, block_costs
+from planner.search.partition import _band, _extra_bytes, _minimax, _segments, block_costs
 from planner.cost.memory import allocator_overhead_bytes
 
 _RTOL = 1e-9
@@ -126,7 +126,8 @@ def hetero_partition(costs: list, capacity_bytes: list[float], inflight) -> Hete
                                         cs.tail_state_bytes))
     act = banded(lambda cs: _segments(cs.act_bytes, cs.early_act_bytes, cs.recompute_cut, cs.head_act_bytes,
                                       cs.tail_act_bytes))
-    held = state + act * infl[:, None, None]
+    extra = banded(_extra_bytes)  # backward working set and loss logits copy (partition_dp)
+    held = state + act * infl[:, None, None] + extra
     mem = held + allocator_overhead_bytes(held)  # as estimate._memory
     cap = np.asarray(capacity_bytes, dtype=float)[:, None, None]
     allowed = valid & (mem <= cap)

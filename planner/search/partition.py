@@ -63,6 +63,9 @@ class BlockCosts:
     optimizer states on the device (after ZeRO sharding and optimizer offload) plus frozen weights.
     head_*: layers before the first block (embedding, frozen encoders), carried by the first chunk;
     tail_*: layers after the last block (final norm, LM head), carried by the last chunk.
+    work_bytes / early_work_bytes: each block's backward working set (memory.backward_working_bytes) at a
+    late / early position; a chunk holds its largest block's, once (None: zeros). *_logit_bytes: the loss
+    logits copy (Layer.logits_transient_bytes) the head / tail extras add to their chunk, once.
     """
 
     time_s: np.ndarray
@@ -80,6 +83,10 @@ class BlockCosts:
     tail_act_bytes: float = 0.0
     tail_params: float = 0.0
     tail_state_bytes: float = 0.0
+    work_bytes: np.ndarray | None = None
+    early_work_bytes: np.ndarray | None = None
+    head_logit_bytes: float = 0.0
+    tail_logit_bytes: float = 0.0
 
     @property
     def n(self) -> int:
@@ -198,10 +205,12 @@ def block_costs(model: ModelGraph, cluster: Cluster, workload: Workload, plan: P
     index = {blk: i for i, blk in enumerate(block_ids)}
     n = len(block_ids)
     late_t, early_t, late_a, early_a, par, froz, parx = (np.zeros(n) for _ in range(7))
+    in_block: list = [[] for _ in range(n)]  # each block's layers, for its backward working set
     for layer in order:
         if layer.block is None:
             continue
         i = index[layer.block]
+        in_block[i].append(layer)
         late_t[i] += time_s(layer, late_policy)
         early_t[i] += time_s(layer, early_policy)
         late_a[i] += act_bytes(layer, late_policy)
@@ -211,13 +220,26 @@ def block_costs(model: ModelGraph, cluster: Cluster, workload: Workload, plan: P
             parx[i] += float(layer.routed_params()) / (plan.ep * (plan.etp or plan.tp))
         froz[i] += frozen_bytes(layer)
 
+    def work(layers: list[Layer], policy: str) -> float:
+        # estimate._memory: the block's trainable layers, what they materialise vs what the policy keeps
+        ls = [x for x in layers if x.trainable]
+        return float(memory.backward_working_bytes([act_bytes(x, "none") for x in ls],
+                                                   [act_bytes(x, policy) for x in ls]))
+
+    late_w = np.array([work(ls, late_policy) for ls in in_block])
+    early_w = np.array([work(ls, early_policy) for ls in in_block])
+
     def extras(layers: list[Layer]) -> dict:
         layers = [layer for layer in layers if layer.block is None]
         pol = _policies(layers, plan)
         p = sum(params(x) for x in layers)
+        logit = 0.0
+        for x in layers:  # estimate._memory sums them in layer order
+            logit += float(x.logits_transient_bytes(plan.mbs, workload.seq_len, plan.tp, plan.cp, e_act))
         return {"time_s": float(sum(time_s(x, pol[x.name]) for x in layers)),
                 "act_bytes": float(sum(act_bytes(x, pol[x.name]) for x in layers)),
-                "params": float(p), "state_bytes": float(states(p, sum(frozen_bytes(x) for x in layers)))}
+                "params": float(p), "state_bytes": float(states(p, sum(frozen_bytes(x) for x in layers))),
+                "logit_bytes": logit}
 
     # split_chunks puts what precedes the first block on chunk 0 and what follows the last on chunk k-1;
     # with one chunk both sit on it, and counting them all as head gives the same chunk totals.
@@ -225,6 +247,7 @@ def block_costs(model: ModelGraph, cluster: Cluster, workload: Workload, plan: P
     tail = extras(chunks[-1]) if len(chunks) > 1 else extras([])
     return BlockCosts(time_s=late_t, act_bytes=late_a, early_time_s=early_t, early_act_bytes=early_a,
                       params=par, state_bytes=states(par, froz, parx), recompute_cut=cut,
+                      work_bytes=late_w, early_work_bytes=early_w,
                       **{f"head_{k}": v for k, v in head.items()}, **{f"tail_{k}": v for k, v in tail.items()})
 
 
@@ -246,6 +269,33 @@ def _segments(late: np.ndarray, early: np.ndarray, cut: int, head: float, tail: 
     seg[0, :] += head
     seg[:, n] += tail
     return seg
+
+
+def _segment_max(late: np.ndarray, early: np.ndarray, cut: int, head: float, tail: float) -> np.ndarray:
+    """M[l, i]: the largest of blocks l..i-1, the first `cut` of them taking `early`, the rest `late` (0 for
+    an empty range; the values are >= 0), plus the head extra when the chunk starts at block 0 and the tail
+    extra when it ends at block n: a chunk's backward working set and loss logits copy."""
+    n = len(late)
+    lo = np.arange(n + 1)[:, None]
+    hi = np.arange(n + 1)[None, :]
+
+    def running(x):  # R[l, i] = max(x[l:i]), 0 where i <= l
+        y = np.where(hi > lo, np.concatenate(([0.0], np.asarray(x, dtype=float)))[hi], 0.0)
+        return np.maximum.accumulate(y, axis=1)
+
+    mid = np.clip(lo + cut, None, hi)
+    seg = np.maximum(running(early)[lo, mid], running(late)[mid, hi])
+    seg[0, :] += head
+    seg[:, n] += tail
+    return seg
+
+
+def _extra_bytes(costs: BlockCosts) -> np.ndarray:
+    """_segment_max of costs' backward working set (zeros where costs carries none) and logits copy."""
+    zero = np.zeros(costs.n)
+    late = zero if costs.work_bytes is None else costs.work_bytes
+    early = late if costs.early_work_bytes is None else costs.early_work_bytes
+    return _segment_max(late, early, costs.recompute_cut, costs.head_logit_bytes, costs.tail_logit_bytes)
 
 
 def _band(full: np.ndarray, k: int) -> np.ndarray:
@@ -316,7 +366,9 @@ def partition_dp(costs: BlockCosts, k: int, inflight: Sequence[float] | None = N
                             costs.tail_state_bytes), k)
     act = _band(_segments(costs.act_bytes, costs.early_act_bytes, cut, costs.head_act_bytes,
                           costs.tail_act_bytes), k)
-    held = state + act * infl[:, None, None]  # allocated bytes of chunk c (states + in-flight activations)
+    extra = _band(_extra_bytes(costs), k)  # the largest block's backward working set, the loss logits copy
+    # allocated bytes of chunk c: states + in-flight activations + backward working set + logits copy
+    held = state + act * infl[:, None, None] + extra
     mem = held + overhead(held)  # estimate._memory: total = subtotal + allocator overhead
     objs = {"time": time, "params": par, "memory": mem}
     allowed = valid & (mem <= capacity_bytes)

@@ -331,6 +331,9 @@ def memory_lower_bound(model: ModelGraph, workload: Workload, pa: PlanArrays) ->
       - the last stage: the same with the layers after the last block (final norm, LM head: a 128k
         vocabulary's fp32 logits) and the last stage's micro-batches in flight.
     Partial recompute keeps, per layer, no less than the smaller of its full and no-recompute activations.
+    Each candidate adds the smallest block's backward working set (every stage runs some block's
+    backward; under partial recompute its gradients alone) and the loss logits copy of its layers (the
+    mean stage 1/pp of it: it sits on one stage).
     tests/test_search.py holds the bound below estimate()'s peak.
     """
     e_w = 2 if workload.dtype in ("bf16", "fp16", "fp8") else 4  # estimate._memory's dtype sizes
@@ -356,10 +359,12 @@ def memory_lower_bound(model: ModelGraph, workload: Workload, pa: PlanArrays) ->
     bpos = {b: i for i, b in enumerate(blocks)}
     count = np.zeros((3, S))  # layers of each shape per region
     per_block = np.zeros((max(len(blocks), 1), S))  # layers of each shape in each block
+    block_shapes: list = [[] for _ in blocks]  # each block's layers' shapes (the backward working set)
     for sid, r, b in region:
         count[r, sid] += 1
         if r == 1:
             per_block[bpos[b], sid] += 1
+            block_shapes[bpos[b]].append(sid)
     trainable = np.array([layer.trainable for layer in shapes], dtype=float)
 
     def shape_vals(fn) -> np.ndarray:
@@ -377,8 +382,11 @@ def memory_lower_bound(model: ModelGraph, workload: Workload, pa: PlanArrays) ->
         par[sel] = [*(count @ p), (per_block @ p).min()]
         froz[sel] = [*(count @ f), (per_block @ f).min()]
 
-    # per plan: activations of one micro-batch, by region and smallest block
+    # per plan: activations of one micro-batch, by region and smallest block; the smallest block's backward
+    # working set (every stage runs at least one block's backward); the loss logits copy by region
     act = np.empty((P, 4))
+    work = np.zeros(P)
+    logit = np.empty((P, 3))
     partial = pa.recompute_num_layers >= 0
     first, gid = _row_groups(pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.recompute, partial)
     for gi, r in enumerate(first.tolist()):
@@ -388,11 +396,19 @@ def memory_lower_bound(model: ModelGraph, workload: Workload, pa: PlanArrays) ->
         def one(policy):
             return shape_vals(lambda layer: layer.activation_bytes(b, s, tp_, cp_, sp_, policy, e_act, flash=flash))
 
+        none = one("none")
         if partial[r]:
-            a = np.minimum(one("full"), one("none"))
+            a = np.minimum(one("full"), none)
+            kept = none  # a block's working set is never below its gradients alone (the no-recompute one)
         else:
             a = one(POLICIES[int(pa.recompute[r])])
-        act[gid == gi] = [*(count @ a), (per_block @ a).min()]
+            kept = a
+        sel = gid == gi
+        act[sel] = [*(count @ a), (per_block @ a).min()]
+        if block_shapes:
+            work[sel] = min(float(memory.backward_working_bytes(none[ids], kept[ids])) for ids in block_shapes)
+        lg = shape_vals(lambda layer: layer.logits_transient_bytes(b, s, tp_, cp_, e_act))
+        logit[sel] = count @ lg
 
     # micro-batches in flight: first stage, last stage, fewest on any stage
     m = np.where(pa.num_microbatches > 0, pa.num_microbatches,
@@ -406,23 +422,25 @@ def memory_lower_bound(model: ModelGraph, workload: Workload, pa: PlanArrays) ->
     pp = pa.pp.astype(float)
     nb = (len(blocks) // (pa.pp * pa.vpp)) * pa.vpp  # fewest blocks on a stage (split_chunks' even split)
     total = par[:, 0] + par[:, 1] + par[:, 2]
-    candidates = [  # (params, frozen bytes, activation bytes of one micro-batch, in flight)
+    candidates = [  # (params, frozen bytes, activation bytes of one micro-batch, in flight, logits copy)
         (total / pp, (froz[:, 0] + froz[:, 1] + froz[:, 2]) / pp, (act[:, 0] + act[:, 1] + act[:, 2]) / pp,
-         infl[:, 2]),
-        (par[:, 0] + nb * par[:, 3], froz[:, 0] + nb * froz[:, 3], act[:, 0] + nb * act[:, 3], infl[:, 0]),
-        (par[:, 2] + nb * par[:, 3], froz[:, 2] + nb * froz[:, 3], act[:, 2] + nb * act[:, 3], infl[:, 1]),
+         infl[:, 2], (logit[:, 0] + logit[:, 1] + logit[:, 2]) / pp),
+        (par[:, 0] + nb * par[:, 3], froz[:, 0] + nb * froz[:, 3], act[:, 0] + nb * act[:, 3], infl[:, 0],
+         logit[:, 0]),
+        (par[:, 2] + nb * par[:, 3], froz[:, 2] + nb * froz[:, 3], act[:, 2] + nb * act[:, 3], infl[:, 1],
+         logit[:, 2]),
     ]
     best = np.zeros(P)
     # estimate._memory shards dense states over dp*cp and routed experts over EDP = dp*cp*tp/(ep*etp): the
     # larger of the two bounds both from below
     shard = np.maximum(pa.dp * pa.cp, pa.dp * pa.cp * pa.tp // (pa.ep * etp))
-    for params, frozen, acts, inflight in candidates:
+    for params, frozen, acts, inflight, logits in candidates:
         states = np.empty(P)
         for z in np.unique(pa.zero).tolist():
             sel = pa.zero == z
             st = memory.model_state_bytes(params[sel], shard[sel], z, weight_dtype_bytes=e_w,
                                           grad_dtype_bytes=g_bytes, optimizer=workload.optimizer)
             states[sel] = st["weights"] + st["gradients"] + st["optimizer"] * (1 - pa.offload_optimizer[sel])
-        subtotal = states + frozen + acts * inflight * (1 - pa.offload_activations)
+        subtotal = states + frozen + acts * inflight * (1 - pa.offload_activations) + work + logits
         best = np.maximum(best, subtotal + memory.allocator_overhead_bytes(subtotal))
     return best
