@@ -77,6 +77,15 @@ class Efficiency(BaseModel):
     # layer takes max(device time, kernels x this): invisible for big layers, the floor for small ones.
     # Eager PyTorch dispatch costs on the order of 10 us per op; calibration fits it per stack.
     host_dispatch_us: float = Field(10.0, ge=0)
+    # Host cost of one tensor-parallel sublayer (attention or MLP) per forward pass that a framework adds
+    # beyond its GEMMs and the collective's link time: DTensor's sharding propagation, redistribution and
+    # autograd wrappers around every sharded op (torch.distributed.tensor.parallel). Charged like
+    # layer_overhead_us (once forward, twice backward) on layers split tp > 1 ways. 0 for plain-tensor TP
+    # (Megatron); `calibrate --backend torch` measures it on a DTensor MLP between local processes.
+    tp_dispatch_us: float = Field(0.0, ge=0)
+    # The same under sequence parallelism (norms sequence-sharded as DTensors, an all-gather and a
+    # reduce-scatter in place of the all-reduce); None: tp_dispatch_us.
+    sp_dispatch_us: float | None = Field(None, ge=0)
     # Fraction of the modelled NCCL bandwidth that the software stack's data-parallel / ZeRO collectives
     # reach. 1 for bucketed NCCL collectives (Megatron, FSDP); below 1 for stacks that gather parameter by
     # parameter without bucketing (DeepSpeed ZeRO-3 of 2021): fitted per stack, never per device.

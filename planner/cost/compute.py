@@ -159,6 +159,12 @@ def layer_time(layer: Layer, b, s, device: Device, dtype: str = "bf16", tp=1, cp
     ew_fwd = ew_bytes / (device.memory_bandwidth_bytes_per_s * e.memory)
     kernels = ELEMENTWISE_KERNELS.get(layer.kind, 2) + (2 if layer.kind in ("attention", "encoder") else 0)
     overhead = kernels * e.kernel_overhead_us * 1e-6 + e.layer_overhead_us * 1e-6
+    sp_us = e.tp_dispatch_us if e.sp_dispatch_us is None else e.sp_dispatch_us
+    if (e.tp_dispatch_us or sp_us) and layer.kind in ("attention", "mlp", "moe", "encoder", "embedding", "head"):
+        # a tensor-parallel framework's host cost per sublayer it splits (Efficiency.tp_dispatch_us, or
+        # sp_dispatch_us under sequence parallelism), tp > 1 only; the vocabulary-parallel embedding and
+        # head are split too (torchtitan's plan, planner/backends/torch/parallel.py)
+        overhead = overhead + (np.asarray(tp) > 1) * np.where(sp, sp_us, e.tp_dispatch_us) * 1e-6
     fwd = gemm_fwd + attn_fwd + ew_fwd + overhead
     bwd = gemm_bwd + ATTENTION_BWD_FACTOR * attn_fwd + 2 * ew_fwd + 2 * overhead
     # The host dispatches kernels while the device runs earlier ones: the slower of the two sets the pace.

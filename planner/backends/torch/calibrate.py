@@ -5,10 +5,15 @@ device per core (per GPU with CUDA), so that `plan --cluster local` and `estimat
 runs of this machine. Every number is `provenance: measured`, with the date and the machine.
 
 What is measured, and which profile field it sets:
-- GEMM time over square and transformer-training shapes, one thread: the best rate is `peak_tflops`
-  (fp32 on the CPU, bf16 on a GPU), `efficiency.matmul` 1.0 (the peak is already what a GEMM achieves),
-  and `gemm_half_dim` fitted to the shape effect (rate = peak * d / (d + half) with d the smallest dim).
-- copy bandwidth of a large tensor: `memory_bandwidth_gb_s`, `efficiency.memory` 1.0.
+- GEMM time over square and transformer-training shapes, one thread (on the CPU a linear layer's forward
+  and backward GEMMs together, as training runs them): the 80th percentile rate is `peak_tflops` (fp32 on
+  the CPU, bf16 on a GPU), `efficiency.matmul` 1.0 (the peak is already what a GEMM achieves), and
+  `gemm_half_dim` fitted to the shape effect (rate = peak * d / (d + half) with d the smallest dim).
+- memory bandwidth, `memory_bandwidth_gb_s` (`efficiency.memory` 1.0): on a GPU the copy of a large tensor;
+  on the CPU an out-of-place op into a fresh tensor (median over 1-64 MiB), because that is what an eager
+  op does there, and under the runner's malloc settings (every allocation above 64 KiB its own mmap) each
+  fresh output pays its page faults: 2-3 GB/s on the 2-core box against 12-14 GB/s for a copy into a
+  buffer that already exists.
 - scaled_dot_product_attention, causal: `efficiency.attention` (its rate over the peak).
 - eager dispatch of a tiny op: `kernel_overhead_us`. On a CPU the host *is* the device, so dispatch adds
   to compute rather than hiding under it: `host_dispatch_us` is 0 and the dispatch cost is charged per
@@ -18,6 +23,17 @@ What is measured, and which profile field it sets:
 - gloo all-reduce, all-gather and send/recv between `nproc` local processes over message sizes: the link's
   `bandwidth_gb_s` and `latency_us` are fitted so that the planner's own formulas (planner.cost.comm)
   reproduce the measured times (least squares on log time); `achievable_fraction` 1.0.
+- a DTensor tensor-parallel norm + MLP (the backend's own ColwiseParallel / RowwiseParallel plan, tiny
+  sizes) over the same processes, forward + backward, against the plain one: what remains after the two
+  all-reduces' link time is `tp_dispatch_us`, per sublayer and pass (a third of the forward + backward
+  difference); with the sequence-parallel plan (SequenceParallel norm, all-gather + reduce-scatter),
+  `sp_dispatch_us`.
+- AdamW's step (foreach=False, the runner's optimizer) is timed as a check of the optimizer term (32 bytes
+  per parameter at the memory bandwidth), not fitted.
+
+Every device figure is measured in a process started the way the runner starts a rank (spawned, one
+thread, the runner's malloc settings: runner._child_env), so the profile describes the stack the plans run
+on, not the parent CLI process.
 
 The profile is written to hardware_profiles/{devices,links,nodes}/local.yaml (or under --out-dir), each file
 atomically; an existing file is replaced only with --force.
@@ -77,28 +93,80 @@ def gemm_shapes(quick: bool, gpu: bool = False) -> list[tuple[int, int, int]]:
                   (1024, 1024), (2048, 1024), (768, 768), (2048, 768)]
         return squares + [(t, n, k) for t in (1024, 4096, 16384) for n, k in widths]
     squares = [(d, d, d) for d in (64, 128, 256, 512, 768, 1024, 1536)]
-    tokens = (256, 1024, 2048)
+    # 64 and 128 tokens: the micro-batches of the local validation study (mbs 1-2 x seq 64)
+    tokens = (64, 128, 256, 1024, 2048)
     widths = [(384, 384), (384, 1024), (1024, 384), (384, 1536), (1536, 384), (384, 16000), (16000, 384)]
     return squares + [(t, n, k) for t in tokens for n, k in widths]
 
 
 def measure_gemm(device: torch.device, dtype: torch.dtype, quick: bool) -> list[dict]:
+    """GEMM rates by shape (m tokens, n output, k input columns). GPU: one a @ b. CPU: a linear layer's
+    forward and backward as autograd runs them (y = x W^T, then dX = dY W and dW = dY^T X, 3 x 2mnk FLOPs),
+    because that is what layer_time charges at this rate, and on one core the backward's GEMMs, whose
+    transposed operands and reduction over the m tokens make them the slow ones (weight gradient at 64
+    tokens: about 25 GFLOP/s against 45-60 for the forward), set the step. Each shape cycles through
+    several weights, as a step does (see below), so that no weight is timed from the cache."""
+    import torch.nn.functional as F
+
     rows = []
     for m, n, k in gemm_shapes(quick, device.type == "cuda"):
-        a = torch.randn(m, k, device=device, dtype=dtype)
-        b = torch.randn(k, n, device=device, dtype=dtype)
-        t = _median_time_s(lambda: a @ b, reps=3 if quick else 5, min_time_s=0.0 if quick else 0.2)
-        rows.append({"m": m, "n": n, "k": k, "time_s": t, "flops_per_s": 2.0 * m * n * k / t})
+        if device.type == "cuda":
+            a = torch.randn(m, k, device=device, dtype=dtype)
+            b = torch.randn(k, n, device=device, dtype=dtype)
+            t = _median_time_s(lambda: a @ b, reps=3 if quick else 5, min_time_s=0.0 if quick else 0.2)
+            rows.append({"m": m, "n": n, "k": k, "time_s": t, "flops_per_s": 2.0 * m * n * k / t})
+            continue
+        # In a step every GEMM meets its layer's weight cold (the model's weights far exceed the caches):
+        # cycle through enough weights to fill 64 MiB (at most 16), one linear step each.
+        copies = max(1, min(16, -(-64 * 2**20 // (4 * n * k))))
+        x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+        ws = [torch.randn(n, k, device=device, dtype=dtype, requires_grad=True) for _ in range(copies)]
+        dy = torch.randn(m, n, device=device, dtype=dtype)
+
+        def linear_steps():
+            for w in ws:
+                F.linear(x, w).backward(dy)
+                x.grad = w.grad = None
+
+        t = _median_time_s(linear_steps, reps=3 if quick else 5, min_time_s=0.0 if quick else 0.2) / copies
+        rows.append({"m": m, "n": n, "k": k, "passes": "forward+backward", "weights": copies, "time_s": t,
+                     "flops_per_s": 6.0 * m * n * k / t})
     return rows
 
 
 def measure_memory_bandwidth(device: torch.device, quick: bool) -> dict:
-    """Copy bandwidth (bytes read + written per second) of a tensor far larger than the caches."""
+    """Bytes read + written per second. GPU: copy of a tensor far larger than the caches into an existing
+    one. CPU: also that (`copy_bytes_per_s`, for reference), but the figure used is an out-of-place op
+    (x * 1.0 into a fresh tensor), the median over 1-64 MiB: eager ops allocate their outputs, and the
+    first touch of fresh pages is part of their cost on the CPU (the caching allocator hides it on a GPU)."""
     nbytes = (32 if quick else 256) * 2**20
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     t = _median_time_s(lambda: dst.copy_(src), reps=3 if quick else 7)
-    return {"bytes": nbytes, "time_s": t, "bytes_per_s": 2 * nbytes / t}
+    out = {"bytes": nbytes, "time_s": t, "copy_bytes_per_s": 2 * nbytes / t, "bytes_per_s": 2 * nbytes / t}
+    if device.type == "cpu":
+        rates = []
+        for mib in ((1, 16) if quick else (1, 4, 16, 64)):
+            x = torch.ones(mib * 2**20 // 4)
+            tt = _median_time_s(lambda: torch.mul(x, 1.0), reps=3 if quick else 9)
+            rates.append({"bytes": mib * 2**20, "time_s": tt, "bytes_per_s": 2 * mib * 2**20 / tt})
+        out["fresh_output"] = rates
+        out["bytes_per_s"] = statistics.median(r["bytes_per_s"] for r in rates)
+    return out
+
+
+def measure_adamw(device: torch.device, quick: bool) -> dict:
+    """Seconds per parameter of the runner's optimizer step (AdamW, foreach=False) on 8M (quick: 1M)
+    parameters in 1M-element tensors: a check of the optimizer term, recorded beside its prediction."""
+    from planner.backends.torch.runner import make_optimizer
+
+    n = 1 if quick else 8
+    params = [torch.nn.Parameter(torch.randn(2**20, device=device)) for _ in range(n)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = make_optimizer(params, 1e-3)
+    t = _median_time_s(opt.step, reps=3 if quick else 5)
+    return {"params": n * 2**20, "time_s": t, "s_per_param": t / (n * 2**20)}
 
 
 def measure_dispatch(device: torch.device) -> dict:
@@ -133,27 +201,74 @@ def collective_sizes(quick: bool) -> list[int]:
     return [2**p for p in range(12, 27, 2)]  # 4 KiB .. 64 MiB
 
 
-def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps: int, outdir: str) -> None:
+def _tp_mlp_times(world: int, timed) -> dict:
+    """Forward + backward of the backend's MLP (hidden 64, ffn 128, 16 tokens: far too small for its GEMMs
+    or bytes to matter) split tp = world ways with parallel.apply_tp's DTensor plan for an MLP, and of the
+    same MLP whole in this process; `timed` takes the median after a barrier."""
+    import torch.nn as nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module,
+    )
+
+    from planner.backends.torch.model import DecoderSpec, FeedForward, _norm
+
+    spec = DecoderSpec(name="calibrate-mlp", vocab=16, hidden=64, positions=0, blocks=1, heads=world,
+                       kv_heads=world, head_dim=8, ffn_hidden=128, gated=True, norm="rmsnorm", bias=False,
+                       qkv_bias=False, tied=False)
+
+    class Holder(nn.Module):  # norm + MLP under the names parallel.apply_tp gives them inside a block
+        def __init__(self):
+            super().__init__()
+            self.ffn_norm = _norm(spec.norm, spec.hidden)
+            self.feed_forward = FeedForward(spec)
+
+        def forward(self, x):
+            return self.feed_forward(self.ffn_norm(x))
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {"hidden": spec.hidden, "ffn_hidden": spec.ffn_hidden, "tokens": 16, "tp": world}
+    for sp in (False, True):
+        # parallel.apply_tp's plan for one MLP sublayer: the stream replicated, or sequence-sharded (sp)
+        stream = Shard(1) if sp else Replicate()
+        sharded = Holder()
+        plan = {"feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
+                "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=stream)}
+        if sp:
+            plan["ffn_norm"] = SequenceParallel()
+        parallelize_module(sharded, mesh, plan)
+        x = torch.randn(1, 16 // world if sp else 16, spec.hidden, requires_grad=True)
+        out["sp_dtensor_fwd_bwd_s" if sp else "dtensor_fwd_bwd_s"] = timed(lambda: sharded(x).sum().backward())
+    plain = Holder()
+    x = torch.randn(1, 16, spec.hidden, requires_grad=True)
+    out["plain_fwd_bwd_s"] = timed(lambda: plain(x).sum().backward())
+    return out
+
+
+def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps: int, tp_mlp: bool,
+                       outdir: str) -> None:
     import torch.distributed as dist
 
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+        def timed(fn, n=reps):
+            fn()
+            ts = []
+            for _ in range(n):
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            return statistics.median(ts)
+
         rows = []
         for nbytes in sizes:
             x = torch.ones(nbytes // 4)
             out = torch.empty(nbytes // 4 * world)
-
-            def timed(fn):
-                fn()
-                ts = []
-                for _ in range(reps):
-                    dist.barrier()
-                    t0 = time.perf_counter()
-                    fn()
-                    ts.append(time.perf_counter() - t0)
-                return statistics.median(ts)
-
             ar = timed(lambda: dist.all_reduce(x))
             # all-gather of nbytes in total (nbytes / world per rank), as comm.all_gather_time_s counts it
             part = torch.ones(nbytes // 4 // world)
@@ -171,33 +286,70 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps:
 
             pp = timed(ping_pong) / 2  # one way
             rows.append({"bytes": nbytes, "all_reduce_s": ar, "all_gather_s": ag, "p2p_s": pp})
+        # the tensor-parallel MLP takes milliseconds: four times the repetitions, for a steadier median
+        tp = _tp_mlp_times(world, lambda fn: timed(fn, 4 * reps)) if tp_mlp else None
         dist.barrier()
         dist.destroy_process_group()
         if rank == 0:
-            Path(outdir, "collectives.json").write_text(json.dumps(rows))
+            Path(outdir, "collectives.json").write_text(json.dumps({"rows": rows, "tp_mlp": tp}))
     except BaseException as e:  # noqa: BLE001 - reported by the parent as one line
         Path(outdir, f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}".splitlines()[0])
         os._exit(1)
 
 
-def measure_collectives(nproc: int, quick: bool) -> list[dict]:
+def _spawned(fn, nprocs: int, args: tuple, result: str, what: str):
+    """Run fn(rank, *args, outdir) on `nprocs` spawned processes started as the runner starts its ranks
+    (runner._child_env: one thread, its malloc settings) and return the JSON they left in `result`."""
     import torch.multiprocessing as mp
 
-    from planner.backends.torch.runner import RunFailed, RunOptions, _child_env, _free_port
+    from planner.backends.torch.runner import RunFailed, RunOptions, _child_env
 
-    sizes = collective_sizes(quick)
     with tempfile.TemporaryDirectory(prefix="planner-calibrate-") as outdir:
         with _child_env(RunOptions(threads=1)):
-            ctx = mp.start_processes(_collective_worker, args=(nproc, _free_port(), sizes, 3 if quick else 15, outdir),
-                                     nprocs=nproc, start_method="spawn", join=False)
+            ctx = mp.start_processes(fn, args=(*args, outdir), nprocs=nprocs, start_method="spawn", join=False)
         try:
             while not ctx.join(timeout=1.0):
                 pass
         except (mp.ProcessExitedException, mp.ProcessRaisedException):
             errs = sorted(Path(outdir).glob("error*.txt"))
             msg = errs[0].read_text() if errs else "a process died"
-            raise RunFailed(f"collective measurement failed: {msg}") from None
-        return json.loads(Path(outdir, "collectives.json").read_text())
+            raise RunFailed(f"{what} failed: {msg}") from None
+        return json.loads(Path(outdir, result).read_text())
+
+
+def measure_collectives(nproc: int, quick: bool, tp_mlp: bool = False) -> dict:
+    """{"rows": per message size, "tp_mlp": _tp_mlp_times or None} from `nproc` local gloo processes."""
+    from planner.backends.torch.runner import _free_port
+
+    sizes = collective_sizes(quick)
+    return _spawned(_collective_worker, nproc, (nproc, _free_port(), sizes, 3 if quick else 15, tp_mlp),
+                    "collectives.json", "collective measurement")
+
+
+def _device_worker(rank: int, quick: bool, outdir: str) -> None:
+    """The one-rank device measurements, in a process started as a rank is (see _spawned). Every rank of
+    measure_device runs them at once; rank 0's are kept."""
+    try:
+        torch.set_num_threads(1)
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        dtype = torch.bfloat16 if cuda else torch.float32
+        out = {"gemm": measure_gemm(device, dtype, quick), "memory_bandwidth": measure_memory_bandwidth(device, quick),
+               "dispatch": measure_dispatch(device), "attention": measure_attention(device, dtype, quick),
+               "decoder_step_s": measure_decoder_step(quick), "adamw": measure_adamw(device, quick)}
+        if rank == 0:
+            Path(outdir, "device.json").write_text(json.dumps(out))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent as one line
+        Path(outdir, f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}".splitlines()[0])
+        os._exit(1)
+
+
+def measure_device(quick: bool, nproc: int = 1) -> dict:
+    """The device measurements of one rank while `nproc` ranks run them at once: a plan's ranks share the
+    machine's memory system, caches and spare cycles (one core each, no idle core left to absorb the
+    interpreter's and gloo's threads or anything else), and the profile should describe a rank of a run,
+    not a process alone on the machine."""
+    return _spawned(_device_worker, nproc, (quick,), "device.json", "device measurement")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,33 +398,68 @@ def fit_link(rows: list[dict], nproc: int) -> tuple[float, float, float]:
     return bw, lat, math.sqrt(err / (3 * len(rows)))
 
 
-def fit_layer_overhead_s(device_fields: dict, quick: bool) -> dict:
-    """Time one training step of a small decoder in this process and charge what the device profile does
-    not explain to every layer's forward and backward passes (3 passes' worth per layer per micro-batch)."""
+def _decoder_step_case():
+    """The decoder and workload whose one-process training step fits layer_overhead_us: small enough
+    (hidden 64, 64 tokens) that the step is mostly the host's per-op work, which is what the fit is for;
+    with a larger one (hidden 128, 256 tokens) the residual is a small difference of large, noisy times."""
     from planner.backends.torch.model import tiny_graph
-    from planner.backends.torch.runner import global_batch, loss_fn, make_optimizer
-    from planner.backends.torch.model import build_decoder
-    from planner.cost.estimate import estimate
-    from planner.plan import ParallelPlan, Workload
+    from planner.plan import Workload
 
-    graph = tiny_graph("llama", layers=4, hidden=128, heads=4, kv_heads=2, ffn_hidden=256, vocab=512, max_seq=64)
-    workload = Workload(global_batch=4, seq_len=64, dtype="fp32")
+    graph = tiny_graph("llama", layers=4, hidden=64, heads=4, kv_heads=2, ffn_hidden=128, vocab=256, max_seq=64)
+    return graph, Workload(global_batch=2, seq_len=32, dtype="fp32")
+
+
+def measure_decoder_step(quick: bool) -> float:
+    """Median seconds of one training step (forward, backward, AdamW) of _decoder_step_case's decoder."""
+    from planner.backends.torch.model import build_decoder
+    from planner.backends.torch.runner import global_batch, loss_fn, make_optimizer
+
+    graph, workload = _decoder_step_case()
     model = build_decoder(graph)
     opt = make_optimizer(model.parameters(), 1e-3)
-    x, y = global_batch(0, 0, workload, 512)
+    x, y = global_batch(0, 0, workload, model.spec.vocab)
 
     def step():
         loss_fn(model(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=False)
 
-    measured = _median_time_s(step, reps=3 if quick else 9)
+    return _median_time_s(step, reps=3 if quick else 21)
+
+
+def fit_layer_overhead_s(device_fields: dict, measured: float) -> dict:
+    """Charge what the device profile does not explain of the decoder step's measured time (`measured`
+    seconds, measure_decoder_step) to every layer's forward and backward passes (3 passes' worth per layer
+    per micro-batch)."""
+    from planner.cost.estimate import estimate
+    from planner.plan import ParallelPlan
+
+    graph, workload = _decoder_step_case()
     cluster = _one_device_cluster(device_fields, layer_overhead_us=0.0)
-    predicted = estimate(graph, cluster, workload, ParallelPlan(mbs=4)).step_time_s
+    predicted = estimate(graph, cluster, workload, ParallelPlan(mbs=workload.global_batch)).step_time_s
     layers = len(graph.layers)
     overhead = max(0.0, (measured - predicted) / (3 * layers))
     return {"model_params": graph.params, "measured_step_s": measured, "predicted_without_s": predicted,
             "layers": layers, "layer_overhead_s": overhead}
+
+
+def fit_tp_dispatch(tp_mlp: dict, bytes_per_s: float, latency_s: float) -> dict:
+    """tp_dispatch_s: a third (one forward, two backward passes' worth, as layer_time charges overheads) of
+    what the DTensor MLP's forward + backward takes beyond the plain MLP and the two all-reduces (forward
+    output, backward input gradient) that planner.cost.comm charges on the fitted link; never negative."""
+    from planner.cost import comm
+    from planner.hardware import CollectiveLink
+
+    link = CollectiveLink(bus_bytes_per_s=bytes_per_s, latency_s=latency_s, level="intra-node",
+                          ranks=tp_mlp["tp"], nodes=1)
+    nbytes = tp_mlp["tokens"] * tp_mlp["hidden"] * 4
+    link_s = 2 * float(comm.all_reduce_time_s(nbytes, link))
+    # sequence parallel: an all-gather and a reduce-scatter of the same bytes in each pass
+    sp_link_s = 2 * float(comm.all_gather_time_s(nbytes, link) + comm.reduce_scatter_time_s(nbytes, link))
+    extra = tp_mlp["dtensor_fwd_bwd_s"] - tp_mlp["plain_fwd_bwd_s"] - link_s
+    sp_extra = tp_mlp["sp_dtensor_fwd_bwd_s"] - tp_mlp["plain_fwd_bwd_s"] - sp_link_s
+    return {"link_s": link_s, "tp_dispatch_s": max(0.0, extra) / 3,
+            "sp_link_s": sp_link_s, "sp_dispatch_s": max(0.0, sp_extra) / 3}
 
 
 def _one_device_cluster(device_fields: dict, **efficiency):
@@ -342,19 +529,16 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
     cuda = torch.cuda.is_available()
     if nproc is None:
         nproc = max(2, machine.get("gpus", 0) if cuda else machine["cores"])
-    torch.set_num_threads(1)
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
     dtype_name = "bf16" if cuda else "fp32"
     date = _dt.date.today().isoformat()
 
-    gemm = measure_gemm(device, dtype, quick)
+    meas = measure_device(quick, 1 if cuda else min(nproc, machine["cores"]))
+    gemm, membw, dispatch, attn = meas["gemm"], meas["memory_bandwidth"], meas["dispatch"], meas["attention"]
     peak, half = fit_gemm(gemm)
-    membw = measure_memory_bandwidth(device, quick)
-    dispatch = measure_dispatch(device)
-    attn = measure_attention(device, dtype, quick)
-    colls = measure_collectives(nproc, quick)
+    coll = measure_collectives(nproc, quick, tp_mlp=not cuda)
+    colls, tp_mlp = coll["rows"], coll["tp_mlp"]
     bw, lat, link_rms = fit_link(colls, nproc)
+    tp_fit = fit_tp_dispatch(tp_mlp, bw, lat) if tp_mlp else None
 
     per_rank_mem = machine["memory_bytes"] / machine["cores"] if not cuda else \
         torch.cuda.get_device_properties(0).total_memory
@@ -377,18 +561,35 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
             "kernel_overhead_us": round(dispatch["op_s"] * 1e6, 3),
             "host_dispatch_us": 0.0,
             "layer_overhead_us": 0.0,
+            "tp_dispatch_us": round(tp_fit["tp_dispatch_s"] * 1e6, 1) if tp_fit else 0.0,
+            "sp_dispatch_us": round(tp_fit["sp_dispatch_s"] * 1e6, 1) if tp_fit else None,
             "source": source,
         },
     }
-    layer = fit_layer_overhead_s(device_fields, quick)
+    layer = fit_layer_overhead_s(device_fields, meas["decoder_step_s"])
     device_fields["efficiency"]["layer_overhead_us"] = round(layer["layer_overhead_s"] * 1e6, 2)
+    adamw = meas["adamw"]
+    adamw["predicted_s_per_param"] = 32 / membw["bytes_per_s"]  # estimate's optimizer term (AdamW, 32 B/param)
     device_fields["notes"] = (
         f"One rank = one {'GPU' if cuda else 'CPU core running one torch thread'}. peak = 80th percentile of "
-        f"{dtype_name} GEMM rates over {len(gemm)} shapes ({peak / 1e9:.1f} GFLOP/s); memory bandwidth = copy of "
-        f"{membw['bytes'] // 2**20} MiB; memory_gb = {'the GPU' if cuda else 'RAM / cores'}; attention = causal "
+        f"{dtype_name} GEMM rates over {len(gemm)} shapes{'' if cuda else ' (linear forward + backward)'} "
+        f"({peak / 1e9:.1f} GFLOP/s); memory bandwidth = "
+        + (f"copy of {membw['bytes'] // 2**20} MiB" if cuda else
+           "an out-of-place op into fresh pages, median over 1-64 MiB (what an eager op sees; a copy of "
+           f"{membw['bytes'] // 2**20} MiB into an existing buffer: {membw['copy_bytes_per_s'] / 1e9:.1f} GB/s)")
+        + f"; memory_gb = {'the GPU' if cuda else 'RAM / cores'}; attention = causal "
         f"SDPA {attn['shape']}; kernel_overhead_us = eager dispatch of a tiny op; layer_overhead_us fitted on "
         f"a {layer['model_params']:,}-parameter decoder step ({layer['measured_step_s'] * 1e3:.1f} ms measured, "
-        f"{layer['predicted_without_s'] * 1e3:.1f} ms explained by the other terms). Load average "
+        f"{layer['predicted_without_s'] * 1e3:.1f} ms explained by the other terms); "
+        + (f"tp_dispatch_us = a third of what a tp{tp_mlp['tp']} DTensor MLP's forward + backward "
+           f"({tp_mlp['dtensor_fwd_bwd_s'] * 1e3:.2f} ms) takes beyond the plain MLP "
+           f"({tp_mlp['plain_fwd_bwd_s'] * 1e3:.2f} ms) and two all-reduces on the link "
+           f"({tp_fit['link_s'] * 1e3:.2f} ms), sp_dispatch_us the same with sequence parallelism "
+           f"({tp_mlp['sp_dtensor_fwd_bwd_s'] * 1e3:.2f} ms, link {tp_fit['sp_link_s'] * 1e3:.2f} ms); "
+           if tp_fit else "")
+        + f"AdamW (foreach=False) {adamw['s_per_param'] * 1e9:.1f} ns/param measured, "
+        f"{adamw['predicted_s_per_param'] * 1e9:.1f} predicted (32 B/param). Measured in a process started "
+        f"as a rank is (one thread, the runner's malloc settings). Load average "
         f"{machine.get('load_average_1m', 'n/a')} while measuring.")
     link_fields = {
         "name": LINK_NAME,
@@ -420,7 +621,8 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
         "date": date, "machine": machine, "nproc": nproc, "quick": quick,
         "profile": {"device": device_fields, "link": link_fields, "node": node_fields},
         "measurements": {"gemm": gemm, "memory_bandwidth": membw, "dispatch": dispatch, "attention": attn,
-                         "collectives": colls, "layer_overhead_fit": layer, "link_fit_rms_log": link_rms},
+                         "collectives": colls, "layer_overhead_fit": layer, "link_fit_rms_log": link_rms,
+                         "tp_mlp": tp_mlp, "tp_dispatch_fit": tp_fit, "adamw": adamw},
         "written": [],
     }
     if not dry_run:

@@ -5,7 +5,8 @@ The prediction is `estimate()` for the workload as executed: on the CPU the run 
 runner.executed_dtype), so the prediction is made for fp32 too, or it would compare 2-byte predictions with
 4-byte tensors. When more processes than cores share this machine (4 ranks on 2 cores), each rank gets
 cores/nproc of a core: the prediction divides the device's FLOP/s and memory bandwidth by the same factor
-(time-sharing is not in the cost model, which assumes one device per rank).
+and multiplies its host costs per op, layer and tensor-parallel sublayer by its inverse, since on the CPU
+the host is the device (time-sharing is not in the cost model, which assumes one device per rank).
 
 Memory is compared two ways: the planner's peak (`predicted_peak_memory_bytes`, the contract figure, which
 includes its allocator and CUDA-context allowance) and its tensor bytes alone (peak minus that allowance,
@@ -38,8 +39,12 @@ def shared_core_cluster(cluster, nproc: int, device_type: str):
     devices = []
     for ref in cluster.devices:
         d = ref.device
+        e = d.efficiency
+        host = {k: getattr(e, k) / share for k in ("kernel_overhead_us", "layer_overhead_us", "host_dispatch_us",
+                                                    "tp_dispatch_us")}
         slower = d.model_copy(update={"peak_tflops": {k: v * share for k, v in d.peak_tflops.items()},
-                                      "memory_bandwidth_gb_s": d.memory_bandwidth_gb_s * share})
+                                      "memory_bandwidth_gb_s": d.memory_bandwidth_gb_s * share,
+                                      "efficiency": e.model_copy(update=host)})
         devices.append(ref.model_copy(update={"device": slower}))
     return cluster.model_copy(update={"devices": devices}), share
 

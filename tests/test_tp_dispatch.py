@@ -1,0 +1,67 @@
+"""Efficiency.tp_dispatch_us / sp_dispatch_us: a tensor-parallel framework's host cost per split sublayer
+(DTensor on the torch backend, measured by `calibrate --backend torch`), charged by compute.layer_time, so
+that estimate() and estimate_batch() carry it alike."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from planner.catalog import load_cluster
+from planner.cost.batch import estimate_batch
+from planner.cost.compute import layer_time
+from planner.cost.estimate import estimate
+from planner.importers import load_model
+from planner.plan import ParallelPlan, Workload
+
+TP_US, SP_US = 700.0, 1100.0
+
+
+def _with_dispatch(cluster, **fields):
+    devices = []
+    for ref in cluster.devices:
+        d = ref.device
+        devices.append(ref.model_copy(update={"device": d.model_copy(
+            update={"efficiency": d.efficiency.model_copy(update=fields)})}))
+    return cluster.model_copy(update={"devices": devices})
+
+
+def test_layer_time_charges_split_sublayers_once_forward_twice_backward():
+    graph = load_model("tiny-llama-20m")
+    dev = load_cluster("dgx-h100", 1).devices[0].device
+    fast = dev
+    slow = dev.model_copy(update={"efficiency": dev.efficiency.model_copy(
+        update={"tp_dispatch_us": TP_US, "sp_dispatch_us": SP_US})})
+    for layer in graph.layers:
+        for tp, sp in ((1, False), (2, False), (2, True)):
+            a = layer_time(layer, 2, 256, fast, "bf16", tp=tp, sp=sp)
+            b = layer_time(layer, 2, 256, slow, "bf16", tp=tp, sp=sp)
+            want = 0.0 if tp == 1 else (SP_US if sp else TP_US) * 1e-6
+            assert float(b.fwd_s - a.fwd_s) == pytest.approx(want, abs=1e-12), (layer.kind, tp, sp)
+            assert float(b.bwd_s - a.bwd_s) == pytest.approx(2 * want, abs=1e-12), (layer.kind, tp, sp)
+
+
+def test_sp_dispatch_defaults_to_tp_dispatch():
+    dev = load_cluster("dgx-h100", 1).devices[0].device
+    layer = next(x for x in load_model("tiny-llama-20m").layers if x.kind == "mlp")
+    one = dev.model_copy(update={"efficiency": dev.efficiency.model_copy(update={"tp_dispatch_us": TP_US})})
+    base = layer_time(layer, 2, 256, dev, "bf16", tp=2, sp=True)
+    got = layer_time(layer, 2, 256, one, "bf16", tp=2, sp=True)
+    assert float(got.fwd_s - base.fwd_s) == pytest.approx(TP_US * 1e-6, abs=1e-12)
+
+
+def test_batch_equals_scalar_with_tp_dispatch():
+    graph = load_model("tiny-llama-20m")
+    cluster = _with_dispatch(load_cluster("dgx-h100", 1), tp_dispatch_us=TP_US, sp_dispatch_us=SP_US)
+    workload = Workload(global_batch=16, seq_len=256)
+    plans = [ParallelPlan(tp=tp, dp=8 // tp, sp=sp, mbs=mbs, recompute=rc)
+             for tp in (1, 2) for sp in ((False, True) if tp > 1 else (False,)) for mbs in (1, 2)
+             for rc in ("none", "full")]
+    plans += [ParallelPlan(tp=2, pp=2, dp=2, sp=True, mbs=1, schedule="1f1b"),
+              ParallelPlan(tp=2, pp=2, dp=2, vpp=3, mbs=1, schedule="interleaved-1f1b")]
+    got = estimate_batch(graph, cluster, workload, plans)
+    plain = estimate_batch(graph, load_cluster("dgx-h100", 1), workload, plans)
+    for i, plan in enumerate(plans):
+        want = estimate(graph, cluster, workload, plan)
+        assert math.isclose(got["step_time_s"][i], want.step_time_s, rel_tol=1e-9), plan
+        assert (got["step_time_s"][i] > plain["step_time_s"][i]) == (plan.tp > 1), plan
