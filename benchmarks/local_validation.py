@@ -17,10 +17,8 @@ import csv
 import datetime as _dt
 import io
 import json
-import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -80,11 +78,10 @@ def spearman(a, b) -> float:
 
 
 def _atomic(path: Path, text: str) -> None:
+    from planner.files import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def main(argv=None) -> int:

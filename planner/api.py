@@ -331,7 +331,7 @@ def to_plan_file(table, rank: int = 1) -> PlanFile:
 def save_plan(table_or_file, path: str | Path, rank: int = 1, force: bool = False) -> Path:
     """Write a PlanFile (or the row `rank` of a plan() table) as JSON, atomically; an existing file needs
     force. Returns the path."""
-    from planner.sweep import check_output, write_atomic
+    from planner.files import check_output, write_atomic
 
     pf = table_or_file if isinstance(table_or_file, PlanFile) else to_plan_file(table_or_file, rank)
     path = Path(path)

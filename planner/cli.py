@@ -12,6 +12,7 @@ from pathlib import Path
 
 from planner import catalog
 from planner.errors import BadInput, PlannerError, did_you_mean
+from planner.files import write_atomic as _write_atomic
 
 
 class _Parser(argparse.ArgumentParser):
@@ -240,19 +241,6 @@ def _constraints_from_args(args):
     return c
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and os.replace: a reader never sees half a file."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cmd_plan(args) -> None:
@@ -307,7 +295,7 @@ def cmd_plan(args) -> None:
 
 def cmd_simulate(args) -> None:
     from planner.importers import load_model
-    from planner.sweep import check_output
+    from planner.files import check_output
     from planner.viz import plot_timeline, timeline
 
     out = Path(args.output) if args.output else None
@@ -342,7 +330,8 @@ def cmd_simulate(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from planner.sweep import check_output, parse_list, sweep, write_csv
+    from planner.files import check_output
+    from planner.sweep import parse_list, sweep, write_csv
 
     out = Path(args.output) if args.output else None
     if out is not None:

@@ -443,14 +443,14 @@ def plot_timeline(tl: Timeline, path: str | None = None, title: str | None = Non
 
 
 def save_figure(fig, path, formats=("png", "svg", "pdf")) -> None:
-    """Write a matplotlib Figure atomically (rendered in memory, then planner.sweep.write_atomic)."""
+    """Write a matplotlib Figure atomically (rendered in memory, then planner.files.write_atomic)."""
     import io
     from pathlib import Path
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from planner.errors import BadInput
-    from planner.sweep import write_atomic
+    from planner.files import write_atomic
 
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()

@@ -22,9 +22,7 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -69,16 +67,10 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    from planner.files import write_atomic  # compare.py runs here, beside the planner
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, text)
 
 
 def table(headers: list[str], rows: list[list]) -> list[str]:

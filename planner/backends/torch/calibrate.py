@@ -512,6 +512,18 @@ def machine_description() -> dict:
     return out
 
 
+def _shown(path: Path) -> str:
+    """A written file as the record keeps it: relative to the catalog's folder or the working directory
+    when inside one, so a committed calibration record names no machine's absolute paths."""
+    path = Path(path).resolve()
+    for base in (catalog.profiles_dir().resolve().parent, Path.cwd().resolve()):
+        try:
+            return str(path.relative_to(base))
+        except ValueError:
+            continue
+    return str(path)
+
+
 def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None = None, force: bool = False,
               dry_run: bool = False) -> dict:
     from planner import catalog
@@ -628,26 +640,17 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
     if not dry_run:
         import yaml
 
+        from planner.files import write_atomic
+
         for section, fields in (("devices", device_fields), ("links", link_fields), ("nodes", node_fields)):
             path = targets[section]
             path.parent.mkdir(parents=True, exist_ok=True)
             text = (f"# Written by `planner calibrate --backend torch` on {date}; re-run it to re-measure.\n"
                     + yaml.safe_dump(fields, sort_keys=False, width=110))
-            _write_atomic(path, text)
-            result["written"].append(str(path))
+            write_atomic(path, text)
+            result["written"].append(_shown(path))
         catalog._hardware_catalog.cache_clear()
     return result
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def report_text(r: dict) -> str:
