@@ -14,7 +14,7 @@ from planner.builders import TransformerConfig, build_transformer
 from planner.cost import attention_balance as ab
 from planner.cost.estimate import estimate
 from planner.errors import Infeasible
-from planner.plan import ParallelPlan, Workload
+from planner.plan import DocumentMix, ParallelPlan, Workload
 from planner.search.search import search
 from planner.search.space import Constraints
 
@@ -31,11 +31,21 @@ def moe_folding():
         model, cluster = load_model(name), load_cluster("dgx-h100", nodes)
         w = Workload(global_batch=gbs, seq_len=4096)
         print(f"{name} on {8 * nodes} H100, seq 4096, gbs {gbs}")
+        best_a2a = None
         for fold in (True, False):
             t = time.perf_counter()
-            r = search(model, cluster, w, Constraints(fold=fold), top_k=1)
+            # all-to-all layouts only: tp_slice (Pipeline MoE) is compared on its own line below
+            r = search(model, cluster, w, Constraints(fold=fold, moe_dispatch=("a2a",)), top_k=1)
+            best_a2a = best_a2a or r.plans[0]
             show(("folding" if fold else "no folding (etp = tp, ep | dp*cp)") + f" [{time.perf_counter() - t:.0f} s]",
                  r.plans[0])
+        if name == "mixtral-8x22b":
+            # Pipeline MoE (Chen et al. 2023, arXiv 2304.11414): E/tp whole experts per TP rank, index slicing and
+            # the TP all-reduce instead of the all-to-all; the search takes it only where it is faster
+            t = time.perf_counter()
+            r = search(model, cluster, w, Constraints(moe_dispatch=("tp_slice",)), top_k=1)
+            show("moe_dispatch a2a (best, = folding)", best_a2a)
+            show(f"moe_dispatch tp_slice forced [{time.perf_counter() - t:.0f} s]", r.plans[0])
         # the same plan with tp 2 and 8-way ep: experts folded into the tp ranks (etp 1) or split like attention
         for fold in (True, False):
             p = ParallelPlan(tp=2, pp=8 if nodes == 16 else 4, dp=8 if nodes == 16 else 8, ep=8, etp=1 if fold else None,
@@ -65,12 +75,21 @@ def long_context():
                                                 ffn_hidden=11008, vocab=32000, max_seq=4 * 2**20))
     cluster = load_cluster("dgx-a100-80gb", 16)
     w = Workload(global_batch=1, seq_len=4 * 2**20)
-    for off in ((0.0,), (0.0, 0.5, 0.75, 1.0)):
+    # each case keeps only plans that use what it names (offload > 0, seq_chunks > 1), so that its best plan
+    # is shown even where a plan without it is faster
+    offload, chunks = (0.25, 0.5, 0.75, 1.0), (2, 4, 8, 16, 32)
+    cases = (("no offload", Constraints(max_cp=128)),
+             ("activation offload", Constraints(max_cp=128, offload_activations=offload)),
+             ("sequence-chunked pipeline (Seq1F1B / SPPO's, no offload)", Constraints(max_cp=128, seq_chunks=chunks)),
+             ("SPPO-style: sequence chunks + activation offload",
+              Constraints(max_cp=128, seq_chunks=chunks, offload_activations=offload)))
+    for tag, c in cases:
+        t = time.perf_counter()
         try:
-            r = search(seven, cluster, w, Constraints(max_cp=128, offload_activations=off), top_k=1)
-            show(f"activation offload {off}", r.plans[0])
+            r = search(seven, cluster, w, c, top_k=1)
+            show(f"{tag} [{time.perf_counter() - t:.0f} s]", r.plans[0])
         except Infeasible as e:
-            print(f"  activation offload {off}: {e}")
+            print(f"  {tag}: {e}")
 
 
 def disaggregation():
@@ -81,6 +100,12 @@ def disaggregation():
     print(f"  straggler gap without: {r['gap_without_s']:.1f} s of a {r['step_without_s']:.1f} s step; "
           f"with: {r['gap_with_s']:.3f} s of {r['step_with_s']:.1f} s (pool traffic {r['pool_comm_s']:.1f} s, "
           f"hidden under {r['linear_s']:.1f} s of linear layers)")
+    # the same as a search option: documents in the workload, the pool (ParallelPlan.attention_pool) offered
+    w = Workload(global_batch=64, seq_len=131072, documents=DocumentMix(mean_tokens=16384))
+    for pool in ((False,), (False, True)):
+        r = search(model, cluster, w, Constraints(dp=8, attention_pool=pool), top_k=1)
+        show(f"search, dp 8, 131k-token sequences of documents (mean 16k), pool {'offered' if True in pool else 'off'}",
+             r.plans[0])
 
 
 if __name__ == "__main__":

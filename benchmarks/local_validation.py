@@ -59,22 +59,15 @@ COLUMNS = ["id", "model", "cluster", "nodes", "nproc", "device", "dp", "tp", "pp
            "measured_step_time_s", "measured_step_time_min_s", "predicted_step_time_s", "error_pct",
            "measured_peak_memory_bytes", "predicted_tensor_memory_bytes", "predicted_peak_memory_bytes",
            "memory_error_pct", "measured_model_state_bytes", "predicted_model_state_bytes", "first_loss",
-           "last_loss", "core_share", "load_average_1m", "memory_method", "date", "machine", "command"]
+           "last_loss", "core_share", "load_average_1m", "memory_method", "rounds", "measured_step_time_runs_s",
+           "run_spread_pct", "date", "machine", "command"]
 
 
 def spearman(a, b) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    def ranks(x):
-        x = np.asarray(x, dtype=float)
-        order = np.argsort(x, kind="mergesort")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x), dtype=float)
-        for v in np.unique(x):
-            idx = np.where(x == v)[0]
-            r[idx] = r[idx].mean()
-        return r
-    ra, rb = ranks(a), ranks(b)
-    return float(np.corrcoef(ra, rb)[0, 1])
+    """Spearman rank correlation (scipy; average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
 
 
 def _atomic(path: Path, text: str) -> None:
@@ -82,6 +75,53 @@ def _atomic(path: Path, text: str) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text)
+
+
+def summarize(rows: list[dict], by_round: list[list[float]], date: str, machine, command: str) -> dict:
+    meas = [float(r["measured_step_time_s"]) for r in rows]
+    pred = [float(r["predicted_step_time_s"]) for r in rows]
+    mem_err = [abs(float(r["memory_error_pct"])) for r in rows if r["memory_error_pct"] not in (None, "")]
+    return {
+        "rows": len(rows), "date": date, "machine": machine, "command": command,
+        "step_time_mape_pct": float(np.mean([abs(float(r["error_pct"])) for r in rows])),
+        "step_time_spearman": spearman(meas, pred) if len(rows) > 2 else None,
+        "memory_mape_pct": float(np.mean(mem_err)) if mem_err else None,
+        # the noise floor: how well one round's measured times rank-correlate with another's
+        "round_to_round_spearman": (float(np.mean([spearman(a, b) for i, a in enumerate(by_round)
+                                                   for b in by_round[i + 1:]])) if len(by_round) > 1 else None),
+        "model_state_max_error_pct": float(max(abs(float(r["predicted_model_state_bytes"])
+                                                   / float(r["measured_model_state_bytes"]) - 1) for r in rows) * 100),
+    }
+
+
+def repredict(out: Path) -> int:
+    """Re-predict a study's measured rows with the current model and `local` profile (nothing is re-run)."""
+    from planner.backends.torch.validate import predict
+
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    plan_dir = out.parent / (out.with_suffix("").name + "-plans")
+    for row in rows:
+        pf = PlanFile.model_validate_json((plan_dir / f"{row['id']}.json").read_text())
+        _, _, est, _ = predict(pf, int(row["nproc"]), row["device"])
+        row["predicted_step_time_s"] = est.step_time_s
+        row["error_pct"] = (est.step_time_s / float(row["measured_step_time_s"]) - 1) * 100
+        print(f"{row['id']:<28} measured {float(row['measured_step_time_s']):8.3f} s  predicted "
+              f"{est.step_time_s:8.3f} s ({float(row['error_pct']):+6.1f}%)")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    _atomic(out, buf.getvalue())
+    runs = [[float(t) for t in str(r.get("measured_step_time_runs_s") or "").split()] for r in rows]
+    k = min((len(x) for x in runs), default=0)
+    by_round = [[x[i] for x in runs] for i in range(k)] if k > 1 else []
+    old = json.loads(out.with_suffix(".summary.json").read_text()) if out.with_suffix(".summary.json").exists() else {}
+    summary = summarize(rows, by_round, old.get("date", ""), old.get("machine"), old.get("command", ""))
+    summary["repredicted"] = _dt.datetime.now().isoformat(timespec="minutes")
+    _atomic(out.with_suffix(".summary.json"), json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "machine"}, indent=2))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -95,8 +135,17 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", help="comma-separated plan ids")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every plan this many times, round-robin (each round starts one plan later), and "
+                         "keep the median: a slow minute on a shared machine then hits every plan once instead of "
+                         "one plan every time")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/local/validation.csv"))
+    ap.add_argument("--repredict", action="store_true",
+                    help="measure nothing: re-predict the rows of --out (their plan files beside it) with this "
+                         "checkout's model and the catalog's current `local` profile, and rewrite the CSV and summary")
     args = ap.parse_args(argv)
+    if args.repredict:
+        return repredict(Path(args.out))
 
     from planner.backends.torch.calibrate import machine_description
     from planner.backends.torch.runner import RunOptions
@@ -115,39 +164,55 @@ def main(argv=None) -> int:
     command = "python benchmarks/local_validation.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     date = _dt.date.today().isoformat()
     cores = usable_cores()
-    rows = []
+    pfs = {}
     for pid, plan in plans.items():
         nodes = None
         if args.suite == "cpu" and plan.devices > cores:
             nodes = -(-plan.devices // cores)
         workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype)
-        pf = PlanFile(model=args.model, cluster=args.cluster, nodes=nodes, workload=workload, plan=plan)
-        (plan_dir / f"{pid}.json").write_text(pf.model_dump_json(indent=2) + "\n")
-        try:
-            r = validate(pf, None, RunOptions(steps=args.steps, warmup=args.warmup, seed=0, threads=1))
-        except PlannerError as e:
-            print(f"{pid}: error: {e}", file=sys.stderr)
+        pfs[pid] = PlanFile(model=args.model, cluster=args.cluster, nodes=nodes, workload=workload, plan=plan)
+        (plan_dir / f"{pid}.json").write_text(pfs[pid].model_dump_json(indent=2) + "\n")
+    ids = list(pfs)
+    runs: dict[str, list[dict]] = {pid: [] for pid in ids}
+    for rnd in range(args.rounds):
+        for pid in ids[rnd % len(ids):] + ids[:rnd % len(ids)]:
+            try:
+                r = validate(pfs[pid], None, RunOptions(steps=args.steps, warmup=args.warmup, seed=0, threads=1))
+            except PlannerError as e:
+                print(f"{pid}: error: {e}", file=sys.stderr)
+                continue
+            runs[pid].append(r)
+            print(f"round {rnd + 1} {pid:<28} measured {r['measured_step_time_s']:8.3f} s  predicted "
+                  f"{r['predicted_step_time_s']:8.3f} s ({r['error_pct']:+6.1f}%)  memory "
+                  f"{r['measured_peak_memory_bytes'] / 1e6:7.1f} MB vs {r['predicted_tensor_memory_bytes'] / 1e6:7.1f} MB "
+                  f"({r['memory_error_pct']:+6.1f}%)  load {r['load_average_1m']:.2f}", flush=True)
+    rows = []
+    for pid in ids:
+        if not runs[pid]:
             continue
-        p = r["plan"]
+        times = [x["measured_step_time_s"] for x in runs[pid]]
+        med = float(np.median(times))
+        r = min(runs[pid], key=lambda x: abs(x["measured_step_time_s"] - med))  # the run nearest the median
+        plan, p, nodes = pfs[pid].plan, r["plan"], pfs[pid].nodes
         row = {"id": pid, "model": args.model, "cluster": args.cluster, "nodes": nodes or "",
                "nproc": r["nproc"], "device": r["device"], **{k: p[k] for k in ("dp", "tp", "pp", "vpp", "zero", "sp",
                                                                                 "mbs", "recompute", "schedule")},
-               "microbatches": plan.microbatches(workload),
+               "microbatches": plan.microbatches(pfs[pid].workload),
                "partition": "" if p["partition"] is None else
                " ".join(f"{a['layers'][0]}-{a['layers'][1]}" for a in p["partition"]),
                "gbs": args.gbs, "seq": args.seq, "dtype": r["workload"]["dtype"], "steps": args.steps,
                "warmup": args.warmup, "first_loss": r["losses"][0], "last_loss": r["losses"][-1],
+               "rounds": len(times), "measured_step_time_runs_s": " ".join(f"{t:.4f}" for t in times),
+               "run_spread_pct": (max(times) - min(times)) / med * 100,
                "date": date, "machine": machine_text, "command": command}
-        for k in ("measured_step_time_s", "measured_step_time_min_s", "predicted_step_time_s", "error_pct",
-                  "measured_peak_memory_bytes", "predicted_tensor_memory_bytes", "predicted_peak_memory_bytes",
-                  "memory_error_pct", "measured_model_state_bytes", "predicted_model_state_bytes", "core_share",
-                  "load_average_1m", "memory_method"):
+        for k in ("measured_step_time_min_s", "predicted_step_time_s", "measured_peak_memory_bytes",
+                  "predicted_tensor_memory_bytes", "predicted_peak_memory_bytes", "memory_error_pct",
+                  "measured_model_state_bytes", "predicted_model_state_bytes", "core_share", "load_average_1m",
+                  "memory_method"):
             row[k] = r[k]
+        row["measured_step_time_s"] = med
+        row["error_pct"] = (r["predicted_step_time_s"] / med - 1) * 100
         rows.append(row)
-        print(f"{pid:<28} measured {r['measured_step_time_s']:8.3f} s  predicted {r['predicted_step_time_s']:8.3f} s "
-              f"({r['error_pct']:+6.1f}%)  memory {r['measured_peak_memory_bytes'] / 1e6:7.1f} MB vs "
-              f"{r['predicted_tensor_memory_bytes'] / 1e6:7.1f} MB ({r['memory_error_pct']:+6.1f}%)  "
-              f"load {r['load_average_1m']:.2f}", flush=True)
     if not rows:
         print("no plan ran", file=sys.stderr)
         return 1
@@ -157,17 +222,10 @@ def main(argv=None) -> int:
     for row in rows:
         w.writerow(row)
     _atomic(out, buf.getvalue())
-    meas = [r["measured_step_time_s"] for r in rows]
-    pred = [r["predicted_step_time_s"] for r in rows]
-    mem_err = [abs(r["memory_error_pct"]) for r in rows if r["memory_error_pct"] is not None]
-    summary = {
-        "rows": len(rows), "date": date, "machine": machine, "command": command,
-        "step_time_mape_pct": float(np.mean([abs(r["error_pct"]) for r in rows])),
-        "step_time_spearman": spearman(meas, pred) if len(rows) > 2 else None,
-        "memory_mape_pct": float(np.mean(mem_err)) if mem_err else None,
-        "model_state_max_error_pct": float(max(abs(r["predicted_model_state_bytes"] / r["measured_model_state_bytes"] - 1)
-                                               for r in rows) * 100),
-    }
+    full = [pid for pid in ids if len(runs[pid]) == args.rounds]
+    by_round = [[runs[pid][k]["measured_step_time_s"] for pid in full] for k in range(args.rounds)] \
+        if len(full) > 2 else []
+    summary = summarize(rows, by_round, date, machine, command)
     _atomic(out.with_suffix(".summary.json"), json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k not in ("machine",)}, indent=2))
     return 0

@@ -138,12 +138,44 @@ def _plan_from_args(args, cluster):
                            "change --tp/--pp/--cp or --nodes")
         dp = cluster.device_count // (tp * pp * cp)
     schedule = args.schedule or ("interleaved-1f1b" if args.vpp > 1 else "1f1b")
+    # tp_slice places E/tp whole experts on each TP rank: ep = tp and etp = 1 unless --ep says otherwise
+    ep, etp = args.ep, None
+    if args.moe_dispatch == "tp_slice":
+        ep, etp = (tp if args.ep == 1 else args.ep), 1
     try:
-        return ParallelPlan(dp=dp, tp=tp, pp=pp, vpp=args.vpp, cp=cp, ep=args.ep, zero=args.zero, sp=args.sp,
+        return ParallelPlan(dp=dp, tp=tp, pp=pp, vpp=args.vpp, cp=cp, ep=ep, etp=etp, zero=args.zero, sp=args.sp,
                             mbs=args.mbs, recompute=args.recompute, schedule=schedule,
-                            recompute_num_layers=args.recompute_num_layers)
+                            recompute_num_layers=args.recompute_num_layers, moe_dispatch=args.moe_dispatch,
+                            seq_chunks=args.seq_chunks, attention_pool=args.attention_pool,
+                            offload={"activations": args.offload_activations})
     except ValidationError as e:
         raise BadInput("plan: " + e.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+
+def _documents(text: str | None):
+    """--documents MEAN[:MAX] (tokens): a DocumentMix, or None; BadInput for anything else."""
+    from planner.plan import DocumentMix
+
+    if text is None:
+        return None
+    try:
+        parts = [int(x) for x in text.split(":")]
+        if len(parts) > 2 or min(parts) <= 0:
+            raise ValueError
+    except ValueError:
+        raise BadInput(f"--documents {text!r}: want MEAN or MEAN:MAX, positive token counts (e.g. 32768:524288)") \
+            from None
+    return DocumentMix(mean_tokens=parts[0], max_tokens=parts[1] if len(parts) == 2 else None)
+
+
+def _int_list(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(","))
+        if min(vals) <= 0:
+            raise ValueError
+        return vals
+    except ValueError:
+        raise BadInput(f"{flag} {text!r}: want positive integers separated by commas (e.g. 1,2,4,8)") from None
 
 
 def read_plan_file(path: str):
@@ -190,7 +222,8 @@ def cmd_estimate(args) -> None:
         model = load_model(args.model)
         cluster = catalog.load_cluster(args.cluster, args.nodes)
         plan = _plan_from_args(args, cluster)
-        workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype)
+        workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype,
+                            documents=_documents(args.documents))
     est = estimate(model, cluster, workload, plan)
     out = est.model_dump()
     out["plan"] = plan.model_dump()
@@ -236,7 +269,11 @@ def _constraints_from_args(args):
                     max_tp=args.max_tp, max_pp=args.max_pp, allow_cross_node_tp=args.allow_cross_node_tp,
                     partial_recompute=args.partial_recompute,
                     offload_optimizer=(0.0, 1.0) if args.offload else (0.0,),
-                    overlap_tp_comm=args.overlap_tp_comm)
+                    overlap_tp_comm=args.overlap_tp_comm,
+                    moe_dispatch=(args.moe_dispatch,) if args.moe_dispatch else ("a2a", "tp_slice"),
+                    offload_activations=(0.0, 0.5, 0.75, 1.0) if args.offload_activations else (0.0,),
+                    seq_chunks=_int_list("--seq-chunks", args.seq_chunks),
+                    attention_pool=(False, True) if args.attention_pool else (False,))
     c.check()
     return c
 
@@ -257,7 +294,10 @@ def cmd_plan(args) -> None:
     constraints = _constraints_from_args(args)
     model = load_model(args.model)
     cluster = catalog.load_cluster(args.cluster, args.nodes)
-    workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype)
+    workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype,
+                        documents=_documents(args.documents))
+    if args.attention_pool and workload.documents is None:
+        raise BadInput("--attention-pool balances variable-length documents: give --documents MEAN[:MAX] too")
     from planner.hetero import cli as hetero_cli  # mixed devices, islands, phones: planners of their own
 
     kind = hetero_cli.route(cluster)
@@ -273,13 +313,15 @@ def cmd_plan(args) -> None:
     lines = [f"{model.name} on {cluster.name} ({cluster.device_count} devices), global batch {workload.global_batch}, "
              f"seq {workload.seq_len}, {workload.dtype}",
              f"{'#':>2} {'tp':>3} {'pp':>3} {'dp':>5} {'vpp':>3} {'cp':>3} {'ep':>3} {'zero':>4} {'sp':>3} {'mbs':>3} "
-             f"{'recompute':<9} {'schedule':<16} {'step s':>9} {'tokens/s':>12} {'MFU':>6} {'mem GB':>7}  why"]
+             f"{'moe':<8} {'recompute':<9} {'schedule':<16} {'step s':>9} {'tokens/s':>12} {'MFU':>6} "
+             f"{'mem GB':>7}  why"]
     for i, rp in enumerate(res.plans, 1):
         p, e = rp.plan, rp.estimate
         rec = p.recompute if p.recompute_num_layers is None else f"full:{p.recompute_num_layers}"
         sched = p.schedule + ("*" if p.partition is not None else "")
+        moe_col = p.moe_dispatch if any(layer.kind == "moe" for layer in model.layers) else "-"
         lines.append(f"{i:>2} {p.tp:>3} {p.pp:>3} {p.dp:>5} {p.vpp:>3} {p.cp:>3} {p.ep:>3} {p.zero:>4} "
-                     f"{'y' if p.sp else '-':>3} {p.mbs:>3} {rec:<9} {sched:<16} {e.step_time_s:9.3f} "
+                     f"{'y' if p.sp else '-':>3} {p.mbs:>3} {moe_col:<8} {rec:<9} {sched:<16} {e.step_time_s:9.3f} "
                      f"{e.tokens_per_s:12,.0f} {e.mfu:6.1%} {e.peak_memory_bytes / 1e9:7.1f}  {e.why}")
     lines.append(f"searched {res.enumerated:,} plans: {res.pruned_memory:,} pruned by memory, {res.pruned_bound:,} "
                  f"by the step-time bound, {res.evaluated:,} costed, in {res.wall_s:.2f} s"
@@ -490,6 +532,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --recompute full: blocks per pipeline chunk recomputed (Megatron block method)")
     est.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"])
     est.add_argument("--dtype", choices=["bf16", "fp16", "fp8", "fp32"], default="bf16")
+    est.add_argument("--moe-dispatch", choices=["a2a", "tp_slice"], default="a2a",
+                     help="MoE token exchange: a2a (all-to-all over ep) or tp_slice (Pipeline MoE: E/tp experts per "
+                          "TP rank, index slicing + TP all-reduce; sets ep = tp, etp = 1)")
+    est.add_argument("--seq-chunks", type=int, default=1,
+                     help="run each sequence as N chunks through the pipeline (TeraPipe / Seq1F1B / SPPO)")
+    est.add_argument("--offload-activations", type=float, default=0.0, metavar="F",
+                     help="share of saved activations kept in host memory (0-1)")
+    est.add_argument("--documents", metavar="MEAN[:MAX]",
+                     help="sequences packed with variable-length documents (tokens), each its own causal mask")
+    est.add_argument("--attention-pool", action="store_true",
+                     help="core attention disaggregated to a balanced pool of all devices (DistCA)")
     est.add_argument("--json", action="store_true")
     est.set_defaults(func=cmd_estimate)
 
@@ -516,6 +569,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--offload", action="store_true", help="also search optimizer offload to the host")
     pl.add_argument("--overlap-tp-comm", action="store_true",
                     help="the stack overlaps TP communication with GEMMs (Megatron --tp-comm-overlap)")
+    pl.add_argument("--moe-dispatch", choices=["a2a", "tp_slice"],
+                    help="fix the MoE token exchange (default: search both; tp_slice is Pipeline MoE's)")
+    pl.add_argument("--offload-activations", action="store_true",
+                    help="also search activation offload to the host (0.5, 0.75 and all of the saved activations)")
+    pl.add_argument("--seq-chunks", default="1", metavar="N[,N...]",
+                    help="sequence chunks per micro-batch to try with pp > 1 (e.g. 1,2,4,8; default 1)")
+    pl.add_argument("--documents", metavar="MEAN[:MAX]",
+                    help="sequences packed with variable-length documents (tokens), each its own causal mask")
+    pl.add_argument("--attention-pool", action="store_true",
+                    help="with --documents: also search core attention disaggregated to a balanced pool (DistCA)")
     pl.add_argument("--json", action="store_true")
     pl.add_argument("--save", metavar="PLAN.json", help="write the best plan as a plan file")
     pl.add_argument("--force", action="store_true", help="with --save: overwrite an existing file")

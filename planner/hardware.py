@@ -86,10 +86,27 @@ class Efficiency(BaseModel):
     # The same under sequence parallelism (norms sequence-sharded as DTensors, an all-gather and a
     # reduce-scatter in place of the all-reduce); None: tp_dispatch_us.
     sp_dispatch_us: float | None = Field(None, ge=0)
+    # The part of that host cost that grows with the sublayer's activation (tokens x hidden x bytes):
+    # DTensor's redistribution copies and the functional collectives' fresh outputs. Per byte, per split
+    # sublayer and pass, charged beside tp_dispatch_us; measured by `calibrate --backend torch` on a
+    # small model's MLP (0 for plain-tensor TP and every catalog device).
+    tp_dispatch_ns_per_byte: float = Field(0.0, ge=0)
     # Fraction of the modelled NCCL bandwidth that the software stack's data-parallel / ZeRO collectives
     # reach. 1 for bucketed NCCL collectives (Megatron, FSDP); below 1 for stacks that gather parameter by
     # parameter without bucketing (DeepSpeed ZeRO-3 of 2021): fitted per stack, never per device.
     dp_collective: float = Field(1.0, gt=0, le=1)
+    # Fraction of a pass's compute under which communication issued beside it can hide. 1 on GPUs (NCCL
+    # runs on its own SMs and copy engines while GEMMs run); a CPU rank with one core has no spare unit:
+    # gloo's transfers and reductions take the core the compute needs. `calibrate --backend torch`
+    # measures it as (T_compute + T_comm - T_both) / min(T_compute, T_comm) with an async all-reduce.
+    comm_overlap: float = Field(1.0, ge=0, le=1)
+    # Host seconds per byte that a sharded-data-parallel framework spends copying parameters into and out
+    # of its collective buffers, per byte gathered or reduce-scattered (FSDP2's copy-in / copy-out around
+    # every all-gather and reduce-scatter; Megatron's distributed optimizer gathers into the parameters'
+    # own buffer: 0). Not overlapped. Charged for ZeRO 2 and 3; `calibrate --backend torch` measures it
+    # on an FSDP2-wrapped stack of linear layers; 0 for catalog devices (on a GPU these copies run at HBM
+    # speed on the collective's stream).
+    shard_copy_ns_per_byte: float = Field(0.0, ge=0)
     source: str = "default: median of measured fractions in reference/clusters.md section 10"
 
 

@@ -14,6 +14,16 @@ Optimizer = Literal["adamw", "adam", "sgd"]
 PLAN_SCHEMA_VERSION = 1
 
 
+class DocumentMix(BaseModel):
+    """Variable-length documents packed into every sequence, each under its own causal mask: log-normal lengths
+    with this mean, capped at max_tokens (None: the sequence), seeded (attention_balance.sample_documents)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mean_tokens: PositiveInt
+    max_tokens: PositiveInt | None = None
+    seed: int = 0
+
+
 class Workload(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     global_batch: PositiveInt = Field(description="sequences per optimizer step")
@@ -26,6 +36,9 @@ class Workload(BaseModel):
     # busiest expert's load over the mean (>= 1; 1 = balanced, as Megatron's benchmarks force).
     moe_capacity_factor: float | None = Field(None, gt=0)
     moe_imbalance: float = Field(1.0, ge=1.0)
+    # None: every sequence is one document (causal over all of it); else documents of varying length, whose
+    # attention work differs between data-parallel replicas (planner/cost/attention_balance.py)
+    documents: DocumentMix | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -76,6 +89,18 @@ class ParallelPlan(BaseModel):
     # attention core (Liu et al. 2023; Megatron); "a2a" re-shards sequence <-> heads with all-to-alls
     # (DeepSpeed-Ulysses, Jacobs et al. 2023), needing cp | heads/tp.
     cp_comm: Literal["ring", "a2a"] = "ring"
+    # How MoE layers reach their experts: "a2a" dispatches and combines tokens with all-to-alls over the ep
+    # group (Megatron, DeepSpeed-MoE); "tp_slice" is Pipeline MoE's (Chen et al. 2023, arXiv 2304.11414,
+    # section 3): E/tp whole experts on each TP rank, each rank picks its experts' tokens from the replicated
+    # input by index and one TP all-reduce combines them (no all-to-all). Needs tp > 1, ep = tp, etp = 1.
+    moe_dispatch: Literal["a2a", "tp_slice"] = "a2a"
+    # Sequence-chunked pipeline (TeraPipe, Li et al. 2021; Seq1F1B, Sun et al. 2024; SPPO, Chen et al. 2025):
+    # each micro-batch's sequences split into seq_chunks chunks that flow through the pipeline as separate
+    # work items, backward last chunk first (causal attention: chunk i reads the K/V of chunks <= i).
+    seq_chunks: PositiveInt = 1
+    # Core attention disaggregation (DistCA, arXiv 2510.18121): every replica's attention cores run on a pool of
+    # all devices, balanced, their Q/K/V and outputs sent over the fabric; matters with Workload.documents.
+    attention_pool: bool = False
     partition: list[StageAssignment] | None = None  # None: blocks spread evenly over pp * vpp chunks
 
     @model_validator(mode="after")
@@ -88,6 +113,15 @@ class ParallelPlan(BaseModel):
             raise ValueError("cp_comm 'a2a' (Ulysses) needs cp > 1")
         if self.sp and self.tp == 1:
             raise ValueError("sequence parallel (sp) needs tp > 1")
+        if self.seq_chunks > 1 and (self.schedule not in ("gpipe", "1f1b") or not self.flash_attention):
+            # the chunk orders exist for these two schedules (pipeline._order_1f1b); an unfused core's
+            # score tensor against a growing prefix is not modelled
+            raise ValueError(f"seq_chunks={self.seq_chunks} needs schedule 'gpipe' or '1f1b' and flash attention, "
+                             f"got '{self.schedule}', flash_attention={self.flash_attention}")
+        if self.moe_dispatch == "tp_slice" and (self.tp == 1 or self.ep != self.tp or self.etp != 1):
+            raise ValueError(f"moe_dispatch 'tp_slice' (Pipeline MoE) puts E/tp whole experts on each tensor-parallel "
+                             f"rank: it needs tp > 1, ep = tp and etp = 1; got tp={self.tp}, ep={self.ep}, "
+                             f"etp={self.etp}")
         if self.partition is not None and len(self.partition) != self.pp * self.vpp:
             raise ValueError(f"partition has {len(self.partition)} stages, expected pp*vpp = "
                              f"{self.pp * self.vpp}")

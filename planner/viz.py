@@ -53,6 +53,8 @@ MEMORY_COLORS = {
     "activations_bytes": ("activations", "#805ad5"),
     "backward_working_bytes": ("backward working set", "#b794f4"),
     "logits_transient_bytes": ("loss logits copy", "#d6bcfa"),
+    "seq_chunk_kv_bytes": ("K/V kept for later sequence chunks", "#fbb6ce"),
+    "cp_ring_buffers_bytes": ("ring attention step buffers", "#feb2b2"),
     "overhead_bytes": ("allocator overhead", "#a0aec0"),
 }
 
@@ -162,9 +164,11 @@ def _chunk_times(model, cluster, workload: Workload, plan: ParallelPlan):
     dtype = workload.dtype
     e = DTYPE_BYTES[dtype] if dtype != "fp8" else 2
     tp, cp = plan.tp, plan.cp
-    ctx = E._Ctx(b=plan.mbs, s=workload.seq_len, tp=tp, cp=cp, e=e, dev=dev, dtype=dtype, plan=plan,
+    s = workload.seq_len // plan.seq_chunks  # one work item's tokens (ParallelPlan.seq_chunks), as estimate()
+    ctx = E._Ctx(b=plan.mbs, s=s, tp=tp, cp=cp, e=e, dev=dev, dtype=dtype, plan=plan,
                  tp_link=E._link(cluster, 0, 1, tp), cp_link=E._link(cluster, 0, tp, cp),
-                 ep_link=E._link(cluster, 0, plan.etp or tp, plan.ep) if plan.ep > 1 else None)
+                 ep_link=E._link(cluster, 0, plan.etp or tp, plan.ep) if plan.ep > 1 else None,
+                 seq_chunks=plan.seq_chunks)
     st = E._structure(model, plan)
     vals = np.zeros((len(st.reps) + 1, 2 + len(E._PARTS)))
     for i, one in enumerate(E._steps(model, cluster, st, ctx)):
@@ -175,7 +179,7 @@ def _chunk_times(model, cluster, workload: Workload, plan: ParallelPlan):
     parts = [dict(zip(E._PARTS, row[2:])) for row in sums]
     p2p_s = 0.0
     if plan.pp > 1:
-        nbytes = plan.mbs * workload.seq_len / cp * model.layers[0].hidden * e / (tp if plan.sp else 1)
+        nbytes = plan.mbs * s / cp * model.layers[0].hidden * e / (tp if plan.sp else 1)
         p2p_s = float(E.pipeline_p2p_s(cluster, plan.pp, tp * cp * plan.dp, nbytes))
     return fwd, bwd, parts, p2p_s
 
@@ -207,7 +211,7 @@ def timeline(model, cluster, workload: Workload, plan: ParallelPlan, est: Estima
     m = plan.microbatches(workload)
     fwd, bwd, parts, p2p_s = _chunk_times(model, cluster, workload, plan)
     try:
-        res = pipeline.simulate(plan.schedule, fwd, bwd, m, v=plan.vpp, p2p_s=p2p_s)
+        res = pipeline.simulate(plan.schedule, fwd, bwd, m, v=plan.vpp, p2p_s=p2p_s, seq_chunks=plan.seq_chunks)
     except ValueError as e:
         raise BadInput(f"pipeline: {e}") from None
     p, n_virtual = plan.pp, plan.pp * plan.vpp

@@ -60,11 +60,13 @@ def plan_for(draw, name: str, n: int, gbs: int):
     # uneven stages (pp not dividing the blocks) are allowed: split_chunks spreads them
     pp = draw(st.sampled_from([d for d in divisors(rest) if d <= blocks]))
     dp = rest // pp
-    ep, etp = 1, None
+    ep, etp, dispatch = 1, None, "a2a"
     if any(layer.kind == "moe" for layer in g.layers):
         experts = next(layer.experts for layer in g.layers if layer.kind == "moe")
         ep = draw(st.sampled_from([d for d in divisors(dp * cp) if experts % d == 0]))
         etp = draw(st.sampled_from([None, None, 1]))
+        if tp > 1 and experts % tp == 0 and draw(st.integers(0, 3)) == 0:
+            ep, etp, dispatch = tp, 1, "tp_slice"  # Pipeline MoE: E/tp whole experts on each TP rank
     schedule = draw(st.sampled_from(["gpipe", "1f1b", "zb-h1", "interleaved-1f1b"]))
     mbs = draw(st.sampled_from([d for d in (1, 2, 4) if gbs % (d * dp) == 0]))
     vpp, num_mb = 1, None
@@ -94,7 +96,7 @@ def plan_for(draw, name: str, n: int, gbs: int):
         recompute=recompute, recompute_num_layers=rnl,
         flash_attention=draw(st.sampled_from([True, True, False])),
         overlap_grad_reduce=draw(st.booleans()), overlap_tp_comm=draw(st.booleans()), offload=offload,
-        partition=partition)
+        partition=partition, moe_dispatch=dispatch)
 
 
 @st.composite

@@ -205,7 +205,7 @@ def test_more_recompute_never_uses_more_memory(case):
 
 
 MEMORY_TERMS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "backward_working_bytes",
-                "logits_transient_bytes", "overhead_bytes")
+                "logits_transient_bytes", "seq_chunk_kv_bytes", "cp_ring_buffers_bytes", "overhead_bytes")
 
 
 @PROPS

@@ -67,10 +67,12 @@ def _plan_arrays(model, n: int, gbs: int, count: int, seed: int) -> batch.PlanAr
         rest = n // (tp * cp)
         pp = int(rng.choice([d for d in range(1, rest + 1) if rest % d == 0 and d <= model.num_blocks]))
         dp = rest // pp
-        ep, etp = 1, 0
+        ep, etp, ts = 1, 0, False
         if experts:
             ep = int(rng.choice([d for d in range(1, dp * cp + 1) if (dp * cp) % d == 0 and experts[0] % d == 0]))
             etp = int(rng.choice([0, 1]))
+            if tp > 1 and experts[0] % tp == 0 and rng.random() < .25:
+                ep, etp, ts = tp, 1, True  # moe_dispatch tp_slice (Pipeline MoE)
             if (dp * cp * tp) % (ep * (etp or tp)):
                 continue
         sch, mbs = int(rng.integers(0, 4)), int(rng.choice([1, 2, 4]))
@@ -88,7 +90,7 @@ def _plan_arrays(model, n: int, gbs: int, count: int, seed: int) -> batch.PlanAr
                          recompute_num_layers=int(rng.choice([-1, 1, 2])) if rc == 2 else -1, schedule=sch,
                          flash_attention=rng.random() < .7, overlap_grad_reduce=rng.random() < .5,
                          overlap_tp_comm=rng.random() < .5, offload_optimizer=0.0,
-                         offload_activations=float(rng.choice([0.0, 0.0, 0.0, 0.5]))))
+                         offload_activations=float(rng.choice([0.0, 0.0, 0.0, 0.5])), moe_tp_slice=ts))
     return batch.PlanArrays(**{k: np.array([r[k] for r in rows]) for k in rows[0]})
 
 

@@ -143,3 +143,33 @@ def test_bad_input_is_one_line(capsys, args, words):
 def test_save_into_missing_directory(capsys, tmp_path):
     rc, _, err = run(capsys, "plan", *TINY, "--save", tmp_path / "nope" / "p.json")
     assert "does not exist" in one_line(rc, err, 2)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["plan", *TINY, "--documents", "0:5"], "--documents"),
+    (["plan", *TINY, "--documents", "abc"], "--documents"),
+    (["plan", *TINY, "--attention-pool"], "--documents"),
+    (["plan", *TINY, "--seq-chunks", "1,x"], "--seq-chunks"),
+    (["plan", *TINY, "--seq-chunks", "0"], "--seq-chunks"),
+])
+def test_long_context_flags_bad_input(capsys, args, words):
+    rc, _, err = run(capsys, *args)
+    assert words in one_line(rc, err, 2)
+
+
+def test_estimate_long_context_flags(capsys):
+    base = ["estimate", "--model", "llama3-8b", "--cluster", "dgx-h100", "--nodes", "1", "--tp", "2", "--pp", "4",
+            "--mbs", "1", "--gbs", "8", "--seq", "131072", "--recompute", "full", "--sp", "--schedule", "1f1b",
+            "--json"]
+    rc, out, err = run(capsys, *base)
+    assert rc == 0, err
+    whole = json.loads(out)
+    rc, out, err = run(capsys, *base, "--seq-chunks", "4")
+    assert rc == 0, err
+    chunked = json.loads(out)
+    assert chunked["plan"]["seq_chunks"] == 4 and "seq_chunks 4" in chunked["why"]
+    # the fill/drain bubble shrinks with 4x the work items
+    assert chunked["breakdown"]["pipeline_bubble_s"] < whole["breakdown"]["pipeline_bubble_s"]
+    rc, out, err = run(capsys, *base, "--offload-activations", "0.5")
+    assert rc == 0, err
+    assert json.loads(out)["plan"]["offload"]["activations"] == 0.5

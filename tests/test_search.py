@@ -107,12 +107,13 @@ def test_space_matches_an_independent_enumeration():
     cons = Constraints(max_vpp=3, max_mbs=4, zero=1, recompute="full")
     got = enumerate_space(model, c, wl, cons).plans
     got_set = {tuple(int(getattr(got, f)[i]) for f in ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "mbs", "schedule",
-                                                       "zero", "sp", "recompute", "cp_a2a")) for i in range(len(got))}
+                                                       "zero", "sp", "recompute", "cp_a2a", "moe_tp_slice"))
+               for i in range(len(got))}
     assert len(got_set) == len(got)
     want = set()
-    for tp, pp, cp, ep, etp, mbs, sched, vpp, sp, a2a in itertools.product(
+    for tp, pp, cp, ep, etp, mbs, sched, vpp, sp, a2a, ts in itertools.product(
             [1, 2, 4, 8], [1, 2, 4, 8], [1, 2, 4, 8], [1, 2, 4], [0, 1], [1, 2, 4], range(4), [1, 2, 3], [0, 1],
-            [0, 1]):
+            [0, 1], [0, 1]):
         if 8 % (tp * pp * cp):
             continue
         dp = 8 // (tp * pp * cp)
@@ -120,6 +121,7 @@ def test_space_matches_an_independent_enumeration():
         ok = (4 % tp == 0 and 2 % tp == 0 and pp <= 4 and (cp == 1 or 512 % (2 * cp) == 0) and 16 % (mbs * dp) == 0
               and (dp * cp * tp) % (ep * etp_eff) == 0 and not (etp == 1 and tp == 1)
               and (not a2a or (cp > 1 and 4 % (tp * cp) == 0))
+              and (not ts or (tp > 1 and ep == tp and etp_eff == 1))
               and (not sp or tp > 1) and pp * vpp <= 4)
         m = 16 // (mbs * dp)
         if sched == SCHEDULES.index("interleaved-1f1b"):
@@ -129,7 +131,7 @@ def test_space_matches_an_independent_enumeration():
         ok = ok and (pp > 1 or sched == SCHEDULES.index("1f1b"))
         if ok:
             want.add((tp, pp, dp, cp, ep, 0 if etp_eff == tp else etp_eff, vpp, mbs, sched, 1, sp,
-                      POLICIES.index("full"), a2a))
+                      POLICIES.index("full"), a2a, ts))
     assert got_set == want
 
 

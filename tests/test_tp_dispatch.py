@@ -65,3 +65,20 @@ def test_batch_equals_scalar_with_tp_dispatch():
         want = estimate(graph, cluster, workload, plan)
         assert math.isclose(got["step_time_s"][i], want.step_time_s, rel_tol=1e-9), plan
         assert (got["step_time_s"][i] > plain["step_time_s"][i]) == (plan.tp > 1), plan
+
+
+def test_per_byte_part_grows_with_the_activation():
+    # tp_dispatch_ns_per_byte: t x h x bytes of the sublayer's activation, once forward and twice backward,
+    # on split layers only; doubling the tokens doubles it
+    graph = load_model("tiny-llama-20m")
+    dev = load_cluster("dgx-h100", 1).devices[0].device
+    ns = 0.5
+    slow = dev.model_copy(update={"efficiency": dev.efficiency.model_copy(update={"tp_dispatch_ns_per_byte": ns})})
+    mlp = next(x for x in graph.layers if x.kind == "mlp")
+    for b in (1, 2):
+        for tp in (1, 2):
+            a = layer_time(mlp, b, 256, dev, "bf16", tp=tp)
+            c = layer_time(mlp, b, 256, slow, "bf16", tp=tp)
+            want = 0.0 if tp == 1 else b * 256 * mlp.hidden * 2 * ns * 1e-9
+            assert float(c.fwd_s - a.fwd_s) == pytest.approx(want, abs=1e-15)
+            assert float(c.bwd_s - a.bwd_s) == pytest.approx(2 * want, abs=1e-15)

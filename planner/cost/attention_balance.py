@@ -21,6 +21,8 @@ efficiency. All figures are per step over the model's attention layers.
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -104,3 +106,47 @@ def straggler_gap(model: ModelGraph, device: Device, replica_docs: list[list[int
         "step_without_s": float(without.max()), "step_with_s": float(with_.max()),
         "pool_comm_s": comm_s, "longest_document": max(max(d) for d in replica_docs),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# in the cost model: attention work of a step's packed sequences, relative to full causal sequences
+
+SHARD_TOKENS = 4096  # query-chunk granularity of the pooled attention tasks (straggler_gap's default)
+
+
+@dataclass(frozen=True)
+class AttentionFactors:
+    """Attention-core work of a step's documents, per sequence, over one whole-sequence causal document
+    (s^2 / 2 token pairs): `mean` over all sequences (the work done, for FLOPs); `straggler` the slowest
+    data-parallel replica's mean (its sequences sum_i l_i^2 / 2 each; every replica waits for it at the
+    gradient reduction); `pooled` the same after the attention tasks of all replicas are balanced over them
+    (LPT over query chunks of SHARD_TOKENS; DistCA, arXiv 2510.18121)."""
+
+    mean: float
+    straggler: float
+    pooled: float
+
+
+@lru_cache(maxsize=256)
+def attention_factors(seq_len: int, global_batch: int, dp: int, mean_tokens: int, max_tokens: int | None,
+                      seed: int = 0, shard_tokens: int = SHARD_TOKENS) -> AttentionFactors:
+    """AttentionFactors of global_batch sequences of seq_len tokens packed with documents (sample_documents:
+    one list per sequence), dealt to dp replicas in order, global_batch / dp consecutive sequences each."""
+    docs = sample_documents(seq_len, global_batch, mean_tokens, max_tokens or seq_len, seed)
+    full = seq_len * seq_len / 2
+    per_seq = np.array([attention_work(d) for d in docs]) / full
+    share = global_batch // dp
+    per_replica = per_seq[:share * dp].reshape(dp, share).mean(axis=1)
+    pooled = lpt([w for d in docs[:share * dp] for w in shards(d, shard_tokens)], dp) / (share * full)
+    return AttentionFactors(mean=float(per_seq.mean()), straggler=float(per_replica.max()),
+                            pooled=float(pooled.max()))
+
+
+def pool_width(layer) -> int:
+    """Elements per token an attention core sends to the pool and gets back: Q, K, V in and the output out
+    (straggler_gap's 2a + 2kv head widths; MLA: its up-projected queries, keys and values, and output)."""
+    if layer.mla is not None:
+        m = layer.mla
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        return layer.heads * (qk + qk + m.v_head_dim + m.v_head_dim)
+    return (2 * layer.heads + 2 * (layer.kv_heads or layer.heads)) * layer.head_dim

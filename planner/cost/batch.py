@@ -9,7 +9,8 @@ function it mirrors. When estimate.py changes, the equality test fails until thi
 How the work is shared between plans (the scalar estimate redoes all of it per plan):
 
   1. Per layer: layers with the same `Layer.shape_key` cost the same. The layer terms depend on a plan only
-     through (mbs, tp, cp, sp, flash_attention, ep, etp, overlap_tp_comm) -- the "layer tuple". Distinct tuples are few
+     through (mbs, tp, cp, sp, flash_attention, ep, etp, overlap_tp_comm, cp_comm, moe_dispatch) -- the "layer
+     tuple". Distinct tuples are few
      (hundreds in a batch of 100k plans); each distinct shape is evaluated once per policy (none,
      selective, full) with arrays over the distinct tuples. Collective links depend only on (tp, cp, dp,
      ep): Cluster.collective is called once per distinct group, cached per cluster.
@@ -32,8 +33,9 @@ How the work is shared between plans (the scalar estimate redoes all of it per p
 
 Falls back to calling the scalar `estimate` (one call per plan) for plans with an explicit
 `plan.partition` or with optimizer offload (`plan.offload.optimizer > 0`), and for every plan on a cluster of
-several device types (each stage timed on its own devices), and for activation offload (its per-layer
-host-transfer time is modelled in estimate._layer_step only).
+several device types (each stage timed on its own devices), for activation offload (its per-layer
+host-transfer time is modelled in estimate._layer_step only), and for workloads with documents of varying
+length and plans with the DistCA attention pool (estimate._attention_factors and the pool's all-to-all).
 """
 from __future__ import annotations
 
@@ -44,10 +46,12 @@ from functools import lru_cache
 import numpy as np
 
 from planner.cost import comm, longctx, memory, moe, pipeline
-from planner.cost.compute import ATTENTION_BWD_FACTOR, DTYPE_BYTES, floored, layer_time, recompute_time_s
+from planner.cost.compute import (
+    ATTENTION_BWD_FACTOR, DTYPE_BYTES, chunk_attention_factor, floored, layer_time, recompute_time_s,
+)
 from planner.cost.estimate import (
-    EXPOSED_TAIL_FRACTION, _check_expert_parallel, _group, _overlapped_tp_s, _policies, estimate, pipeline_p2p_s,
-    split_chunks,
+    EXPOSED_TAIL_FRACTION, _check_expert_parallel, _check_seq_chunks, _group, _overlapped_tp_s, _policies, estimate,
+    pipeline_p2p_s, shard_copy_s, split_chunks,
 )
 from planner.errors import BadInput
 from planner.hardware import Cluster
@@ -92,16 +96,26 @@ class PlanArrays:
     offload_activations: np.ndarray
     overlap_tp_comm: np.ndarray | None = None  # None: all False (the ParallelPlan default)
     cp_a2a: np.ndarray | None = None  # cp_comm "a2a" (Ulysses); None: all False (the ring)
+    moe_tp_slice: np.ndarray | None = None  # moe_dispatch "tp_slice" (Pipeline MoE); None: all False (a2a)
+    seq_chunks: np.ndarray | None = None  # ParallelPlan.seq_chunks; None: all 1
+    attention_pool: np.ndarray | None = None  # ParallelPlan.attention_pool (DistCA); None: all False
 
     _INT = ("dp", "tp", "pp", "vpp", "cp", "ep", "etp", "zero", "mbs", "num_microbatches", "recompute",
-            "recompute_num_layers", "schedule")
-    _BOOL = ("sp", "flash_attention", "overlap_grad_reduce", "overlap_tp_comm", "cp_a2a")
+            "recompute_num_layers", "schedule", "seq_chunks")
+    _BOOL = ("sp", "flash_attention", "overlap_grad_reduce", "overlap_tp_comm", "cp_a2a", "moe_tp_slice",
+             "attention_pool")
 
     def __post_init__(self):
         if self.overlap_tp_comm is None:
             self.overlap_tp_comm = np.zeros(len(np.atleast_1d(self.dp)), dtype=bool)
         if self.cp_a2a is None:
             self.cp_a2a = np.zeros(len(np.atleast_1d(self.dp)), dtype=bool)
+        if self.moe_tp_slice is None:
+            self.moe_tp_slice = np.zeros(len(np.atleast_1d(self.dp)), dtype=bool)
+        if self.seq_chunks is None:
+            self.seq_chunks = np.ones(len(np.atleast_1d(self.dp)), dtype=np.int64)
+        if self.attention_pool is None:
+            self.attention_pool = np.zeros(len(np.atleast_1d(self.dp)), dtype=bool)
         for f in fields(self):
             a = np.asarray(getattr(self, f.name))
             if f.name in self._INT:
@@ -135,6 +149,9 @@ class PlanArrays:
             "overlap_grad_reduce": [p.overlap_grad_reduce for p in plans],
             "overlap_tp_comm": [p.overlap_tp_comm for p in plans],
             "cp_a2a": [p.cp_comm == "a2a" for p in plans],
+            "moe_tp_slice": [p.moe_dispatch == "tp_slice" for p in plans],
+            "seq_chunks": [p.seq_chunks for p in plans],
+            "attention_pool": [p.attention_pool for p in plans],
             "offload_optimizer": [p.offload.optimizer for p in plans],
             "offload_activations": [p.offload.activations for p in plans],
         }
@@ -155,7 +172,8 @@ class PlanArrays:
                                   activations=float(self.offload_activations[i])),
             schedule=SCHEDULES[int(self.schedule[i])], flash_attention=bool(self.flash_attention[i]),
             overlap_grad_reduce=bool(self.overlap_grad_reduce[i]), overlap_tp_comm=bool(self.overlap_tp_comm[i]),
-            cp_comm="a2a" if self.cp_a2a[i] else "ring")
+            cp_comm="a2a" if self.cp_a2a[i] else "ring", moe_dispatch="tp_slice" if self.moe_tp_slice[i] else "a2a",
+            seq_chunks=int(self.seq_chunks[i]), attention_pool=bool(self.attention_pool[i]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,8 +240,8 @@ class _Dag:
 
 
 @lru_cache(maxsize=2048)
-def _dag(schedule: str, p: int, v: int, m: int) -> _Dag:
-    """The op DAG of pipeline.simulate for (schedule, p, v, m).
+def _dag(schedule: str, p: int, v: int, m: int, nc: int = 1) -> _Dag:
+    """The op DAG of pipeline.simulate for (schedule, p, v, m, seq_chunks nc): m * nc work items.
 
     simulate's events list every device's ops in pipeline.schedule_order's per-device order. Timed with
     unit durations (F = B = W = 1, no p2p) an op's end is 1 + max(end of the previous op on its device, end
@@ -233,14 +251,14 @@ def _dag(schedule: str, p: int, v: int, m: int) -> _Dag:
     """
     n = p * v
     zb = schedule == "zb-h1"
-    res = pipeline.simulate(schedule, [1.0] * n, [2.0 if zb else 1.0] * n, m, v=v, p2p_s=0.0)
+    res = pipeline.simulate(schedule, [1.0] * n, [2.0 if zb else 1.0] * n, m, v=v, p2p_s=0.0, seq_chunks=nc)
     kinds = {"F": 0, "B": 1, "W": 2}
     ev = np.array([(e.device, kinds[e.kind], e.microbatch, e.chunk, e.end_s) for e in res.events], dtype=float)
     dev, kind, mb, chunk = (ev[:, i].astype(np.int64) for i in range(4))
     level = ev[:, 4].astype(np.int64) - 1
     n_ops = len(ev)
     k = chunk * p + dev
-    table = np.full((3, n, m), -1, dtype=np.int64)
+    table = np.full((3, n, m * nc), -1, dtype=np.int64)
     table[kind, k, mb] = np.arange(n_ops)
     prev = np.arange(n_ops) - 1
     first = np.ones(n_ops, dtype=bool)
@@ -316,7 +334,7 @@ class _Ctx:
                 self.shape_of[layer.shape_key] = len(self.shapes)
                 self.shapes.append(layer)
         self.col: dict = {}
-        self.tuples = np.zeros((0, 9), dtype=np.int64)
+        self.tuples = np.zeros((0, 11), dtype=np.int64)
         self.lv: dict | None = None
         self.groups: dict = {}
         self.stages = None
@@ -354,7 +372,8 @@ class _Ctx:
             for x, r in zip(ents, rows.tolist()):
                 x["row"] = r
             self.stages = tuple(np.concatenate([x[k] for x in ents]).ravel()
-                                for k in ("par_st", "froz_st", "act_st", "parx_st", "work_st", "logit_st"))
+                                for k in ("par_st", "froz_st", "act_st", "parx_st", "work_st", "logit_st", "kvf_st",
+                                          "kva_st", "ring_st"))
         return self.stages
 
 
@@ -373,12 +392,13 @@ def _ctx(model: ModelGraph, cluster: Cluster, workload: Workload) -> _Ctx:
 _INFL: dict = {}
 
 
-def _inflight(schedule: str, pp: int, vpp: int, m: int) -> np.ndarray:
-    """estimate._memory's in-flight micro-batches per stage: the DAG's simulate peak, over vpp chunks."""
-    key = (schedule, pp, vpp, m)
+def _inflight(schedule: str, pp: int, vpp: int, m: int, nc: int = 1) -> np.ndarray:
+    """estimate._memory's in-flight micro-batches (work items) per stage: the DAG's simulate peak, over vpp
+    chunks."""
+    key = (schedule, pp, vpp, m, nc)
     hit = _INFL.get(key)
     if hit is None:
-        hit = np.array(_dag(schedule, pp, vpp, m).peak_inflight, dtype=float)
+        hit = np.array(_dag(schedule, pp, vpp, m, nc).peak_inflight, dtype=float)
         if vpp > 1:
             hit = hit / vpp
         if len(_INFL) > 4096:
@@ -419,7 +439,7 @@ def _makespan(dag: _Dag, dur_rows: np.ndarray, p2p: np.ndarray, block: int = 4_0
 # per-layer values over distinct layer tuples
 
 
-def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s, routing=(1.0, None)):
+def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, seq_len, routing=(1.0, None)):
     """Per distinct shape (rows) and policy, with arrays over the distinct layer tuples (columns):
     forward and backward time of one micro-batch, model and hardware FLOPs, activation bytes; and
     trainable / frozen parameters per device. Mirrors estimate._layer_step (time, FLOPs), the activation
@@ -428,16 +448,20 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s, routing
     compute.py takes sp, flash and ep as scalars (they select branches), so the tuples are evaluated per
     distinct (sp, flash, ep), with arrays over (mbs, tp, cp, etp)."""
     nu, ns = len(tuples), len(shapes)
-    out = {k: np.zeros((ns, 3, nu)) for k in ("fwd", "bwd", "fhw", "act")}
-    for k in ("fmodel", "par", "froz", "parx", "logit"):
+    out = {k: np.zeros((ns, 3, nu)) for k in ("fwd", "bwd", "fhw", "act", "kvf")}
+    for k in ("fmodel", "par", "froz", "parx", "logit", "kv", "ring"):
         out[k] = np.zeros((ns, nu))
-    sub_keys = tuples[:, [3, 4, 5, 7, 8]]
+    sub_keys = tuples[:, [3, 4, 5, 7, 8, 9]]
     for key in np.unique(sub_keys, axis=0):
         idx = np.flatnonzero(np.all(sub_keys == key, axis=1))
         sp, flash, ep, tp_overlap, a2a = bool(key[0]), bool(key[1]), int(key[2]), bool(key[3]), bool(key[4])
+        tp_slice = bool(key[5])
         tpi, cpi = tuples[idx, 1], tuples[idx, 2]
         b, tp, cp = tuples[idx, 0].astype(float), tpi.astype(float), cpi.astype(float)
         n = len(idx)
+        # estimate.estimate: every term is one work item's, a chunk of s/n tokens (ParallelPlan.seq_chunks)
+        nck = tuples[idx, 10]
+        s = seq_len // nck
 
         def arr(x):
             return np.broadcast_to(np.asarray(x, dtype=float), (n,)).copy()
@@ -454,8 +478,9 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s, routing
             load = 1.0
             if layer.kind == "moe":  # estimate._layer_step: the busiest expert-parallel rank
                 load = moe.rank_load_factor(routing[0], routing[1], max(1, layer.experts // ep))
-            lt = layer_time(layer, b, s, dev, dtype, tp=tp, cp=cp, sp=sp, ep=ep, flash=flash,
-                            etp=etp_c.astype(float), expert_load=load)
+            sp_l = moe.layer_sp(layer.kind, sp, tp_slice)  # estimate._layer_step: tp_slice runs MoE without SP
+            lt = layer_time(layer, b, s, dev, dtype, tp=tp, cp=cp, sp=sp_l, ep=ep, flash=flash,
+                            etp=etp_c.astype(float), expert_load=load, seq_chunks=nck)
             lt_fwd, lt_bwd, lt_attn = arr(lt.fwd_s), arr(lt.bwd_s), arr(lt.attention_fwd_s)
             lt_flops = arr(lt.fwd_flops)
             host = float(lt.host_fwd_s)
@@ -467,7 +492,7 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s, routing
                     mk = tpi == t
                     one[mk] = comm.all_reduce_time_s(nbytes[mk], _collective(cluster, 0, 1, t))
             tp_on = tpi > 1
-            if layer.kind == "moe" and sp and not layer.shared_experts:
+            if layer.kind == "moe" and sp_l and not layer.shared_experts:
                 tp_on = tp_on & (etp_c != 1)  # estimate._layer_step: folded experts skip the TP group
             cp_f = cp_b = 0.0
             if layer.kind == "attention" and a2a:
@@ -483,12 +508,13 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s, routing
                 cp_b = cp_f
             elif layer.kind == "attention":
                 kv = comm.cp_kv_bytes_per_layer(b, s, layer.kv_heads, layer.head_dim, cp, e)
+                kv = np.where(nck > 1, kv * longctx.ring_chunk_factor(nck), kv)  # estimate._layer_step
                 ring = comm.p2p_time_s(kv, cp_bw, cp_lat)
                 cp_on = cpi > 1
                 cp_f = np.where(cp_on, np.maximum(0.0, ring / 3 - lt_attn), 0.0)
                 cp_b = np.where(cp_on, np.maximum(0.0, 2 * ring / 3 - ATTENTION_BWD_FACTOR * lt_attn), 0.0)
             ep_s = 0.0
-            if ep > 1 and layer.kind == "moe":
+            if ep > 1 and layer.kind == "moe" and not tp_slice:  # estimate._layer_step: tp_slice has no a2a
                 tokens = layer.tokens(b, s) / cp / (tp if sp else 1)
                 nbytes = tokens * layer.topk * layer.hidden * e * load
                 ep_s = np.zeros(n)
@@ -512,12 +538,20 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, s, routing
                 out["bwd"][si, pi, idx] = floored(x, host_b) if layer.trainable else lt_bwd
                 rflops = lt_flops if full else 0.0
                 if policy == "selective" and layer.trainable:
-                    rflops = arr(layer.attention_core_flops(b, s, tp, cp))
+                    rflops = arr(layer.attention_core_flops(b, s, tp, cp) * chunk_attention_factor(layer, nck))
                 out["fhw"][si, pi, idx] = mult * lt_flops + rflops
                 # --- mirrors the activation sum of estimate._memory ---
-                out["act"][si, pi, idx] = layer.activation_bytes(b, s, tp, cp, sp, policy, e_act, flash=flash)
+                out["act"][si, pi, idx] = layer.activation_bytes(b, s, tp, cp, sp_l, policy, e_act, flash=flash)
             # --- estimate._memory: the loss's 16-bit logits copy (LM head only) ---
             out["logit"][si, idx] = layer.logits_transient_bytes(b, s, tp, cp, e_act)
+            # --- estimate._memory: one chunk's K/V (longctx.seq_chunk_kv_bytes; kept in full when the policy
+            # saves only the block input, the plans here offload nothing) ---
+            kv_one = np.where(nck > 1, arr(longctx.chunk_kv_bytes(layer, b, s, tp, cp, e_act)), 0.0)
+            out["kv"][si, idx] = kv_one
+            out["kvf"][si, POLICIES.index("full"), idx] = kv_one
+            # --- estimate._memory: the ring forward's retained step buffers (a chunk's pass: its prefix's K/V) ---
+            if not a2a:
+                out["ring"][si, idx] = longctx.ring_forward_buffers_bytes(layer, b, s, seq_len, tp, cp, e_act)
             # --- params: estimate.estimate (stage_params) and estimate._memory (frozen) ---
             if layer.trainable:
                 etp = tuples[idx, 6].astype(float)
@@ -553,15 +587,21 @@ def estimate_batch(model: ModelGraph, cluster: Cluster, workload: Workload,
     # Several device types: every stage is timed on its own devices (planner/hetero/stages.py), which only
     # the scalar estimate does; every plan takes the scalar path there.
     mixed = not _homogeneous(cluster)
+    # Documents of varying length (Workload.documents) and the DistCA attention pool (plan.attention_pool) are
+    # modelled in estimate() only (attention_balance's per-replica work and the pool's all-to-all): every such
+    # plan takes the scalar path, one estimate() call each, which the search then pays for these workloads.
+    mixed = mixed or workload.documents is not None
     if isinstance(plans, PlanArrays):
         # activation offload adds per-layer transfer time only estimate._layer_step models: scalar path
-        slow = np.flatnonzero((plans.offload_optimizer > 0) | (plans.offload_activations > 0) | mixed)
+        slow = np.flatnonzero((plans.offload_optimizer > 0) | (plans.offload_activations > 0) | plans.attention_pool
+                              | mixed)
         slow_plans = [plans.plan(int(i)) for i in slow]
-        fast_rows = np.flatnonzero((plans.offload_optimizer <= 0) & (plans.offload_activations <= 0) & (not mixed))
+        fast_rows = np.flatnonzero((plans.offload_optimizer <= 0) & (plans.offload_activations <= 0)
+                                   & ~plans.attention_pool & (not mixed))
         pa = plans.take(fast_rows) if len(slow) else plans
     else:
         is_slow = [mixed or p.partition is not None or p.offload.optimizer > 0 or p.offload.activations > 0
-                   for p in plans]
+                   or p.attention_pool for p in plans]
         slow = np.flatnonzero(np.array(is_slow, dtype=bool))
         slow_plans = [plans[int(i)] for i in slow]
         fast_rows = np.flatnonzero(~np.array(is_slow, dtype=bool))
@@ -578,7 +618,10 @@ def estimate_batch(model: ModelGraph, cluster: Cluster, workload: Workload,
         out["hfu"][i] = est.hfu
         out["peak_memory_bytes"][i] = est.peak_memory_bytes
         out["fits"][i] = est.fits
-        out["pipeline_s"][i] = np.nan  # not in Estimate
+        # not in Estimate: estimate() adds the exposed DP traffic, optimizer step and offload to the pipeline's
+        # makespan; taken back off (to rounding), it stays usable for the search's step-time bound
+        bd = est.breakdown
+        out["pipeline_s"][i] = est.step_time_s - bd["dp_comm_exposed_s"] - bd["optimizer_s"] - bd["offload_s"]
         for k in ("pp_comm_s", "dp_comm_exposed_s", "optimizer_s", "offload_s"):
             out[k][i] = est.breakdown[k]
     tm["fallback"] += time.perf_counter() - t0
@@ -606,6 +649,20 @@ def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGra
     first((pa.vpp > 1) & (pa.schedule != SCHEDULES.index("interleaved-1f1b")),
           lambda i: f"vpp={pa.vpp[i]} needs schedule 'interleaved-1f1b'")
     first(pa.sp & (pa.tp == 1), lambda i: "sequence parallel (sp) needs tp > 1")
+    # ParallelPlan._check and estimate._check_seq_chunks: chunked sequences
+    chunked = pa.seq_chunks > 1
+    first(chunked & (((pa.schedule != SCHEDULES.index("gpipe")) & (pa.schedule != SCHEDULES.index("1f1b")))
+                     | ~pa.flash_attention),
+          lambda i: f"seq_chunks={pa.seq_chunks[i]} needs schedule 'gpipe' or '1f1b' and flash attention")
+    first(chunked & (workload.seq_len % (pa.seq_chunks * np.where(pa.cp > 1, 2 * pa.cp, 1)) != 0),
+          lambda i: f"seq_chunks {pa.seq_chunks[i]}: sequence {workload.seq_len} must divide into {pa.seq_chunks[i]} "
+                    f"chunks" + (f" of 2*cp = {2 * pa.cp[i]} parts" if pa.cp[i] > 1 else ""))
+    if chunked.any():
+        _check_seq_chunks(model, pa.plan(int(np.flatnonzero(chunked)[0])), workload.seq_len)
+    # ParallelPlan._check: Pipeline MoE puts E/tp whole experts on each TP rank
+    first(pa.moe_tp_slice & ((pa.tp == 1) | (pa.ep != pa.tp) | (pa.etp != 1)),
+          lambda i: f"moe_dispatch 'tp_slice' needs tp > 1, ep = tp and etp = 1; got tp={pa.tp[i]}, ep={pa.ep[i]}, "
+                    f"etp={pa.etp[i] or None}")
     # estimate._check_expert_parallel, once per distinct (ep, etp, dp, cp, tp); it accepts ep = 1 without
     # looking further, so only plans with ep > 1 are checked. _row_ids lists the distinct rows in the
     # lexicographic order np.unique(axis=...) would, without its argsort of a structured view (which took
@@ -750,7 +807,10 @@ def _group_entry(ctx: _Ctx, pp: int, vpp: int, rc: int, rnl: int, n_dev: int, e:
             kept = np.stack([lv["act"][si, pi] for si, pi in sig])
             work_st[st_] = np.maximum(work_st[st_], memory.backward_working_bytes(full, kept))
     ent = dict(Fc=Fc, Bc=Bc, par_st=par_st, froz_st=k["Fst"] @ lv["froz"], parx_st=k["Tst"] @ lv["parx"],
-               work_st=work_st, logit_st=k["Lst"] @ lv["logit"],
+               work_st=work_st, logit_st=k["Lst"] @ lv["logit"], kvf_st=k["Kst"] @ lv["kvf"].reshape(S * 3, G),
+               kva_st=k["Lst"] @ lv["kv"],
+               # estimate._memory: the largest ring forward buffers of a layer on the stage
+               ring_st=np.max(np.where(k["Lst"][:, :, None] > 0, lv["ring"][None, :, :], 0.0), axis=1),
                act_st=k["Kst"] @ lv["act"].reshape(S * 3, G), params_dev=par_st[worst, cols], last_bwd=Bw,
                busy_worst=Fw + Bw, fm=k["Kall"] @ lv["fmodel"], fh=k["Ktot"] @ lv["fhw"].reshape(S * 3, G))
     # --- mirrors estimate.estimate: DP gradient reduction and ZeRO traffic over the dp group, per layer ---
@@ -798,7 +858,8 @@ def _group_entry(ctx: _Ctx, pp: int, vpp: int, rc: int, rnl: int, n_dev: int, e:
         for x in np.unique(ss[ok]).tolist():
             mk = ok & (ss == x)
             b, cp, tp = tuples[mk, 0].astype(float), cp_c[mk].astype(float), tp_c[mk].astype(float)
-            nbytes = b * s / cp * hidden * e / np.where(tuples[mk, 3] > 0, tp, 1)
+            # estimate.estimate: one work item's activations, s/n tokens (ParallelPlan.seq_chunks)
+            nbytes = b * (s // tuples[mk, 10]) / cp * hidden * e / np.where(tuples[mk, 3] > 0, tp, 1)
             p2p[mk] = pipeline_p2p_s(cluster, pp, x, nbytes, p2p=lambda a, c: _p2p(cluster, a, c))
     ent.update(ar=ar, rs=rs, ag=ag, p2p=p2p)
     ctx.groups[key] = ent
@@ -821,6 +882,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     m = np.where(pa.num_microbatches > 0, pa.num_microbatches,
                  np.maximum(1, workload.global_batch // (pa.mbs * pa.dp)))
     _check(pa, cluster, workload, model, m)
+    items = m * pa.seq_chunks  # estimate.estimate: work items per step (ParallelPlan.seq_chunks)
     # estimate._memory: dtype sizes
     e_w = 2 if workload.dtype in ("bf16", "fp16", "fp8") else 4
     e_act = 2 if workload.dtype != "fp32" else 4
@@ -829,14 +891,16 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
 
     # distinct layer tuples -> columns of ctx (u_of: every plan's column), count groups cg, pipeline groups pg
     etp = np.where(pa.etp > 0, pa.etp, pa.tp)
-    lt_cols = [pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.ep, etp, pa.overlap_tp_comm, pa.cp_a2a]
+    lt_cols = [pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.ep, etp, pa.overlap_tp_comm, pa.cp_a2a,
+               pa.moe_tp_slice, pa.seq_chunks]
     u_first, u_of = _row_ids(lt_cols)
     tuples_b = np.stack([np.asarray(c, dtype=np.int64)[u_first] for c in lt_cols], axis=1)
     cg_first, cg_of = _row_ids([pa.pp, pa.vpp, pa.recompute, pa.recompute_num_layers + 1])
     cg_keys = np.stack([pa.pp[cg_first], pa.vpp[cg_first], pa.recompute[cg_first],
                         pa.recompute_num_layers[cg_first]], axis=1)
-    pg_first, pg_of = _row_ids([pa.schedule, pa.pp, pa.vpp, m])
-    pg_keys = np.stack([pa.schedule[pg_first], pa.pp[pg_first], pa.vpp[pg_first], m[pg_first]], axis=1)
+    pg_first, pg_of = _row_ids([pa.schedule, pa.pp, pa.vpp, m, pa.seq_chunks])
+    pg_keys = np.stack([pa.schedule[pg_first], pa.pp[pg_first], pa.vpp[pg_first], m[pg_first],
+                        pa.seq_chunks[pg_first]], axis=1)
     NPG = len(pg_keys)
     tm["prepare"] += time.perf_counter() - t0
 
@@ -876,13 +940,13 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
         miss = ~hit
     if miss.any():
         pr_ranges = _ranges(pr_pg, NPG)
-        for gk, (sch, pp, vpp, mm) in enumerate(pg_keys.tolist()):
+        for gk, (sch, pp, vpp, mm, nc) in enumerate(pg_keys.tolist()):
             a, b = pr_ranges[gk]
             rows = a + np.flatnonzero(miss[a:b])
             if not len(rows):
                 continue
             schedule = SCHEDULES[sch]
-            dag = _dag(schedule, pp, vpp, mm)
+            dag = _dag(schedule, pp, vpp, mm, nc)
             n_st = pp * vpp
             D = np.zeros((len(rows), 3 * n_st))
             cgs, us = pr_cg[rows], pr_u[rows]
@@ -912,16 +976,20 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     pipe_s = pipe_pr[pr_of]
     p2p_s = p2p_pr[pr_of]
     ar, rs, ag = per_cu["ar"][cu_of], per_cu["rs"][cu_of], per_cu["ag"][cu_of]
-    dp_s = np.where(pa.zero == 0, ar, rs + np.where(pa.zero < 3, ag, 2 * m * ag))
+    dp_s = np.where(pa.zero == 0, ar, rs + np.where(pa.zero < 3, ag, 2 * items * ag))
     # estimate: grad_ranks > 1, or routed experts syncing over their own EDP group
     dp_s = np.where((dp * pa.cp > 1) | (pa.ep * etp != pa.tp), dp_s, 0.0) / dev.efficiency.dp_collective
     busy = per_cu["busy_worst"][cu_of]
     last_bwd = per_cu["last_bwd"][cu_of]
     params_dev = per_cu["params_dev"][cu_of]
-    stage_busy = np.where(pa.pp > 1, m * busy, pipe_s)
+    stage_busy = np.where(pa.pp > 1, items * busy, pipe_s)
+    hide = dev.efficiency.comm_overlap
     dp_exposed = np.where(
-        pa.zero == 3, np.maximum(dp_s - stage_busy, EXPOSED_TAIL_FRACTION * dp_s),
-        np.where(pa.overlap_grad_reduce, np.maximum(dp_s - last_bwd, EXPOSED_TAIL_FRACTION * dp_s), dp_s))
+        pa.zero == 3, np.maximum(dp_s - hide * stage_busy, EXPOSED_TAIL_FRACTION * dp_s),
+        np.where(pa.overlap_grad_reduce, np.maximum(dp_s - hide * last_bwd, EXPOSED_TAIL_FRACTION * dp_s), dp_s))
+    if dev.efficiency.shard_copy_ns_per_byte:
+        dp_exposed = dp_exposed + np.where(dp * pa.cp > 1, shard_copy_s(params_dev, e, g_bytes, pa.zero, items, dev),
+                                           0.0)
     # optimizer step (offload_s is 0: plans with optimizer offload went to the scalar estimate)
     owned = params_dev / np.where(pa.zero >= 1, dp * pa.cp, 1)
     on_device = owned * (1 - pa.offload_optimizer)
@@ -929,7 +997,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     offload_s = np.zeros(P)
     step = pipe_s + dp_exposed + opt_s + offload_s
     tokens = workload.global_batch * workload.seq_len
-    scale = m * pa.tp * pa.cp * dp
+    scale = items * pa.tp * pa.cp * dp
     fm = per_cu["fm"][cu_of] * scale
     fh = per_cu["fh"][cu_of] * scale
     peak = dev.peak_flops(dtype) * n_dev
@@ -944,7 +1012,8 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     me_oopt = pa.offload_optimizer[me_first]
     oact_any, oopt_any = bool(me_oact.any()), bool(me_oopt.any())  # x * (1 - 0) is x: skipped when all 0
     me_pg = pr_pg[me_pr]
-    par_t, froz_t, act_t, parx_t, work_t, logit_t = ctx.stage_tables()
+    par_t, froz_t, act_t, parx_t, work_t, logit_t, kvf_t, kva_t, ring_t = ctx.stage_tables()
+    me_nc = pa.seq_chunks[me_first]
     # estimate.expert_data_parallel: the ranks sharing the same experts
     me_edp = (dp * pa.cp * pa.tp // (pa.ep * etp))[me_first]
     me_row = np.array([x["row"] for x in cg], dtype=np.int64)[pr_cg[me_pr]]
@@ -952,8 +1021,8 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     me_pp = pg_keys[me_pg, 1]
     max_pp = int(pg_keys[:, 1].max())
     infl_t = np.zeros((NPG, max_pp))
-    for gk, (sch, pp, vpp, mm) in enumerate(pg_keys.tolist()):
-        infl_t[gk, :pp] = _inflight(SCHEDULES[sch], pp, vpp, mm)  # mirrors estimate._memory
+    for gk, (sch, pp, vpp, mm, nc) in enumerate(pg_keys.tolist()):
+        infl_t[gk, :pp] = _inflight(SCHEDULES[sch], pp, vpp, mm, nc)  # mirrors estimate._memory
     infl_t = infl_t.ravel()
     order = np.lexsort((me_zero, me_pp))
     o_pp, o_zero = me_pp[order], me_zero[order]
@@ -977,12 +1046,20 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
                                               grad_dtype_bytes=g_bytes, optimizer=workload.optimizer)
             weights, grads, optim = (np.where(split, d + r, x) for d, r, x in
                                      zip(dense, routed, (weights, grads, optim)))
-        acts = act_t.take(at) * infl_t.take(me_pg[idx][:, None] * max_pp + st)
+        infl = infl_t.take(me_pg[idx][:, None] * max_pp + st)
+        acts = act_t.take(at) * infl
         if oact_any:
             acts = acts * (1 - me_oact[idx])[:, None]
         if oopt_any:
             optim = optim * (1 - me_oopt[idx])[:, None]
-        subtotal = weights + grads + optim + froz_t.take(at) + acts + work_t.take(at) + logit_t.take(at)
+        work = work_t.take(at)
+        subtotal = weights + grads + optim + froz_t.take(at) + acts + work + logit_t.take(at)
+        ring = ring_t.take(at)
+        if (ring > 0).any():  # estimate._memory: ring buffers beyond the backward working set
+            subtotal = subtotal + np.maximum(0.0, ring - work)
+        nc = me_nc[idx][:, None]
+        if (nc > 1).any():  # estimate._memory: chunked sequences' K/V (longctx.seq_chunk_kv_bytes)
+            subtotal = subtotal + np.where(nc > 1, kvf_t.take(at) * infl + kva_t.take(at) * (nc - 1), 0.0)
         # the worst stage's total: allocator_overhead_bytes (x + (0.07 x + c)) is nondecreasing in x, also
         # in floating point, so it is applied to the largest subtotal only
         top = subtotal.max(axis=1)
@@ -991,7 +1068,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     out = {
         "step_time_s": step, "tokens_per_s": tokens / step, "mfu": fm / (step * peak), "hfu": fh / (step * peak),
         "peak_memory_bytes": peak_mem, "fits": peak_mem <= dev.memory_bytes, "pipeline_s": pipe_s,
-        "pp_comm_s": np.where(pa.pp > 1, 2 * m * pa.vpp * p2p_s, 0.0), "dp_comm_exposed_s": dp_exposed,
+        "pp_comm_s": np.where(pa.pp > 1, 2 * items * pa.vpp * p2p_s, 0.0), "dp_comm_exposed_s": dp_exposed,
         "optimizer_s": opt_s, "offload_s": offload_s,
     }
     tm["step+memory"] += time.perf_counter() - t0

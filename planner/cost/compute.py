@@ -132,11 +132,15 @@ def elementwise_bytes_fwd(layer: Layer, b, s, tp=1, cp=1, sp=False, dtype_bytes=
 
 
 def layer_time(layer: Layer, b, s, device: Device, dtype: str = "bf16", tp=1, cp=1, sp=False, ep=1,
-               flash=True, etp=1, expert_load=1.0) -> LayerTime:
+               flash=True, etp=1, expert_load=1.0, seq_chunks=1, attention_scale=1.0) -> LayerTime:
     """Forward and backward time of `layer` for one micro-batch on one device (recompute not included).
 
     etp: expert tensor parallel degree (GEMM shapes only). expert_load: the busiest rank's routed tokens
-    over the balanced share (moe.rank_load_factor), scaling its expert GEMM rows."""
+    over the balanced share (moe.rank_load_factor), scaling its expert GEMM rows. seq_chunks n: `s` is one
+    chunk of a sequence split into n (sequence-chunked pipelines), and the result is the mean chunk's:
+    the attention core is `chunk_attention_factor` times an isolated chunk's. attention_scale: the attention
+    core's time relative to one causal document per sequence (documents of varying length, attention_balance;
+    FLOPs are left to the caller), for layers whose tokens follow the sequence."""
     e = device.efficiency
     if layer.kind == "vae":
         flops = layer.flops_fwd(b, s)
@@ -154,17 +158,23 @@ def layer_time(layer: Layer, b, s, device: Device, dtype: str = "bf16", tp=1, cp
         gemm_fwd = gemm_fwd + gemm_time_s(m, n, k, device, dtype, count)
         gemm_bwd = gemm_bwd + gemm_time_s(m, k, n, device, dtype, count) + \
             gemm_time_s(k, n, m, device, dtype, count)
-    attn_fwd = attention_core_time_s(layer, b, s, device, tp, cp, flash)
+    attn_fwd = attention_core_time_s(layer, b, s, device, tp, cp, flash) * chunk_attention_factor(layer, seq_chunks)
+    if layer.fixed_tokens is None:
+        attn_fwd = attn_fwd * attention_scale
     ew_bytes = elementwise_bytes_fwd(layer, b, s, tp, cp, sp, 4 if dtype == "fp32" else 2)
     ew_fwd = ew_bytes / (device.memory_bandwidth_bytes_per_s * e.memory)
     kernels = ELEMENTWISE_KERNELS.get(layer.kind, 2) + (2 if layer.kind in ("attention", "encoder") else 0)
     overhead = kernels * e.kernel_overhead_us * 1e-6 + e.layer_overhead_us * 1e-6
     sp_us = e.tp_dispatch_us if e.sp_dispatch_us is None else e.sp_dispatch_us
-    if (e.tp_dispatch_us or sp_us) and layer.kind in ("attention", "mlp", "moe", "encoder", "embedding", "head"):
+    if (e.tp_dispatch_us or sp_us or e.tp_dispatch_ns_per_byte) and layer.kind in ("attention", "mlp", "moe", "encoder", "embedding", "head"):
         # a tensor-parallel framework's host cost per sublayer it splits (Efficiency.tp_dispatch_us, or
         # sp_dispatch_us under sequence parallelism), tp > 1 only; the vocabulary-parallel embedding and
         # head are split too (torchtitan's plan, planner/backends/torch/parallel.py)
         overhead = overhead + (np.asarray(tp) > 1) * np.where(sp, sp_us, e.tp_dispatch_us) * 1e-6
+        if e.tp_dispatch_ns_per_byte:
+            # ... and its part that grows with the activation the sublayer redistributes (t x h)
+            act_bytes = layer.tokens(b, s) / cp * layer.hidden * (4 if dtype == "fp32" else 2)
+            overhead = overhead + (np.asarray(tp) > 1) * act_bytes * e.tp_dispatch_ns_per_byte * 1e-9
     fwd = gemm_fwd + attn_fwd + ew_fwd + overhead
     bwd = gemm_bwd + ATTENTION_BWD_FACTOR * attn_fwd + 2 * ew_fwd + 2 * overhead
     # The host dispatches kernels while the device runs earlier ones: the slower of the two sets the pace.
@@ -174,8 +184,22 @@ def layer_time(layer: Layer, b, s, device: Device, dtype: str = "bf16", tp=1, cp
     if not layer.trainable:
         # Frozen layers run forward only (no_grad): nothing to backpropagate into them.
         bwd = 0.0 * fwd
+    flops = layer.flops_fwd(b, s, tp, cp)
+    if np.any(np.asarray(seq_chunks) > 1):  # the rest of the mean chunk's attention (chunk_attention_factor)
+        flops = flops + (chunk_attention_factor(layer, seq_chunks) - 1) * layer.attention_core_flops(b, s, tp, cp)
     return LayerTime(fwd_s=fwd, bwd_s=bwd, attention_fwd_s=attn_fwd + 0.0 * fwd,
-                     fwd_flops=layer.flops_fwd(b, s, tp, cp), host_fwd_s=host_fwd)
+                     fwd_flops=flops, host_fwd_s=host_fwd)
+
+
+def chunk_attention_factor(layer: Layer, seq_chunks):
+    """The mean sequence chunk's causal attention core over an isolated chunk's, when a sequence of n chunks
+    of c tokens runs chunk by chunk: chunk i's queries attend to i whole earlier chunks and its own causal
+    half, c^2 (i + 1/2) pairs; summed over i that is c^2 n^2 / 2, the unchunked (nc)^2 / 2 (TeraPipe, Li et
+    al. 2021 section 3), so the mean chunk costs n times an isolated chunk's c^2 / 2. 1 for layers whose
+    tokens do not follow the sequence (fixed_tokens) or that are not causal (estimate refuses chunks then)."""
+    if layer.fixed_tokens is not None or not layer.causal or layer.kind not in ("attention", "encoder"):
+        return 1
+    return seq_chunks
 
 
 def recompute_time_s(lt: LayerTime, layer: Layer, policy: Recompute):

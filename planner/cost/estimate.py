@@ -12,8 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from planner.cost import attention_balance as ab
 from planner.cost import comm, longctx, memory, moe, pipeline
-from planner.cost.compute import ATTENTION_BWD_FACTOR, DTYPE_BYTES, floored, layer_time, recompute_time_s
+from planner.cost.compute import (
+    ATTENTION_BWD_FACTOR, DTYPE_BYTES, chunk_attention_factor, floored, layer_time, recompute_time_s,
+)
 from planner.errors import BadInput, Infeasible
 from planner.hardware import Cluster
 from planner.hetero.stages import boundary_p2p_s, stage_layout, stage_links
@@ -149,6 +152,12 @@ class _Ctx:
     moe_routing: tuple = (1.0, None)
     host_bytes_per_s: float | None = None
     e_act: int = 2
+    seq_chunks: int = 1  # s is one sequence chunk's tokens when > 1 (ParallelPlan.seq_chunks)
+    # Workload.documents: the attention core's time (slowest replica, or pooled) and work (mean) over one causal
+    # document per sequence (attention_balance.AttentionFactors); the link of the DistCA pool (all devices)
+    attention_scale: float = 1.0
+    attention_flops_scale: float = 1.0
+    pool_link: object = None
 
 
 @dataclass(frozen=True)
@@ -174,20 +183,40 @@ def _layer_step(layer: Layer, policy: str, c: _Ctx) -> _LayerStep:
     and EP communication that runs inside the pass, under the host's dispatch floor."""
     b, s, tp, cp, e, plan = c.b, c.s, c.tp, c.cp, c.e, c.plan
     etp = plan.etp or tp
+    # Pipeline MoE (moe_dispatch 'tp_slice'): the MoE layer reads the replicated input, without SP's split
+    tp_slice = plan.moe_dispatch == "tp_slice"
+    sp = moe.layer_sp(layer.kind, plan.sp, tp_slice)
     load = 1.0
     if layer.kind == "moe":
         # the busiest expert-parallel rank sets the layer's time (planner/cost/moe.py)
         load = moe.rank_load_factor(c.moe_routing[0], c.moe_routing[1], max(1, layer.experts // plan.ep))
-    lt = layer_time(layer, b, s, c.dev, c.dtype, tp=tp, cp=cp, sp=plan.sp, ep=plan.ep,
-                    flash=plan.flash_attention, etp=etp, expert_load=load)
+    lt = layer_time(layer, b, s, c.dev, c.dtype, tp=tp, cp=cp, sp=sp, ep=plan.ep,
+                    flash=plan.flash_attention, etp=etp, expert_load=load, seq_chunks=c.seq_chunks,
+                    attention_scale=c.attention_scale)
     rc = recompute_time_s(lt, layer, policy)
-    tp_s = ep_s = cp_f = cp_b = off_f = off_b = 0.0
+    tp_s = ep_s = cp_f = cp_b = off_f = off_b = pool_f = pool_b = 0.0
+    fwd_flops = lt.fwd_flops
+    if c.attention_flops_scale != 1.0 and layer.fixed_tokens is None:
+        # documents: the core does the mean replica's sum l^2 / 2, not s^2 / 2 (attention_balance)
+        fwd_flops = fwd_flops + (c.attention_flops_scale - 1.0) * layer.attention_core_flops(b, s, tp, cp)
+    if plan.attention_pool and layer.kind == "attention" and layer.trainable and c.pool_link is not None:
+        # DistCA (arXiv 2510.18121): the core's Q, K, V go to the pool and its output comes back in forward, the
+        # gradients of the same tensors in backward, an all-to-all over every device; what the layer's own
+        # projections and norms cannot cover stays exposed (Δ: DistCA's ping-pong also hides it under the
+        # MLP of another nano-batch, so this is an upper bound)
+        nbytes = layer.tokens(b, s) / cp * ab.pool_width(layer) / tp * e
+        one = float(comm.all_to_all_time_s(nbytes, c.pool_link,
+                                           inter_node_bytes_per_s=c.pool_link.rank_inter_bytes_per_s))
+        pool_f = max(0.0, one - float(lt.fwd_s - lt.attention_fwd_s))
+        pool_b = max(0.0, one - float(lt.bwd_s - ATTENTION_BWD_FACTOR * lt.attention_fwd_s))
     # MoE Parallel Folding (Liu et al. 2025): with etp = 1 and sequence parallel, the routed experts take
     # their tokens through the expert all-to-all alone; only shared experts (tp-split) need the TP group.
-    folded = layer.kind == "moe" and etp == 1 and plan.sp and not layer.shared_experts
+    # Under tp_slice (sp off for the layer) the experts' partial outputs need the TP all-reduce: not folded.
+    folded = layer.kind == "moe" and etp == 1 and sp and not layer.shared_experts
     if tp > 1 and layer.kind in ("attention", "mlp", "moe", "encoder") and not folded:
         # Megatron: one all-reduce (or AG + RS under SP) per sublayer forward, one backward, one more
         # when the forward is recomputed (Narayanan 2021 section 3.2; Korthikanti 2022 section 4.2.2).
+        # tp_slice combines its experts' outputs with this same all-reduce (Chen et al. 2023 section 3).
         nbytes = layer.tokens(b, s) / cp * layer.hidden * e
         one = float(comm.all_reduce_time_s(nbytes, c.tp_link))
         tp_s = one * (2 + (1 if policy == "full" and layer.trainable else 0))
@@ -206,11 +235,15 @@ def _layer_step(layer: Layer, policy: str, c: _Ctx) -> _LayerStep:
         # the attention core of the same pass stays exposed (Liu et al. 2023, section 3). A third of
         # the traffic is the forward's, two thirds the backward's (K/V again, and dK/dV).
         kv = comm.cp_kv_bytes_per_layer(b, s, layer.kv_heads, layer.head_dim, cp, e)
+        if c.seq_chunks > 1:  # a chunk's pass carries its prefix's K/V too (longctx.ring_chunk_factor)
+            kv = kv * float(longctx.ring_chunk_factor(c.seq_chunks))
         ring = float(comm.p2p_time_s(kv, c.cp_link.bus_bytes_per_s, c.cp_link.latency_s))
         attn = float(lt.attention_fwd_s)
         cp_f = max(0.0, ring / 3 - attn)
         cp_b = max(0.0, 2 * ring / 3 - ATTENTION_BWD_FACTOR * attn)
-    if c.ep_link is not None and layer.kind == "moe":
+    # tp_slice: tokens reach the experts by index slicing, no dispatch/combine all-to-all (Pipeline MoE
+    # section 3); the TP all-reduce above is all the layer sends
+    if c.ep_link is not None and layer.kind == "moe" and not tp_slice:
         tokens = layer.tokens(b, s) / cp / (tp if plan.sp else 1)
         # the busiest rank receives `load` times the balanced share (moe.rank_load_factor)
         nbytes = tokens * layer.topk * layer.hidden * e * load
@@ -223,22 +256,24 @@ def _layer_step(layer: Layer, policy: str, c: _Ctx) -> _LayerStep:
         # for its backward over the host link, beside the pass's compute (SPPO; formulas.md 2.4, Δ).
         if c.host_bytes_per_s is None:
             raise Infeasible("activation offload needs a host_link on the node type; this cluster has none")
-        act = frac * float(layer.activation_bytes(b, s, tp, cp, plan.sp, policy, c.e_act,
+        act = frac * float(layer.activation_bytes(b, s, tp, cp, sp, policy, c.e_act,
                                                   flash=plan.flash_attention))
         off_f = longctx.offload_exposed_s(act, c.host_bytes_per_s, float(lt.fwd_s))
         off_b = longctx.offload_exposed_s(act, c.host_bytes_per_s, float(lt.bwd_s + rc))
     host_b = 2 * lt.host_fwd_s + (lt.host_fwd_s if policy == "full" and layer.trainable else 0.0)
-    fwd = float(floored(lt.fwd_s + (tp_s + ep_s) / 2 + cp_f + off_f, lt.host_fwd_s))
-    bwd = lt.bwd_s + rc + (tp_s + ep_s) / 2 + cp_b + off_b
+    fwd = float(floored(lt.fwd_s + (tp_s + ep_s) / 2 + cp_f + off_f + pool_f, lt.host_fwd_s))
+    bwd = lt.bwd_s + rc + (tp_s + ep_s) / 2 + cp_b + off_b + pool_b
     bwd = float(floored(bwd, host_b)) if layer.trainable else float(lt.bwd_s)
     mult = 3 if layer.trainable else 1
-    recompute_flops = lt.fwd_flops if (policy == "full" and layer.trainable) else 0.0
+    recompute_flops = fwd_flops if (policy == "full" and layer.trainable) else 0.0
     if policy == "selective" and layer.trainable:
-        recompute_flops = layer.attention_core_flops(b, s, tp, cp)
+        recompute_flops = (layer.attention_core_flops(b, s, tp, cp) * chunk_attention_factor(layer, c.seq_chunks)
+                           * (c.attention_flops_scale if layer.fixed_tokens is None else 1.0))
     parts = {"compute_s": float(lt.fwd_s + lt.bwd_s), "recompute_s": float(rc), "tp_comm_s": tp_s,
-             "cp_comm_s": cp_f + cp_b, "ep_comm_s": ep_s, "act_offload_s": off_f + off_b}
-    return _LayerStep(fwd_s=fwd, bwd_s=bwd, parts=parts, flops_model=float(mult * lt.fwd_flops),
-                      flops_hw=float(mult * lt.fwd_flops + recompute_flops))
+             "cp_comm_s": cp_f + cp_b, "ep_comm_s": ep_s, "act_offload_s": off_f + off_b,
+             "attn_pool_s": pool_f + pool_b}
+    return _LayerStep(fwd_s=fwd, bwd_s=bwd, parts=parts, flops_model=float(mult * fwd_flops),
+                      flops_hw=float(mult * fwd_flops + recompute_flops))
 
 
 # Host-side AdamW (ZeRO-Offload's CPU-Adam) streams the same 32 bytes per parameter through host DRAM.
@@ -281,7 +316,10 @@ def _policies(layers: list[Layer], plan: ParallelPlan) -> dict[str, str]:
 
 def _check_expert_parallel(model: ModelGraph, plan: ParallelPlan) -> None:
     """ep must divide every MoE layer's experts and fold into the dp x cp x tp ranks (Megatron's
-    expert_tensor x expert x expert-data grid over the same devices); a dense model takes ep = 1."""
+    expert_tensor x expert x expert-data grid over the same devices); a dense model takes ep = 1.
+    moe_dispatch 'tp_slice' has ep = tp (ParallelPlan checks it), so tp divides the experts here."""
+    if plan.moe_dispatch == "tp_slice" and not any(layer.kind == "moe" for layer in model.layers):
+        raise BadInput(f"moe_dispatch tp_slice: model {model.name} has no MoE layers; use moe_dispatch a2a")
     if plan.ep == 1:
         return
     experts = {layer.experts for layer in model.layers if layer.kind == "moe"}
@@ -307,11 +345,39 @@ def _check_context_parallel(model: ModelGraph, plan: ParallelPlan) -> None:
                            f"model {model.name}; use the ring")
 
 
+def _check_seq_chunks(model: ModelGraph, plan: ParallelPlan, seq_len: int) -> None:
+    """seq_chunks n needs causal attention (a chunk may only read earlier chunks: TeraPipe section 3) and
+    chunks that split evenly, also over the 2*cp load-balanced halves of context parallelism (Megatron)."""
+    n = plan.seq_chunks
+    if n == 1:
+        return
+    if any(layer.kind in ("attention", "encoder") and layer.trainable and not layer.causal for layer in model.layers):
+        raise BadInput(f"seq_chunks {n}: model {model.name} has non-causal attention, whose chunks would read later "
+                       f"chunks; use seq_chunks 1")
+    unit = n * (2 * plan.cp if plan.cp > 1 else 1)
+    if seq_len % unit:
+        raise BadInput(f"seq_chunks {n}: sequence {seq_len} must divide into {n} chunks"
+                       + (f" of 2*cp = {2 * plan.cp} parts" if plan.cp > 1 else ""))
+
+
+def _attention_factors(workload: Workload, plan: ParallelPlan):
+    """attention_balance.AttentionFactors of the workload's documents over the plan's dp replicas; None without
+    documents. Chunked sequences are refused there: their chunk costs assume one causal document."""
+    docs = workload.documents
+    if docs is None:
+        return None
+    if plan.seq_chunks > 1:
+        raise BadInput("seq_chunks > 1 with Workload.documents is not modelled (chunk costs assume one causal "
+                       "document per sequence); use seq_chunks 1")
+    return ab.attention_factors(workload.seq_len, workload.global_batch, plan.dp, docs.mean_tokens, docs.max_tokens,
+                                docs.seed)
+
+
 def _group(base: int, stride: int, size: int) -> list[int]:
     return [base + stride * i for i in range(size)]
 
 
-_PARTS = ("compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s", "act_offload_s")
+_PARTS = ("compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s", "act_offload_s", "attn_pool_s")
 
 
 @dataclass(frozen=True)
@@ -425,8 +491,11 @@ def _steps(model, cluster, st: _Structure, ctx: _Ctx, where: tuple = ()) -> list
     cache = _cache_for(_BY_CLUSTER, cluster)
     plan = ctx.plan
     common = (ctx.b, ctx.s, ctx.tp, ctx.cp, ctx.e, ctx.dtype, plan.sp, plan.ep, plan.flash_attention,
-              plan.overlap_tp_comm) + tuple(where) + (plan.etp, plan.cp_comm, plan.offload.activations,
-                                                     ctx.moe_routing, ctx.host_bytes_per_s, ctx.e_act)
+              plan.overlap_tp_comm) + tuple(where) + (plan.etp, plan.cp_comm, plan.offload.activations, ctx.seq_chunks,
+                                                     plan.attention_pool, ctx.attention_scale,
+                                                     ctx.attention_flops_scale,
+                                                     ctx.moe_routing, ctx.host_bytes_per_s, ctx.e_act,
+                                                     plan.moe_dispatch)
     out = []
     for layer, policy in st.reps:
         key = ("step", id(layer), policy, common)
@@ -456,6 +525,15 @@ def dp_sync_s(per_layer_params, g_bytes: int, e: int, zero: int, m: int, dp_link
     return dp_s / dev.efficiency.dp_collective
 
 
+def shard_copy_s(params_dev, e: int, g_bytes: int, zero, m, dev):
+    """Host copies around a sharded-data-parallel framework's collectives (Efficiency.shard_copy_ns_per_byte):
+    every gathered weight byte and every reduce-scattered gradient byte, with dp_sync_s's gather count
+    (ZeRO-3: 2 per micro-batch, ZeRO-2: 1 per step), not overlapped. 0 below ZeRO-2."""
+    gathers = np.where(zero == 3, 2 * m, 1)
+    copied = params_dev * (gathers * e + g_bytes)
+    return np.where(zero >= 2, copied * dev.efficiency.shard_copy_ns_per_byte * 1e-9, 0.0)
+
+
 def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan) -> Estimate:
     n = plan.devices
     if n != cluster.device_count:
@@ -470,6 +548,10 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     dtype = workload.dtype
     e = DTYPE_BYTES[dtype] if dtype != "fp8" else 2  # fp8 GEMMs keep bf16 activations between kernels
     b, s, m = plan.mbs, workload.seq_len, plan.microbatches(workload)
+    _check_seq_chunks(model, plan, s)
+    # Sequence-chunked pipeline: every per-micro-batch term below is per work item, one chunk of s/n tokens
+    # of the micro-batch's sequences, and a step runs m*n items (TeraPipe, Li et al. 2021 section 3).
+    s, items = s // plan.seq_chunks, m * plan.seq_chunks
     tp, cp = plan.tp, plan.cp
     stage_size = tp * cp * plan.dp
 
@@ -495,7 +577,15 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     ctx = _Ctx(b=b, s=s, tp=tp, cp=cp, e=e, dev=dev, dtype=dtype, plan=plan, tp_link=tp_link,
                cp_link=cp_link, ep_link=ep_link, moe_routing=(workload.moe_imbalance, workload.moe_capacity_factor),
                host_bytes_per_s=None if host is None else host.bytes_per_s,
-               e_act=2 if workload.dtype != "fp32" else 4)
+               e_act=2 if workload.dtype != "fp32" else 4, seq_chunks=plan.seq_chunks)
+    factors = _attention_factors(workload, plan)
+    if factors is not None:
+        # documents: every replica's micro-batches run at the slowest replica's attention (they meet at the
+        # gradient reduction), or at the pool's balanced share (DistCA); FLOPs count the work done
+        ctx = dataclasses.replace(ctx, attention_scale=factors.pooled if plan.attention_pool else factors.straggler,
+                                  attention_flops_scale=factors.mean)
+    if plan.attention_pool:  # the pool spans every device of the plan
+        ctx = dataclasses.replace(ctx, pool_link=_link(cluster, 0, 1, n))
     # Per chunk, the sums over its layers of each layer step's terms. cumsum adds along a row one element
     # after the other, as the loop `f += one.fwd_s` over the chunk's layers did, so the sums are the same
     # floats; the padding adds 0.0, which changes nothing.
@@ -534,7 +624,8 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
                               for k in range(plan.pp)))
     # simulate_times: simulate's timing without its event list, equal field for field (estimate reads no
     # events)
-    pipe = pipeline.simulate_times(plan.schedule, fwd_s, bwd_s, m, v=plan.vpp, p2p_s=p2p_s)
+    pipe = pipeline.simulate_times(plan.schedule, fwd_s, bwd_s, m, v=plan.vpp, p2p_s=p2p_s,
+                                   seq_chunks=plan.seq_chunks)
 
     # Data parallel gradient reduction and ZeRO traffic over the dp group. One collective per layer
     # (Megatron and DDP reduce in buckets of about a layer's size), so the per-collective latency of a
@@ -556,22 +647,25 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
         # ranks ep*etp apart in the stage (Megatron parallel_state.py), the rest over dp x cp
         routed = np.array([float(st.shapes[i].routed_params()) / (plan.ep * (plan.etp or tp))
                            for i in st.train_shape[worst]] or [0.0])
-        dp_s = dp_sync_s(per_layer - routed, g_bytes, e, plan.zero, m, dp_link, dev) if grad_ranks > 1 else 0.0
+        dp_s = dp_sync_s(per_layer - routed, g_bytes, e, plan.zero, items, dp_link, dev) if grad_ranks > 1 else 0.0
         if edp > 1:
-            dp_s += dp_sync_s(routed, g_bytes, e, plan.zero, m, _link(cluster, 0, plan.ep * (plan.etp or tp), edp),
+            dp_s += dp_sync_s(routed, g_bytes, e, plan.zero, items, _link(cluster, 0, plan.ep * (plan.etp or tp), edp),
                               dev)
     else:
-        dp_s = dp_sync_s(per_layer, g_bytes, e, plan.zero, m, dp_link, dev) if grad_ranks > 1 else 0.0
+        dp_s = dp_sync_s(per_layer, g_bytes, e, plan.zero, items, dp_link, dev) if grad_ranks > 1 else 0.0
     stage_busy = float(pipe.busy_s[worst]) if plan.pp > 1 else float(pipe.step_time_s)
+    hide = dev.efficiency.comm_overlap
     if plan.zero == 3:
         # FSDP prefetches the next layer's gather during this layer's compute: only what compute cannot
         # cover, and the first gather and last reduce-scatter, stay exposed.
-        dp_exposed = max(dp_s - stage_busy, EXPOSED_TAIL_FRACTION * dp_s)
+        dp_exposed = max(dp_s - hide * stage_busy, EXPOSED_TAIL_FRACTION * dp_s)
     elif plan.overlap_grad_reduce:
         last_bwd = sum(bwd_s[c] for c in range(len(chunks)) if c % plan.pp == worst)
-        dp_exposed = max(dp_s - last_bwd, EXPOSED_TAIL_FRACTION * dp_s)
+        dp_exposed = max(dp_s - hide * last_bwd, EXPOSED_TAIL_FRACTION * dp_s)
     else:
         dp_exposed = dp_s
+    if grad_ranks > 1:
+        dp_exposed += shard_copy_s(params_dev, e, g_bytes, plan.zero, items, dev)
 
     # Optimizer step: AdamW streams fp32 master weights, gradients and two moments (read and write).
     owned = params_dev / (grad_ranks if plan.zero >= 1 else 1)
@@ -585,9 +679,10 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
 
     step = pipe.step_time_s + dp_exposed + opt_s + offload_s
     tokens = workload.global_batch * workload.seq_len
-    # FLOPs are per device of one pipeline chunk; a step runs m micro-batches on tp*cp*dp devices per stage.
-    flops_model = chunk_flops_model * m * tp * cp * plan.dp
-    flops_hw = chunk_flops_hw * m * tp * cp * plan.dp
+    # FLOPs are per device of one pipeline chunk; a step runs m micro-batches (m*n items) on tp*cp*dp devices
+    # per stage.
+    flops_model = chunk_flops_model * items * tp * cp * plan.dp
+    flops_hw = chunk_flops_hw * items * tp * cp * plan.dp
     peak = dev.peak_flops(dtype) * n
     if layout is not None:
         peak = sum(cluster.devices[i].device.peak_flops(dtype) for g in layout.groups for i in g)
@@ -601,7 +696,7 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     # The breakdown describes the busiest pipeline stage: its per-micro-batch parts times m, plus the
     # step-level terms. compute_s excludes recompute, which has its own line.
     busiest = int(np.argmax(pipe.busy_s))
-    stage_parts = {k: m * sum(per_chunk[c][k] for c in range(len(chunks)) if c % plan.pp == busiest)
+    stage_parts = {k: items * sum(per_chunk[c][k] for c in range(len(chunks)) if c % plan.pp == busiest)
                    for k in per_chunk[0]}
     breakdown_out = {
         "compute_s": stage_parts["compute_s"],
@@ -610,7 +705,8 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
         "cp_comm_s": stage_parts["cp_comm_s"],
         "ep_comm_s": stage_parts["ep_comm_s"],
         "act_offload_s": stage_parts["act_offload_s"],
-        "pp_comm_s": 2 * m * plan.vpp * p2p_s if plan.pp > 1 else 0.0,
+        "attn_pool_s": stage_parts["attn_pool_s"],
+        "pp_comm_s": 2 * items * plan.vpp * p2p_s if plan.pp > 1 else 0.0,
         "pipeline_bubble_s": pipe.bubble_s,
         "dp_comm_exposed_s": dp_exposed,
         "optimizer_s": opt_s,
@@ -627,8 +723,26 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     if fits and cp > 1:
         # why context parallel: each rank keeps s/cp tokens' activations and does 1/cp of the s^2 attention
         why += (f"; cp {cp} ({'Ulysses all-to-all' if plan.cp_comm == 'a2a' else 'ring'}) gives each GPU "
-                f"{s // cp} of the {s} tokens: {mem['activations_bytes'] / 1e9:.1f} GB of activations, which "
+                f"{workload.seq_len // cp} of the {workload.seq_len} tokens: {mem['activations_bytes'] / 1e9:.1f} GB "
+                f"of activations, which "
                 f"cp 1 would multiply by {cp}, and 1/{cp} of the quadratic attention")
+    if fits and factors is not None:
+        # why (not) pool the attention: the slowest replica's documents against the balanced share
+        why += (f"; documents (mean {workload.documents.mean_tokens} tokens): attention runs at "
+                f"{factors.straggler / factors.mean:.2f}x the mean replica's work on the slowest of {plan.dp} "
+                f"replicas" + (f", {factors.pooled / factors.mean:.2f}x pooled (DistCA)" if plan.attention_pool
+                               else ""))
+    if fits and plan.seq_chunks > 1:
+        # why chunk the sequence: n times more, smaller work items fill and drain the pipeline (its bubble
+        # (p-1)/(m n + p-1) of the step), at the price of the K/V kept for later chunks
+        why += (f"; seq_chunks {plan.seq_chunks}: {m} micro-batch{'es' if m > 1 else ''} run as {items} chunks of "
+                f"{s} tokens through {plan.pp} stages (bubble {pipe.bubble_s / pipe.step_time_s:.0%} of the "
+                f"pipeline), {mem['seq_chunk_kv_bytes'] / 1e9:.1f} GB of K/V kept for later chunks")
+    if fits and plan.moe_dispatch == "tp_slice":
+        # why Pipeline MoE: its only MoE traffic is the TP group's all-reduce, usually inside a node
+        n_exp = max(layer.experts for layer in model.layers if layer.kind == "moe")
+        why += (f"; MoE tp_slice (Pipeline MoE): {n_exp // tp} of {n_exp} experts whole on each of the {tp} TP "
+                f"ranks, tokens picked by index and combined by the TP all-reduce, no expert all-to-all")
     return Estimate(
         step_time_s=step, tokens_per_s=tokens / step, mfu=mfu, hfu=hfu,
         peak_memory_bytes=mem["total_bytes"], memory_capacity_bytes=capacity, fits=fits,
@@ -651,17 +765,32 @@ def _memory(model, st: _Structure, workload, plan, pipe, params_dev, stage_param
     cache = _cache_for(_BY_MODEL, model)
     # activation bytes of each (shape, policy) of the structure, cached per model (its layers stay alive
     # with it, so their ids are stable): they depend on nothing but these arguments
-    act_args = (plan.mbs, workload.seq_len, plan.tp, plan.cp, plan.sp, e_act, plan.flash_attention)
+    tp_slice = plan.moe_dispatch == "tp_slice"
+    s_item = workload.seq_len // plan.seq_chunks  # tokens of one work item (ParallelPlan.seq_chunks)
+    act_args = (plan.mbs, s_item, plan.tp, plan.cp, plan.sp, e_act, plan.flash_attention, tp_slice)
     def act(layer, policy):
         key = ("act", id(layer), policy, act_args)
         hit = cache.get(key)
         if hit is None:
+            # a tp_slice MoE layer keeps its replicated input's activations whole (moe.layer_sp)
             hit = cache[key] = float(layer.activation_bytes(
-                plan.mbs, workload.seq_len, plan.tp, plan.cp, plan.sp, policy, e_act, flash=plan.flash_attention))
+                plan.mbs, s_item, plan.tp, plan.cp, moe.layer_sp(layer.kind, plan.sp, tp_slice), policy,
+                e_act, flash=plan.flash_attention))
         return hit
 
     act_of = [act(layer, policy) for layer, policy in st.reps]
     act_none = [act(layer, "none") for layer, _ in st.reps]  # what each layer materialises in its backward
+    kv_of = [0.0] * len(st.reps)  # one chunk's K/V per layer, when the sequence runs in chunks
+    ring_memo: dict = {}
+
+    def ring_of(k):  # a chunk's ring pass: its own queries, its whole prefix's K/V (the last chunk's: s)
+        if k not in ring_memo:
+            ring_memo[k] = float(longctx.ring_forward_buffers_bytes(st.reps[k][0], plan.mbs, s_item, workload.seq_len,
+                                                                    plan.tp, plan.cp, e_act))
+        return ring_memo[k]
+    if plan.seq_chunks > 1:
+        kv_of = [float(longctx.chunk_kv_bytes(layer, plan.mbs, s_item, plan.tp, plan.cp, e_act))
+                 for layer, _ in st.reps]
     work_of: dict = {}  # backward working set per distinct block (reps indices)
     stages = []
     for stage in range(plan.pp):
@@ -682,6 +811,12 @@ def _memory(model, st: _Structure, workload, plan, pipe, params_dev, stage_param
             act_one += act_of[k]
         inflight = pipe.peak_inflight[stage] / plan.vpp if plan.vpp > 1 else pipe.peak_inflight[stage]
         acts = act_one * inflight * (1 - plan.offload.activations)
+        # chunked sequences: K/V later chunks read and dK/dV earlier ones wait for (longctx.seq_chunk_kv_bytes)
+        kv = 0.0
+        if plan.seq_chunks > 1:
+            for k in st.acts[stage]:
+                share = 1.0 if st.reps[k][1] == "full" else plan.offload.activations
+                kv += longctx.seq_chunk_kv_bytes(kv_of[k], inflight, plan.seq_chunks, share)
         # the block in backward: re-materialised activations and activation gradients, once per stage, on
         # the device whatever is offloaded (memory.backward_working_bytes)
         working = 0.0
@@ -691,16 +826,24 @@ def _memory(model, st: _Structure, workload, plan, pipe, params_dev, stage_param
                 hit = work_of[blk] = float(memory.backward_working_bytes([act_none[k] for k in blk],
                                                                          [act_of[k] for k in blk]))
             working = max(working, hit)
+        # ring context parallelism: one attention forward's retained K/V, partial outputs and LSEs
+        # (longctx.ring_forward_buffers_bytes), freed before the backward's working set is built: only what
+        # exceeds that working set adds to the peak
+        ring = 0.0
+        for k in (st.acts[stage] if plan.cp > 1 and plan.cp_comm == "ring" else ()):
+            ring = max(ring, ring_of(k))
+        ring = max(0.0, ring - working)
         # the loss's 16-bit logits copy beside the saved fp32 ones, one micro-batch (Layer.logits_transient_bytes)
         logits = 0.0
         for layer in st.heads[stage]:
-            logits += float(layer.logits_transient_bytes(plan.mbs, workload.seq_len, plan.tp, plan.cp, e_act))
+            logits += float(layer.logits_transient_bytes(plan.mbs, s_item, plan.tp, plan.cp, e_act))
         opt = states["optimizer"] * (1 - plan.offload.optimizer)
-        subtotal = states["weights"] + states["gradients"] + opt + frozen + acts + working + logits
+        subtotal = states["weights"] + states["gradients"] + opt + frozen + acts + working + logits + kv + ring
         overhead = memory.allocator_overhead_bytes(subtotal)
         stages.append({"weights_bytes": states["weights"] + frozen, "gradients_bytes": states["gradients"],
                        "optimizer_bytes": opt, "activations_bytes": acts, "backward_working_bytes": working,
-                       "logits_transient_bytes": logits, "overhead_bytes": overhead,
+                       "logits_transient_bytes": logits, "seq_chunk_kv_bytes": kv, "cp_ring_buffers_bytes": ring,
+                       "overhead_bytes": overhead,
                        "total_bytes": subtotal + overhead})
     worst = max(stages, key=lambda d: d["total_bytes"])
     return {**worst, "stages": stages}
@@ -715,5 +858,5 @@ def _why(bd: dict, step: float, fits: bool, mem: dict, dev) -> str:
              "dp_comm_exposed_s": "exposed DP communication", "ep_comm_s": "expert all-to-all",
              "cp_comm_s": "context-parallel communication", "optimizer_s": "optimizer step",
              "recompute_s": "recomputation", "pp_comm_s": "pipeline transfers", "offload_s": "offload",
-             "act_offload_s": "activation offload"}
+             "act_offload_s": "activation offload", "attn_pool_s": "attention pool transfers"}
     return f"limited by {names.get(top[0], top[0])} ({top[1] / step:.0%} of the step)"

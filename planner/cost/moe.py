@@ -42,6 +42,14 @@ def rank_load_factor(imbalance, capacity_factor: float | None, local_experts):
     return float(out) if np.ndim(out) == 0 else out
 
 
+def layer_sp(kind: str, sp: bool, tp_slice: bool) -> bool:
+    """Whether sequence parallelism splits this layer's tokens over the TP ranks. Not a MoE layer under
+    moe_dispatch 'tp_slice': every TP rank reads the whole replicated input to pick its experts' tokens by
+    index (Pipeline MoE, Chen et al. 2023 section 3), so that layer runs, and keeps its activations, as
+    without SP."""
+    return bool(sp) and not (tp_slice and kind == "moe")
+
+
 def dropped_token_share(imbalance, capacity_factor: float | None, experts: int):
     """Share of the routed token-expert pairs a capacity factor drops, at least: the busiest expert's
     overflow (gamma - CF) x mean out of E x mean (Δ; the others may overflow too). 0 when dropless."""

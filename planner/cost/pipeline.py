@@ -70,7 +70,8 @@ class PipelineResult:
                       "as a share of step time"), e.g. (p-1)/(m+p-1) for 1F1B with equal stages.
     peak_inflight     per device, the most micro-batches whose forward has run and whose backward (B)
                       has not finished: activations held. Under interleaving the unit is one chunk's
-                      activations for one micro-batch (divide by v for whole-device micro-batches).
+                      activations for one micro-batch (divide by v for whole-device micro-batches); with
+                      seq_chunks > 1, one sequence chunk's.
     peak_pending_w    per device, the most deferred W's: B's whose W has not run, sampled after every F
                       and W op, so a W that runs straight after its own B does not count (zb-h1 with m >= p:
                       i on rank i; 0 for the other schedules). Each holds the W part of a
@@ -90,25 +91,37 @@ class PipelineResult:
     peak_inflight: tuple[int, ...]
     peak_pending_w: tuple[int, ...]
     events: tuple[PipelineEvent, ...]
+    seq_chunks: int = 1  # sequence chunks per micro-batch: m * seq_chunks work items ran
 
 
 # ----------------------------------------------------------------------------------------------
 # per-device op orders: lists of (kind, microbatch, chunk)
 
-def _order_gpipe(m: int) -> list[tuple[str, int, int]]:
-    return [("F", j, 0) for j in range(m)] + [("B", j, 0) for j in range(m)]
+def _backward_items(m: int, n: int) -> list[int]:
+    """Work items in backward order: micro-batch by micro-batch, and within one the sequence chunks last
+    first, because chunk c's dK/dV collect from every later chunk's backward (TeraPipe, Li et al. 2021
+    section 3; Seq1F1B, Sun et al. 2024). Item q*n + c is chunk c of micro-batch q; n = 1: 0..m-1."""
+    return [q * n + c for q in range(m) for c in reversed(range(n))]
 
 
-def _order_1f1b(p: int, i: int, m: int) -> list[tuple[str, int, int]]:
-    warm = min(p - i - 1, m)
+def _order_gpipe(m: int, n: int = 1) -> list[tuple[str, int, int]]:
+    return [("F", j, 0) for j in range(m * n)] + [("B", j, 0) for j in _backward_items(m, n)]
+
+
+def _order_1f1b(p: int, i: int, m: int, n: int = 1) -> list[tuple[str, int, int]]:
+    # Seq1F1B (Sun et al. 2024): a stage's first backward is the last chunk of the first micro-batch, so
+    # the warm-up runs n - 1 more forwards than 1F1B's p - i - 1 (n = 1: PipeDream-Flush unchanged)
+    total = m * n
+    back = _backward_items(m, n)
+    warm = min(p - i - 1 + n - 1, total)
     ops = [("F", j, 0) for j in range(warm)]
     nf, nb = warm, 0
-    while nf < m:
+    while nf < total:
         ops.append(("F", nf, 0))
         nf += 1
-        ops.append(("B", nb, 0))
+        ops.append(("B", back[nb], 0))
         nb += 1
-    ops += [("B", j, 0) for j in range(nb, m)]
+    ops += [("B", back[k], 0) for k in range(nb, total)]
     return ops
 
 
@@ -151,23 +164,26 @@ def _order_interleaved(p: int, i: int, m: int, v: int) -> list[tuple[str, int, i
     return ops
 
 
-def schedule_order(schedule: str, p: int, m: int, v: int = 1) -> list[list[tuple[str, int, int]]]:
-    """The op order of every device: per device a list of (kind, microbatch, chunk)."""
-    _check_args(schedule, p, m, v)
+def schedule_order(schedule: str, p: int, m: int, v: int = 1, n: int = 1) -> list[list[tuple[str, int, int]]]:
+    """The op order of every device: per device a list of (kind, item, chunk). n > 1 (gpipe, 1f1b): each
+    micro-batch's sequence runs as n chunks, items q*n + c (`_backward_items`)."""
+    _check_args(schedule, p, m, v, n)
     if schedule == "gpipe":
-        return [_order_gpipe(m) for _ in range(p)]
+        return [_order_gpipe(m, n) for _ in range(p)]
     if schedule == "1f1b":
-        return [_order_1f1b(p, i, m) for i in range(p)]
+        return [_order_1f1b(p, i, m, n) for i in range(p)]
     if schedule == "zb-h1":
         return [_order_zb_h1(p, i, m) for i in range(p)]
     return [_order_interleaved(p, i, m, v) for i in range(p)]
 
 
-def _check_args(schedule: str, p: int, m: int, v: int) -> None:
+def _check_args(schedule: str, p: int, m: int, v: int, n: int = 1) -> None:
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}; expected one of {SCHEDULES}")
-    if p < 1 or m < 1 or v < 1:
-        raise ValueError(f"p, m and v must be >= 1 (got p={p}, m={m}, v={v})")
+    if p < 1 or m < 1 or v < 1 or n < 1:
+        raise ValueError(f"p, m, v and seq_chunks must be >= 1 (got p={p}, m={m}, v={v}, seq_chunks={n})")
+    if n > 1 and schedule not in ("gpipe", "1f1b"):
+        raise ValueError(f"seq_chunks={n} needs schedule 'gpipe' or '1f1b' (TeraPipe, Seq1F1B), got {schedule!r}")
     if schedule == "interleaved-1f1b":
         if m % p != 0:
             raise ValueError(f"interleaved-1f1b needs the number of micro-batches ({m}) to be a "
@@ -180,14 +196,15 @@ def _check_args(schedule: str, p: int, m: int, v: int) -> None:
 # simulation
 
 def simulate(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: int, v: int = 1,
-             p2p_s: float = 0.0, wgrad_s: Sequence[float] | None = None) -> PipelineResult:
+             p2p_s: float = 0.0, wgrad_s: Sequence[float] | None = None, seq_chunks: int = 1) -> PipelineResult:
     """Time one training step of a pipeline by dependency simulation.
 
     fwd_s, bwd_s: per virtual stage (length p*v; virtual stage k runs on device k % p as chunk k // p),
     one micro-batch's forward and full backward time. m: micro-batches per step. p2p_s: time to send
     an activation (or its gradient) between adjacent stages on different devices. wgrad_s (zb-h1
     only): per stage, the weight-gradient part of bwd_s; default bwd_s / 2. Under zb-h1 the B op
-    takes bwd_s - wgrad_s and the W op wgrad_s.
+    takes bwd_s - wgrad_s and the W op wgrad_s. seq_chunks n: each micro-batch runs as n sequence chunks
+    (fwd_s, bwd_s: one chunk's), m * n work items; events and peak_inflight count items.
     """
     fwd = [float(x) for x in fwd_s]
     bwd = [float(x) for x in bwd_s]
@@ -199,7 +216,7 @@ def simulate(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: i
     if any(x < 0 for x in fwd + bwd) or p2p_s < 0:
         raise ValueError("stage and p2p times must be >= 0")
     p = len(fwd) // v
-    _check_args(schedule, p, m, v)
+    _check_args(schedule, p, m, v, seq_chunks)
     n_stages = p * v
 
     if schedule == "zb-h1":
@@ -212,7 +229,7 @@ def simulate(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: i
             raise ValueError("wgrad_s only applies to schedule 'zb-h1'")
         dur = {"F": fwd, "B": bwd}
 
-    orders = schedule_order(schedule, p, m, v)
+    orders = schedule_order(schedule, p, m, v, seq_chunks)
     end: dict[tuple[str, int, int], float] = {}  # (kind, virtual stage, microbatch) -> end time
 
     def ready(kind: str, k: int, j: int) -> float | None:
@@ -281,7 +298,7 @@ def simulate(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: i
         idle_s=tuple(step - b for b in busy), bubble_s=bubble,
         bubble_fraction=bubble / step if step > 0 else 0.0,
         peak_inflight=tuple(inflight), peak_pending_w=tuple(pending),
-        events=tuple(e for evs in events for e in evs),
+        events=tuple(e for evs in events for e in evs), seq_chunks=seq_chunks,
     )
 
 
@@ -299,8 +316,8 @@ class _Compiled:
 
 
 @lru_cache(maxsize=1024)
-def _compiled(schedule: str, p: int, m: int, v: int) -> _Compiled:
-    orders = schedule_order(schedule, p, m, v)
+def _compiled(schedule: str, p: int, m: int, v: int, n: int = 1) -> _Compiled:
+    orders = schedule_order(schedule, p, m, v, n)
     n_stages = p * v
     slot_of = {"F": 0, "B": n_stages, "W": 2 * n_stages}
     index: dict[tuple[str, int, int], int] = {}
@@ -351,7 +368,7 @@ def _compiled(schedule: str, p: int, m: int, v: int) -> _Compiled:
 
 
 def simulate_times(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: int, v: int = 1,
-                   p2p_s: float = 0.0) -> PipelineResult:
+                   p2p_s: float = 0.0, seq_chunks: int = 1) -> PipelineResult:
     """`simulate` without the event list (events is empty), for the cost model's hot path.
 
     The op order and dependencies are compiled once per (schedule, p, m, v); each call then runs one
@@ -370,13 +387,13 @@ def simulate_times(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float]
     if any(x < 0 for x in fwd + bwd) or p2p_s < 0:
         raise ValueError("stage and p2p times must be >= 0")
     p = len(fwd) // v
-    _check_args(schedule, p, m, v)
+    _check_args(schedule, p, m, v, seq_chunks)
     if schedule == "zb-h1":
         w = [x / 2 for x in bwd]
         dur = fwd + [b - x for b, x in zip(bwd, w)] + w
     else:
         dur = fwd + bwd
-    comp = _compiled(schedule, p, m, v)
+    comp = _compiled(schedule, p, m, v, seq_chunks)
     end = [0.0]
     append = end.append
     free = [0.0] * p
@@ -396,7 +413,7 @@ def simulate_times(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float]
         schedule=schedule, p=p, v=v, m=m, step_time_s=step, busy_s=busy_t,
         idle_s=tuple(step - b for b in busy_t), bubble_s=bubble,
         bubble_fraction=bubble / step if step > 0 else 0.0,
-        peak_inflight=comp.peak_inflight, peak_pending_w=comp.peak_pending_w, events=())
+        peak_inflight=comp.peak_inflight, peak_pending_w=comp.peak_pending_w, events=(), seq_chunks=seq_chunks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,7 +440,8 @@ def bubble_time_closed(schedule: str, p: int, m: int, v: int = 1, tf: float = 1.
 
 
 def bubble_fraction_closed(schedule: str, p: int, m: int, v: int = 1, tf: float = 1.0, tb: float = 2.0,
-                           tw: float | None = None, of: Literal["step", "ideal"] = "step") -> float:
+                           tw: float | None = None, of: Literal["step", "ideal"] = "step",
+                           seq_chunks: int = 1) -> float:
     """Bubble for equal stages as a fraction.
 
     of="step" (default): bubble / step time, the share of the step spent idle; the same quantity as
@@ -431,10 +449,12 @@ def bubble_fraction_closed(schedule: str, p: int, m: int, v: int = 1, tf: float 
     ZB-H1 (p-1)(T_F+T_B-T_W) / (m(T_F+T_B+T_W) + (p-1)(T_F+T_B-T_W)), which is (p-1)/(3m+p-1) for
     T_F = T_B = T_W (formulas.md section 3; the step-time denominators are marked Δ there).
     of="ideal": bubble / ideal time m(t_f+t_b), Narayanan's t_pb/t_id: (p-1)/m, (1/v)(p-1)/m for
-    interleaving.
+    interleaving. seq_chunks n (gpipe, 1f1b): tf, tb are one chunk's and m * n items fill the pipeline,
+    (p-1)/(m n + p-1) (TeraPipe, Li et al. 2021 section 3; Seq1F1B, Sun et al. 2024).
     """
+    _check_args(schedule, p, m, v, seq_chunks)
     bubble = bubble_time_closed(schedule, p, m, v, tf, tb, tw)
-    ideal = m * (tf + tb)
+    ideal = m * seq_chunks * (tf + tb)
     if of == "ideal":
         return bubble / ideal
     if of != "step":
@@ -442,7 +462,7 @@ def bubble_fraction_closed(schedule: str, p: int, m: int, v: int = 1, tf: float 
     return bubble / (ideal + bubble)
 
 
-def inflight_microbatches(schedule: str, p: int, m: int, stage: int = 0, v: int = 1) -> float:
+def inflight_microbatches(schedule: str, p: int, m: int, stage: int = 0, v: int = 1, seq_chunks: int = 1) -> float:
     """Micro-batches' worth of activations a device holds at its peak (formulas.md section 2.3).
 
     The unit is one micro-batch's activations for *all* layers on the device (for interleaving, all
@@ -453,12 +473,16 @@ def inflight_microbatches(schedule: str, p: int, m: int, stage: int = 0, v: int 
     2(p-i-1)+(v-1)p plus one, in chunk units, capped at m*v, divided by v; on the first stage with
     enough micro-batches that is p + (p-1)/v, i.e. L(1 + (p-1)/(pv)) layers' worth (Korthikanti
     section 4.2.3).
+    seq_chunks n > 1: in units of one chunk's activations; GPipe m n, 1F1B min(p - stage + n - 1, m n): a
+    stage holds every chunk of the micro-batch whose backward (last chunk first) it waits for, plus the
+    warm-up (`_order_1f1b`).
     """
-    _check_args(schedule, p, m, v)
+    _check_args(schedule, p, m, v, seq_chunks)
     if not 0 <= stage < p:
         raise ValueError(f"stage {stage} outside 0..{p - 1}")
+    n = seq_chunks
     if schedule == "gpipe":
-        return float(m)
+        return float(m * n)
     if schedule in ("1f1b", "zb-h1"):
-        return float(min(p - stage, m))
+        return float(min(p - stage + n - 1, m * n))
     return min(interleaved_warmup(p, stage, m, v) + 1, m * v) / v

@@ -136,10 +136,25 @@ def check_common(ctx: ExportContext, launcher: str) -> None:
         raise Unsupported(launcher, "num_microbatches",
                           f"global batch {w.global_batch} != mbs {p.mbs} x dp {p.dp} x micro-batches {nmb}; "
                           "launchers derive the micro-batch count from the global batch")
+    if p.moe_dispatch == "tp_slice":
+        # Megatron's token dispatchers (allgather, alltoall, flex), DeepSpeed-MoE and torchtitan all route
+        # tokens to experts over an expert-parallel group; none slices them within the TP group
+        raise Unsupported(launcher, "moe_dispatch",
+                          "tp_slice (Pipeline MoE: experts over the TP group, index slicing + TP all-reduce) has no "
+                          "launcher setting; re-plan with moe_dispatch a2a")
     if p.offload.activations > 0:
         raise Unsupported(launcher, "offload.activations",
                           "activation offload is a fraction here; no launcher takes a fraction of saved "
                           "activations (Megatron offloads whole layers, DeepSpeed all checkpoints)")
+    if p.seq_chunks > 1:
+        # Megatron, DeepSpeed and torchtitan schedule whole micro-batches; TeraPipe, Seq1F1B and SPPO are their
+        # own code bases
+        raise Unsupported(launcher, "seq_chunks",
+                          f"{p.seq_chunks} sequence chunks per micro-batch (Seq1F1B / SPPO pipelines) have no "
+                          "launcher setting; re-plan with seq_chunks 1")
+    if p.attention_pool:
+        raise Unsupported(launcher, "attention_pool",
+                          "core attention disaggregation (DistCA) has no launcher setting; re-plan without it")
     if p.partition is not None:
         per = ctx.world // p.pp
         for c, stage in enumerate(p.partition):

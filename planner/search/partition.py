@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from planner.cost import memory, pipeline
+from planner.cost import memory, moe, pipeline
 from planner.cost.compute import DTYPE_BYTES
 from planner.cost.estimate import _Ctx, _group, _layer_step, _policies, estimate, split_chunks
 from planner.errors import BadInput, Infeasible
@@ -144,10 +144,13 @@ def _context(cluster: Cluster, workload: Workload, plan: ParallelPlan) -> _Ctx:
     cp_link = cluster.collective(_group(0, tp, cp))
     ep_link = cluster.collective(_group(0, plan.etp or tp, plan.ep)) if plan.ep > 1 else None
     host = cluster.nodes[0].host_link
-    return _Ctx(b=plan.mbs, s=workload.seq_len, tp=tp, cp=cp, e=e_ctx, dev=cluster.devices[0].device,
-                dtype=workload.dtype, plan=plan, tp_link=tp_link, cp_link=cp_link, ep_link=ep_link,
+    # estimate.estimate: one work item, s/n tokens of a chunked sequence (ParallelPlan.seq_chunks)
+    return _Ctx(b=plan.mbs, s=workload.seq_len // plan.seq_chunks, tp=tp, cp=cp, e=e_ctx,
+                dev=cluster.devices[0].device, dtype=workload.dtype, plan=plan, tp_link=tp_link, cp_link=cp_link,
+                ep_link=ep_link,
                 moe_routing=(workload.moe_imbalance, workload.moe_capacity_factor),
-                host_bytes_per_s=None if host is None else host.bytes_per_s, e_act=_dtype_bytes(workload)[2])
+                host_bytes_per_s=None if host is None else host.bytes_per_s, e_act=_dtype_bytes(workload)[2],
+                seq_chunks=plan.seq_chunks)
 
 
 def block_costs(model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan) -> BlockCosts:
@@ -173,8 +176,10 @@ def block_costs(model: ModelGraph, cluster: Cluster, workload: Workload, plan: P
     def act_bytes(layer: Layer, policy: str) -> float:
         key = (layer.shape_key, policy)
         if key not in act_memo:
-            act_memo[key] = float(layer.activation_bytes(plan.mbs, workload.seq_len, plan.tp, plan.cp, plan.sp,
-                                                         policy, e_act, flash=plan.flash_attention))
+            # estimate._memory: a tp_slice MoE layer keeps its activations without SP's split (moe.layer_sp)
+            sp = moe.layer_sp(layer.kind, plan.sp, plan.moe_dispatch == "tp_slice")
+            act_memo[key] = float(layer.activation_bytes(plan.mbs, workload.seq_len // plan.seq_chunks, plan.tp,
+                                                         plan.cp, sp, policy, e_act, flash=plan.flash_attention))
         return act_memo[key]
 
     def params(layer: Layer) -> float:
@@ -402,7 +407,7 @@ def chunk_inflight(workload: Workload, plan: ParallelPlan) -> np.ndarray:
     k = plan.pp * plan.vpp
     m = plan.microbatches(workload)
     try:
-        pipe = pipeline.simulate(plan.schedule, [1.0] * k, [2.0] * k, m, v=plan.vpp)
+        pipe = pipeline.simulate(plan.schedule, [1.0] * k, [2.0] * k, m, v=plan.vpp, seq_chunks=plan.seq_chunks)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
     per_stage = np.asarray(pipe.peak_inflight, dtype=float) / (plan.vpp if plan.vpp > 1 else 1)

@@ -57,7 +57,8 @@ class RankedPlan:
         if p.cp > 1:
             parts.append(f"cp{p.cp}" + (" ulysses" if p.cp_comm == "a2a" else ""))
         if p.ep > 1:
-            parts.append(f"ep{p.ep}" + (f" etp{p.etp}" if p.etp else ""))
+            parts.append(f"ep{p.ep}" + (f" etp{p.etp}" if p.etp else "")
+                         + (" tp-slice" if p.moe_dispatch == "tp_slice" else ""))
         parts += [f"zero{p.zero}", f"mbs{p.mbs}"]
         rec = p.recompute if p.recompute_num_layers is None else f"full{p.recompute_num_layers}"
         if rec != "none":
@@ -66,6 +67,10 @@ class RankedPlan:
             parts.append("sp")
         if p.pp > 1:
             parts.append(p.schedule)
+        if p.seq_chunks > 1:
+            parts.append(f"seq-chunks{p.seq_chunks}")
+        if p.attention_pool:
+            parts.append("attn-pool")
         if p.offload.optimizer > 0:
             parts.append("offload")
         if p.offload.activations > 0:
@@ -80,7 +85,9 @@ class RankedPlan:
             "zero": p.zero, "sp": p.sp, "mbs": p.mbs, "recompute": p.recompute,
             "recompute_num_layers": p.recompute_num_layers, "schedule": p.schedule,
             "offload_optimizer": p.offload.optimizer, "offload_activations": p.offload.activations,
-            "cp_comm": p.cp_comm, "flash_attention": p.flash_attention,
+            "cp_comm": p.cp_comm, "moe_dispatch": p.moe_dispatch, "seq_chunks": p.seq_chunks,
+            "attention_pool": p.attention_pool,
+            "flash_attention": p.flash_attention,
             "overlap_grad_reduce": p.overlap_grad_reduce, "partition": partition_of(model, p),
             "why": self.estimate.why, "estimate": self.estimate.model_dump(),
         }
@@ -147,13 +154,15 @@ def step_lower_bound(model: ModelGraph, cluster: Cluster, workload: Workload, pa
                      proxies: dict | None = None) -> np.ndarray:
     """Seconds every plan's step time is at least: the mean stage's busy time (module docstring).
 
-    Per distinct (pp; dp, tp, cp, ep, etp, sp, mbs, flash, recompute) one pp = 1 plan is costed on the first
+    Per distinct (pp; dp, tp, cp, ep, etp, sp, mbs, flash, recompute, seq_chunks) one pp = 1 plan is costed on the first
     n/pp devices; partial recompute is bounded by no recompute (recomputing never makes a layer faster).
     """
     proxies = {} if proxies is None else proxies
     rec = np.where(pa.recompute_num_layers >= 0, 0, pa.recompute)  # POLICIES[0] == "none"
     keys = np.stack([pa.pp, pa.dp, pa.tp, pa.cp, pa.ep, pa.etp, pa.sp, pa.mbs, pa.flash_attention, rec,
-                     pa.num_microbatches, pa.overlap_tp_comm, pa.cp_a2a], axis=1).astype(np.int64)
+                     pa.num_microbatches, pa.overlap_tp_comm, pa.cp_a2a, pa.moe_tp_slice, pa.seq_chunks,
+                     pa.attention_pool],
+                    axis=1).astype(np.int64)
     uniq, inv = np.unique(keys, axis=0, return_inverse=True)
     inv = inv.reshape(-1)
     out_u = np.empty(len(uniq))
@@ -169,7 +178,8 @@ def step_lower_bound(model: ModelGraph, cluster: Cluster, workload: Workload, pa
             sp=u[:, 6], zero=np.zeros(k), mbs=u[:, 7], num_microbatches=u[:, 10], recompute=u[:, 9],
             recompute_num_layers=np.full(k, -1), schedule=np.full(k, SCHEDULES.index("1f1b")),
             flash_attention=u[:, 8], overlap_grad_reduce=np.zeros(k), offload_optimizer=np.zeros(k),
-            offload_activations=np.zeros(k), overlap_tp_comm=u[:, 11], cp_a2a=u[:, 12])
+            offload_activations=np.zeros(k), overlap_tp_comm=u[:, 11], cp_a2a=u[:, 12], moe_tp_slice=u[:, 13],
+            seq_chunks=u[:, 14], attention_pool=u[:, 15])
         res = estimate_batch(model, proxies[pp], workload, proxy)
         out_u[rows] = res["pipeline_s"] / pp
     return out_u[inv]

@@ -10,8 +10,11 @@ The rules (DESIGN.md section 2; Megatron-LM's argument checks):
   dp * tp * pp * cp = devices; tp within a node (devices per node divisible by tp) unless allowed across
   nodes; tp divides every attention layer's heads and kv_heads; pp * vpp <= blocks; cp > 1 needs
   seq % (2 cp) == 0 (load-balanced causal ring attention); ep divides the experts and ep * etp divides
-  dp * cp * tp (MoE Parallel Folding: the expert grid refolds the stage's ranks); global batch % (mbs * dp) == 0; interleaving needs the micro-batch count to be a multiple
-  of pp; sp needs tp > 1.
+  dp * cp * tp (MoE Parallel Folding: the expert grid refolds the stage's ranks); moe_dispatch tp_slice
+  (Pipeline MoE) needs tp > 1, ep = tp and etp = 1; global batch % (mbs * dp) == 0; interleaving needs the micro-batch count to be a multiple
+  of pp; sp needs tp > 1; seq_chunks > 1 (sequence-chunked pipeline, when Constraints.seq_chunks offers it)
+  needs pp > 1, gpipe or 1f1b, flash and causal attention, and seq % (seq_chunks * 2cp) == 0, and no documents;
+  attention_pool (DistCA, when Constraints.attention_pool offers it) only for workloads with documents.
 With pp = 1 every schedule runs the same ops, and 1F1B holds the fewest micro-batches, so only 1F1B is
 enumerated there (unless --schedule fixes another).
 """
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from planner.cost import memory
+from planner.cost import memory, moe
 from planner.cost.batch import POLICIES, SCHEDULES, PlanArrays
 from planner.cost.pipeline import inflight_microbatches
 from planner.errors import BadInput
@@ -69,7 +72,15 @@ class Constraints:
     overlap_tp_comm: bool = False
     fold: bool = True  # False: experts split like attention (etp = tp), no MoE Parallel Folding
     cp_comm: tuple[str, ...] = ("ring", "a2a")  # context-parallel exchanges to try (a2a: Ulysses)
+    # MoE token exchanges to try: a2a (dispatch/combine all-to-all over the ep group) and tp_slice (Pipeline
+    # MoE: experts over the TP group, index slicing + the TP all-reduce); dense models take a2a alone
+    moe_dispatch: tuple[str, ...] = ("a2a", "tp_slice")
     offload_activations: tuple[float, ...] = (0.0,)  # fractions of saved activations on the host to try
+    # sequence chunks per micro-batch to try (ParallelPlan.seq_chunks: TeraPipe / Seq1F1B / SPPO pipelines),
+    # e.g. (1, 2, 4, 8, 16); chunked plans need pp > 1, gpipe or 1f1b, flash attention and causal attention
+    seq_chunks: tuple[int, ...] = (1,)
+    # core attention disaggregation to try (ParallelPlan.attention_pool, DistCA); True only with documents
+    attention_pool: tuple[bool, ...] = (False,)
 
     def check(self) -> None:
         """Refuse values no plan could take (BadInput: exit 2)."""
@@ -91,11 +102,15 @@ class Constraints:
         for f in self.offload_optimizer:
             if not 0.0 <= f <= 1.0:
                 raise BadInput(f"optimizer offload fraction must be in [0, 1], got {f}")
+        if not self.seq_chunks or any(not isinstance(k, int) or k < 1 for k in self.seq_chunks):
+            raise BadInput(f"seq_chunks must be positive integers, got {self.seq_chunks}")
         for f in self.offload_activations:
             if not 0.0 <= f <= 1.0:
                 raise BadInput(f"activation offload fraction must be in [0, 1], got {f}")
         if not self.cp_comm or any(k not in ("ring", "a2a") for k in self.cp_comm):
             raise BadInput(f"cp_comm must be among ring, a2a; got {', '.join(self.cp_comm) or 'none'}")
+        if not self.moe_dispatch or any(k not in ("a2a", "tp_slice") for k in self.moe_dispatch):
+            raise BadInput(f"moe_dispatch must be among a2a, tp_slice; got {', '.join(self.moe_dispatch) or 'none'}")
 
 
 class EmptySpace(BadInput):
@@ -120,8 +135,9 @@ def divisors(n: int) -> list[int]:
 def _model_facts(model: ModelGraph) -> dict:
     att = [(layer.heads, layer.kv_heads) for layer in model.layers if layer.kind == "attention" and layer.heads]
     experts = sorted({layer.experts for layer in model.layers if layer.kind == "moe"})
+    causal = all(layer.causal for layer in model.layers if layer.kind in ("attention", "encoder") and layer.trainable)
     return {"heads": sorted({a for a, _ in att}), "kv_heads": sorted({k for _, k in att if k}),
-            "experts": experts, "blocks": model.num_blocks}
+            "experts": experts, "blocks": model.num_blocks, "causal": causal}
 
 
 class _Table:
@@ -225,15 +241,27 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
         # is the only rule; estimate() places the expert group at stride etp (with etp = 1, inside the tp
         # and cp ranks: ep may exceed dp*cp).
         t.keep(ranks % (t.cols["ep"] * etp_eff) == 0, "ep*etp dividing dp*cp*tp")
+        # Pipeline MoE (moe_dispatch tp_slice; Chen et al. 2023 section 3): E/tp whole experts on each TP rank,
+        # which is ep = tp with etp = 1 over the TP group (ep | experts then makes tp divide them too)
+        t.join("moe_tp_slice", np.array(sorted({k == "tp_slice" for k in c.moe_dispatch})))
+        ts = t.cols["moe_tp_slice"]
+        etp_eff = np.where(t.cols["etp"] > 0, t.cols["etp"], t.cols["tp"])
+        t.keep(~ts | ((t.cols["tp"] > 1) & (t.cols["ep"] == t.cols["tp"]) & (etp_eff == 1)),
+               "tp_slice (Pipeline MoE) with tp > 1, ep = tp and etp = 1")
         if c.fold is False:
-            # without folding Megatron nests the expert group in the data-parallel group: etp = tp, ep | dp*cp
-            t.keep(t.cols["etp"] == 0, "etp = tp (folding disabled)")
-            t.keep((t.cols["dp"] * t.cols["cp"]) % t.cols["ep"] == 0, "ep dividing dp*cp (folding disabled)")
+            # without folding Megatron nests the expert group in the data-parallel group: etp = tp, ep | dp*cp.
+            # tp_slice is Pipeline MoE's own layout (experts over the TP group, no all-to-all), kept apart.
+            t.keep(t.cols["moe_tp_slice"] | (t.cols["etp"] == 0), "etp = tp (folding disabled)")
+            t.keep(t.cols["moe_tp_slice"] | ((t.cols["dp"] * t.cols["cp"]) % t.cols["ep"] == 0),
+                   "ep dividing dp*cp (folding disabled)")
     else:
         if c.ep not in (None, 1):
             raise EmptySpace(f"--ep {c.ep}: model {model.name} has no MoE layers")
+        if "a2a" not in c.moe_dispatch:
+            raise EmptySpace(f"moe_dispatch tp_slice: model {model.name} has no MoE layers")
         t.cols["ep"] = np.ones(len(t), dtype=np.int64)
         t.cols["etp"] = np.zeros(len(t), dtype=np.int64)
+        t.cols["moe_tp_slice"] = np.zeros(len(t), dtype=bool)
 
     # --- micro-batch size: mbs * dp | gbs ----------------------------------------------------------------
     mbs_o = [m for m in divisors(gbs) if c.max_mbs is None or m <= c.max_mbs] if c.mbs is None else [c.mbs]
@@ -277,6 +305,24 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
     t.keep(t.cols["recompute_num_layers"] < per_chunk, "partial recompute below the blocks of a chunk")
     t.join("offload_optimizer", np.array(c.offload_optimizer, dtype=float))
     t.join("offload_activations", np.array(c.offload_activations, dtype=float))
+    # sequence-chunked pipelines: only where a pipeline has a bubble to fill (pp > 1), with the chunk orders
+    # pipeline.py has (gpipe, 1f1b), a fused attention core and causal attention (estimate._check_seq_chunks),
+    # chunks that divide the sequence (and each over the 2*cp load-balanced halves)
+    t.join("seq_chunks", np.array(sorted(set(c.seq_chunks)), dtype=np.int64))
+    if (t.cols["seq_chunks"] > 1).any():
+        nck = t.cols["seq_chunks"]
+        ok = (t.cols["pp"] > 1) & c.flash_attention & facts["causal"] & (
+            (t.cols["schedule"] == SCHEDULES.index("gpipe")) | (t.cols["schedule"] == SCHEDULES.index("1f1b")))
+        t.keep((nck == 1) | ok, "seq_chunks > 1 with pp > 1, gpipe or 1f1b, flash and causal attention")
+        nck = t.cols["seq_chunks"]
+        t.keep(seq % (nck * np.where(t.cols["cp"] > 1, 2 * t.cols["cp"], 1)) == 0,
+               f"seq {seq} divisible by seq_chunks (times 2*cp)")
+        if workload.documents is not None:  # estimate._attention_factors: chunk costs assume one document
+            t.keep(t.cols["seq_chunks"] == 1, "seq_chunks 1 with documents")
+    # DistCA's attention pool balances documents' attention across replicas: without documents it only adds
+    # traffic, so it is tried only for workloads that have them
+    t.join("attention_pool", np.array(sorted(set(c.attention_pool)), dtype=bool))
+    t.keep(~t.cols["attention_pool"] | (workload.documents is not None), "attention_pool with documents")
     # context-parallel exchange: the ring, or Ulysses all-to-all where tp*cp divides every head count
     t.join("cp_a2a", np.array(sorted({k == "a2a" for k in c.cp_comm})))
     ok = t.cols["cp"] > 1
@@ -293,7 +339,8 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
         recompute_num_layers=cols["recompute_num_layers"], schedule=cols["schedule"],
         flash_attention=np.full(P, c.flash_attention), overlap_grad_reduce=np.full(P, c.overlap_grad_reduce),
         offload_optimizer=cols["offload_optimizer"], offload_activations=cols["offload_activations"],
-        overlap_tp_comm=np.full(P, c.overlap_tp_comm), cp_a2a=cols["cp_a2a"])
+        overlap_tp_comm=np.full(P, c.overlap_tp_comm), cp_a2a=cols["cp_a2a"], moe_tp_slice=cols["moe_tp_slice"],
+        seq_chunks=cols["seq_chunks"], attention_pool=cols["attention_pool"])
     return Space(plans=plans, filters=t.log)
 
 
@@ -308,11 +355,11 @@ def _row_groups(*cols) -> tuple[np.ndarray, np.ndarray]:
     return first, inv.reshape(-1)
 
 
-def _stage_inflight(schedule: str, p: int, m: int, v: int) -> tuple[float, float, float]:
+def _stage_inflight(schedule: str, p: int, m: int, v: int, n: int = 1) -> tuple[float, float, float]:
     """Micro-batches in flight at the peak of the first stage, the last stage, and the fewest on any stage
     (pipeline.inflight_microbatches; the unit estimate._memory multiplies one micro-batch's activations of
     the whole stage by)."""
-    per_stage = [inflight_microbatches(schedule, p, m, st, v) for st in range(p)]
+    per_stage = [inflight_microbatches(schedule, p, m, st, v, n) for st in range(p)]
     return per_stage[0], per_stage[-1], min(per_stage)
 
 
@@ -388,13 +435,17 @@ def memory_lower_bound(model: ModelGraph, workload: Workload, pa: PlanArrays) ->
     work = np.zeros(P)
     logit = np.empty((P, 3))
     partial = pa.recompute_num_layers >= 0
-    first, gid = _row_groups(pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.recompute, partial)
+    first, gid = _row_groups(pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.recompute, partial, pa.moe_tp_slice,
+                             pa.seq_chunks)
     for gi, r in enumerate(first.tolist()):
         b, tp_, cp_, sp_ = int(pa.mbs[r]), int(pa.tp[r]), int(pa.cp[r]), bool(pa.sp[r])
-        flash = bool(pa.flash_attention[r])
+        s_ = s // int(pa.seq_chunks[r])  # estimate._memory: one work item's tokens (ParallelPlan.seq_chunks)
+        flash, ts_ = bool(pa.flash_attention[r]), bool(pa.moe_tp_slice[r])
 
         def one(policy):
-            return shape_vals(lambda layer: layer.activation_bytes(b, s, tp_, cp_, sp_, policy, e_act, flash=flash))
+            # estimate._memory: a tp_slice MoE layer keeps its activations without SP's split (moe.layer_sp)
+            return shape_vals(lambda layer: layer.activation_bytes(b, s_, tp_, cp_, moe.layer_sp(layer.kind, sp_, ts_),
+                                                                   policy, e_act, flash=flash))
 
         none = one("none")
         if partial[r]:
@@ -407,17 +458,17 @@ def memory_lower_bound(model: ModelGraph, workload: Workload, pa: PlanArrays) ->
         act[sel] = [*(count @ a), (per_block @ a).min()]
         if block_shapes:
             work[sel] = min(float(memory.backward_working_bytes(none[ids], kept[ids])) for ids in block_shapes)
-        lg = shape_vals(lambda layer: layer.logits_transient_bytes(b, s, tp_, cp_, e_act))
+        lg = shape_vals(lambda layer: layer.logits_transient_bytes(b, s_, tp_, cp_, e_act))
         logit[sel] = count @ lg
 
     # micro-batches in flight: first stage, last stage, fewest on any stage
     m = np.where(pa.num_microbatches > 0, pa.num_microbatches,
                  np.maximum(1, workload.global_batch // (pa.mbs * pa.dp)))
     infl = np.empty((P, 3))
-    first, gid = _row_groups(pa.schedule, pa.pp, pa.vpp, m)
+    first, gid = _row_groups(pa.schedule, pa.pp, pa.vpp, m, pa.seq_chunks)
     for gi, r in enumerate(first.tolist()):
         infl[gid == gi] = _stage_inflight(SCHEDULES[int(pa.schedule[r])], int(pa.pp[r]), int(m[r]),
-                                          int(pa.vpp[r]))
+                                          int(pa.vpp[r]), int(pa.seq_chunks[r]))
 
     pp = pa.pp.astype(float)
     nb = (len(blocks) // (pa.pp * pa.vpp)) * pa.vpp  # fewest blocks on a stage (split_chunks' even split)

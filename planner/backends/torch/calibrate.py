@@ -28,6 +28,9 @@ What is measured, and which profile field it sets:
   all-reduces' link time is `tp_dispatch_us`, per sublayer and pass (a third of the forward + backward
   difference); with the sequence-parallel plan (SequenceParallel norm, all-gather + reduce-scatter),
   `sp_dispatch_us`.
+- on the CPU, the same collectives inside a step-like loop (planner/backends/torch/calibrate_step.py): the
+  link is fitted to these in-step times, not to the tight loop; an async all-reduce under GEMMs gives
+  `comm_overlap`, and an FSDP2 stack against the plain one gives `shard_copy_ns_per_byte`.
 - AdamW's step (foreach=False, the runner's optimizer) is timed as a check of the optimizer term (32 bytes
   per parameter at the memory bandwidth), not fitted.
 
@@ -106,32 +109,39 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, quick: bool) -> list[
     transposed operands and reduction over the m tokens make them the slow ones (weight gradient at 64
     tokens: about 25 GFLOP/s against 45-60 for the forward), set the step. Each shape cycles through
     several weights, as a step does (see below), so that no weight is timed from the cache."""
+    shapes = gemm_shapes(quick, device.type == "cuda")
+    first = [_gemm_row(m, n, k, device, dtype, quick) for m, n, k in shapes]
+    if quick:
+        return first
+    # A second pass in reverse order, each shape keeping its faster one: a slow minute on a shared machine
+    # (another process, the host's neighbours) then costs one pass of a few shapes, not a stretch of the fit.
+    second = [_gemm_row(m, n, k, device, dtype, quick) for m, n, k in reversed(shapes)][::-1]
+    return [a if a["time_s"] <= b["time_s"] else b for a, b in zip(first, second)]
+
+
+def _gemm_row(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
     import torch.nn.functional as F
 
-    rows = []
-    for m, n, k in gemm_shapes(quick, device.type == "cuda"):
-        if device.type == "cuda":
-            a = torch.randn(m, k, device=device, dtype=dtype)
-            b = torch.randn(k, n, device=device, dtype=dtype)
-            t = _median_time_s(lambda: a @ b, reps=3 if quick else 5, min_time_s=0.0 if quick else 0.2)
-            rows.append({"m": m, "n": n, "k": k, "time_s": t, "flops_per_s": 2.0 * m * n * k / t})
-            continue
-        # In a step every GEMM meets its layer's weight cold (the model's weights far exceed the caches):
-        # cycle through enough weights to fill 64 MiB (at most 16), one linear step each.
-        copies = max(1, min(16, -(-64 * 2**20 // (4 * n * k))))
-        x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
-        ws = [torch.randn(n, k, device=device, dtype=dtype, requires_grad=True) for _ in range(copies)]
-        dy = torch.randn(m, n, device=device, dtype=dtype)
+    if device.type == "cuda":
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        t = _median_time_s(lambda: a @ b, reps=3 if quick else 5, min_time_s=0.0 if quick else 0.2)
+        return {"m": m, "n": n, "k": k, "time_s": t, "flops_per_s": 2.0 * m * n * k / t}
+    # In a step every GEMM meets its layer's weight cold (the model's weights far exceed the caches):
+    # cycle through enough weights to fill 64 MiB (at most 16), one linear step each.
+    copies = max(1, min(16, -(-64 * 2**20 // (4 * n * k))))
+    x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+    ws = [torch.randn(n, k, device=device, dtype=dtype, requires_grad=True) for _ in range(copies)]
+    dy = torch.randn(m, n, device=device, dtype=dtype)
 
-        def linear_steps():
-            for w in ws:
-                F.linear(x, w).backward(dy)
-                x.grad = w.grad = None
+    def linear_steps():
+        for w in ws:
+            F.linear(x, w).backward(dy)
+            x.grad = w.grad = None
 
-        t = _median_time_s(linear_steps, reps=3 if quick else 5, min_time_s=0.0 if quick else 0.2) / copies
-        rows.append({"m": m, "n": n, "k": k, "passes": "forward+backward", "weights": copies, "time_s": t,
-                     "flops_per_s": 6.0 * m * n * k / t})
-    return rows
+    t = _median_time_s(linear_steps, reps=3 if quick else 5, min_time_s=0.0 if quick else 0.2) / copies
+    return {"m": m, "n": n, "k": k, "passes": "forward+backward", "weights": copies, "time_s": t,
+            "flops_per_s": 6.0 * m * n * k / t}
 
 
 def measure_memory_bandwidth(device: torch.device, quick: bool) -> dict:
@@ -202,9 +212,19 @@ def collective_sizes(quick: bool) -> list[int]:
 
 
 def _tp_mlp_times(world: int, timed) -> dict:
-    """Forward + backward of the backend's MLP (hidden 64, ffn 128, 16 tokens: far too small for its GEMMs
-    or bytes to matter) split tp = world ways with parallel.apply_tp's DTensor plan for an MLP, and of the
-    same MLP whole in this process; `timed` takes the median after a barrier."""
+    """Forward + backward of the backend's norm + MLP split tp = world ways with parallel.apply_tp's DTensor
+    plan for an MLP, against a plain norm + MLP with the rank's share of the FFN (ffn / tp: the GEMM work a
+    TP rank does), at two sizes: tiny (hidden 64, ffn 128, 16 tokens: the fixed host cost; with sequence
+    parallelism too) and a small model's (hidden 512, ffn 2048, 512 tokens: what grows with the activation
+    DTensor moves and copies). `timed` takes the median after a barrier."""
+    out = {"tp": world}
+    out.update(_tp_mlp_case(world, 64, 128, 16, timed, sp_too=True))
+    big = _tp_mlp_case(world, 512, 2048, 512, timed, sp_too=False)
+    out["large"] = {"hidden": 512, "ffn_hidden": 2048, "tokens": 512, **big}
+    return out
+
+
+def _tp_mlp_case(world: int, hidden: int, ffn: int, tokens: int, timed, sp_too: bool) -> dict:
     import torch.nn as nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
@@ -214,35 +234,38 @@ def _tp_mlp_times(world: int, timed) -> dict:
 
     from planner.backends.torch.model import DecoderSpec, FeedForward, _norm
 
-    spec = DecoderSpec(name="calibrate-mlp", vocab=16, hidden=64, positions=0, blocks=1, heads=world,
-                       kv_heads=world, head_dim=8, ffn_hidden=128, gated=True, norm="rmsnorm", bias=False,
-                       qkv_bias=False, tied=False)
+    def holder(ffn_hidden):
+        spec = DecoderSpec(name="calibrate-mlp", vocab=16, hidden=hidden, positions=0, blocks=1, heads=world,
+                           kv_heads=world, head_dim=8, ffn_hidden=ffn_hidden, gated=True, norm="rmsnorm",
+                           bias=False, qkv_bias=False, tied=False)
 
-    class Holder(nn.Module):  # norm + MLP under the names parallel.apply_tp gives them inside a block
-        def __init__(self):
-            super().__init__()
-            self.ffn_norm = _norm(spec.norm, spec.hidden)
-            self.feed_forward = FeedForward(spec)
+        class Holder(nn.Module):  # norm + MLP under the names parallel.apply_tp gives them inside a block
+            def __init__(self):
+                super().__init__()
+                self.ffn_norm = _norm(spec.norm, spec.hidden)
+                self.feed_forward = FeedForward(spec)
 
-        def forward(self, x):
-            return self.feed_forward(self.ffn_norm(x))
+            def forward(self, x):
+                return self.feed_forward(self.ffn_norm(x))
+
+        return Holder()
 
     mesh = init_device_mesh("cpu", (world,))
-    out = {"hidden": spec.hidden, "ffn_hidden": spec.ffn_hidden, "tokens": 16, "tp": world}
-    for sp in (False, True):
+    out = {"hidden": hidden, "ffn_hidden": ffn, "tokens": tokens}
+    for sp in ((False, True) if sp_too else (False,)):
         # parallel.apply_tp's plan for one MLP sublayer: the stream replicated, or sequence-sharded (sp)
         stream = Shard(1) if sp else Replicate()
-        sharded = Holder()
+        sharded = holder(ffn)
         plan = {"feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
                 "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
                 "feed_forward.w2": RowwiseParallel(output_layouts=stream)}
         if sp:
             plan["ffn_norm"] = SequenceParallel()
         parallelize_module(sharded, mesh, plan)
-        x = torch.randn(1, 16 // world if sp else 16, spec.hidden, requires_grad=True)
+        x = torch.randn(1, tokens // world if sp else tokens, hidden, requires_grad=True)
         out["sp_dtensor_fwd_bwd_s" if sp else "dtensor_fwd_bwd_s"] = timed(lambda: sharded(x).sum().backward())
-    plain = Holder()
-    x = torch.randn(1, 16, spec.hidden, requires_grad=True)
+    plain = holder(ffn // world)
+    x = torch.randn(1, tokens, hidden, requires_grad=True)
     out["plain_fwd_bwd_s"] = timed(lambda: plain(x).sum().backward())
     return out
 
@@ -254,6 +277,7 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps:
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        from planner.backends.torch.calibrate_step import exchange
 
         def timed(fn, n=reps):
             fn()
@@ -276,22 +300,20 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps:
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
             ag = timed(lambda: gather(gathered, part))
 
-            def ping_pong():
-                if rank == 0:
-                    dist.send(x, 1)
-                    dist.recv(x, 1)
-                elif rank == 1:
-                    dist.recv(x, 0)
-                    dist.send(x, 0)
-
-            pp = timed(ping_pong) / 2  # one way
+            pp = timed(lambda: exchange(rank, x)) / 2  # one way
             rows.append({"bytes": nbytes, "all_reduce_s": ar, "all_gather_s": ag, "p2p_s": pp})
         # the tensor-parallel MLP takes milliseconds: four times the repetitions, for a steadier median
         tp = _tp_mlp_times(world, lambda fn: timed(fn, 4 * reps)) if tp_mlp else None
+        step = None
+        if tp_mlp:  # the CPU stack: what a collective costs inside a step (calibrate_step)
+            from planner.backends.torch import calibrate_step as cs
+
+            step = {"in_step": cs.in_step_collectives(rank, world, sizes, max(3, reps // 2)),
+                    "overlap": cs.comm_overlap(reps), "fsdp": cs.fsdp_copy(world, reps)}
         dist.barrier()
         dist.destroy_process_group()
         if rank == 0:
-            Path(outdir, "collectives.json").write_text(json.dumps({"rows": rows, "tp_mlp": tp}))
+            Path(outdir, "collectives.json").write_text(json.dumps({"rows": rows, "tp_mlp": tp, "step": step}))
     except BaseException as e:  # noqa: BLE001 - reported by the parent as one line
         Path(outdir, f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}".splitlines()[0])
         os._exit(1)
@@ -445,21 +467,50 @@ def fit_layer_overhead_s(device_fields: dict, measured: float) -> dict:
 
 def fit_tp_dispatch(tp_mlp: dict, bytes_per_s: float, latency_s: float) -> dict:
     """tp_dispatch_s: a third (one forward, two backward passes' worth, as layer_time charges overheads) of
-    what the DTensor MLP's forward + backward takes beyond the plain MLP and the two all-reduces (forward
-    output, backward input gradient) that planner.cost.comm charges on the fitted link; never negative."""
+    what the tiny DTensor MLP's forward + backward takes beyond the plain one (the rank's FFN share) and the
+    two all-reduces (forward output, backward input gradient) that planner.cost.comm charges on the fitted
+    link; never negative. tp_dispatch_ns_per_byte: the same at the small model's size, less that fixed
+    part, per byte of the sublayer's activation (tokens x hidden x 4 B, what DTensor redistributes)."""
     from planner.cost import comm
     from planner.hardware import CollectiveLink
 
     link = CollectiveLink(bus_bytes_per_s=bytes_per_s, latency_s=latency_s, level="intra-node",
                           ranks=tp_mlp["tp"], nodes=1)
-    nbytes = tp_mlp["tokens"] * tp_mlp["hidden"] * 4
-    link_s = 2 * float(comm.all_reduce_time_s(nbytes, link))
+
+    def beyond(case, key="dtensor_fwd_bwd_s"):
+        nbytes = case["tokens"] * case["hidden"] * 4
+        link_s = 2 * float(comm.all_reduce_time_s(nbytes, link))
+        return case[key] - case["plain_fwd_bwd_s"] - link_s, link_s, nbytes
+
+    extra, link_s, _ = beyond(tp_mlp)
     # sequence parallel: an all-gather and a reduce-scatter of the same bytes in each pass
+    nbytes = tp_mlp["tokens"] * tp_mlp["hidden"] * 4
     sp_link_s = 2 * float(comm.all_gather_time_s(nbytes, link) + comm.reduce_scatter_time_s(nbytes, link))
-    extra = tp_mlp["dtensor_fwd_bwd_s"] - tp_mlp["plain_fwd_bwd_s"] - link_s
     sp_extra = tp_mlp["sp_dtensor_fwd_bwd_s"] - tp_mlp["plain_fwd_bwd_s"] - sp_link_s
-    return {"link_s": link_s, "tp_dispatch_s": max(0.0, extra) / 3,
-            "sp_link_s": sp_link_s, "sp_dispatch_s": max(0.0, sp_extra) / 3}
+    fixed = max(0.0, extra) / 3
+    out = {"link_s": link_s, "tp_dispatch_s": fixed, "sp_link_s": sp_link_s, "sp_dispatch_s": max(0.0, sp_extra) / 3}
+    if "large" in tp_mlp:
+        big, big_link_s, big_bytes = beyond(tp_mlp["large"])
+        out.update({"large_link_s": big_link_s, "large_extra_s": big,
+                    "tp_dispatch_ns_per_byte": max(0.0, big / 3 - fixed) / big_bytes * 1e9})
+    return out
+
+
+def fit_shard_copy(fsdp: dict, bytes_per_s: float, latency_s: float, nproc: int) -> dict:
+    """ns per byte copied (Efficiency.shard_copy_ns_per_byte) from calibrate_step.fsdp_copy: the FSDP2 stack's
+    time beyond the plain stack and its collectives on the fitted link (per block, a gather in forward and
+    again in backward, a reduce-scatter of the gradients: estimate.dp_sync_s's ZeRO-3 count), over the
+    bytes estimate.shard_copy_s charges for it (fp32: 2 gathers x 4 B + 4 B of gradient per parameter)."""
+    from planner.cost import comm
+    from planner.hardware import CollectiveLink
+
+    link = CollectiveLink(bus_bytes_per_s=bytes_per_s, latency_s=latency_s, level="intra-node", ranks=nproc,
+                          nodes=1)
+    link_s = sum(2 * float(comm.all_gather_time_s(p * 4, link)) + float(comm.reduce_scatter_time_s(p * 4, link))
+                 for p in fsdp["per_layer_params"])
+    extra = fsdp["fsdp_fwd_bwd_s"] - fsdp["plain_fwd_bwd_s"] - link_s
+    copied = fsdp["params"] * (2 * 4 + 4)
+    return {"link_s": link_s, "extra_s": extra, "bytes": copied, "ns_per_byte": max(0.0, extra) / copied * 1e9}
 
 
 def _one_device_cluster(device_fields: dict, **efficiency):
@@ -515,6 +566,8 @@ def machine_description() -> dict:
 def _shown(path: Path) -> str:
     """A written file as the record keeps it: relative to the catalog's folder or the working directory
     when inside one, so a committed calibration record names no machine's absolute paths."""
+    from planner import catalog
+
     path = Path(path).resolve()
     for base in (catalog.profiles_dir().resolve().parent, Path.cwd().resolve()):
         try:
@@ -548,9 +601,11 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
     gemm, membw, dispatch, attn = meas["gemm"], meas["memory_bandwidth"], meas["dispatch"], meas["attention"]
     peak, half = fit_gemm(gemm)
     coll = measure_collectives(nproc, quick, tp_mlp=not cuda)
-    colls, tp_mlp = coll["rows"], coll["tp_mlp"]
-    bw, lat, link_rms = fit_link(colls, nproc)
+    colls, tp_mlp, step = coll["rows"], coll["tp_mlp"], coll.get("step")
+    # the link as a step sees it (calibrate_step); the tight-loop figures stay in the record
+    bw, lat, link_rms = fit_link(step["in_step"] if step else colls, nproc)
     tp_fit = fit_tp_dispatch(tp_mlp, bw, lat) if tp_mlp else None
+    copy_fit = fit_shard_copy(step["fsdp"], bw, lat, nproc) if step else None
 
     per_rank_mem = machine["memory_bytes"] / machine["cores"] if not cuda else \
         torch.cuda.get_device_properties(0).total_memory
@@ -574,7 +629,10 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
             "host_dispatch_us": 0.0,
             "layer_overhead_us": 0.0,
             "tp_dispatch_us": round(tp_fit["tp_dispatch_s"] * 1e6, 1) if tp_fit else 0.0,
+            "tp_dispatch_ns_per_byte": round(tp_fit.get("tp_dispatch_ns_per_byte", 0.0), 4) if tp_fit else 0.0,
             "sp_dispatch_us": round(tp_fit["sp_dispatch_s"] * 1e6, 1) if tp_fit else None,
+            "comm_overlap": round(step["overlap"]["comm_overlap"], 3) if step else 1.0,
+            "shard_copy_ns_per_byte": round(copy_fit["ns_per_byte"], 3) if copy_fit else 0.0,
             "source": source,
         },
     }
@@ -598,7 +656,18 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
            f"({tp_mlp['plain_fwd_bwd_s'] * 1e3:.2f} ms) and two all-reduces on the link "
            f"({tp_fit['link_s'] * 1e3:.2f} ms), sp_dispatch_us the same with sequence parallelism "
            f"({tp_mlp['sp_dtensor_fwd_bwd_s'] * 1e3:.2f} ms, link {tp_fit['sp_link_s'] * 1e3:.2f} ms); "
+           f"tp_dispatch_ns_per_byte = the same at hidden 512, ffn 2048, 512 tokens "
+           f"({tp_mlp['large']['dtensor_fwd_bwd_s'] * 1e3:.1f} ms against {tp_mlp['large']['plain_fwd_bwd_s'] * 1e3:.1f} "
+           f"ms for the plain MLP with the rank's FFN share, link {tp_fit['large_link_s'] * 1e3:.1f} ms) less the "
+           f"fixed part, per byte of the activation; "
            if tp_fit else "")
+        + (f"comm_overlap = (T_gemms + T_allreduce - T_both) / min with a {step['overlap']['bytes'] // 2**20} MiB "
+           f"async all-reduce under GEMMs ({step['overlap']['compute_s'] * 1e3:.1f} + {step['overlap']['comm_s'] * 1e3:.1f}"
+           f" ms alone, {step['overlap']['both_s'] * 1e3:.1f} ms together); shard_copy_ns_per_byte = what an FSDP2 "
+           f"stack of {step['fsdp']['params']:,} parameters takes beyond the plain stack "
+           f"({step['fsdp']['fsdp_fwd_bwd_s'] * 1e3:.1f} vs {step['fsdp']['plain_fwd_bwd_s'] * 1e3:.1f} ms) and its "
+           f"gathers and reduce-scatter on the link ({copy_fit['link_s'] * 1e3:.1f} ms), per byte copied; "
+           if step else "")
         + f"AdamW (foreach=False) {adamw['s_per_param'] * 1e9:.1f} ns/param measured, "
         f"{adamw['predicted_s_per_param'] * 1e9:.1f} predicted (32 B/param). Measured in a process started "
         f"as a rank is (one thread, the runner's malloc settings). Load average "
@@ -612,8 +681,11 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
         "source": source,
         "provenance": "measured",
         "notes": (f"{'NCCL' if cuda else 'gloo (TCP over loopback)'} between {nproc} local processes: all-reduce, "
-                  f"all-gather and send/recv of {colls[0]['bytes']}..{colls[-1]['bytes']} bytes; bandwidth and "
-                  f"latency fitted to planner.cost.comm's formulas (rms error of log time {link_rms:.2f})."),
+                  f"all-gather and send/recv of {colls[0]['bytes']}..{colls[-1]['bytes']} bytes"
+                  + (", each inside a step-like loop (GEMM, fresh op output, collective) less the same loop "
+                     "without it" if step else "")
+                  + f"; bandwidth and latency fitted to planner.cost.comm's formulas (rms error of log time "
+                  f"{link_rms:.2f})."),
     }
     count = machine.get("gpus", 1) if cuda else machine["cores"]
     node_fields = {
@@ -634,7 +706,8 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
         "profile": {"device": device_fields, "link": link_fields, "node": node_fields},
         "measurements": {"gemm": gemm, "memory_bandwidth": membw, "dispatch": dispatch, "attention": attn,
                          "collectives": colls, "layer_overhead_fit": layer, "link_fit_rms_log": link_rms,
-                         "tp_mlp": tp_mlp, "tp_dispatch_fit": tp_fit, "adamw": adamw},
+                         "tp_mlp": tp_mlp, "tp_dispatch_fit": tp_fit, "adamw": adamw,
+                         "in_step": step, "shard_copy_fit": copy_fit},
         "written": [],
     }
     if not dry_run:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from planner.errors import BadInput, PlannerError
+from planner.files import write_atomic
 from planner.model import ModelGraph
 from planner.plan import ParallelPlan, Workload
 
@@ -240,8 +241,9 @@ def run_job(job: Job, opts: RunOptions, device: torch.device) -> dict:
         x = x[dp_rank * local_rows:(dp_rank + 1) * local_rows].to(device)
         y = y[dp_rank * local_rows:(dp_rank + 1) * local_rows].to(device)
         dist.barrier()
+        prof = _step_profiler(step == opts.steps - 1, rank)
         t0 = time.perf_counter()
-        with _autocast(device, workload.dtype):
+        with prof, _autocast(device, workload.dtype):
             if schedule is not None:
                 mb_losses: list = []
                 schedule.step(*([x] if first else []), target=y if last else None,
@@ -254,6 +256,8 @@ def run_job(job: Job, opts: RunOptions, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
+        if prof is not None and hasattr(prof, "key_averages"):
+            _write_profile(prof, rank)
         # The loss of the step: the last stage's, once per data-parallel replica (tp rank 0), averaged.
         share = step_loss if (last and tp_rank == 0) else 0.0
         t = torch.tensor([share], dtype=torch.float64, device=device)
@@ -275,6 +279,24 @@ def run_job(job: Job, opts: RunOptions, device: torch.device) -> dict:
     del schedule, modules, opt, params
     _trim()
     return out
+
+
+def _step_profiler(last_step: bool, rank: int):
+    """torch.profiler over the last step when PLANNER_TORCH_PROFILE names a folder (a study's diagnosis:
+    where a rank's time goes, by op); a no-op context otherwise."""
+    folder = os.environ.get("PLANNER_TORCH_PROFILE")
+    if not (folder and last_step):
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU])
+
+
+def _write_profile(prof, rank: int) -> None:
+    folder = Path(os.environ["PLANNER_TORCH_PROFILE"])
+    folder.mkdir(parents=True, exist_ok=True)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    write_atomic(folder / f"rank{rank}.txt", table)
 
 
 def _accumulate(module, x, y, m_micro: int, plan: ParallelPlan) -> float:
