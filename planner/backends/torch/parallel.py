@@ -103,8 +103,11 @@ def set_recompute(module: Decoder, plan: ParallelPlan) -> None:
         block.attention.recompute_core = policy == "selective"
 
 
-def apply_tp(module: Decoder, tp_mesh, sp: bool) -> None:
-    """Megatron tensor parallelism (+ sequence parallelism) with DTensor, in place."""
+def apply_tp(module: Decoder, tp_mesh, sp: bool, loss_parallel: bool = False) -> None:
+    """Megatron tensor parallelism (+ sequence parallelism) with DTensor, in place. loss_parallel: the head's
+    logits stay sharded over the vocabulary (a DTensor) for a vocabulary-parallel cross-entropy (run the
+    loss and its backward under torch.distributed.tensor.parallel.loss_parallel), as Megatron and torchtitan
+    compute it; otherwise they are gathered for a plain loss (a pipeline's last stage needs a plain tensor)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel, SequenceParallel,
@@ -142,9 +145,11 @@ def apply_tp(module: Decoder, tp_mesh, sp: bool) -> None:
         if sp:
             parallelize_module(module.norm, tp_mesh, SequenceParallel())
         if module.output is not None:
-            # Column-parallel head over the vocabulary; the logits are gathered for a plain loss.
-            parallelize_module(module.output, tp_mesh,
-                               ColwiseParallel(input_layouts=stream, output_layouts=Replicate()))
+            # Column-parallel head over the vocabulary: logits sharded for a vocabulary-parallel loss, or
+            # gathered for a plain one.
+            head = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False) \
+                if loss_parallel else ColwiseParallel(input_layouts=stream, output_layouts=Replicate())
+            parallelize_module(module.output, tp_mesh, head)
         else:
             # Tied head: F.linear against the vocabulary-sharded embedding matrix; give it the full
             # (gathered) hidden states and gather the logits it produces.

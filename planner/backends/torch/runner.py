@@ -205,7 +205,9 @@ def run_job(job: Job, opts: RunOptions, device: torch.device) -> dict:
     for m in modules:
         set_recompute(m, plan)
         if plan.tp > 1:
-            apply_tp(m, mesh["tp"], plan.sp)
+            # without a pipeline the loss runs vocabulary-parallel (Megatron's and torchtitan's way); a
+            # pipeline's last stage hands the schedule plain, gathered logits
+            apply_tp(m, mesh["tp"], plan.sp, loss_parallel=plan.pp == 1)
     modules = apply_dp(modules, plan, mesh["dp"], device)
     params = [p for m in modules for p in m.parameters()]
     if uses_zero_redundancy_optimizer(plan):
@@ -299,6 +301,15 @@ def _write_profile(prof, rank: int) -> None:
     write_atomic(folder / f"rank{rank}.txt", table)
 
 
+def _vocab_parallel_loss(plan: ParallelPlan):
+    """torch's loss_parallel context for tp > 1 without a pipeline (parallel.apply_tp's sharded logits)."""
+    if plan.tp > 1 and plan.pp == 1:
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+    return contextlib.nullcontext()
+
+
 def _accumulate(module, x, y, m_micro: int, plan: ParallelPlan) -> float:
     """Forward and backward of m micro-batches without a pipeline; the gradient reduction runs once, with
     the last micro-batch (DDP no_sync / FSDP2 set_requires_gradient_sync)."""
@@ -313,10 +324,11 @@ def _accumulate(module, x, y, m_micro: int, plan: ParallelPlan) -> float:
             ctx = module.no_sync()
         elif hasattr(module, "set_requires_gradient_sync"):
             module.set_requires_gradient_sync(is_last)
-        with ctx:
+        with ctx, _vocab_parallel_loss(plan):
             loss = loss_fn(module(x[i * mbs:(i + 1) * mbs]), y[i * mbs:(i + 1) * mbs]) / m_micro
             loss.backward()
-        total += float(loss.detach())
+        loss = loss.detach()
+        total += float(loss.full_tensor() if hasattr(loss, "full_tensor") else loss)
     return total
 
 
