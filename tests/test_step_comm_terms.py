@@ -77,3 +77,25 @@ def test_batch_equals_scalar_with_both_terms():
     for i, plan in enumerate(plans):
         want = estimate(GRAPH, cluster, WORKLOAD, plan)
         assert math.isclose(got["step_time_s"][i], want.step_time_s, rel_tol=1e-9), plan
+
+
+def test_oversubscribed_ranks_fill_the_bubble_at_full_speed(monkeypatch):
+    # validate.predict with 4 ranks on 2 cores: every rank gets half a core (shared_core_cluster), except in
+    # the pipeline's fill and drain, when half the ranks idle and the others run on whole cores
+    from planner.backends.torch import validate as v
+    from planner.plan import PlanFile
+
+    monkeypatch.setattr(v, "usable_cores", lambda: 2)
+    pf = PlanFile(model="tiny-llama-20m", cluster="local", nodes=2, workload=Workload(global_batch=8, seq_len=64,
+                                                                                       dtype="fp32"),
+                  plan=ParallelPlan(pp=2, dp=2, mbs=1, schedule="1f1b"))
+    _, workload, got, share = v.predict(pf, 4, "cpu")
+    assert share == 0.5
+    cluster, _ = v.shared_core_cluster(load_cluster("local", 2), 4, "cpu")
+    shared = estimate(GRAPH, cluster, workload, pf.plan)
+    bubble = shared.breakdown["pipeline_bubble_s"]
+    assert bubble > 0
+    assert got.step_time_s == pytest.approx(shared.step_time_s - bubble * 0.5, rel=1e-12)
+    # every rank has a core: nothing changes
+    _, _, alone, one = v.predict(pf.model_copy(update={"nodes": None, "plan": ParallelPlan(pp=2, mbs=1)}), 2, "cpu")
+    assert one == 1.0 and alone.breakdown["pipeline_bubble_s"] > 0

@@ -60,7 +60,16 @@ def predict(pf: PlanFile, nproc: int, device_type: str):
     workload = pf.workload.model_copy(update={"dtype": executed_dtype(device_type, pf.workload.dtype)})
     cluster = catalog.load_cluster(pf.cluster, pf.nodes)
     cluster, share = shared_core_cluster(cluster, nproc, device_type)
-    return graph, workload, estimate(graph, cluster, workload, pf.plan), share
+    est = estimate(graph, cluster, workload, pf.plan)
+    bubble = est.breakdown.get("pipeline_bubble_s", 0.0)
+    if share < 1 and bubble:
+        # With more ranks than cores, the ranks of the stages that fill and drain the pipeline run while the
+        # others idle, so they get whole cores: the bubble, priced above at the shared speed, takes
+        # `share` of that time (the steady state keeps every rank busy at the shared speed).
+        step = est.step_time_s - bubble * (1 - share)
+        est = est.model_copy(update={"step_time_s": step, "tokens_per_s": est.tokens_per_s * est.step_time_s / step,
+                                     "breakdown": {**est.breakdown, "pipeline_bubble_s": bubble * share}})
+    return graph, workload, est, share
 
 
 def validate(pf: PlanFile, nproc: int | None = None, opts: RunOptions = RunOptions()) -> dict:
