@@ -35,9 +35,15 @@ Per-device orders:
 """
 from __future__ import annotations
 
+import gc
+from array import array
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import repeat
 from typing import Literal, NamedTuple, Sequence
+
+import numpy as np
 
 PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"]
 SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
@@ -194,6 +200,44 @@ def _check_args(schedule: str, p: int, m: int, v: int, n: int = 1) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # simulation
+#
+# Both `simulate` and `simulate_times` time the ops of a `_compiled` op list: the schedule's op order and
+# dependencies resolved once per (schedule, p, m, v, seq_chunks) into integer indices, durations left out.
+# The first version of `simulate` re-derived every dependency per call through a tuple-keyed dict; with
+# thousands of micro-batches (Llama 3.1 405B at 512 GPUs: pp 32, m 2048, ~200k ops) that Python loop,
+# run once per pipeline shape by cost.batch's DAG builder and once per plan by the partition refinement,
+# dominated `bench_search.py speed` (cProfile: 41 of 59 s). An op's end time depends only on its own
+# dependency and the op before it on its device, so any order that times every dependency first gives the
+# same floats; tests/test_simulate_fast.py checks the result against that first version, field for field.
+
+
+@contextmanager
+def _gc_paused():
+    """Pause CPython's cyclic garbage collector while building long lists of tuples. The collector runs a
+    young-generation pass every 700 net container allocations (gc.get_threshold(), Python docs "gc") and
+    older passes that walk every live tracked object; the 10^5-10^6 event or order tuples of a long pipeline
+    are all reachable, so those passes free nothing and tripled the time to build them. Tuples of numbers
+    and strings cannot form cycles, so nothing is left for the collector once it runs again."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _check_times(fwd: list, bwd: list, v: int, p2p_s: float) -> int:
+    """simulate's argument checks on the stage times; returns p."""
+    if len(fwd) != len(bwd) or not fwd:
+        raise ValueError(f"fwd_s and bwd_s must be non-empty and the same length "
+                         f"(got {len(fwd)} and {len(bwd)})")
+    if len(fwd) % v != 0:
+        raise ValueError(f"{len(fwd)} stage times do not split into v={v} chunks per device")
+    if any(x < 0 for x in fwd + bwd) or p2p_s < 0:
+        raise ValueError("stage and p2p times must be >= 0")
+    return len(fwd) // v
+
 
 def simulate(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: int, v: int = 1,
              p2p_s: float = 0.0, wgrad_s: Sequence[float] | None = None, seq_chunks: int = 1) -> PipelineResult:
@@ -205,17 +249,13 @@ def simulate(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: i
     only): per stage, the weight-gradient part of bwd_s; default bwd_s / 2. Under zb-h1 the B op
     takes bwd_s - wgrad_s and the W op wgrad_s. seq_chunks n: each micro-batch runs as n sequence chunks
     (fwd_s, bwd_s: one chunk's), m * n work items; events and peak_inflight count items.
+
+    Every op starts at max(end of the op before it on its device, end of its dependency + p2p_s when that
+    ran on another device) and ends its duration later; busy_s sums each device's op durations in its order.
     """
     fwd = [float(x) for x in fwd_s]
     bwd = [float(x) for x in bwd_s]
-    if len(fwd) != len(bwd) or not fwd:
-        raise ValueError(f"fwd_s and bwd_s must be non-empty and the same length "
-                         f"(got {len(fwd)} and {len(bwd)})")
-    if len(fwd) % v != 0:
-        raise ValueError(f"{len(fwd)} stage times do not split into v={v} chunks per device")
-    if any(x < 0 for x in fwd + bwd) or p2p_s < 0:
-        raise ValueError("stage and p2p times must be >= 0")
-    p = len(fwd) // v
+    p = _check_times(fwd, bwd, v, p2p_s)
     _check_args(schedule, p, m, v, seq_chunks)
     n_stages = p * v
 
@@ -223,170 +263,187 @@ def simulate(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: i
         w = [x / 2 for x in bwd] if wgrad_s is None else [float(x) for x in wgrad_s]
         if len(w) != n_stages or any(x < 0 or x > b for x, b in zip(w, bwd)):
             raise ValueError("wgrad_s must have one entry per stage, each within [0, bwd_s]")
-        dur = {"F": fwd, "B": [b - x for b, x in zip(bwd, w)], "W": w}
+        dur = fwd + [b - x for b, x in zip(bwd, w)] + w
     else:
         if wgrad_s is not None:
             raise ValueError("wgrad_s only applies to schedule 'zb-h1'")
-        dur = {"F": fwd, "B": bwd}
+        dur = fwd + bwd
 
-    orders = schedule_order(schedule, p, m, v, seq_chunks)
-    end: dict[tuple[str, int, int], float] = {}  # (kind, virtual stage, microbatch) -> end time
-
-    def ready(kind: str, k: int, j: int) -> float | None:
-        """When op (kind, k, j) may start as far as its cross-op dependency goes; None: not yet."""
-        if kind == "F":
-            if k == 0:
-                return 0.0
-            dep, dk = ("F", k - 1, j), k - 1
-        elif kind == "B":
-            if k == n_stages - 1:
-                dep, dk = ("F", k, j), k
-            else:
-                dep, dk = ("B", k + 1, j), k + 1
-        else:
-            dep, dk = ("B", k, j), k
-        t = end.get(dep)
-        if t is None:
-            return None
-        return t + (p2p_s if dk % p != k % p else 0.0)
-
-    pos = [0] * p
+    comp = _compiled(schedule, p, m, v, seq_chunks)
+    end = [0.0]
+    append = end.append
+    starts = []
+    sappend = starts.append
     free = [0.0] * p
-    events: list[list[PipelineEvent]] = [[] for _ in range(p)]
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        progressed = False
-        for d in range(p):
-            while pos[d] < len(orders[d]):
-                kind, j, c = orders[d][pos[d]]
-                k = c * p + d
-                r = ready(kind, k, j)
-                if r is None:
-                    break
-                start = max(free[d], r)
-                stop = start + dur[kind][k]
-                end[(kind, k, j)] = stop
-                free[d] = stop
-                events[d].append(PipelineEvent(d, kind, j, c, start, stop))
-                pos[d] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:  # cannot happen for the orders above; guards future schedules
-            raise RuntimeError(f"schedule {schedule!r} deadlocks (p={p}, m={m}, v={v})")
+    busy = [0] * p  # the first version summed each device's event durations with sum(), from the int 0
+    for d, slot, dep, cross in zip(comp.dev, comp.slot, comp.dep, comp.cross):
+        r = end[dep] + (p2p_s if cross else 0.0)
+        f = free[d]
+        start = f if f >= r else r  # max(free, r): Python's max keeps the first on ties
+        stop = start + dur[slot]
+        append(stop)
+        sappend(start)
+        free[d] = stop
+        busy[d] += stop - start
 
     step = max(free)
-    busy = tuple(sum(e.end_s - e.start_s for e in evs) for evs in events)
-    inflight, pending = [], []
-    for order in orders:
-        held = peak = wait_w = peak_w = 0
-        for kind, _, _ in order:
-            if kind == "F":
-                held += 1
-                peak = max(peak, held)
-            elif kind == "B":
-                held -= 1
-                wait_w += schedule == "zb-h1"
-            else:
-                wait_w -= 1
-            if kind != "B":  # a W run straight after its own B never counts as pending
-                peak_w = max(peak_w, wait_w)
-        inflight.append(peak)
-        pending.append(peak_w)
-    bubble = step - max(busy)
+    busy_t = tuple(busy)
+    # events device by device in each device's order: the ops' start and end by their sweep index
+    at = comp.where
+    ev_start = np.asarray(starts)[at].tolist()
+    ev_end = np.asarray(end)[at + 1].tolist()
+    # tuple.__new__(PipelineEvent, fields) is what PipelineEvent._make does (collections.namedtuple), here
+    # mapped in C: the generated per-event __new__ took a third of simulate's time on long pipelines
+    fields = zip(comp.e_dev, map("FBW".__getitem__, comp.e_kind), comp.e_item, comp.e_chunk, ev_start, ev_end)
+    with _gc_paused():
+        events = tuple(map(tuple.__new__, repeat(PipelineEvent), fields))
+    bubble = step - max(busy_t)
     return PipelineResult(
-        schedule=schedule, p=p, v=v, m=m, step_time_s=step, busy_s=busy,
-        idle_s=tuple(step - b for b in busy), bubble_s=bubble,
+        schedule=schedule, p=p, v=v, m=m, step_time_s=step, busy_s=busy_t,
+        idle_s=tuple(step - b for b in busy_t), bubble_s=bubble,
         bubble_fraction=bubble / step if step > 0 else 0.0,
-        peak_inflight=tuple(inflight), peak_pending_w=tuple(pending),
-        events=tuple(e for evs in events for e in evs), seq_chunks=seq_chunks,
+        peak_inflight=comp.peak_inflight, peak_pending_w=comp.peak_pending_w,
+        events=events, seq_chunks=seq_chunks,
     )
 
 
 @dataclass(frozen=True)
 class _Compiled:
-    """simulate's op processing for one (schedule, p, m, v), durations left out: per op, in the order
-    simulate times them, (device, slot, dep, cross). slot indexes the duration list fwd + B + W (virtual
-    stage k of kind F/B/W at k, n + k, 2n + k); dep is 1 + the index of the op it waits for, 0 for none
-    (a sentinel end time of 0.0, simulate's `ready` of F on virtual stage 0); cross: the dependency ran on
-    another device (p2p_s is added)."""
+    """The op processing of one (schedule, p, m, v, seq_chunks), durations left out.
 
-    ops: tuple
+    In sweep order (every op after its dependency and after the op before it on its device): dev (device),
+    slot (index into the duration list fwd + B + W: virtual stage k of kind F/B/W at k, n + k, 2n + k),
+    dep (1 + the index of the op it waits for, 0 for none: a sentinel end time of 0.0, the start of F on
+    virtual stage 0), cross (the dependency ran on another device, so p2p_s is added).
+    In device order (device by device, each in schedule_order's order: simulate's event order): where (the
+    op's index in sweep order), and the event fields e_dev, e_kind (0 F, 1 B, 2 W), e_item, e_chunk.
+    Compact arrays: a pp-32 pipeline of 2048 micro-batches has ~200k ops."""
+
+    dev: array
+    slot: array
+    dep: array
+    cross: bytes
+    where: np.ndarray
+    e_dev: array
+    e_kind: bytes
+    e_item: array
+    e_chunk: array
     peak_inflight: tuple
     peak_pending_w: tuple
 
 
-@lru_cache(maxsize=1024)
+def _peaks(schedule: str, kind: np.ndarray, bounds: list) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per device, the most micro-batches (items) in flight (F run, B not: the running count after each F)
+    and the most deferred W's (B adds one under zb-h1, W takes one; counted after every F and W op, so a W
+    run straight after its own B never counts as pending). kind: 0 F, 1 B, 2 W in device order."""
+    held = np.where(kind == 0, 1, np.where(kind == 1, -1, 0))
+    wait = np.where(kind == 1, int(schedule == "zb-h1"), np.where(kind == 2, -1, 0))
+    inflight, pending = [], []
+    for lo, hi in bounds:
+        kd = kind[lo:hi]
+        h = np.cumsum(held[lo:hi])[kd == 0]
+        w = np.cumsum(wait[lo:hi])[kd != 1]
+        inflight.append(max(0, int(h.max())) if len(h) else 0)
+        pending.append(max(0, int(w.max())) if len(w) else 0)
+    return tuple(inflight), tuple(pending)
+
+
+@lru_cache(maxsize=128)
 def _compiled(schedule: str, p: int, m: int, v: int, n: int = 1) -> _Compiled:
-    orders = schedule_order(schedule, p, m, v, n)
+    with _gc_paused():
+        orders = schedule_order(schedule, p, m, v, n)
     n_stages = p * v
-    slot_of = {"F": 0, "B": n_stages, "W": 2 * n_stages}
-    index: dict[tuple[str, int, int], int] = {}
-    ops = []
-    pos = [0] * p
-    remaining = sum(len(o) for o in orders)
-    # the same sweep as simulate's loop (an op is placed once its dependency has been), so the op list
-    # is in an order in which every dependency comes first
+    total = m * n  # work items
+    lens = [len(o) for o in orders]
+    offs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    n_ops = int(offs[-1])
+    bounds = list(zip(offs[:-1].tolist(), offs[1:].tolist()))
+    # every op in device order (op id g = offs[d] + its place in device d's order)
+    kind = np.empty(n_ops, dtype=np.int64)
+    item = np.empty(n_ops, dtype=np.int64)
+    chunk = np.empty(n_ops, dtype=np.int64)
+    code = np.zeros(256, dtype=np.int64)
+    code[ord("B")], code[ord("W")] = 1, 2
+    for (lo, hi), order in zip(bounds, orders):
+        ks, js, cs = zip(*order)
+        kind[lo:hi] = code[np.frombuffer("".join(ks).encode(), dtype=np.uint8)]
+        item[lo:hi] = js
+        chunk[lo:hi] = cs
+    dev = np.repeat(np.arange(p, dtype=np.int64), lens)
+    k = chunk * p + dev
+    slot = kind * n_stages + k
+    # the dependency's slot (module docstring): F(k) after F(k-1) (none on virtual stage 0); B(k) after
+    # B(k+1), or F(k) on the last virtual stage; W(k) after B(k)
+    dslot = np.where(kind == 0, k - 1, np.where(kind == 2, n_stages + k,
+                                                 np.where(k == n_stages - 1, k, n_stages + k + 1)))
+    has = dslot >= 0
+    op_of = np.full(3 * n_stages * total, -1, dtype=np.int64)  # (slot, item) -> op id
+    op_of[slot * total + item] = np.arange(n_ops)
+    dep = np.full(n_ops, n_ops, dtype=np.int64)  # n_ops: no dependency (always placed)
+    dep[has] = op_of[dslot[has] * total + item[has]]
+    if np.any(dep < 0):  # cannot happen for the orders above; guards future schedules
+        raise RuntimeError(f"schedule {schedule!r} deadlocks (p={p}, m={m}, v={v})")
+    cross = has & ((dslot % n_stages) % p != dev)
+    # sweep the devices in turn, each as far as its next op's dependency has been placed (the order the
+    # first version of simulate ran them in); runs: (first op id, stop) of each stretch placed
+    placed = bytearray(n_ops + 1)
+    placed[n_ops] = 1
+    dg = dep.tolist()
+    pos, stops = offs[:-1].tolist(), offs[1:].tolist()
+    runs_lo, runs_len = [], []
+    remaining = n_ops
     while remaining:
         progressed = False
         for d in range(p):
-            while pos[d] < len(orders[d]):
-                kind, j, c = orders[d][pos[d]]
-                k = c * p + d
-                if kind == "F":
-                    dep, dk = (("F", k - 1, j), k - 1) if k > 0 else (None, k)
-                elif kind == "B":
-                    dep, dk = (("F", k, j), k) if k == n_stages - 1 else (("B", k + 1, j), k + 1)
-                else:
-                    dep, dk = ("B", k, j), k
-                if dep is not None and dep not in index:
-                    break
-                ops.append((d, slot_of[kind] + k, 0 if dep is None else index[dep] + 1,
-                            dep is not None and dk % p != k % p))
-                index[(kind, k, j)] = len(ops) - 1
-                pos[d] += 1
-                remaining -= 1
+            i = i0 = pos[d]
+            e = stops[d]
+            while i < e and placed[dg[i]]:
+                placed[i] = 1
+                i += 1
+            if i != i0:
+                runs_lo.append(i0)
+                runs_len.append(i - i0)
+                pos[d] = i
+                remaining -= i - i0
                 progressed = True
         if not progressed:
             raise RuntimeError(f"schedule {schedule!r} deadlocks (p={p}, m={m}, v={v})")
-    inflight, pending = [], []
-    for order in orders:  # simulate's in-flight and pending-W counts (they do not depend on durations)
-        held = peak = wait_w = peak_w = 0
-        for kind, _, _ in order:
-            if kind == "F":
-                held += 1
-                peak = max(peak, held)
-            elif kind == "B":
-                held -= 1
-                wait_w += schedule == "zb-h1"
-            else:
-                wait_w -= 1
-            if kind != "B":
-                peak_w = max(peak_w, wait_w)
-        inflight.append(peak)
-        pending.append(peak_w)
-    return _Compiled(ops=tuple(ops), peak_inflight=tuple(inflight), peak_pending_w=tuple(pending))
+    rl = np.asarray(runs_len, dtype=np.int64)
+    seq = np.repeat(np.asarray(runs_lo, dtype=np.int64) - (np.cumsum(rl) - rl), rl) + np.arange(n_ops)
+    where = np.empty(n_ops + 1, dtype=np.int64)  # op id -> index in sweep order; n_ops -> -1 (sentinel)
+    where[seq] = np.arange(n_ops)
+    where[n_ops] = -1
+    inflight, pending = _peaks(schedule, kind, bounds)
+
+    def i32(x: np.ndarray) -> array:
+        return array("i", x.astype(np.int32).tobytes())
+
+    return _Compiled(dev=i32(dev[seq]), slot=i32(slot[seq]), dep=i32(where[dep[seq]] + 1),
+                     cross=cross[seq].astype(np.uint8).tobytes(), where=where[:n_ops].astype(np.int32),
+                     e_dev=i32(dev), e_kind=kind.astype(np.uint8).tobytes(), e_item=i32(item), e_chunk=i32(chunk),
+                     peak_inflight=inflight, peak_pending_w=pending)
+
+
+def schedule_peaks(schedule: str, p: int, m: int, v: int = 1, seq_chunks: int = 1) -> tuple[tuple[int, ...],
+                                                                                             tuple[int, ...]]:
+    """simulate's peak_inflight and peak_pending_w: they depend on the op order only, not on op times."""
+    _check_args(schedule, p, m, v, seq_chunks)
+    comp = _compiled(schedule, p, m, v, seq_chunks)
+    return comp.peak_inflight, comp.peak_pending_w
 
 
 def simulate_times(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: int, v: int = 1,
                    p2p_s: float = 0.0, seq_chunks: int = 1) -> PipelineResult:
     """`simulate` without the event list (events is empty), for the cost model's hot path.
 
-    The op order and dependencies are compiled once per (schedule, p, m, v); each call then runs one
-    loop over the ops doing the float operations simulate does, in the same order: start = max(free,
-    dependency end + (p2p_s or 0.0)), stop = start + duration, busy += stop - start. Every field but
-    `events` is equal to simulate's, bit for bit (tests/test_perf_equivalence.py). No wgrad_s: zb-h1
-    takes simulate's default W = bwd / 2.
+    The same loop over the compiled ops as simulate, doing the same float operations in the same order:
+    start = max(free, dependency end + (p2p_s or 0.0)), stop = start + duration, busy += stop - start.
+    Every field but `events` is equal to simulate's, bit for bit (tests/test_perf_equivalence.py). No
+    wgrad_s: zb-h1 takes simulate's default W = bwd / 2.
     """
     fwd = [float(x) for x in fwd_s]
     bwd = [float(x) for x in bwd_s]
-    if len(fwd) != len(bwd) or not fwd:
-        raise ValueError(f"fwd_s and bwd_s must be non-empty and the same length "
-                         f"(got {len(fwd)} and {len(bwd)})")
-    if len(fwd) % v != 0:
-        raise ValueError(f"{len(fwd)} stage times do not split into v={v} chunks per device")
-    if any(x < 0 for x in fwd + bwd) or p2p_s < 0:
-        raise ValueError("stage and p2p times must be >= 0")
-    p = len(fwd) // v
+    p = _check_times(fwd, bwd, v, p2p_s)
     _check_args(schedule, p, m, v, seq_chunks)
     if schedule == "zb-h1":
         w = [x / 2 for x in bwd]
@@ -397,8 +454,8 @@ def simulate_times(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float]
     end = [0.0]
     append = end.append
     free = [0.0] * p
-    busy = [0] * p  # simulate sums with sum(), which starts from the int 0
-    for d, slot, dep, cross in comp.ops:
+    busy = [0] * p  # simulate sums from the int 0
+    for d, slot, dep, cross in zip(comp.dev, comp.slot, comp.dep, comp.cross):
         r = end[dep] + (p2p_s if cross else 0.0)
         f = free[d]
         start = f if f >= r else r  # max(free, r), which keeps the first on ties

@@ -401,16 +401,18 @@ def partition_dp(costs: BlockCosts, k: int, inflight: Sequence[float] | None = N
 def chunk_inflight(workload: Workload, plan: ParallelPlan) -> np.ndarray:
     """Micro-batches whose activations chunk c holds at its stage's peak, net of activation offload.
 
-    Taken from the schedule simulation estimate() uses (peak_inflight depends on the op order only, so
-    unit op times do); under interleaving its unit is one chunk's activations (divide by vpp as
-    estimate._memory does)."""
+    Taken from the schedule simulation estimate() uses: peak_inflight depends on the op order only, so it
+    comes from the cached compiled op order (pipeline.schedule_peaks) rather than from timing a whole
+    simulation of m micro-batches per plan; under interleaving its unit is one chunk's activations (divide
+    by vpp as estimate._memory does)."""
     k = plan.pp * plan.vpp
     m = plan.microbatches(workload)
     try:
-        pipe = pipeline.simulate(plan.schedule, [1.0] * k, [2.0] * k, m, v=plan.vpp, seq_chunks=plan.seq_chunks)
+        peak_inflight, _ = pipeline.schedule_peaks(plan.schedule, plan.pp, m, v=plan.vpp,
+                                                   seq_chunks=plan.seq_chunks)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
-    per_stage = np.asarray(pipe.peak_inflight, dtype=float) / (plan.vpp if plan.vpp > 1 else 1)
+    per_stage = np.asarray(peak_inflight, dtype=float) / (plan.vpp if plan.vpp > 1 else 1)
     return per_stage[np.arange(k) % plan.pp] * (1 - plan.offload.activations)
 
 
