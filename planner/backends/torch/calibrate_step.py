@@ -13,7 +13,7 @@ the tight loop, which is kept beside them for reference), and sets two device fi
   as the runner's ZeRO-3), forward + backward, against the same stack whole: what is left after the
   gathers' and the reduce-scatter's link time (the in-step link), per byte gathered or reduce-scattered.
 
-All functions run inside a rank of calibrate._collective_worker, with the gloo process group up.
+All functions run inside a rank of calibrate_measure._collective_worker, with the gloo process group up.
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def comm_overlap(reps: int, nbytes: int = 16 * 2**20) -> dict:
 def fsdp_copy(world: int, reps: int) -> dict:
     """Forward + backward of 4 blocks (512 -> 2048 -> 512, no bias, 32 tokens: little compute) under
     FSDP2 with resharding after forward, and of the same blocks whole. The caller subtracts the
-    collectives' link time and divides by the bytes copied (calibrate.fit_shard_copy). The blocks are
+    collectives' link time and divides by the bytes copied (calibrate_fit.fit_shard_copy). The blocks are
     large (8 MiB each) because the cost grows with the bytes: per collective about 5 ms at 0.5 MiB, 9 at
     2 MiB, 52 at 8 MiB and 156 at 32 MiB on the 2-core box, so a fixed cost per collective (the in-step
     link latency) explains only the small ones."""

@@ -1,0 +1,356 @@
+"""The measurements of `calibrate --backend torch`: GEMM rates, memory bandwidth, AdamW, eager dispatch,
+attention, a small decoder's training step, and the collectives between spawned local processes.
+
+Separate from the fitting (calibrate_fit.py) and from calibrate() (calibrate.py): everything here runs torch
+and returns raw times, in a process started as the runner starts a rank; nothing here turns them into profile
+fields.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing
+
+
+def _median_time_s(fn, reps: int, min_time_s: float = 0.0) -> float:
+    """Median wall time of fn() over `reps` calls after one warm-up (and at least min_time_s in total)."""
+    fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 10 * reps:
+            break
+    return statistics.median(times)
+
+
+def gemm_shapes(quick: bool, gpu: bool = False) -> list[tuple[int, int, int]]:
+    """(m, n, k): squares, and the GEMMs of a decoder's training step (tokens x hidden x ffn/vocab): a
+    small decoder's on a CPU, Llama 8B-sized ones (h 4096, ffn 14336, vocab 128256) on a GPU."""
+    if quick:
+        return [(256, 256, 256), (512, 512, 512), (512, 1024, 384)]
+    if gpu:
+        squares = [(d, d, d) for d in (256, 512, 1024, 2048, 4096, 8192, 16384)]
+        widths = [(4096, 4096), (6144, 4096), (4096, 14336), (14336, 4096), (28672, 4096), (128256, 4096),
+                  (1024, 1024), (2048, 1024), (768, 768), (2048, 768)]
+        return squares + [(t, n, k) for t in (1024, 4096, 16384) for n, k in widths]
+    squares = [(d, d, d) for d in (64, 128, 256, 512, 768, 1024, 1536)]
+    # 64 and 128 tokens: the micro-batches of the local validation study (mbs 1-2 x seq 64)
+    tokens = (64, 128, 256, 1024, 2048)
+    widths = [(384, 384), (384, 1024), (1024, 384), (384, 1536), (1536, 384), (384, 16000), (16000, 384)]
+    return squares + [(t, n, k) for t in tokens for n, k in widths]
+
+
+def measure_gemm(device: torch.device, dtype: torch.dtype, quick: bool) -> list[dict]:
+    """GEMM rates by shape (m tokens, n output, k input columns). GPU: one a @ b. CPU: a linear layer's
+    forward and backward as autograd runs them (y = x W^T, then dX = dY W and dW = dY^T X, 3 x 2mnk FLOPs),
+    because that is what layer_time charges at this rate, and on one core the backward's GEMMs, whose
+    transposed operands and reduction over the m tokens make them the slow ones (weight gradient at 64
+    tokens: about 25 GFLOP/s against 45-60 for the forward), set the step. Each shape cycles through
+    several weights, as a step does (see below), so that no weight is timed from the cache."""
+    shapes = gemm_shapes(quick, device.type == "cuda")
+    first = [_gemm_row(m, n, k, device, dtype, quick) for m, n, k in shapes]
+    if quick:
+        return first
+    # A second pass in reverse order, each shape keeping its faster one: a slow minute on a shared machine
+    # (another process, the host's neighbours) then costs one pass of a few shapes, not a stretch of the fit.
+    second = [_gemm_row(m, n, k, device, dtype, quick) for m, n, k in reversed(shapes)][::-1]
+    return [a if a["time_s"] <= b["time_s"] else b for a, b in zip(first, second)]
+
+
+def _gemm_row(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
+    import torch.nn.functional as F
+
+    if device.type == "cuda":
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        t = _median_time_s(lambda: a @ b, reps=3 if quick else 5, min_time_s=0.0 if quick else 0.2)
+        return {"m": m, "n": n, "k": k, "time_s": t, "flops_per_s": 2.0 * m * n * k / t}
+    # In a step every GEMM meets its layer's weight cold (the model's weights far exceed the caches):
+    # cycle through enough weights to fill 64 MiB (at most 16), one linear step each.
+    copies = max(1, min(16, -(-64 * 2**20 // (4 * n * k))))
+    x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+    ws = [torch.randn(n, k, device=device, dtype=dtype, requires_grad=True) for _ in range(copies)]
+    dy = torch.randn(m, n, device=device, dtype=dtype)
+
+    def linear_steps():
+        for w in ws:
+            F.linear(x, w).backward(dy)
+            x.grad = w.grad = None
+
+    t = _median_time_s(linear_steps, reps=3 if quick else 5, min_time_s=0.0 if quick else 0.2) / copies
+    return {"m": m, "n": n, "k": k, "passes": "forward+backward", "weights": copies, "time_s": t,
+            "flops_per_s": 6.0 * m * n * k / t}
+
+
+def measure_memory_bandwidth(device: torch.device, quick: bool) -> dict:
+    """Bytes read + written per second. GPU: copy of a tensor far larger than the caches into an existing
+    one. CPU: also that (`copy_bytes_per_s`, for reference), but the figure used is an out-of-place op
+    (x * 1.0 into a fresh tensor), the median over 1-64 MiB: eager ops allocate their outputs, and the
+    first touch of fresh pages is part of their cost on the CPU (the caching allocator hides it on a GPU)."""
+    nbytes = (32 if quick else 256) * 2**20
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t = _median_time_s(lambda: dst.copy_(src), reps=3 if quick else 7)
+    out = {"bytes": nbytes, "time_s": t, "copy_bytes_per_s": 2 * nbytes / t, "bytes_per_s": 2 * nbytes / t}
+    if device.type == "cpu":
+        rates = []
+        for mib in ((1, 16) if quick else (1, 4, 16, 64)):
+            x = torch.ones(mib * 2**20 // 4)
+            tt = _median_time_s(lambda: torch.mul(x, 1.0), reps=3 if quick else 9)
+            rates.append({"bytes": mib * 2**20, "time_s": tt, "bytes_per_s": 2 * mib * 2**20 / tt})
+        out["fresh_output"] = rates
+        out["bytes_per_s"] = statistics.median(r["bytes_per_s"] for r in rates)
+    return out
+
+
+def measure_adamw(device: torch.device, quick: bool) -> dict:
+    """Seconds per parameter of the runner's optimizer step (AdamW, foreach=False) on 8M (quick: 1M)
+    parameters in 1M-element tensors: a check of the optimizer term, recorded beside its prediction."""
+    from planner.backends.torch.runner import make_optimizer
+
+    n = 1 if quick else 8
+    params = [torch.nn.Parameter(torch.randn(2**20, device=device)) for _ in range(n)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = make_optimizer(params, 1e-3)
+    t = _median_time_s(opt.step, reps=3 if quick else 5)
+    return {"params": n * 2**20, "time_s": t, "s_per_param": t / (n * 2**20)}
+
+
+def measure_dispatch(device: torch.device) -> dict:
+    """Per-op cost of eager dispatch: a one-element add, timed in a loop of 1000."""
+    x = torch.ones(1, device=device)
+
+    def many():
+        for _ in range(1000):
+            torch.add(x, x)
+
+    t = _median_time_s(many, reps=5)
+    return {"op_s": t / 1000}
+
+
+def measure_attention(device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
+    import torch.nn.functional as F
+
+    b, h, s, d = (1, 4, 128, 64) if quick else (2, 6, 256, 64)
+    q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype) for _ in range(3))
+    t = _median_time_s(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), reps=5)
+    flops = 4.0 * b * s * s * h * d * 0.5  # QK^T and AV, causal half (as Layer.attention_core_flops)
+    return {"shape": [b, h, s, d], "time_s": t, "flops_per_s": flops / t}
+
+
+def _decoder_step_case():
+    """The decoder and workload whose one-process training step fits layer_overhead_us: small enough
+    (hidden 64, 64 tokens) that the step is mostly the host's per-op work, which is what the fit is for;
+    with a larger one (hidden 128, 256 tokens) the residual is a small difference of large, noisy times."""
+    from planner.backends.torch.model import tiny_graph
+    from planner.plan import Workload
+
+    graph = tiny_graph("llama", layers=4, hidden=64, heads=4, kv_heads=2, ffn_hidden=128, vocab=256, max_seq=64)
+    return graph, Workload(global_batch=2, seq_len=32, dtype="fp32")
+
+
+def measure_decoder_step(quick: bool) -> float:
+    """Median seconds of one training step (forward, backward, AdamW) of _decoder_step_case's decoder."""
+    from planner.backends.torch.model import build_decoder
+    from planner.backends.torch.runner import global_batch, loss_fn, make_optimizer
+
+    graph, workload = _decoder_step_case()
+    model = build_decoder(graph)
+    opt = make_optimizer(model.parameters(), 1e-3)
+    x, y = global_batch(0, 0, workload, model.spec.vocab)
+
+    def step():
+        loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    return _median_time_s(step, reps=3 if quick else 21)
+
+
+# ---------------------------------------------------------------------------------------------------
+# collectives between local processes
+
+
+def collective_sizes(quick: bool) -> list[int]:
+    if quick:
+        return [4096, 262144]
+    return [2**p for p in range(12, 27, 2)]  # 4 KiB .. 64 MiB
+
+
+def _tp_mlp_times(world: int, timed) -> dict:
+    """Forward + backward of the backend's norm + MLP split tp = world ways with parallel.apply_tp's DTensor
+    plan for an MLP, against a plain norm + MLP with the rank's share of the FFN (ffn / tp: the GEMM work a
+    TP rank does), at two sizes: tiny (hidden 64, ffn 128, 16 tokens: the fixed host cost; with sequence
+    parallelism too) and a small model's (hidden 512, ffn 2048, 512 tokens: what grows with the activation
+    DTensor moves and copies). `timed` takes the median after a barrier."""
+    out = {"tp": world}
+    out.update(_tp_mlp_case(world, 64, 128, 16, timed, sp_too=True))
+    big = _tp_mlp_case(world, 512, 2048, 512, timed, sp_too=False)
+    out["large"] = {"hidden": 512, "ffn_hidden": 2048, "tokens": 512, **big}
+    return out
+
+
+def _tp_mlp_case(world: int, hidden: int, ffn: int, tokens: int, timed, sp_too: bool) -> dict:
+    import torch.nn as nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module,
+    )
+
+    from planner.backends.torch.model import DecoderSpec, FeedForward, _norm
+
+    def holder(ffn_hidden):
+        spec = DecoderSpec(name="calibrate-mlp", vocab=16, hidden=hidden, positions=0, blocks=1, heads=world,
+                           kv_heads=world, head_dim=8, ffn_hidden=ffn_hidden, gated=True, norm="rmsnorm",
+                           bias=False, qkv_bias=False, tied=False)
+
+        class Holder(nn.Module):  # norm + MLP under the names parallel.apply_tp gives them inside a block
+            def __init__(self):
+                super().__init__()
+                self.ffn_norm = _norm(spec.norm, spec.hidden)
+                self.feed_forward = FeedForward(spec)
+
+            def forward(self, x):
+                return self.feed_forward(self.ffn_norm(x))
+
+        return Holder()
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {"hidden": hidden, "ffn_hidden": ffn, "tokens": tokens}
+    for sp in ((False, True) if sp_too else (False,)):
+        # parallel.apply_tp's plan for one MLP sublayer: the stream replicated, or sequence-sharded (sp)
+        stream = Shard(1) if sp else Replicate()
+        sharded = holder(ffn)
+        plan = {"feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
+                "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=stream)}
+        if sp:
+            plan["ffn_norm"] = SequenceParallel()
+        parallelize_module(sharded, mesh, plan)
+        x = torch.randn(1, tokens // world if sp else tokens, hidden, requires_grad=True)
+        out["sp_dtensor_fwd_bwd_s" if sp else "dtensor_fwd_bwd_s"] = timed(lambda: sharded(x).sum().backward())
+    plain = holder(ffn // world)
+    x = torch.randn(1, tokens, hidden, requires_grad=True)
+    out["plain_fwd_bwd_s"] = timed(lambda: plain(x).sum().backward())
+    return out
+
+
+def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps: int, tp_mlp: bool,
+                       outdir: str) -> None:
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        from planner.backends.torch.calibrate_step import exchange
+
+        def timed(fn, n=reps):
+            fn()
+            ts = []
+            for _ in range(n):
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            return statistics.median(ts)
+
+        rows = []
+        for nbytes in sizes:
+            x = torch.ones(nbytes // 4)
+            out = torch.empty(nbytes // 4 * world)
+            ar = timed(lambda: dist.all_reduce(x))
+            # all-gather of nbytes in total (nbytes / world per rank), as comm.all_gather_time_s counts it
+            part = torch.ones(nbytes // 4 // world)
+            gathered = out[: part.numel() * world]
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            ag = timed(lambda: gather(gathered, part))
+
+            pp = timed(lambda: exchange(rank, x)) / 2  # one way
+            rows.append({"bytes": nbytes, "all_reduce_s": ar, "all_gather_s": ag, "p2p_s": pp})
+        # the tensor-parallel MLP takes milliseconds: four times the repetitions, for a steadier median
+        tp = _tp_mlp_times(world, lambda fn: timed(fn, 4 * reps)) if tp_mlp else None
+        step = None
+        if tp_mlp:  # the CPU stack: what a collective costs inside a step (calibrate_step)
+            from planner.backends.torch import calibrate_step as cs
+
+            step = {"in_step": cs.in_step_collectives(rank, world, sizes, max(3, reps // 2)),
+                    "overlap": cs.comm_overlap(reps), "fsdp": cs.fsdp_copy(world, reps)}
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank == 0:
+            Path(outdir, "collectives.json").write_text(json.dumps({"rows": rows, "tp_mlp": tp, "step": step}))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent as one line
+        Path(outdir, f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}".splitlines()[0])
+        os._exit(1)
+
+
+def _spawned(fn, nprocs: int, args: tuple, result: str, what: str):
+    """Run fn(rank, *args, outdir) on `nprocs` spawned processes started as the runner starts its ranks
+    (runner._child_env: one thread, its malloc settings) and return the JSON they left in `result`."""
+    import torch.multiprocessing as mp
+
+    from planner.backends.torch.runner import RunFailed, RunOptions, _child_env
+
+    with tempfile.TemporaryDirectory(prefix="planner-calibrate-") as outdir:
+        with _child_env(RunOptions(threads=1)):
+            ctx = mp.start_processes(fn, args=(*args, outdir), nprocs=nprocs, start_method="spawn", join=False)
+        try:
+            while not ctx.join(timeout=1.0):
+                pass
+        except (mp.ProcessExitedException, mp.ProcessRaisedException):
+            errs = sorted(Path(outdir).glob("error*.txt"))
+            msg = errs[0].read_text() if errs else "a process died"
+            raise RunFailed(f"{what} failed: {msg}") from None
+        return json.loads(Path(outdir, result).read_text())
+
+
+def measure_collectives(nproc: int, quick: bool, tp_mlp: bool = False) -> dict:
+    """{"rows": per message size, "tp_mlp": _tp_mlp_times or None} from `nproc` local gloo processes."""
+    from planner.backends.torch.runner import _free_port
+
+    sizes = collective_sizes(quick)
+    return _spawned(_collective_worker, nproc, (nproc, _free_port(), sizes, 3 if quick else 15, tp_mlp),
+                    "collectives.json", "collective measurement")
+
+
+def _device_worker(rank: int, quick: bool, outdir: str) -> None:
+    """The one-rank device measurements, in a process started as a rank is (see _spawned). Every rank of
+    measure_device runs them at once; rank 0's are kept."""
+    try:
+        torch.set_num_threads(1)
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        dtype = torch.bfloat16 if cuda else torch.float32
+        out = {"gemm": measure_gemm(device, dtype, quick), "memory_bandwidth": measure_memory_bandwidth(device, quick),
+               "dispatch": measure_dispatch(device), "attention": measure_attention(device, dtype, quick),
+               "decoder_step_s": measure_decoder_step(quick), "adamw": measure_adamw(device, quick)}
+        if rank == 0:
+            Path(outdir, "device.json").write_text(json.dumps(out))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent as one line
+        Path(outdir, f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}".splitlines()[0])
+        os._exit(1)
+
+
+def measure_device(quick: bool, nproc: int = 1) -> dict:
+    """The device measurements of one rank while `nproc` ranks run them at once: a plan's ranks share the
+    machine's memory system, caches and spare cycles (one core each, no idle core left to absorb the
+    interpreter's and gloo's threads or anything else), and the profile should describe a rank of a run,
+    not a process alone on the machine."""
+    return _spawned(_device_worker, nproc, (quick,), "device.json", "device measurement")

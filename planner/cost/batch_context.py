@@ -1,0 +1,264 @@
+"""What estimate_batch keeps between calls (_Ctx) and the per count group sums it builds from it.
+
+A count group is (pp, vpp, recompute, recompute_num_layers): it fixes which layers each chunk and stage holds
+(_counts) and so, for every layer-tuple column of _Ctx, the chunk times, stage memory tables, DP traffic and
+p2p time (_group_entry). Separate from planner/cost/batch.py, which only gathers these per plan.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from planner.cost import comm, memory
+from planner.cost.batch_layers import _collective, _layer_values, _p2p
+from planner.cost.batch_plans import POLICIES
+from planner.cost.estimate import pipeline_p2p_s
+from planner.cost.estimate_structure import _policies, split_chunks
+from planner.hardware import Cluster
+from planner.model import ModelGraph
+from planner.plan import ParallelPlan, Workload
+
+
+_CHUNKS: dict[tuple[int, int], tuple[ModelGraph, list]] = {}
+
+
+def _split(model: ModelGraph, chunks_n: int) -> list:
+    """split_chunks for pp * vpp = chunks_n and no explicit partition (it depends on nothing else)."""
+    key = (id(model), chunks_n)
+    hit = _CHUNKS.get(key)
+    if hit is None or hit[0] is not model:
+        if len(_CHUNKS) > 256:
+            _CHUNKS.clear()
+        hit = _CHUNKS[key] = (model, split_chunks(model, ParallelPlan.model_construct(pp=chunks_n, vpp=1,
+                                                                                       partition=None)))
+    return hit[1]
+
+
+# What estimate_batch keeps between calls, per (model, cluster, seq_len, dtype, grad_dtype): see _Ctx.
+_CTX: dict = {}
+_PIPE_MEMO_MAX = 500_000
+_IDS_MAX = 1 << 20  # columns, pipeline groups and count groups get ids below 2**21: packed in one int64
+
+
+class _Ctx:
+    """What estimate_batch computed for one (model, cluster, seq_len, dtype, grad_dtype) that a later call on
+    them reuses; each piece is fixed by its key once those five are.
+
+    - columns: one per distinct layer tuple seen (`col`, `tuples`), holding _layer_values' per-shape values
+      for it (`lv`, arrays whose last axis is the column). A column's values are computed from its tuple
+      alone (elementwise), so they do not depend on which other tuples a batch holds.
+    - count groups (`groups`): per (pp, vpp, recompute, recompute_num_layers) its chunk and stage sums, worst
+      stage, DP traffic and p2p time for every column (_group_entry). New columns drop them all (they are
+      recomputed over every column when next needed), and any new entry drops `stages`, the per-stage tables
+      of all entries stacked for the memory phase.
+    - makespans per pipeline problem (pipeline group, count group, column): a sorted array of packed int64
+      keys (`pipe_keys`) and their values; pipeline and count groups get small ids (`pg_id`, `cg_id`).
+
+    Held by identity: it keeps its model and cluster alive, so their id() cannot be reused while cached."""
+
+    def __init__(self, model: ModelGraph, cluster: Cluster):
+        self.model, self.cluster = model, cluster
+        self.shape_of: dict = {}  # distinct shapes (estimate.estimate memoizes by shape_key)
+        self.shapes: list = []
+        for layer in model.layers:
+            if layer.shape_key not in self.shape_of:
+                self.shape_of[layer.shape_key] = len(self.shapes)
+                self.shapes.append(layer)
+        self.col: dict = {}
+        self.tuples = np.zeros((0, 11), dtype=np.int64)
+        self.lv: dict | None = None
+        self.groups: dict = {}
+        self.stages = None
+        self.pg_id: dict = {}
+        self.cg_id: dict = {}
+        self.pipe_keys = np.zeros(0, dtype=np.int64)
+        self.pipe_vals = np.zeros(0)
+
+    def columns(self, tuples: np.ndarray, layer_args: tuple) -> np.ndarray:
+        """The column of each layer tuple (rows of `tuples`), evaluating the layer values of new ones."""
+        ids = [self.col.get(t) for t in map(tuple, tuples.tolist())]
+        new = [i for i, c in enumerate(ids) if c is None]
+        if new:
+            nt = tuples[new]
+            vals = _layer_values(self.shapes, nt, *layer_args)
+            self.lv = vals if self.lv is None else {k: np.concatenate([self.lv[k], v], axis=-1)
+                                                     for k, v in vals.items()}
+            for i, t in zip(new, map(tuple, nt.tolist())):
+                ids[i] = self.col[t] = len(self.col)
+            self.tuples = np.concatenate([self.tuples, nt])
+            self.groups.clear()
+            self.stages = None
+        return np.array(ids, dtype=np.int64)
+
+    def ids(self, table: dict, keys: np.ndarray) -> np.ndarray:
+        return np.array([table.setdefault(k, len(table)) for k in map(tuple, keys.tolist())], dtype=np.int64)
+
+    def stage_tables(self):
+        """(row offset of each count group entry, per-stage params, frozen bytes, activation bytes, routed
+        params, backward working bytes and logits bytes of every entry stacked as flat arrays: entry row
+        r + stage, column c at (r + stage) * columns + c)."""
+        if self.stages is None:
+            ents = list(self.groups.values())
+            rows = np.cumsum([0] + [len(x["par_st"]) for x in ents])
+            for x, r in zip(ents, rows.tolist()):
+                x["row"] = r
+            self.stages = tuple(np.concatenate([x[k] for x in ents]).ravel()
+                                for k in ("par_st", "froz_st", "act_st", "parx_st", "work_st", "logit_st", "kvf_st",
+                                          "kva_st", "ring_st"))
+        return self.stages
+
+
+def _ctx(model: ModelGraph, cluster: Cluster, workload: Workload) -> _Ctx:
+    key = (id(model), id(cluster), workload.seq_len, workload.dtype, workload.grad_dtype, workload.moe_imbalance,
+           workload.moe_capacity_factor)
+    hit = _CTX.get(key)
+    if (hit is None or hit.model is not model or hit.cluster is not cluster
+            or max(len(hit.col), len(hit.pg_id), len(hit.cg_id)) > _IDS_MAX):
+        if len(_CTX) > 16:
+            _CTX.clear()
+        hit = _CTX[key] = _Ctx(model, cluster)
+    return hit
+
+
+_COUNTS: dict = {}
+
+
+def _counts(model: ModelGraph, shape_of: dict, pp: int, vpp: int, rc: int, rnl: int):
+    """Layer counts of a count group: per chunk (chunk, shape x policy) and per stage (estimate.estimate:
+    chunk c runs on stage c % pp; estimate._policies gives each layer's policy; trainable layers count
+    toward stage_params, frozen ones toward estimate._memory's `frozen`)."""
+    key = (id(model), pp, vpp, rc, rnl)
+    hit = _COUNTS.get(key)
+    if hit is not None and hit[0] is model:
+        return hit[1]
+    S = len(shape_of)
+    chunks = _split(model, pp * vpp)
+    C = len(chunks)
+    mode_plan = ParallelPlan.model_construct(recompute=POLICIES[rc], recompute_num_layers=None if rnl < 0 else rnl)
+    K = np.zeros((C, S, 3))
+    T = np.zeros((C, S))
+    Fz = np.zeros((C, S))
+    # estimate._memory's backward working set: per stage, the distinct blocks (their trainable layers'
+    # (shape, policy) in layer order), of which the largest counts
+    sigs: list = [[] for _ in range(pp)]
+    for c, layers in enumerate(chunks):
+        pol = _policies(layers, mode_plan)
+        blocks: dict = {}
+        for layer in layers:
+            si = shape_of[layer.shape_key]
+            K[c, si, POLICIES.index(pol[layer.name])] += 1
+            if layer.trainable:
+                T[c, si] += 1
+                if layer.block is not None:
+                    blocks.setdefault(layer.block, []).append((si, POLICIES.index(pol[layer.name])))
+            else:
+                Fz[c, si] += 1
+        for sig in map(tuple, blocks.values()):
+            if sig not in sigs[c % pp]:
+                sigs[c % pp].append(sig)
+    stage_of = np.arange(C) % pp
+    onehot = np.zeros((pp, C))
+    onehot[stage_of, np.arange(C)] = 1.0
+    Kf = K.reshape(C, S * 3)
+    res = dict(C=C, K=Kf, Kst=onehot @ Kf, Tst=onehot @ T, Fst=onehot @ Fz, onehot=onehot,
+               Kall=K.sum(axis=(0, 2)), Ktot=Kf.sum(axis=0), Lst=onehot @ K.sum(axis=2), sigs=sigs)
+    if len(_COUNTS) > 4096:
+        _COUNTS.clear()
+    _COUNTS[key] = (model, res)
+    return res
+
+
+def _group_entry(ctx: _Ctx, pp: int, vpp: int, rc: int, rnl: int, n_dev: int, e: int, g_bytes: int, s: int) -> dict:
+    """A count group's sums for every column of ctx (cached in ctx.groups until new columns appear): per chunk
+    forward / backward time, per stage params / frozen / activation bytes; the worst stage's params, busy time
+    and last backward; model and hardware FLOPs; the DP gradient reduction and ZeRO traffic over the dp
+    group (dp = n / (tp cp pp), so the group and column fix every DP term); the pipeline p2p time."""
+    key = (pp, vpp, rc, rnl)
+    ent = ctx.groups.get(key)
+    if ent is not None:
+        return ent
+    model, cluster, lv, tuples = ctx.model, ctx.cluster, ctx.lv, ctx.tuples
+    S, G = len(ctx.shapes), len(tuples)
+    k = _counts(model, ctx.shape_of, pp, vpp, rc, rnl)
+    Fc = k["K"] @ lv["fwd"].reshape(S * 3, G)  # (C, G): estimate.estimate's fwd_s per chunk
+    Bc = k["K"] @ lv["bwd"].reshape(S * 3, G)
+    par_st = k["Tst"] @ lv["par"]  # (pp, G): stage_params
+    # estimate.estimate: worst = argmax(stage_params); exact ties (equal stages) go to the first,
+    # robust to last-bit differences between a matmul and a sequential sum.
+    near = par_st >= par_st.max(axis=0) * (1 - 1e-12)
+    worst = np.argmax(near, axis=0)
+    # the worst stage's chunks (c % pp == worst) summed in chunk order, as estimate.estimate sums them;
+    # gathering just those rows is cheaper than a (pp x C) one-hot matmul, which OpenBLAS threads
+    # slowly on a busy machine
+    cols = np.arange(G)
+    rows = worst[None, :] + pp * np.arange(vpp)[:, None]
+    Fw = Fc[rows, cols].sum(axis=0)
+    Bw = Bc[rows, cols].sum(axis=0)
+    # estimate._memory: the largest block's backward working set per stage, and the loss logits copy
+    work_st = np.zeros((pp, G))
+    for st_, sigs in enumerate(k["sigs"]):
+        for sig in sigs:
+            full = np.stack([lv["act"][si, 0] for si, _ in sig])
+            kept = np.stack([lv["act"][si, pi] for si, pi in sig])
+            work_st[st_] = np.maximum(work_st[st_], memory.backward_working_bytes(full, kept))
+    ent = dict(Fc=Fc, Bc=Bc, par_st=par_st, froz_st=k["Fst"] @ lv["froz"], parx_st=k["Tst"] @ lv["parx"],
+               work_st=work_st, logit_st=k["Lst"] @ lv["logit"], kvf_st=k["Kst"] @ lv["kvf"].reshape(S * 3, G),
+               kva_st=k["Lst"] @ lv["kv"],
+               # estimate._memory: the largest ring forward buffers of a layer on the stage
+               ring_st=np.max(np.where(k["Lst"][:, :, None] > 0, lv["ring"][None, :, :], 0.0), axis=1),
+               act_st=k["Kst"] @ lv["act"].reshape(S * 3, G), params_dev=par_st[worst, cols], last_bwd=Bw,
+               busy_worst=Fw + Bw, fm=k["Kall"] @ lv["fmodel"], fh=k["Ktot"] @ lv["fhw"].reshape(S * 3, G))
+    # --- mirrors estimate.estimate: DP gradient reduction and ZeRO traffic over the dp group, per layer ---
+    # gradients reduce over dp x cp ranks with stride tp (estimate.estimate: grad_ranks)
+    cnt_worst = k["Tst"][worst].T  # (S, G) layers of each shape on the worst stage
+    tp_c, cp_c = tuples[:, 1], tuples[:, 2]
+    ar, rs, ag = np.zeros(G), np.zeros(G), np.zeros(G)
+    for t in np.unique(tp_c).tolist():
+        dp = n_dev // (t * pp)
+        if dp <= 1:
+            continue
+        mk = tp_c == t
+        link = _collective(cluster, 0, t, dp)
+        pl, cw = lv["par"][:, mk], cnt_worst[:, mk]
+        ar[mk] = np.sum(cw * comm.all_reduce_time_s(pl * g_bytes, link), axis=0)
+        rs[mk] = np.sum(cw * comm.reduce_scatter_time_s(pl * g_bytes, link), axis=0)
+        ag[mk] = np.sum(cw * comm.all_gather_time_s(pl * e, link), axis=0)
+    # estimate.estimate: with ep*etp != tp the routed experts sync over EDP = n/(pp ep etp) ranks ep*etp apart
+    ep_c, etp_c = tuples[:, 5], tuples[:, 6]
+    for t, x, y in {(int(a), int(b), int(c)) for a, b, c in zip(tp_c, ep_c, etp_c) if b * c != a}:
+        mk = (tp_c == t) & (ep_c == x) & (etp_c == y)
+        dp = n_dev // (t * pp)
+        edp = n_dev // (pp * x * y)
+        px, cw = lv["parx"][:, mk], cnt_worst[:, mk]
+        pl = lv["par"][:, mk] - px
+        ar[mk] = rs[mk] = ag[mk] = 0.0  # columns whose degrees fit no plan of this pp keep 0
+        if dp > 1:
+            link = _collective(cluster, 0, t, dp)
+            ar[mk] = np.sum(cw * comm.all_reduce_time_s(pl * g_bytes, link), axis=0)
+            rs[mk] = np.sum(cw * comm.reduce_scatter_time_s(pl * g_bytes, link), axis=0)
+            ag[mk] = np.sum(cw * comm.all_gather_time_s(pl * e, link), axis=0)
+        if edp > 1 and n_dev % (pp * x * y) == 0:
+            link = _collective(cluster, 0, x * y, edp)
+            ar[mk] += np.sum(cw * comm.all_reduce_time_s(px * g_bytes, link), axis=0)
+            rs[mk] += np.sum(cw * comm.reduce_scatter_time_s(px * g_bytes, link), axis=0)
+            ag[mk] += np.sum(cw * comm.all_gather_time_s(px * e, link), axis=0)
+    # --- estimate.pipeline_p2p_s, the same function the scalar estimate calls (columns whose tp * cp does
+    # not fit this pp on the cluster belong to no plan: nan) ---
+    p2p = np.zeros(G)
+    if pp > 1:
+        ok = n_dev % (tp_c * cp_c * pp) == 0
+        ss = tp_c * cp_c * (n_dev // (tp_c * cp_c * pp))  # stage_size = tp * cp * dp
+        p2p[~ok] = np.nan
+        hidden = model.layers[0].hidden
+        for x in np.unique(ss[ok]).tolist():
+            mk = ok & (ss == x)
+            b, cp, tp = tuples[mk, 0].astype(float), cp_c[mk].astype(float), tp_c[mk].astype(float)
+            # estimate.estimate: one work item's activations, s/n tokens (ParallelPlan.seq_chunks)
+            nbytes = b * (s // tuples[mk, 10]) / cp * hidden * e / np.where(tuples[mk, 3] > 0, tp, 1)
+            p2p[mk] = pipeline_p2p_s(cluster, pp, x, nbytes, p2p=lambda a, c: _p2p(cluster, a, c))
+    ent.update(ar=ar, rs=rs, ag=ag, p2p=p2p)
+    ctx.groups[key] = ent
+    ctx.stages = None
+    return ent
+
+
+_PER_COLUMN = ("params_dev", "last_bwd", "busy_worst", "fm", "fh", "ar", "rs", "ag", "p2p")
