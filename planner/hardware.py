@@ -107,6 +107,11 @@ class Efficiency(BaseModel):
     # on an FSDP2-wrapped stack of linear layers; 0 for catalog devices (on a GPU these copies run at HBM
     # speed on the collective's stream).
     shard_copy_ns_per_byte: float = Field(0.0, ge=0)
+    # Time per parameter, per micro-batch, to add that micro-batch's weight gradients into the accumulated
+    # ones: eager autograd's AccumulateGrad (`grad += new`: read both, write the sum). 0 where accumulation
+    # is fused into the weight-gradient GEMM (Megatron --gradient-accumulation-fusion) and for every catalog
+    # device; `calibrate --backend torch` measures it (`add_` over 8M fp32 parameters).
+    grad_accum_ns_per_param: float = Field(0.0, ge=0)
     source: str = "default: median of measured fractions in reference/clusters.md section 10"
 
 

@@ -68,7 +68,7 @@ def test_less_overlap_is_never_faster(a, b, zero, overlap, mbs):
 
 
 def test_batch_equals_scalar_with_both_terms():
-    cluster = _cluster(comm_overlap=0.3, shard_copy_ns_per_byte=2.5)
+    cluster = _cluster(comm_overlap=0.3, shard_copy_ns_per_byte=2.5, grad_accum_ns_per_param=1.5)
     plans = [ParallelPlan(dp=dp, tp=8 // dp // pp, pp=pp, zero=z, mbs=mbs, overlap_grad_reduce=og,
                           schedule="1f1b")
              for dp in (2, 4, 8) for pp in (1, 2) if 8 // dp // pp >= 1 and dp * pp <= 8
@@ -99,3 +99,23 @@ def test_oversubscribed_ranks_fill_the_bubble_at_full_speed(monkeypatch):
     # every rank has a core: nothing changes
     _, _, alone, one = v.predict(pf.model_copy(update={"nodes": None, "plan": ParallelPlan(pp=2, mbs=1)}), 2, "cpu")
     assert one == 1.0 and alone.breakdown["pipeline_bubble_s"] > 0
+
+
+def test_unfused_gradient_accumulation_adds_params_times_rate_per_backward():
+    # grad_accum_ns_per_param: every micro-batch's backward adds its weight gradients into .grad, so the
+    # step grows by (trainable parameters on the device) x rate x micro-batches; dp4 tp2 mbs1 -> m = 4
+    from planner.cost.compute import layer_time
+
+    ns = 3.0
+    dev = load_cluster("dgx-h100", 1).devices[0].device
+    slow = dev.model_copy(update={"efficiency": dev.efficiency.model_copy(update={"grad_accum_ns_per_param": ns})})
+    for layer in GRAPH.layers:
+        a, b = layer_time(layer, 1, 256, dev, "bf16", tp=2), layer_time(layer, 1, 256, slow, "bf16", tp=2)
+        assert float(b.fwd_s) == float(a.fwd_s)
+        assert float(b.bwd_s - a.bwd_s) == pytest.approx(layer.params_per_device(tp=2) * ns * 1e-9, rel=1e-9)
+    # no host dispatch floor (compute.floored), which a tiny model's backward on an H100 sits under
+    plan = ParallelPlan(dp=4, tp=2, mbs=1, sp=True)
+    base = estimate(GRAPH, _cluster(host_dispatch_us=0.0), WORKLOAD, plan).step_time_s
+    got = estimate(GRAPH, _cluster(host_dispatch_us=0.0, grad_accum_ns_per_param=ns), WORKLOAD, plan).step_time_s
+    per_device = sum(layer.params_per_device(tp=2) for layer in GRAPH.layers if layer.trainable)
+    assert got - base == pytest.approx(4 * per_device * ns * 1e-9, rel=1e-6)

@@ -177,6 +177,9 @@ def layer_time(layer: Layer, b, s, device: Device, dtype: str = "bf16", tp=1, cp
             overhead = overhead + (np.asarray(tp) > 1) * act_bytes * e.tp_dispatch_ns_per_byte * 1e-9
     fwd = gemm_fwd + attn_fwd + ew_fwd + overhead
     bwd = gemm_bwd + ATTENTION_BWD_FACTOR * attn_fwd + 2 * ew_fwd + 2 * overhead
+    if e.grad_accum_ns_per_param:
+        # unfused gradient accumulation: every backward adds its weight gradients into .grad (Efficiency)
+        bwd = bwd + layer.params_per_device(tp=tp, ep=ep, etp=etp) * e.grad_accum_ns_per_param * 1e-9
     # The host dispatches kernels while the device runs earlier ones: the slower of the two sets the pace.
     n_kernels = kernels + len(layer.gemms(1, 1)) * (local_experts if layer.kind == "moe" else 1) + \
         (0 if flash else 4)

@@ -172,6 +172,8 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
             "sp_dispatch_us": round(tp_fit["sp_dispatch_s"] * 1e6, 1) if tp_fit else None,
             "comm_overlap": round(step["overlap"]["comm_overlap"], 3) if step else 1.0,
             "shard_copy_ns_per_byte": round(copy_fit["ns_per_byte"], 3) if copy_fit else 0.0,
+            # the runner accumulates gradients as eager autograd does (before layer_overhead_us is fitted)
+            "grad_accum_ns_per_param": round(meas["grad_accum"]["s_per_param"] * 1e9, 4),
             "source": source,
         },
     }
@@ -207,6 +209,7 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
            f"({step['fsdp']['fsdp_fwd_bwd_s'] * 1e3:.1f} vs {step['fsdp']['plain_fwd_bwd_s'] * 1e3:.1f} ms) and its "
            f"gathers and reduce-scatter on the link ({copy_fit['link_s'] * 1e3:.1f} ms), per byte copied; "
            if step else "")
+        + f"grad_accum_ns_per_param = grad.add_(new) over {meas['grad_accum']['params']:,} fp32 parameters; "
         + f"AdamW (foreach=False) {adamw['s_per_param'] * 1e9:.1f} ns/param measured, "
         f"{adamw['predicted_s_per_param'] * 1e9:.1f} predicted (32 B/param). Measured in a process started "
         f"as a rank is (one thread, the runner's malloc settings). Load average "
@@ -246,6 +249,7 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
         "measurements": {"gemm": gemm, "memory_bandwidth": membw, "dispatch": dispatch, "attention": attn,
                          "collectives": colls, "layer_overhead_fit": layer, "link_fit_rms_log": link_rms,
                          "tp_mlp": tp_mlp, "tp_dispatch_fit": tp_fit, "adamw": adamw,
+                         "grad_accum": meas["grad_accum"],
                          "in_step": step, "shard_copy_fit": copy_fit},
         "written": [],
     }

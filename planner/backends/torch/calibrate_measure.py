@@ -132,6 +132,22 @@ def measure_adamw(device: torch.device, quick: bool) -> dict:
     return {"params": n * 2**20, "time_s": t, "s_per_param": t / (n * 2**20)}
 
 
+def measure_grad_accum(device: torch.device, quick: bool) -> dict:
+    """Seconds per parameter of adding a micro-batch's gradients into the accumulated ones, as autograd's
+    AccumulateGrad does on eager PyTorch (`grad.add_(new)`), over 8M (quick: 1M) fp32 parameters in
+    1M-element tensors."""
+    n = 1 if quick else 8
+    grads = [torch.randn(2**20, device=device) for _ in range(n)]
+    news = [torch.randn(2**20, device=device) for _ in range(n)]
+
+    def accumulate():
+        for g, x in zip(grads, news):
+            g.add_(x)
+
+    t = _median_time_s(accumulate, reps=3 if quick else 7)
+    return {"params": n * 2**20, "time_s": t, "s_per_param": t / (n * 2**20)}
+
+
 def measure_dispatch(device: torch.device) -> dict:
     """Per-op cost of eager dispatch: a one-element add, timed in a loop of 1000."""
     x = torch.ones(1, device=device)
@@ -340,7 +356,8 @@ def _device_worker(rank: int, quick: bool, outdir: str) -> None:
         dtype = torch.bfloat16 if cuda else torch.float32
         out = {"gemm": measure_gemm(device, dtype, quick), "memory_bandwidth": measure_memory_bandwidth(device, quick),
                "dispatch": measure_dispatch(device), "attention": measure_attention(device, dtype, quick),
-               "decoder_step_s": measure_decoder_step(quick), "adamw": measure_adamw(device, quick)}
+               "decoder_step_s": measure_decoder_step(quick), "adamw": measure_adamw(device, quick),
+               "grad_accum": measure_grad_accum(device, quick)}
         if rank == 0:
             Path(outdir, "device.json").write_text(json.dumps(out))
     except BaseException as e:  # noqa: BLE001 - reported by the parent as one line

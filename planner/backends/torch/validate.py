@@ -42,7 +42,7 @@ def shared_core_cluster(cluster, nproc: int, device_type: str):
         e = d.efficiency
         host = {k: getattr(e, k) / share for k in ("kernel_overhead_us", "layer_overhead_us", "host_dispatch_us",
                                                     "tp_dispatch_us", "sp_dispatch_us", "tp_dispatch_ns_per_byte",
-                                                    "shard_copy_ns_per_byte")
+                                                    "shard_copy_ns_per_byte", "grad_accum_ns_per_param")
                 if getattr(e, k) is not None}
         slower = d.model_copy(update={"peak_tflops": {k: v * share for k, v in d.peak_tflops.items()},
                                       "memory_bandwidth_gb_s": d.memory_bandwidth_gb_s * share,
