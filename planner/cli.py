@@ -149,11 +149,16 @@ def _plan_from_args(args, cluster):
                             seq_chunks=args.seq_chunks, attention_pool=args.attention_pool,
                             offload={"activations": args.offload_activations})
     except ValidationError as e:
-        raise BadInput("plan: " + e.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        raise BadInput("plan: " + (f"{where}: " if where else "") + err["msg"].removeprefix("Value error, ")) \
+            from None
 
 
 def _documents(text: str | None):
     """--documents MEAN[:MAX] (tokens): a DocumentMix, or None; BadInput for anything else."""
+    from pydantic import ValidationError
+
     from planner.plan import DocumentMix
 
     if text is None:
@@ -165,7 +170,10 @@ def _documents(text: str | None):
     except ValueError:
         raise BadInput(f"--documents {text!r}: want MEAN or MEAN:MAX, positive token counts (e.g. 32768:524288)") \
             from None
-    return DocumentMix(mean_tokens=parts[0], max_tokens=parts[1] if len(parts) == 2 else None)
+    try:
+        return DocumentMix(mean_tokens=parts[0], max_tokens=parts[1] if len(parts) == 2 else None)
+    except ValidationError as e:
+        raise BadInput(f"--documents {text!r}: " + e.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 def _int_list(flag: str, text: str) -> tuple[int, ...]:
@@ -224,6 +232,8 @@ def cmd_estimate(args) -> None:
         plan = _plan_from_args(args, cluster)
         workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype,
                             documents=_documents(args.documents))
+        if plan.attention_pool and workload.documents is None:
+            raise BadInput("--attention-pool balances variable-length documents: give --documents MEAN[:MAX] too")
     est = estimate(model, cluster, workload, plan)
     out = est.model_dump()
     out["plan"] = plan.model_dump()
@@ -318,14 +328,21 @@ def cmd_plan(args) -> None:
     for i, rp in enumerate(res.plans, 1):
         p, e = rp.plan, rp.estimate
         rec = p.recompute if p.recompute_num_layers is None else f"full:{p.recompute_num_layers}"
-        sched = p.schedule + ("*" if p.partition is not None else "")
+        # what the columns do not show: sequence chunks, activation offload, the attention pool
+        sched = (p.schedule + ("*" if p.partition is not None else "")
+                 + (f" c{p.seq_chunks}" if p.seq_chunks > 1 else "")
+                 + (f" off{p.offload.activations:g}" if p.offload.activations else "")
+                 + (" pool" if p.attention_pool else ""))
         moe_col = p.moe_dispatch if any(layer.kind == "moe" for layer in model.layers) else "-"
         lines.append(f"{i:>2} {p.tp:>3} {p.pp:>3} {p.dp:>5} {p.vpp:>3} {p.cp:>3} {p.ep:>3} {p.zero:>4} "
                      f"{'y' if p.sp else '-':>3} {p.mbs:>3} {moe_col:<8} {rec:<9} {sched:<16} {e.step_time_s:9.3f} "
                      f"{e.tokens_per_s:12,.0f} {e.mfu:6.1%} {e.peak_memory_bytes / 1e9:7.1f}  {e.why}")
     lines.append(f"searched {res.enumerated:,} plans: {res.pruned_memory:,} pruned by memory, {res.pruned_bound:,} "
                  f"by the step-time bound, {res.evaluated:,} costed, in {res.wall_s:.2f} s"
-                 + (" (* uneven stage partition)" if any(rp.plan.partition for rp in res.plans) else ""))
+                 + (" (* uneven stage partition)" if any(rp.plan.partition for rp in res.plans) else "")
+                 + ("; schedule cN: N sequence chunks, offF: share of activations offloaded, pool: attention pool"
+                    if any(rp.plan.seq_chunks > 1 or rp.plan.offload.activations or rp.plan.attention_pool
+                           for rp in res.plans) else ""))
     if save is not None:
         lines.append(f"best plan written to {save}")
     _emit(out, args.json, "\n".join(lines))

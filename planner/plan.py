@@ -23,6 +23,13 @@ class DocumentMix(BaseModel):
     max_tokens: PositiveInt | None = None
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _max_not_below_mean(self) -> DocumentMix:
+        if self.max_tokens is not None and self.max_tokens < self.mean_tokens:
+            raise ValueError(f"documents: max_tokens {self.max_tokens} is below mean_tokens {self.mean_tokens}; "
+                             "give a maximum at least the mean")
+        return self
+
 
 class Workload(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

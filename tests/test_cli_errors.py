@@ -11,6 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cli_helpers import one_line
 from planner.cli import main
 
 TINY = {
@@ -22,16 +23,6 @@ HF_LLAMA = {
     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
     "intermediate_size": 128, "vocab_size": 1000, "max_position_embeddings": 128,
 }
-
-
-def one_line(rc: int, stderr: str, expected_rc: int = 2) -> str:
-    """Check the contract's shape and return the one line."""
-    assert "Traceback" not in stderr, stderr
-    lines = stderr.splitlines()
-    assert rc == expected_rc, (rc, stderr)
-    assert len(lines) == 1, stderr
-    assert lines[0].strip(), stderr
-    return lines[0]
 
 
 def write_yaml(path: Path, data) -> Path:

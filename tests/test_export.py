@@ -212,11 +212,22 @@ def test_refusals_name_the_field(fmt, plan, kw, field):
 
 
 # ---------------------------------------------------------------------------------------------------
-# the launchers' own parsers (when installed: `pip install ".[launchers]"`; see README "export")
+# the launchers' own parsers (the README's test command and .ci/run install them; see README "export")
+
+LAUNCHERS_INSTALL = 'pip install ".[launchers]" && pip install --no-deps torchtitan==0.2.2 (the README\'s test command)'
+
+
+def _require(dist: str) -> str:
+    """The installed version of `dist`; a failure naming the install command when it is missing: these tests
+    check exports against the launchers' own parsers, and a missing parser must not pass as a skip."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail(f"{dist} is not installed; {LAUNCHERS_INSTALL}")
 
 
 def _deepspeed_config_class(monkeypatch):
-    pytest.importorskip("deepspeed")
+    _require("deepspeed")
     import deepspeed.runtime.config as dsc
 
     # DeepSpeedConfig asks torch.distributed for the rank and, without a process group, falls back to a
@@ -260,15 +271,10 @@ def _torchtitan_022_config_manager():
     """torchtitan 0.2.2's ConfigManager, loaded without `torchtitan/__init__.py`: that file imports the
     quantization and MoE kernels, which need triton (a GPU package); the config modules need only torch,
     tyro and tomllib."""
-    try:
-        version = importlib.metadata.version("torchtitan")
-    except importlib.metadata.PackageNotFoundError:
-        # Why a skip: the README's quick test command installs only ".[torch,dev]"; .ci/run installs the
-        # launchers, so in CI this test runs.
-        pytest.skip("torchtitan not installed (pip install --no-deps torchtitan==0.2.2 tyro)")
-    # The TOML job config exists only in 0.2.x; another version installed means the pin in .ci/run was lost.
+    version = _require("torchtitan")
+    # The TOML job config exists only in 0.2.x; another version installed means the pin was lost.
     assert version.startswith("0.2."), f"torchtitan {version} has no TOML job config; install 0.2.2"
-    pytest.importorskip("tyro")
+    _require("tyro")
     if "torchtitan" not in sys.modules:
         # A bare package object over the installed folder: its submodules load, its __init__ does not. It
         # stays registered: tyro reads the dataclasses' source through sys.modules.

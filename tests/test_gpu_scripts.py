@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
-
 GPU_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu"
 
 

@@ -7,26 +7,12 @@ import json
 
 import pytest
 
-from planner.cli import main
+from cli_helpers import one_line, run
 from planner.plan import PlanFile
 
 TINY = ["--model", "tiny-llama-20m", "--cluster", "dgx-h100", "--gbs", "32", "--seq", "512"]
 PLAN_KEYS = {"tp", "pp", "dp", "vpp", "cp", "ep", "zero", "sp", "mbs", "recompute", "schedule", "partition", "estimate"}
 ESTIMATE_KEYS = {"step_time_s", "tokens_per_s", "mfu", "hfu", "peak_memory_bytes", "fits", "breakdown", "memory"}
-
-
-def run(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line(rc, err, expected):
-    assert "Traceback" not in err
-    assert rc == expected, (rc, err)
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_plan_table(capsys):
@@ -151,6 +137,10 @@ def test_save_into_missing_directory(capsys, tmp_path):
     (["plan", *TINY, "--attention-pool"], "--documents"),
     (["plan", *TINY, "--seq-chunks", "1,x"], "--seq-chunks"),
     (["plan", *TINY, "--seq-chunks", "0"], "--seq-chunks"),
+    (["plan", *TINY, "--documents", "100:50"], "below mean_tokens"),
+    (["estimate", *TINY, "--mbs", "1", "--attention-pool"], "--documents"),
+    (["estimate", *TINY, "--mbs", "1", "--pp", "2", "--seq-chunks", "0"], "seq_chunks"),
+    (["estimate", *TINY, "--mbs", "1", "--offload-activations", "2"], "offload.activations"),
 ])
 def test_long_context_flags_bad_input(capsys, args, words):
     rc, _, err = run(capsys, *args)

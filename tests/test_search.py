@@ -154,7 +154,6 @@ def test_constraints_fix_and_bound_dimensions():
 
 def test_partition_refinement_keeps_the_estimate():
     """Plans the DP partition refined carry their partition, and their estimate is estimate() of them."""
-    pytest.importorskip("planner.search.partition")
     model = load_model("tiny-llama-20m")
     c = cluster(8, 80.0)
     wl = Workload(global_batch=64, seq_len=1024)
@@ -165,7 +164,6 @@ def test_partition_refinement_keeps_the_estimate():
     assert [rp.estimate.step_time_s for rp in res.plans] == sorted(rp.estimate.step_time_s for rp in res.plans)
 
 
-@pytest.mark.skipif(not RUNS.exists(), reason="reference runs table not present")
 @pytest.mark.parametrize("row_id", ["47", "78", "169", "24"])
 def test_never_worse_than_published(row_id):
     import pandas as pd

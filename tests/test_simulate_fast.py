@@ -28,15 +28,8 @@ def simulate_reference(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[fl
     _check_args(schedule, p, m, v, seq_chunks)
     n_stages = p * v
 
-    if schedule == "zb-h1":
-        w = [x / 2 for x in bwd] if wgrad_s is None else [float(x) for x in wgrad_s]
-        if len(w) != n_stages or any(x < 0 or x > b for x, b in zip(w, bwd)):
-            raise ValueError("wgrad_s must have one entry per stage, each within [0, bwd_s]")
-        dur = {"F": fwd, "B": [b - x for b, x in zip(bwd, w)], "W": w}
-    else:
-        if wgrad_s is not None:
-            raise ValueError("wgrad_s only applies to schedule 'zb-h1'")
-        dur = {"F": fwd, "B": bwd}
+    b_dur, w = pipeline.backward_split(schedule, bwd, wgrad_s, n_stages)  # unchanged checks and split
+    dur = {"F": fwd, "B": b_dur, **({"W": w} if w is not None else {})}
 
     orders = schedule_order(schedule, p, m, v, seq_chunks)
     end: dict[tuple[str, int, int], float] = {}  # (kind, virtual stage, microbatch) -> end time

@@ -6,28 +6,15 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from cli_helpers import one_line, run
 from planner import api
 from planner.catalog import load_cluster
-from planner.cli import main
 from planner.importers import load_model
 from planner.plan import Workload
 from planner.search.search import search
 from planner.sweep import COLUMNS, sweep
 
 TINY = ["--model", "tiny-llama-20m", "--cluster", "dgx-h100", "--gbs", "32"]
-
-
-def run(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line(rc, err, expected=2):
-    assert "Traceback" not in err
-    assert rc == expected, (rc, err)
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def test_grid_best_plan_per_cell():

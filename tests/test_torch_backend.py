@@ -8,15 +8,14 @@ one after the other in one group of processes (runner.launch takes a list of job
 from __future__ import annotations
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from planner.backends.torch.model import Decoder, build_decoder, spec_from_graph, tiny_graph  # noqa: E402
-from planner.backends.torch.parallel import block_ranges, check_runnable  # noqa: E402
-from planner.backends.torch.runner import Job, RunOptions, launch, train_single  # noqa: E402
-from planner.errors import BadInput  # noqa: E402
-from planner.importers import load_model  # noqa: E402
-from planner.plan import ParallelPlan, StageAssignment, Workload  # noqa: E402
+from planner.backends.torch.model import Decoder, build_decoder, spec_from_graph, tiny_graph
+from planner.backends.torch.parallel import block_ranges, check_runnable
+from planner.backends.torch.runner import Job, RunOptions, launch, train_single
+from planner.errors import BadInput
+from planner.importers import load_model
+from planner.plan import DocumentMix, ParallelPlan, StageAssignment, Workload
 
 STEPS = 2
 WORKLOAD = Workload(global_batch=8, seq_len=16, dtype="fp32")
@@ -66,11 +65,20 @@ def test_uneven_partition_and_even_split():
     (ParallelPlan(dp=3), 3, "not divisible"),
     (ParallelPlan(pp=2, partition=[StageAssignment(layers=(0, 1)), StageAssignment(layers=(2, 4))]), 2,
      "does not cover"),
+    (ParallelPlan(pp=2, mbs=1, seq_chunks=2), 2, "seq_chunks"),
+    (ParallelPlan(dp=2, attention_pool=True), 2, "attention_pool"),
+    (ParallelPlan(tp=2, ep=2, etp=1, moe_dispatch="tp_slice"), 2, "context and expert|tp_slice"),
 ])
 def test_unrunnable_plans_are_refused_in_one_line(plan, world, match):
     with pytest.raises(BadInput, match=match) as e:
         check_runnable(spec_from_graph(tiny_graph("llama")), WORKLOAD, plan, world)
     assert "\n" not in str(e.value)
+
+
+def test_documents_are_refused():
+    docs = WORKLOAD.model_copy(update={"documents": DocumentMix(mean_tokens=16)})
+    with pytest.raises(BadInput, match="documents"):
+        check_runnable(spec_from_graph(tiny_graph("llama")), docs, ParallelPlan(dp=2), 2)
 
 
 def test_tied_embeddings_refuse_pipeline_and_tensor_parallel():

@@ -7,9 +7,7 @@ import json
 
 import pytest
 
-pytest.importorskip("torch")
-
-from planner.plan import ParallelPlan, PlanFile, Workload  # noqa: E402
+from planner.plan import ParallelPlan, PlanFile, Workload
 
 TINY = """name: tiny-cli
 source: "test model for validate"

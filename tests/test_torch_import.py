@@ -6,15 +6,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from planner.builders import TransformerConfig, build_transformer
 from planner.errors import BadInput
+from planner.importers.torch_module import TracedLayer, from_torch_module
 
-torch = pytest.importorskip("torch", reason="the torch extra is not installed (pip install torch==2.13.0)")
 nn = torch.nn
 F = torch.nn.functional
-
-from planner.importers.torch_module import TracedLayer, from_torch_module  # noqa: E402
 
 H, HEADS, VOCAB, MAX_SEQ, BLOCKS = 128, 4, 1000, 256, 3
 

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
+from cli_helpers import one_line, run
 from planner import viz
 from planner.catalog import load_cluster
-from planner.cli import main
 from planner.cost.estimate import estimate
 from planner.importers import load_model
 from planner.plan import ParallelPlan, PlanFile, Workload
@@ -32,19 +32,6 @@ def plan_file(tmp_path):
     pf = PlanFile(model="llama3-8b", cluster="dgx-h100", nodes=1, workload=WORKLOAD, plan=INTERLEAVED)
     path.write_text(pf.model_dump_json())
     return path
-
-
-def run(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line(rc, err, expected=2):
-    assert "Traceback" not in err
-    assert rc == expected, (rc, err)
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def test_interleaved_phases_from_the_events(capsys, plan_file):

@@ -239,6 +239,19 @@ def _check_times(fwd: list, bwd: list, v: int, p2p_s: float) -> int:
     return len(fwd) // v
 
 
+def backward_split(schedule: str, bwd: list, wgrad_s, n_stages: int) -> tuple[list, list | None]:
+    """(B op durations, W op durations or None) per stage: under zb-h1 the backward splits into the input
+    gradient (B) and the weight gradient (W, default half of it; Qi et al. 2023); otherwise B is all of it."""
+    if schedule == "zb-h1":
+        w = [x / 2 for x in bwd] if wgrad_s is None else [float(x) for x in wgrad_s]
+        if len(w) != n_stages or any(x < 0 or x > b for x, b in zip(w, bwd)):
+            raise ValueError("wgrad_s must have one entry per stage, each within [0, bwd_s]")
+        return [b - x for b, x in zip(bwd, w)], w
+    if wgrad_s is not None:
+        raise ValueError("wgrad_s only applies to schedule 'zb-h1'")
+    return bwd, None
+
+
 def simulate(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: int, v: int = 1,
              p2p_s: float = 0.0, wgrad_s: Sequence[float] | None = None, seq_chunks: int = 1) -> PipelineResult:
     """Time one training step of a pipeline by dependency simulation.
@@ -259,15 +272,8 @@ def simulate(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: i
     _check_args(schedule, p, m, v, seq_chunks)
     n_stages = p * v
 
-    if schedule == "zb-h1":
-        w = [x / 2 for x in bwd] if wgrad_s is None else [float(x) for x in wgrad_s]
-        if len(w) != n_stages or any(x < 0 or x > b for x, b in zip(w, bwd)):
-            raise ValueError("wgrad_s must have one entry per stage, each within [0, bwd_s]")
-        dur = fwd + [b - x for b, x in zip(bwd, w)] + w
-    else:
-        if wgrad_s is not None:
-            raise ValueError("wgrad_s only applies to schedule 'zb-h1'")
-        dur = fwd + bwd
+    b_dur, w = backward_split(schedule, bwd, wgrad_s, n_stages)
+    dur = fwd + b_dur + (w or [])
 
     comp = _compiled(schedule, p, m, v, seq_chunks)
     end = [0.0]

@@ -279,7 +279,10 @@ def report_text(r: dict) -> str:
              f"gemm_half_dim {e['gemm_half_dim']}, attention {e['attention']:.2f}, kernel overhead "
              f"{e['kernel_overhead_us']:.2f} us, layer overhead {e['layer_overhead_us']:.1f} us",
              f"  link {link['name']}: {link['bandwidth_gb_s']:.3f} GB/s, latency {link['latency_us']:.1f} us "
-             f"({r['nproc']} processes)"]
+             f"({r['nproc']} processes)",
+             f"  framework: tp dispatch {e['tp_dispatch_us']:.0f} us + {e['tp_dispatch_ns_per_byte']:.2f} ns/B, "
+             f"comm overlap {e['comm_overlap']:.2f}, FSDP copies {e['shard_copy_ns_per_byte']:.2f} ns/B, "
+             f"gradient accumulation {e['grad_accum_ns_per_param']:.2f} ns/param"]
     if r["written"]:
         lines.append("  wrote " + ", ".join(r["written"]))
         lines.append("  use it: planner plan --cluster local ... / planner estimate --cluster local ...")

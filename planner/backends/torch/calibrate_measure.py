@@ -275,17 +275,10 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps:
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        from planner.backends.torch.calibrate_step import exchange
+        from planner.backends.torch.calibrate_step import exchange, median_together_s
 
-        def timed(fn, n=reps):
-            fn()
-            ts = []
-            for _ in range(n):
-                dist.barrier()
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            return statistics.median(ts)
+        def timed(fn, n=reps):  # median after a warm-up, every call started together
+            return median_together_s(fn, n, dist.barrier)
 
         rows = []
         for nbytes in sizes:

@@ -34,7 +34,9 @@ def _gemm_work():
     return lambda: a @ b
 
 
-def _median(fn, reps: int, barrier) -> float:
+def median_together_s(fn, reps: int, barrier) -> float:
+    """Median wall time of fn() over `reps` calls after one warm-up, each call started after `barrier()`
+    (all ranks at once)."""
     fn()
     ts = []
     for _ in range(reps):
@@ -89,10 +91,10 @@ def in_step_collectives(rank: int, world: int, sizes: list[int], reps: int) -> l
                 gemm()
                 exchange(rank, src * 1.0)
 
-        t0 = _median(base, reps, dist.barrier)
-        ar = _median(with_all_reduce, reps, dist.barrier)
-        ag = _median(with_all_gather, reps, dist.barrier)
-        pp = _median(with_p2p, reps, dist.barrier)
+        t0 = median_together_s(base, reps, dist.barrier)
+        ar = median_together_s(with_all_reduce, reps, dist.barrier)
+        ag = median_together_s(with_all_gather, reps, dist.barrier)
+        pp = median_together_s(with_p2p, reps, dist.barrier)
         floor = 1e-6  # a collective never costs less than a microsecond, whatever the noise says
         rows.append({"bytes": nbytes, "all_reduce_s": max(floor, (ar - t0) / PER_REP),
                      "all_gather_s": max(floor, (ag - t0) / PER_REP),
@@ -119,9 +121,9 @@ def comm_overlap(reps: int, nbytes: int = 16 * 2**20) -> dict:
         compute()
         work.wait()
 
-    tc = _median(compute, reps, dist.barrier)
-    ta = _median(comm_only, reps, dist.barrier)
-    tb = _median(both, reps, dist.barrier)
+    tc = median_together_s(compute, reps, dist.barrier)
+    ta = median_together_s(comm_only, reps, dist.barrier)
+    tb = median_together_s(both, reps, dist.barrier)
     overlap = (tc + ta - tb) / min(tc, ta)
     return {"bytes": nbytes, "compute_s": tc, "comm_s": ta, "both_s": tb,
             "comm_overlap": float(min(1.0, max(0.0, overlap)))}
@@ -154,5 +156,5 @@ def fsdp_copy(world: int, reps: int) -> dict:
     params = sum(p.numel() for p in plain.parameters())
     layers = [sum(p.numel() for p in blk.parameters()) for blk in plain]
     return {"params": params, "per_layer_params": layers, "tokens": 32, "blocks": len(layers),
-            "fsdp_fwd_bwd_s": _median(lambda: sharded(x).sum().backward(), reps, dist.barrier),
-            "plain_fwd_bwd_s": _median(lambda: plain(x).sum().backward(), reps, dist.barrier)}
+            "fsdp_fwd_bwd_s": median_together_s(lambda: sharded(x).sum().backward(), reps, dist.barrier),
+            "plain_fwd_bwd_s": median_together_s(lambda: plain(x).sum().backward(), reps, dist.barrier)}

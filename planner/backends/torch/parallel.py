@@ -50,6 +50,12 @@ def check_runnable(spec: DecoderSpec, workload: Workload, plan: ParallelPlan, wo
         raise BadInput(f"schedule '{plan.schedule}' is not run by the torch backend; use one of {', '.join(SCHEDULES)}")
     if plan.offload.optimizer > 0 or plan.offload.activations > 0:
         raise BadInput("offload is not implemented by the torch backend")
+    # planned, not executed: the backend would run something else than the prediction describes
+    for field, unsupported in (("seq_chunks", plan.seq_chunks > 1), ("attention_pool", plan.attention_pool),
+                               ("moe_dispatch tp_slice", plan.moe_dispatch == "tp_slice"),
+                               ("workload.documents", workload.documents is not None)):
+        if unsupported:
+            raise BadInput(f"{field} is not implemented by the torch backend; validate a plan without it")
     tp = plan.tp
     for what, n in (("heads", spec.heads), ("kv_heads", spec.kv_heads), ("ffn_hidden", spec.ffn_hidden),
                     ("vocab", spec.vocab)):
