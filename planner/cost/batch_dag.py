@@ -1,9 +1,9 @@
 """The pipeline op DAG of estimate_batch, evaluated by max-plus over topological levels.
 
-Per (schedule, pp, vpp, micro-batches, seq_chunks) the DAG is built once from one pipeline.simulate call and
-then times every pipeline problem of that group together (arrays over problems): the same float operations, in
-the same order, as simulate. Separate from planner/cost/batch.py because it depends only on the schedule, not
-on any layer, link or plan column.
+Per (schedule, pp, vpp, micro-batches, seq_chunks) the DAG is built once from the op list pipeline.simulate
+runs on (pipeline._compiled) and then times every pipeline problem of that group together (arrays over
+problems): the same float operations, in the same order, as simulate. Separate from planner/cost/batch.py
+because it depends only on the schedule, not on any layer, link or plan column.
 """
 from __future__ import annotations
 
@@ -30,61 +30,78 @@ class _Dag:
     peak_inflight: tuple
 
 
+def _unit_ends(dep: np.ndarray, bounds: list) -> np.ndarray:
+    """Every op's end time with unit durations and no p2p (device order; dep: the op each waits for, n_ops:
+    none), i.e. its topological level + 1: the longest path E = 1 + max(E[op before on the device], E[dep]).
+
+    Along one device that recurrence is a running maximum (E[i] - i = max over j <= i of E[dep j] - j, with
+    i, j places in the device's order), so a whole device is one np.maximum.accumulate given its deps' ends.
+    Sweeping the devices with the latest ends of the others (Gauss-Seidel), alternately first to last, which
+    carries forwards down the pipeline in one sweep, and last to first, which carries backwards up it, meets
+    the fixed point in 3-4 sweeps on the pipelines of bench_search.py at 512 GPUs (p up to 64), where updating
+    all ops at once (Jacobi) needed 2p - 1.
+    The DAG makes the fixed point unique and the sweeps only ever raise ends towards it from below, so
+    stopping when a whole sweep changes nothing gives the exact longest paths."""
+    n_ops = len(dep)
+    end = np.zeros(n_ops + 1, dtype=np.int64)  # end[n_ops] = 0: the sentinel of ops with no dependency
+    segs = []
+    for lo, hi in bounds:
+        place = np.arange(hi - lo, dtype=np.int64)
+        end[lo:hi] = place + 1  # the device's own chain: a lower bound
+        segs.append((lo, hi, dep[lo:hi], place))
+    back = segs[::-1]
+    # a sweep does at least what a Jacobi step does, and Jacobi settles within longest path + 1 steps (<= n_ops)
+    for sweep in range(n_ops + 2):
+        changed = False
+        for lo, hi, d, place in segs if sweep % 2 == 0 else back:
+            e = np.maximum.accumulate(end[d] - place)
+            e += place + 1
+            if not changed and not np.array_equal(e, end[lo:hi]):
+                changed = True
+            end[lo:hi] = e
+        if not changed:
+            return end[:n_ops]
+    raise AssertionError("pipeline DAG: the unit-time longest paths did not converge (a cycle?)")
+
+
 @lru_cache(maxsize=2048)
 def _dag(schedule: str, p: int, v: int, m: int, nc: int = 1) -> _Dag:
     """The op DAG of pipeline.simulate for (schedule, p, v, m, seq_chunks nc): m * nc work items.
 
-    simulate's events list every device's ops in pipeline.schedule_order's per-device order. Timed with
-    unit durations (F = B = W = 1, no p2p) an op's end is 1 + max(end of the previous op on its device, end
-    of its dependency), i.e. its topological level + 1. The dependencies are simulate's `ready`:
-    F(k, j) after F(k-1, j); B(k, j) after B(k+1, j), or F(k, j) on the last virtual stage; W(k, j) after
-    B(k, j); p2p is added when the two virtual stages sit on different devices (k % p).
+    Read from pipeline._compiled, the op list simulate itself times: ops device by device in
+    pipeline.schedule_order's order, each with its dependency (simulate's `ready`: F(k, j) after F(k-1, j);
+    B(k, j) after B(k+1, j), or F(k, j) on the last virtual stage; W(k, j) after B(k, j)) and whether p2p is
+    added (the two virtual stages sit on different devices, k % p). An op's level is its end - 1 with unit
+    durations (F = B = W = 1, no p2p): what the first version read off a unit-time simulate's events.
     """
-    n = p * v
-    zb = schedule == "zb-h1"
-    res = pipeline.simulate(schedule, [1.0] * n, [2.0 if zb else 1.0] * n, m, v=v, p2p_s=0.0, seq_chunks=nc)
-    kinds = {"F": 0, "B": 1, "W": 2}
-    ev = np.array([(e.device, kinds[e.kind], e.microbatch, e.chunk, e.end_s) for e in res.events], dtype=float)
-    dev, kind, mb, chunk = (ev[:, i].astype(np.int64) for i in range(4))
-    level = ev[:, 4].astype(np.int64) - 1
-    n_ops = len(ev)
-    k = chunk * p + dev
-    table = np.full((3, n, m * nc), -1, dtype=np.int64)
-    table[kind, k, mb] = np.arange(n_ops)
-    prev = np.arange(n_ops) - 1
-    first = np.ones(n_ops, dtype=bool)
-    first[1:] = dev[1:] != dev[:-1]
-    prev[first] = -1
-    dep = np.full(n_ops, -1, dtype=np.int64)
-    dk = k.copy()
-    f = (kind == 0) & (k > 0)
-    dep[f] = table[0, k[f] - 1, mb[f]]
-    dk[f] = k[f] - 1
-    b_last = (kind == 1) & (k == n - 1)
-    dep[b_last] = table[0, k[b_last], mb[b_last]]
-    b_mid = (kind == 1) & (k < n - 1)
-    dep[b_mid] = table[1, k[b_mid] + 1, mb[b_mid]]
-    dk[b_mid] = k[b_mid] + 1
-    w = kind == 2
-    dep[w] = table[1, k[w], mb[w]]
-    if np.any(dep[(kind != 0) | (k > 0)] < 0):
-        raise AssertionError("pipeline DAG: a dependency is missing")
-    cross = (dep >= 0) & (dk % p != k % p)
-    # sort by level; remap indices, -1 -> sentinel n_ops
+    comp = pipeline._compiled(schedule, p, m, v, nc)
+    at = comp.where.astype(np.int64)  # device order -> sweep order
+    n_ops = len(at)
+    seq = np.empty(n_ops + 1, dtype=np.int64)  # sweep order -> device order; the sentinel -1 -> n_ops
+    seq[at] = np.arange(n_ops)
+    seq[n_ops] = n_ops
+    sdep = np.frombuffer(comp.dep, dtype=np.int32).astype(np.int64) - 1  # sweep index of the dep, -1 none
+    dep = seq[sdep[at]]
+    cross = np.frombuffer(comp.cross, dtype=np.uint8)[at].astype(bool)
+    durcol = np.frombuffer(comp.slot, dtype=np.int32)[at].astype(np.int64)  # kind * n + virtual stage
+    dev = np.frombuffer(comp.e_dev, dtype=np.int32)
+    stops = np.append(np.flatnonzero(dev[1:] != dev[:-1]) + 1, n_ops)
+    starts = np.concatenate([[0], stops[:-1]])
+    level = _unit_ends(dep, list(zip(starts.tolist(), stops.tolist()))) - 1
+    prev = np.arange(n_ops, dtype=np.int64) - 1
+    prev[starts] = n_ops
+    # sort by level, device order within a level; remap indices (n_ops stays the sentinel)
     order = np.argsort(level, kind="stable")
     new = np.empty(n_ops + 1, dtype=np.int64)
     new[order] = np.arange(n_ops)
     new[n_ops] = n_ops
-    prev = new[np.where(prev < 0, n_ops, prev)][order]
-    dep = new[np.where(dep < 0, n_ops, dep)][order]
     lv = level[order]
     edges = np.flatnonzero(np.diff(lv)) + 1
-    starts = np.concatenate([[0], edges])
-    stops = np.concatenate([edges, [n_ops]])
-    last_old = np.flatnonzero(np.append(dev[1:] != dev[:-1], True))
-    return _Dag(n_ops=n_ops, bounds=tuple(zip(starts.tolist(), stops.tolist())), prev=prev, dep=dep,
-                cross=cross[order], durcol=(kind * n + k)[order], last=new[last_old],
-                peak_inflight=res.peak_inflight)
+    lo = np.concatenate([[0], edges])
+    hi = np.concatenate([edges, [n_ops]])
+    return _Dag(n_ops=n_ops, bounds=tuple(zip(lo.tolist(), hi.tolist())), prev=new[prev][order],
+                dep=new[dep][order], cross=cross[order], durcol=durcol[order], last=new[stops - 1],
+                peak_inflight=comp.peak_inflight)
 
 
 def _levels(dag: _Dag) -> list:
