@@ -59,7 +59,7 @@ COLUMNS = ["id", "model", "cluster", "nodes", "nproc", "device", "dp", "tp", "pp
            "measured_step_time_s", "measured_step_time_min_s", "predicted_step_time_s", "error_pct",
            "measured_peak_memory_bytes", "predicted_tensor_memory_bytes", "predicted_peak_memory_bytes",
            "memory_error_pct", "measured_model_state_bytes", "predicted_model_state_bytes", "first_loss",
-           "last_loss", "core_share", "load_average_1m", "memory_method", "rounds", "measured_step_time_runs_s",
+           "last_loss", "core_share", "load_average_1m", "memory_method", "measured_rss_peak_bytes", "rounds", "measured_step_time_runs_s",
            "run_spread_pct", "date", "machine", "command"]
 
 
@@ -208,8 +208,8 @@ def main(argv=None) -> int:
         for k in ("measured_step_time_min_s", "predicted_step_time_s", "measured_peak_memory_bytes",
                   "predicted_tensor_memory_bytes", "predicted_peak_memory_bytes", "memory_error_pct",
                   "measured_model_state_bytes", "predicted_model_state_bytes", "core_share", "load_average_1m",
-                  "memory_method"):
-            row[k] = r[k]
+                  "memory_method", "measured_rss_peak_bytes"):
+            row[k] = r.get(k)
         row["measured_step_time_s"] = med
         row["error_pct"] = (r["predicted_step_time_s"] / med - 1) * 100
         rows.append(row)

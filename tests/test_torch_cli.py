@@ -113,4 +113,4 @@ def test_link_fit_reproduces_the_planners_own_formulas():
     rows = [{"bytes": s, "all_reduce_s": comm.all_reduce_time_s(s, link), "all_gather_s": comm.all_gather_time_s(s, link),
              "p2p_s": comm.p2p_time_s(s, bw, lat)} for s in (4096, 65536, 1 << 20, 1 << 24)]
     got_bw, got_lat, rms = fit_link(rows, 2)
-    assert got_bw == pytest.approx(bw, rel=0.15) and got_lat == pytest.approx(lat, rel=0.15) and rms < 0.05
+    assert got_bw == pytest.approx(bw, rel=0.01) and got_lat == pytest.approx(lat, rel=0.01) and rms < 0.005

@@ -22,15 +22,19 @@ What is measured, and which profile field it sets:
   per layer and pass, is `layer_overhead_us` (autograd, Python module calls, the optimizer's loop).
 - gloo all-reduce, all-gather and send/recv between `nproc` local processes over message sizes: the link's
   `bandwidth_gb_s` and `latency_us` are fitted so that the planner's own formulas (planner.cost.comm)
-  reproduce the measured times (least squares on log time); `achievable_fraction` 1.0.
-- a DTensor tensor-parallel norm + MLP (the backend's own ColwiseParallel / RowwiseParallel plan, tiny
-  sizes) over the same processes, forward + backward, against the plain one: what remains after the two
-  all-reduces' link time is `tp_dispatch_us`, per sublayer and pass (a third of the forward + backward
-  difference); with the sequence-parallel plan (SequenceParallel norm, all-gather + reduce-scatter),
-  `sp_dispatch_us`.
+  reproduce the measured times (least squares on log time, a grid refined by Nelder-Mead);
+  `achievable_fraction` 1.0.
+- one of the backend's own decoder blocks split tensor-parallel by DTensor (parallel.apply_tp), with and
+  without sequence parallelism, at 64, 256 and 1024 tokens, against the plain block with one rank's share
+  of heads and FFN, in paired repetitions: what remains after the four all-reduces' link time gives
+  `tp_dispatch_us`, `sp_dispatch_us` (per sublayer and pass) and `tp_dispatch_ns_per_byte` (per byte of
+  the sublayer's activation), fitted jointly by non-negative least squares.
 - on the CPU, the same collectives inside a step-like loop (planner/backends/torch/calibrate_step.py): the
   link is fitted to these in-step times, not to the tight loop; an async all-reduce under GEMMs gives
-  `comm_overlap`, and an FSDP2 stack against the plain one gives `shard_copy_ns_per_byte`.
+  `comm_overlap`, and an FSDP2 stack against the plain one gives `shard_copy_ns_per_byte`. Each of these
+  is a small difference of two noisy times, so they are taken in paired rounds (the loop with and without
+  the collective back to back, the median of the differences: calibrate_step.median_paired_s): separate
+  medians had put a 16 KiB all-reduce at 0.01 ms and a 4 KiB one at 4.2 ms in the same calibration.
 - AdamW's step (foreach=False, the runner's optimizer) is timed as a check of the optimizer term (32 bytes
   per parameter at the memory bandwidth), not fitted.
 
@@ -63,8 +67,8 @@ from planner.errors import BadInput
 # Re-exported, each the same object as in its module: every name this module had stays importable from it.
 from planner.backends.torch.calibrate_fit import _one_device_cluster  # noqa: F401
 from planner.backends.torch.calibrate_measure import (  # noqa: F401
-    _collective_worker, _decoder_step_case, _device_worker, _gemm_row, _median_time_s, _spawned, _tp_mlp_case,
-    _tp_mlp_times, collective_sizes, gemm_shapes, measure_adamw, measure_attention, measure_decoder_step,
+    _collective_worker, _decoder_step_case, _device_worker, _gemm_row, _median_time_s, _spawned, _tp_block_times,
+    collective_sizes, gemm_shapes, measure_adamw, measure_attention, measure_decoder_step,
     measure_dispatch, measure_gemm, measure_memory_bandwidth,
 )
 
@@ -139,11 +143,11 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
     meas = measure_device(quick, 1 if cuda else min(nproc, machine["cores"]))
     gemm, membw, dispatch, attn = meas["gemm"], meas["memory_bandwidth"], meas["dispatch"], meas["attention"]
     peak, half = fit_gemm(gemm)
-    coll = measure_collectives(nproc, quick, tp_mlp=not cuda)
-    colls, tp_mlp, step = coll["rows"], coll["tp_mlp"], coll.get("step")
+    coll = measure_collectives(nproc, quick, tp_block=not cuda)
+    colls, tp_block, step = coll["rows"], coll["tp_block"], coll.get("step")
     # the link as a step sees it (calibrate_step); the tight-loop figures stay in the record
     bw, lat, link_rms = fit_link(step["in_step"] if step else colls, nproc)
-    tp_fit = fit_tp_dispatch(tp_mlp, bw, lat) if tp_mlp else None
+    tp_fit = fit_tp_dispatch(tp_block, bw, lat) if tp_block else None
     copy_fit = fit_shard_copy(step["fsdp"], bw, lat, nproc) if step else None
 
     per_rank_mem = machine["memory_bytes"] / machine["cores"] if not cuda else \
@@ -192,15 +196,14 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
         f"SDPA {attn['shape']}; kernel_overhead_us = eager dispatch of a tiny op; layer_overhead_us fitted on "
         f"a {layer['model_params']:,}-parameter decoder step ({layer['measured_step_s'] * 1e3:.1f} ms measured, "
         f"{layer['predicted_without_s'] * 1e3:.1f} ms explained by the other terms); "
-        + (f"tp_dispatch_us = a third of what a tp{tp_mlp['tp']} DTensor MLP's forward + backward "
-           f"({tp_mlp['dtensor_fwd_bwd_s'] * 1e3:.2f} ms) takes beyond the plain MLP "
-           f"({tp_mlp['plain_fwd_bwd_s'] * 1e3:.2f} ms) and two all-reduces on the link "
-           f"({tp_fit['link_s'] * 1e3:.2f} ms), sp_dispatch_us the same with sequence parallelism "
-           f"({tp_mlp['sp_dtensor_fwd_bwd_s'] * 1e3:.2f} ms, link {tp_fit['sp_link_s'] * 1e3:.2f} ms); "
-           f"tp_dispatch_ns_per_byte = the same at hidden 512, ffn 2048, 512 tokens "
-           f"({tp_mlp['large']['dtensor_fwd_bwd_s'] * 1e3:.1f} ms against {tp_mlp['large']['plain_fwd_bwd_s'] * 1e3:.1f} "
-           f"ms for the plain MLP with the rank's FFN share, link {tp_fit['large_link_s'] * 1e3:.1f} ms) less the "
-           f"fixed part, per byte of the activation; "
+        + (f"tp_dispatch_us, sp_dispatch_us and tp_dispatch_ns_per_byte = per sublayer and pass, fitted jointly "
+           f"(non-negative least squares on relative error, rms {tp_fit['rms_rel_error'] * 100:.1f}%) to what one of "
+           f"the backend's blocks (hidden {tp_block['hidden']}, {tp_block['heads']} heads, ffn {tp_block['ffn_hidden']}) "
+           f"split tp{tp_block['tp']} by DTensor, with and without sequence parallelism, at "
+           f"{'/'.join(str(r['tokens']) for r in tp_block['rows'] if not r['sp'])} tokens takes beyond the plain block "
+           f"with one rank's share of heads and FFN (paired repetitions; at the largest size "
+           f"{tp_block['rows'][-1]['dtensor_fwd_bwd_s'] * 1e3:.1f} against {tp_block['rows'][-1]['plain_fwd_bwd_s'] * 1e3:.1f} ms), "
+           f"less four all-reduces on the link; "
            if tp_fit else "")
         + (f"comm_overlap = (T_gemms + T_allreduce - T_both) / min with a {step['overlap']['bytes'] // 2**20} MiB "
            f"async all-reduce under GEMMs ({step['overlap']['compute_s'] * 1e3:.1f} + {step['overlap']['comm_s'] * 1e3:.1f}"
@@ -248,7 +251,7 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
         "profile": {"device": device_fields, "link": link_fields, "node": node_fields},
         "measurements": {"gemm": gemm, "memory_bandwidth": membw, "dispatch": dispatch, "attention": attn,
                          "collectives": colls, "layer_overhead_fit": layer, "link_fit_rms_log": link_rms,
-                         "tp_mlp": tp_mlp, "tp_dispatch_fit": tp_fit, "adamw": adamw,
+                         "tp_block": tp_block, "tp_dispatch_fit": tp_fit, "adamw": adamw,
                          "grad_accum": meas["grad_accum"],
                          "in_step": step, "shard_copy_fit": copy_fit},
         "written": [],
@@ -280,7 +283,8 @@ def report_text(r: dict) -> str:
              f"{e['kernel_overhead_us']:.2f} us, layer overhead {e['layer_overhead_us']:.1f} us",
              f"  link {link['name']}: {link['bandwidth_gb_s']:.3f} GB/s, latency {link['latency_us']:.1f} us "
              f"({r['nproc']} processes)",
-             f"  framework: tp dispatch {e['tp_dispatch_us']:.0f} us + {e['tp_dispatch_ns_per_byte']:.2f} ns/B, "
+             f"  framework: tp dispatch {e['tp_dispatch_us']:.0f} us (sp {e['sp_dispatch_us']:.0f} us) + "
+             f"{e['tp_dispatch_ns_per_byte']:.2f} ns/B, "
              f"comm overlap {e['comm_overlap']:.2f}, FSDP copies {e['shard_copy_ns_per_byte']:.2f} ns/B, "
              f"gradient accumulation {e['grad_accum_ns_per_param']:.2f} ns/param"]
     if r["written"]:

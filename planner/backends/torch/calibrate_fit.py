@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from planner.backends.torch.calibrate_measure import _decoder_step_case
 from planner.errors import BadInput
 
@@ -32,24 +34,34 @@ def fit_gemm(rows: list[dict]) -> tuple[float, float]:
 
 def fit_link(rows: list[dict], nproc: int) -> tuple[float, float, float]:
     """(bytes/s, latency s, rms log error) for which planner.cost.comm's all-reduce, all-gather and p2p
-    formulas best match the measured times (grid search, least squares on log time)."""
+    formulas best match the measured times (least squares on log time: a coarse grid, then refined by
+    Nelder-Mead in log space so the result does not snap to the grid's 12% steps)."""
     import numpy as np
+    from scipy.optimize import minimize
 
     from planner.cost import comm
     from planner.hardware import CollectiveLink
 
+    def sq_err(bw: float, lat: float) -> float:
+        link = CollectiveLink(bus_bytes_per_s=bw, latency_s=lat, level="intra-node", ranks=nproc, nodes=1)
+        err = 0.0
+        for r in rows:
+            s = r["bytes"]
+            err += math.log(comm.all_reduce_time_s(s, link) / r["all_reduce_s"]) ** 2
+            err += math.log(comm.all_gather_time_s(s, link) / r["all_gather_s"]) ** 2
+            err += math.log(comm.p2p_time_s(s, bw, lat) / r["p2p_s"]) ** 2
+        return err
+
     best = (float("inf"), 0.0, 0.0)
-    for bw in np.logspace(7, 11.5, 91):
-        for lat in np.logspace(-6.5, -2, 91):
-            link = CollectiveLink(bus_bytes_per_s=bw, latency_s=lat, level="intra-node", ranks=nproc, nodes=1)
-            err = 0.0
-            for r in rows:
-                s = r["bytes"]
-                err += math.log(comm.all_reduce_time_s(s, link) / r["all_reduce_s"]) ** 2
-                err += math.log(comm.all_gather_time_s(s, link) / r["all_gather_s"]) ** 2
-                err += math.log(comm.p2p_time_s(s, bw, lat) / r["p2p_s"]) ** 2
+    for bw in np.logspace(7, 11.5, 46):
+        for lat in np.logspace(-6.5, -2, 46):
+            err = sq_err(bw, lat)
             if err < best[0]:
                 best = (err, float(bw), float(lat))
+    res = minimize(lambda v: sq_err(10 ** v[0], 10 ** v[1]), [math.log10(best[1]), math.log10(best[2])],
+                   method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-10})
+    if res.fun < best[0]:
+        best = (float(res.fun), float(10 ** res.x[0]), float(10 ** res.x[1]))
     err, bw, lat = best
     return bw, lat, math.sqrt(err / (3 * len(rows)))
 
@@ -70,35 +82,35 @@ def fit_layer_overhead_s(device_fields: dict, measured: float) -> dict:
             "layers": layers, "layer_overhead_s": overhead}
 
 
-def fit_tp_dispatch(tp_mlp: dict, bytes_per_s: float, latency_s: float) -> dict:
-    """tp_dispatch_s: a third (one forward, two backward passes' worth, as layer_time charges overheads) of
-    what the tiny DTensor MLP's forward + backward takes beyond the plain one (the rank's FFN share) and the
-    two all-reduces (forward output, backward input gradient) that planner.cost.comm charges on the fitted
-    link; never negative. tp_dispatch_ns_per_byte: the same at the small model's size, less that fixed
-    part, per byte of the sublayer's activation (tokens x hidden x 4 B, what DTensor redistributes)."""
+def fit_tp_dispatch(tp_block: dict, bytes_per_s: float, latency_s: float) -> dict:
+    """Efficiency.tp_dispatch_us, sp_dispatch_us and tp_dispatch_ns_per_byte, fitted jointly (non-negative
+    least squares, each row weighted by the inverse of its split block's time, i.e. on relative error) to
+    calibrate_measure._tp_block_times: what each split block takes beyond the plain one, less the four
+    all-reduces (one per sublayer and pass) planner.cost.estimate_layer charges on the fitted link, is what
+    compute.layer_time charges for DTensor: per sublayer a + b x bytes forward and twice that backward, so
+    6 (a + b x bytes) per block, with a = tp_dispatch_us or sp_dispatch_us and bytes = tokens x hidden x 4.
+    Several sizes pin the split between a and b, which one size at each end of the range left to noise."""
+    from scipy.optimize import nnls
+
     from planner.cost import comm
     from planner.hardware import CollectiveLink
 
     link = CollectiveLink(bus_bytes_per_s=bytes_per_s, latency_s=latency_s, level="intra-node",
-                          ranks=tp_mlp["tp"], nodes=1)
-
-    def beyond(case, key="dtensor_fwd_bwd_s"):
-        nbytes = case["tokens"] * case["hidden"] * 4
-        link_s = 2 * float(comm.all_reduce_time_s(nbytes, link))
-        return case[key] - case["plain_fwd_bwd_s"] - link_s, link_s, nbytes
-
-    extra, link_s, _ = beyond(tp_mlp)
-    # sequence parallel: an all-gather and a reduce-scatter of the same bytes in each pass
-    nbytes = tp_mlp["tokens"] * tp_mlp["hidden"] * 4
-    sp_link_s = 2 * float(comm.all_gather_time_s(nbytes, link) + comm.reduce_scatter_time_s(nbytes, link))
-    sp_extra = tp_mlp["sp_dtensor_fwd_bwd_s"] - tp_mlp["plain_fwd_bwd_s"] - sp_link_s
-    fixed = max(0.0, extra) / 3
-    out = {"link_s": link_s, "tp_dispatch_s": fixed, "sp_link_s": sp_link_s, "sp_dispatch_s": max(0.0, sp_extra) / 3}
-    if "large" in tp_mlp:
-        big, big_link_s, big_bytes = beyond(tp_mlp["large"])
-        out.update({"large_link_s": big_link_s, "large_extra_s": big,
-                    "tp_dispatch_ns_per_byte": max(0.0, big / 3 - fixed) / big_bytes * 1e9})
-    return out
+                          ranks=tp_block["tp"], nodes=1)
+    rows = tp_block["rows"]
+    nbytes = np.array([r["tokens"] * tp_block["hidden"] * 4 for r in rows], dtype=float)
+    sp = np.array([bool(r["sp"]) for r in rows])
+    link_s = 4 * np.asarray(comm.all_reduce_time_s(nbytes, link), dtype=float)
+    beyond = np.array([r["extra_s"] for r in rows]) - link_s
+    design = 6 * np.column_stack([~sp, sp, nbytes]).astype(float)
+    weight = 1.0 / np.array([r["dtensor_fwd_bwd_s"] for r in rows])
+    (a_tp, a_sp, b), _ = nnls(design * weight[:, None], beyond * weight)
+    fitted = design @ np.array([a_tp, a_sp, b]) + link_s
+    for r, lk, fit in zip(rows, link_s, fitted):
+        r.update({"link_s": float(lk), "fitted_extra_s": float(fit)})
+    rel = (fitted - np.array([r["extra_s"] for r in rows])) / np.array([r["dtensor_fwd_bwd_s"] for r in rows])
+    return {"tp_dispatch_s": float(a_tp), "sp_dispatch_s": float(a_sp), "tp_dispatch_ns_per_byte": float(b * 1e9),
+            "rows": rows, "rms_rel_error": float(np.sqrt(np.mean(rel ** 2)))}
 
 
 def fit_shard_copy(fsdp: dict, bytes_per_s: float, latency_s: float, nproc: int) -> dict:

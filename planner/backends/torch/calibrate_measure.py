@@ -209,66 +209,58 @@ def collective_sizes(quick: bool) -> list[int]:
     return [2**p for p in range(12, 27, 2)]  # 4 KiB .. 64 MiB
 
 
-def _tp_mlp_times(world: int, timed) -> dict:
-    """Forward + backward of the backend's norm + MLP split tp = world ways with parallel.apply_tp's DTensor
-    plan for an MLP, against a plain norm + MLP with the rank's share of the FFN (ffn / tp: the GEMM work a
-    TP rank does), at two sizes: tiny (hidden 64, ffn 128, 16 tokens: the fixed host cost; with sequence
-    parallelism too) and a small model's (hidden 512, ffn 2048, 512 tokens: what grows with the activation
-    DTensor moves and copies). `timed` takes the median after a barrier."""
-    out = {"tp": world}
-    out.update(_tp_mlp_case(world, 64, 128, 16, timed, sp_too=True))
-    big = _tp_mlp_case(world, 512, 2048, 512, timed, sp_too=False)
-    out["large"] = {"hidden": 512, "ffn_hidden": 2048, "tokens": 512, **big}
-    return out
+# The block calibrate splits tensor-parallel: a small Llama's (GQA, SwiGLU), at token counts spanning what
+# a small model's micro-batches hand a TP group (64 .. 1024 tokens), so the fixed and the per-byte part of
+# DTensor's cost are fitted jointly (calibrate_fit.fit_tp_dispatch) instead of each from one size.
+TP_BLOCK = {"hidden": 512, "heads": 8, "kv_heads": 4, "head_dim": 64, "ffn_hidden": 1536}
+TP_BLOCK_TOKENS = (64, 256, 1024)
 
 
-def _tp_mlp_case(world: int, hidden: int, ffn: int, tokens: int, timed, sp_too: bool) -> dict:
-    import torch.nn as nn
+def _tp_block_times(world: int, reps: int, barrier, tokens: tuple[int, ...] = TP_BLOCK_TOKENS) -> dict:
+    """Forward + backward of one of the backend's own decoder blocks (attention and MLP sublayers with
+    their norms, as a middle pipeline stage holds it) split tp = world ways by parallel.apply_tp, with and
+    without sequence parallelism, against the plain block with one rank's share of the heads and the FFN
+    (the GEMM and attention work a TP rank does). Each repetition times the plain block and then the split
+    one, both started together on every rank, and keeps their difference: a slow stretch on the machine then
+    lands on both halves of a pair instead of on one size's figure."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module,
-    )
 
-    from planner.backends.torch.model import DecoderSpec, FeedForward, _norm
+    from planner.backends.torch.calibrate_step import median_paired_s
+    from planner.backends.torch.model import Decoder, DecoderSpec
+    from planner.backends.torch.parallel import apply_tp
 
-    def holder(ffn_hidden):
-        spec = DecoderSpec(name="calibrate-mlp", vocab=16, hidden=hidden, positions=0, blocks=1, heads=world,
-                           kv_heads=world, head_dim=8, ffn_hidden=ffn_hidden, gated=True, norm="rmsnorm",
-                           bias=False, qkv_bias=False, tied=False)
-
-        class Holder(nn.Module):  # norm + MLP under the names parallel.apply_tp gives them inside a block
-            def __init__(self):
-                super().__init__()
-                self.ffn_norm = _norm(spec.norm, spec.hidden)
-                self.feed_forward = FeedForward(spec)
-
-            def forward(self, x):
-                return self.feed_forward(self.ffn_norm(x))
-
-        return Holder()
+    def block(share: int):  # one block, no embedding or head; `share` = ways its heads and FFN are split
+        spec = DecoderSpec(name="calibrate-block", vocab=16, hidden=TP_BLOCK["hidden"], positions=0, blocks=1,
+                           heads=TP_BLOCK["heads"] // share, kv_heads=TP_BLOCK["kv_heads"] // share,
+                           head_dim=TP_BLOCK["head_dim"], ffn_hidden=TP_BLOCK["ffn_hidden"] // share, gated=True,
+                           norm="rmsnorm", bias=False, qkv_bias=False, tied=False)
+        return Decoder(spec, init_seed=0).chunk(0, 1, first=False, last=False)
 
     mesh = init_device_mesh("cpu", (world,))
-    out = {"hidden": hidden, "ffn_hidden": ffn, "tokens": tokens}
-    for sp in ((False, True) if sp_too else (False,)):
-        # parallel.apply_tp's plan for one MLP sublayer: the stream replicated, or sequence-sharded (sp)
-        stream = Shard(1) if sp else Replicate()
-        sharded = holder(ffn)
-        plan = {"feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
-                "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
-                "feed_forward.w2": RowwiseParallel(output_layouts=stream)}
-        if sp:
-            plan["ffn_norm"] = SequenceParallel()
-        parallelize_module(sharded, mesh, plan)
-        x = torch.randn(1, tokens // world if sp else tokens, hidden, requires_grad=True)
-        out["sp_dtensor_fwd_bwd_s" if sp else "dtensor_fwd_bwd_s"] = timed(lambda: sharded(x).sum().backward())
-    plain = holder(ffn // world)
-    x = torch.randn(1, tokens, hidden, requires_grad=True)
-    out["plain_fwd_bwd_s"] = timed(lambda: plain(x).sum().backward())
-    return out
+    plain = block(world)
+    rows = []
+    for sp in (False, True):
+        split = block(1)
+        apply_tp(split, mesh, sp=sp)
+        for t in tokens:
+            x_plain = torch.randn(1, t, TP_BLOCK["hidden"], requires_grad=True)
+            # under sp the stream between blocks is sequence-sharded: each rank holds t / tp of it
+            x_split = torch.randn(1, t // world if sp else t, TP_BLOCK["hidden"], requires_grad=True)
+
+            def run_plain():
+                plain(x_plain).sum().backward()
+
+            def run_split():
+                split(x_split).sum().backward()
+
+            n = reps if t >= 1024 else 2 * reps
+            plain_s, diff_s = median_paired_s([run_plain, run_split], n, barrier)
+            rows.append({"tokens": t, "sp": sp, "plain_fwd_bwd_s": plain_s, "dtensor_fwd_bwd_s": plain_s + diff_s,
+                         "extra_s": diff_s, "reps": n})
+    return {"tp": world, **TP_BLOCK, "rows": rows}
 
 
-def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps: int, tp_mlp: bool,
+def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps: int, tp_block: bool,
                        outdir: str) -> None:
     import torch.distributed as dist
 
@@ -293,18 +285,19 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps:
 
             pp = timed(lambda: exchange(rank, x)) / 2  # one way
             rows.append({"bytes": nbytes, "all_reduce_s": ar, "all_gather_s": ag, "p2p_s": pp})
-        # the tensor-parallel MLP takes milliseconds: four times the repetitions, for a steadier median
-        tp = _tp_mlp_times(world, lambda fn: timed(fn, 4 * reps)) if tp_mlp else None
+        tp = _tp_block_times(world, reps, dist.barrier) if tp_block else None
         step = None
-        if tp_mlp:  # the CPU stack: what a collective costs inside a step (calibrate_step)
+        if tp_block:  # the CPU stack: what a collective costs inside a step (calibrate_step)
             from planner.backends.torch import calibrate_step as cs
 
-            step = {"in_step": cs.in_step_collectives(rank, world, sizes, max(3, reps // 2)),
+            # paired rounds (calibrate_step.median_paired_s): three times the rounds of the tight loop,
+            # since a collective's share of a GEMM loop is a small difference of two noisy times
+            step = {"in_step": cs.in_step_collectives(rank, world, sizes, 3 * reps),
                     "overlap": cs.comm_overlap(reps), "fsdp": cs.fsdp_copy(world, reps)}
         dist.barrier()
         dist.destroy_process_group()
         if rank == 0:
-            Path(outdir, "collectives.json").write_text(json.dumps({"rows": rows, "tp_mlp": tp, "step": step}))
+            Path(outdir, "collectives.json").write_text(json.dumps({"rows": rows, "tp_block": tp, "step": step}))
     except BaseException as e:  # noqa: BLE001 - reported by the parent as one line
         Path(outdir, f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}".splitlines()[0])
         os._exit(1)
@@ -330,12 +323,13 @@ def _spawned(fn, nprocs: int, args: tuple, result: str, what: str):
         return json.loads(Path(outdir, result).read_text())
 
 
-def measure_collectives(nproc: int, quick: bool, tp_mlp: bool = False) -> dict:
-    """{"rows": per message size, "tp_mlp": _tp_mlp_times or None} from `nproc` local gloo processes."""
+def measure_collectives(nproc: int, quick: bool, tp_block: bool = False) -> dict:
+    """{"rows": per message size, "tp_block": _tp_block_times or None, "step": calibrate_step's} from `nproc`
+    local gloo processes."""
     from planner.backends.torch.runner import _free_port
 
     sizes = collective_sizes(quick)
-    return _spawned(_collective_worker, nproc, (nproc, _free_port(), sizes, 3 if quick else 15, tp_mlp),
+    return _spawned(_collective_worker, nproc, (nproc, _free_port(), sizes, 3 if quick else 15, tp_block),
                     "collectives.json", "collective measurement")
 
 

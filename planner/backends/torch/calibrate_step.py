@@ -47,6 +47,24 @@ def median_together_s(fn, reps: int, barrier) -> float:
     return statistics.median(ts)
 
 
+def median_paired_s(fns, reps: int, barrier) -> list[float]:
+    """Median wall time of each of `fns` and of each one's excess over fns[0], over `reps` rounds after one
+    warm-up round; within a round every fn runs once, in order, each started after `barrier()`. Returns
+    [median of fns[0], median of (fn_i - fn_0) for i >= 1]: a slow stretch on the machine then lands on
+    both halves of a pair instead of on one figure, which a difference of two separate medians does not."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            barrier()
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+    base = times[0]
+    return [statistics.median(base)] + [statistics.median([t - b for t, b in zip(ts, base)]) for ts in times[1:]]
+
+
 def exchange(rank: int, z: torch.Tensor) -> None:
     """Ranks 0 and 1 swap z: 0 sends then receives, 1 receives then sends (two one-way transfers)."""
     import torch.distributed as dist
@@ -91,14 +109,11 @@ def in_step_collectives(rank: int, world: int, sizes: list[int], reps: int) -> l
                 gemm()
                 exchange(rank, src * 1.0)
 
-        t0 = median_together_s(base, reps, dist.barrier)
-        ar = median_together_s(with_all_reduce, reps, dist.barrier)
-        ag = median_together_s(with_all_gather, reps, dist.barrier)
-        pp = median_together_s(with_p2p, reps, dist.barrier)
+        _, ar, ag, pp = median_paired_s([base, with_all_reduce, with_all_gather, with_p2p], reps, dist.barrier)
         floor = 1e-6  # a collective never costs less than a microsecond, whatever the noise says
-        rows.append({"bytes": nbytes, "all_reduce_s": max(floor, (ar - t0) / PER_REP),
-                     "all_gather_s": max(floor, (ag - t0) / PER_REP),
-                     "p2p_s": max(floor, (pp - t0) / (2 * PER_REP))})
+        rows.append({"bytes": nbytes, "all_reduce_s": max(floor, ar / PER_REP),
+                     "all_gather_s": max(floor, ag / PER_REP),
+                     "p2p_s": max(floor, pp / (2 * PER_REP))})
     return rows
 
 
@@ -121,9 +136,8 @@ def comm_overlap(reps: int, nbytes: int = 16 * 2**20) -> dict:
         compute()
         work.wait()
 
-    tc = median_together_s(compute, reps, dist.barrier)
-    ta = median_together_s(comm_only, reps, dist.barrier)
-    tb = median_together_s(both, reps, dist.barrier)
+    tc, ta_extra, tb_extra = median_paired_s([compute, comm_only, both], reps, dist.barrier)
+    ta, tb = tc + ta_extra, tc + tb_extra
     overlap = (tc + ta - tb) / min(tc, ta)
     return {"bytes": nbytes, "compute_s": tc, "comm_s": ta, "both_s": tb,
             "comm_overlap": float(min(1.0, max(0.0, overlap)))}
@@ -155,6 +169,7 @@ def fsdp_copy(world: int, reps: int) -> dict:
     x = torch.randn(32, 512)
     params = sum(p.numel() for p in plain.parameters())
     layers = [sum(p.numel() for p in blk.parameters()) for blk in plain]
+    plain_s, extra_s = median_paired_s([lambda: plain(x).sum().backward(), lambda: sharded(x).sum().backward()],
+                                       reps, dist.barrier)
     return {"params": params, "per_layer_params": layers, "tokens": 32, "blocks": len(layers),
-            "fsdp_fwd_bwd_s": median_together_s(lambda: sharded(x).sum().backward(), reps, dist.barrier),
-            "plain_fwd_bwd_s": median_together_s(lambda: plain(x).sum().backward(), reps, dist.barrier)}
+            "fsdp_fwd_bwd_s": plain_s + extra_s, "plain_fwd_bwd_s": plain_s}

@@ -171,7 +171,10 @@ def apply_dp(modules: list[nn.Module], plan: ParallelPlan, dp_mesh, device: torc
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        return [DDP(m, device_mesh=dp_mesh, device_ids=ids) for m in modules]
+        # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, as in Megatron's contiguous
+        # gradient buffer, instead of a second copy beside them (one model's worth of bytes: 87 MB measured
+        # for the 21.7M-parameter study model, which the planner rightly never charges)
+        return [DDP(m, device_mesh=dp_mesh, device_ids=ids, gradient_as_bucket_view=True) for m in modules]
     from torch.distributed.fsdp import fully_shard
 
     reshard = plan.zero == 3

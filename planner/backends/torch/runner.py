@@ -17,21 +17,18 @@ Measurements:
   synchronize); the step's time is the slowest rank's; reported as the median after `warmup` steps.
 - peak memory, CUDA: torch.cuda.max_memory_allocated (torch's allocator counter), reset after the model is
   built and sharded, so it holds the states and activations of the timed steps, no CUDA context.
-- peak memory, CPU: torch keeps no counter of its CPU allocations, and tracemalloc sees Python objects only,
-  not torch's C++ buffers. We measure the process's resident set instead: the Linux peak (VmHWM, reset
-  through /proc/self/clear_refs after the model is built) minus the resident set before the model was built.
-  glibc is told to mmap every allocation above 64 KiB (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the
-  resident set at once and the peak tracks live tensors; gloo's buffers and the Python objects of the run
-  are included (a few MB).
+- peak memory, CPU: torch keeps no running counter of its CPU allocations, but its profiler records each
+  one: one more step after the timed ones runs under it, and its peak is the tensors live at its start plus
+  the highest running sum of its allocations less frees (planner/backends/torch/memory.py). The resident-set
+  peak of the timed steps is kept beside it for reference (glibc is told to mmap every allocation above
+  64 KiB, so a freed tensor leaves the resident set at once).
 - model-state bytes: the exact bytes of this rank's local parameters, gradients and optimizer states (sums of
   tensor sizes; DTensor and FSDP shards counted locally), checked against the planner's memory terms.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as _dt
-import gc
 import json
 import os
 import socket
@@ -49,6 +46,7 @@ from planner.errors import BadInput, PlannerError
 from planner.files import write_atomic
 from planner.model import ModelGraph
 from planner.plan import ParallelPlan, Workload
+from planner.backends.torch import memory as mem
 
 MMAP_THRESHOLD_BYTES = 65536
 
@@ -119,32 +117,6 @@ def train_single(graph: ModelGraph, workload: Workload, steps: int, seed: int = 
 # memory probes (Linux /proc; zeros elsewhere)
 
 
-def _status_kb(field: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _trim() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
 def _tensor_bytes(t) -> int:
     if t is None:
         return 0
@@ -197,8 +169,12 @@ def run_job(job: Job, opts: RunOptions, device: torch.device) -> dict:
     mesh = init_device_mesh(device.type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
     pp_rank, dp_rank, tp_rank = (mesh.get_local_rank(d) for d in ("pp", "dp", "tp"))
 
-    _trim()
-    base_anon = _status_kb("RssAnon") * 1024
+    mem.trim()
+    base_anon = mem.status_kb("RssAnon") * 1024
+    # CPU: allocator events from before the build to the end of the warm-up step give the live set between
+    # steps (planner/backends/torch/memory.py); the warm-up step is not timed, so its profiling costs nothing
+    ledger = mem.start_allocation_profile() if device.type == "cpu" and opts.warmup >= 1 else None
+    live_bytes = None
     torch.manual_seed(opts.seed)
     chunk_ids, modules = stage_modules(job.graph, plan, pp_rank, opts.seed)
     modules = [m.to(device) for m in modules]
@@ -228,33 +204,43 @@ def run_job(job: Job, opts: RunOptions, device: torch.device) -> dict:
     if plan.pp > 1:
         schedule = _pipeline_schedule(modules, chunk_ids, n_chunks, plan, workload, spec, mesh, device, m_micro)
 
+    def rank_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = global_batch(step, opts.seed, workload, spec.vocab)
+        return (x[dp_rank * local_rows:(dp_rank + 1) * local_rows].to(device),
+                y[dp_rank * local_rows:(dp_rank + 1) * local_rows].to(device))
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> float:
+        with _autocast(device, workload.dtype):
+            if schedule is not None:
+                mb_losses: list = []
+                # return_outputs=False: the last stage would otherwise keep every micro-batch's logits
+                # until the step ends, to hand them back merged, which no trainer needs (Megatron keeps none)
+                schedule.step(*([x] if first else []), target=y if last else None,
+                              losses=mb_losses if last else None, return_outputs=False)
+                step_loss = float(torch.stack([v.detach().float() for v in mb_losses]).mean()) if last else 0.0
+            else:
+                step_loss = _accumulate(modules[0], x, y, m_micro, plan)
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # keep gradient buffers: they are part of the measured peak
+        return step_loss
+
     rss_reset = False
     times, losses = [], []
     for step in range(opts.steps):
         if step == min(1, opts.warmup):
             # The peak is taken from the second step on: the first one also pays one-time costs (lazy
             # initialisation, library pages) that are no part of training's steady state.
-            _trim()
+            mem.trim()
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(device)
-            rss_reset = _reset_peak_rss()
-        x, y = global_batch(step, opts.seed, workload, spec.vocab)
-        x = x[dp_rank * local_rows:(dp_rank + 1) * local_rows].to(device)
-        y = y[dp_rank * local_rows:(dp_rank + 1) * local_rows].to(device)
+            rss_reset = mem.reset_peak_rss()
+        x, y = rank_batch(step)
         dist.barrier()
         prof = _step_profiler(step == opts.steps - 1, rank)
         t0 = time.perf_counter()
-        with prof, _autocast(device, workload.dtype):
-            if schedule is not None:
-                mb_losses: list = []
-                schedule.step(*([x] if first else []), target=y if last else None,
-                              losses=mb_losses if last else None)
-                step_loss = float(torch.stack([v.detach().float() for v in mb_losses]).mean()) if last else 0.0
-            else:
-                step_loss = _accumulate(modules[0], x, y, m_micro, plan)
-        opt.step()
-        opt.zero_grad(set_to_none=False)  # keep gradient buffers: they are part of the measured peak
+        with prof:
+            step_loss = train_step(x, y)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
@@ -265,21 +251,30 @@ def run_job(job: Job, opts: RunOptions, device: torch.device) -> dict:
         t = torch.tensor([share], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         losses.append(float(t) / plan.dp)
+        if ledger is not None and step == 0:
+            live_bytes = mem.stop_allocation_profile(ledger)
+            ledger = None
+    rss_peak = None
     if device.type == "cuda":
         peak = int(torch.cuda.max_memory_allocated(device))
         method = "torch.cuda.max_memory_allocated"
     else:
-        # The peak resident set, less the file-backed and shared pages (library code) resident now,
-        # less the anonymous memory the process held before the model was built.
-        peak = (_status_kb("VmHWM") - _status_kb("RssFile") - _status_kb("RssShmem")) * 1024 - base_anon
-        method = "Linux VmHWM - RssFile - RssShmem - RssAnon before build" if rss_reset else \
-            "Linux VmHWM since process start (peak reset unavailable: includes set-up) - RssAnon before build"
+        rss_peak = mem.rss_peak_bytes(base_anon)
+        # one more (untimed) step under the profiler's allocator events (planner/backends/torch/memory.py)
+        x, y = rank_batch(opts.steps)
+        dist.barrier()
+        method = mem.PROFILER_METHOD if live_bytes is not None else mem.PROFILER_GC_METHOD
+        if live_bytes is None:
+            live_bytes = mem.live_tensor_bytes(params)
+        peak = mem.profiled_step_peak_bytes(lambda: train_step(x, y), live_bytes)
+        if not rss_reset:
+            rss_peak = None  # VmHWM since process start would include the set-up
     states = _model_state_bytes(params, opt)
     out = {"rank": rank, "coords": {"pp": pp_rank, "dp": dp_rank, "tp": tp_rank}, "losses": losses,
-           "step_times_s": times, "peak_memory_bytes": peak, "memory_method": method,
+           "step_times_s": times, "peak_memory_bytes": peak, "memory_method": method, "rss_peak_bytes": rss_peak,
            "model_state_bytes": states}
     del schedule, modules, opt, params
-    _trim()
+    mem.trim()
     return out
 
 
@@ -517,6 +512,9 @@ def summarize(ranks: list[dict], opts: RunOptions, device_type: str) -> dict:
         "peak_memory_bytes_per_rank": [r["peak_memory_bytes"] for r in ranks],
         "model_state_bytes_per_rank": [r["model_state_bytes"] for r in ranks],
         "memory_method": ranks[0]["memory_method"],
+        # CPU: the resident-set peak beside the tensor count, for reference (memory.py); None on CUDA
+        "measured_rss_peak_bytes": max((r["rss_peak_bytes"] for r in ranks if r.get("rss_peak_bytes") is not None),
+                                       default=None),
         "device": device_type,
         "nproc": len(ranks),
         "options": asdict(opts),

@@ -10,7 +10,7 @@ the host is the device (time-sharing is not in the cost model, which assumes one
 
 Memory is compared two ways: the planner's peak (`predicted_peak_memory_bytes`, the contract figure, which
 includes its allocator and CUDA-context allowance) and its tensor bytes alone (peak minus that allowance,
-what torch's counters and the resident-set delta see), which gives `memory_error_pct`.
+what torch's counters see: planner/backends/torch/memory.py), which gives `memory_error_pct`.
 """
 from __future__ import annotations
 
@@ -102,6 +102,7 @@ def validate(pf: PlanFile, nproc: int | None = None, opts: RunOptions = RunOptio
         "measured_model_state_bytes": measured_states,
         "predicted_model_state_bytes": predicted_states,
         "memory_method": res["memory_method"],
+        "measured_rss_peak_bytes": res.get("measured_rss_peak_bytes"),
         "losses": res["losses"],
         "step_times_s": res["step_times_s"],
         "measured_step_time_min_s": res["measured_step_time_min_s"],
