@@ -83,6 +83,8 @@ def in_step_collectives(rank: int, world: int, sizes: list[int], reps: int) -> l
     import torch.distributed as dist
 
     gemm = _gemm_work()
+    # torch 2.13 renames all_gather_into_tensor (deprecated) to all_gather_single
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     rows = []
     for nbytes in sizes:
         src = torch.ones(nbytes // 4)
@@ -102,7 +104,7 @@ def in_step_collectives(rank: int, world: int, sizes: list[int], reps: int) -> l
             for _ in range(PER_REP):
                 gemm()
                 out = torch.empty(part.numel() * world)
-                dist.all_gather_into_tensor(out, part * 1.0)
+                gather(out, part * 1.0)
 
         def with_p2p():  # a pipeline's activations one way and gradients back: two one-way transfers
             for _ in range(PER_REP):
