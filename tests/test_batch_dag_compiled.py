@@ -139,3 +139,117 @@ def test_unit_ends_is_the_longest_path():
     dep = np.array([5, 4, 5, 0, 5])
     ends = _unit_ends(dep, [(0, 3), (3, 5)])
     assert ends.tolist() == [1, 4, 5, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------------
+# pipeline._compiled against its first construction: op arrays unpacked from schedule_order's tuples and a
+# device-by-device sweep in pure Python. The sweep order itself may differ (any order that times each op after
+# its dependency and its device predecessor gives the same floats), so the device-order views are compared
+# array for array and the timings of simulate and simulate_times value for value.
+
+def _compiled_by_sweep(schedule: str, p: int, m: int, v: int, n: int = 1) -> pipeline._Compiled:
+    orders = pipeline.schedule_order(schedule, p, m, v, n)
+    n_stages = p * v
+    total = m * n
+    lens = [len(o) for o in orders]
+    offs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    n_ops = int(offs[-1])
+    bounds = list(zip(offs[:-1].tolist(), offs[1:].tolist()))
+    kind = np.empty(n_ops, dtype=np.int64)
+    item = np.empty(n_ops, dtype=np.int64)
+    chunk = np.empty(n_ops, dtype=np.int64)
+    code = {"F": 0, "B": 1, "W": 2}
+    for (lo, hi), order in zip(bounds, orders):
+        kind[lo:hi] = [code[o[0]] for o in order]
+        item[lo:hi] = [o[1] for o in order]
+        chunk[lo:hi] = [o[2] for o in order]
+    dev = np.repeat(np.arange(p, dtype=np.int64), lens)
+    k = chunk * p + dev
+    slot = kind * n_stages + k
+    dslot = np.where(kind == 0, k - 1, np.where(kind == 2, n_stages + k,
+                                                 np.where(k == n_stages - 1, k, n_stages + k + 1)))
+    has = dslot >= 0
+    op_of = np.full(3 * n_stages * total, -1, dtype=np.int64)
+    op_of[slot * total + item] = np.arange(n_ops)
+    dep = np.full(n_ops, n_ops, dtype=np.int64)
+    dep[has] = op_of[dslot[has] * total + item[has]]
+    assert not np.any(dep < 0)
+    cross = has & ((dslot % n_stages) % p != dev)
+    placed = bytearray(n_ops + 1)
+    placed[n_ops] = 1
+    dg = dep.tolist()
+    pos, stops = offs[:-1].tolist(), offs[1:].tolist()
+    seq: list[int] = []
+    while len(seq) < n_ops:
+        before = len(seq)
+        for d in range(p):
+            i = pos[d]
+            while i < stops[d] and placed[dg[i]]:
+                placed[i] = 1
+                seq.append(i)
+                i += 1
+            pos[d] = i
+        assert len(seq) > before, "deadlock"
+    seq_a = np.asarray(seq, dtype=np.int64)
+    where = np.empty(n_ops + 1, dtype=np.int64)
+    where[seq_a] = np.arange(n_ops)
+    where[n_ops] = -1
+    inflight, pending = pipeline._peaks(schedule, kind, bounds)
+
+    def i32(x: np.ndarray) -> pipeline.array:
+        return pipeline.array("i", x.astype(np.int32).tobytes())
+
+    return pipeline._Compiled(dev=i32(dev[seq_a]), slot=i32(slot[seq_a]), dep=i32(where[dep[seq_a]] + 1),
+                              cross=cross[seq_a].astype(np.uint8).tobytes(), where=where[:n_ops].astype(np.int32),
+                              e_dev=i32(dev), e_kind=kind.astype(np.uint8).tobytes(), e_item=i32(item),
+                              e_chunk=i32(chunk), peak_inflight=inflight, peak_pending_w=pending)
+
+
+def _device_view(c: pipeline._Compiled) -> dict:
+    """The sweep-order fields read in device order, the dependency as a device-order op id (-1: none)."""
+    at = c.where.astype(np.int64)
+    sdep = np.frombuffer(c.dep, dtype=np.int32).astype(np.int64) - 1
+    dep = np.where(sdep[at] < 0, -1, np.argsort(at)[np.maximum(sdep[at], 0)])
+    return {"dev": np.frombuffer(c.dev, dtype=np.int32)[at], "slot": np.frombuffer(c.slot, dtype=np.int32)[at],
+            "cross": np.frombuffer(c.cross, dtype=np.uint8)[at], "dep": dep}
+
+
+COMPILED_CASES = CASES + [
+    ("gpipe", 2, 1, 9, 3), ("1f1b", 6, 1, 11, 3), ("1f1b", 32, 1, 64, 1), ("zb-h1", 32, 1, 40, 1),
+    ("zb-h1", 6, 1, 4, 1), ("interleaved-1f1b", 5, 2, 15, 1), ("interleaved-1f1b", 16, 4, 64, 1),
+]
+
+
+@pytest.mark.parametrize("case", COMPILED_CASES)
+def test_compiled_equals_the_sweep_built_op_list(case, monkeypatch):
+    schedule, p, v, m, nc = case
+    got, want = pipeline._compiled.__wrapped__(schedule, p, m, v, nc), _compiled_by_sweep(schedule, p, m, v, nc)
+    for field in ("e_dev", "e_kind", "e_item", "e_chunk", "peak_inflight", "peak_pending_w"):
+        assert getattr(got, field) == getattr(want, field), (case, field)
+    assert got.where.dtype == want.where.dtype and sorted(got.where.tolist()) == list(range(len(got.where)))
+    gv, wv = _device_view(got), _device_view(want)
+    for field in gv:
+        assert np.array_equal(gv[field], wv[field]), (case, field)
+    # the sweep order times each op after its dependency and after the op before it on its device
+    sdep = np.frombuffer(got.dep, dtype=np.int32)
+    assert np.all(sdep - 1 < np.arange(len(sdep)))
+    dev_at = np.frombuffer(got.e_dev, dtype=np.int32)
+    same_dev = dev_at[1:] == dev_at[:-1]
+    assert np.all(got.where[1:][same_dev] > got.where[:-1][same_dev])
+    # timings: simulate and simulate_times on either op list, bit for bit
+    n = p * v
+    rng = np.random.default_rng(p * 7919 + m * 31 + nc)
+    for r in range(3):
+        fwd = rng.uniform(0.1, 2.0, size=n).tolist()
+        bwd = (np.asarray(fwd) * rng.uniform(1.0, 3.0, size=n)).tolist()
+        p2p = 0.0 if r == 0 else float(rng.uniform(0.0, 0.5))
+        wgrad = (np.asarray(bwd) * rng.uniform(0.2, 0.8, size=n)).tolist() if schedule == "zb-h1" else None
+        new_t = pipeline.simulate_times(schedule, fwd, bwd, m, v=v, p2p_s=p2p, seq_chunks=nc)
+        new_s = pipeline.simulate(schedule, fwd, bwd, m, v=v, p2p_s=p2p, wgrad_s=wgrad, seq_chunks=nc)
+        with monkeypatch.context() as mp:
+            mp.setattr(pipeline, "_compiled", _compiled_by_sweep)
+            old_t = pipeline.simulate_times(schedule, fwd, bwd, m, v=v, p2p_s=p2p, seq_chunks=nc)
+            old_s = pipeline.simulate(schedule, fwd, bwd, m, v=v, p2p_s=p2p, wgrad_s=wgrad, seq_chunks=nc)
+        assert new_t == old_t, (case, r)
+        assert new_s == old_s, (case, r)
+        assert new_t.step_time_s == old_t.step_time_s and new_t.busy_s == old_t.busy_s

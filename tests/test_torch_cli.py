@@ -114,3 +114,19 @@ def test_link_fit_reproduces_the_planners_own_formulas():
              "p2p_s": comm.p2p_time_s(s, bw, lat)} for s in (4096, 65536, 1 << 20, 1 << 24)]
     got_bw, got_lat, rms = fit_link(rows, 2)
     assert got_bw == pytest.approx(bw, rel=0.01) and got_lat == pytest.approx(lat, rel=0.01) and rms < 0.005
+
+
+def test_link_fit_stays_in_range_when_bandwidth_is_not_identified():
+    # --quick measures only small messages: every time is latency, so any large bandwidth fits; the fit
+    # must stay within its search range rather than run off to infinity
+    from planner.backends.torch.calibrate import fit_link
+    from planner.cost import comm
+    from planner.hardware import CollectiveLink
+
+    bw, lat = 5e9, 1e-3
+    link = CollectiveLink(bus_bytes_per_s=bw, latency_s=lat, level="intra-node", ranks=2, nodes=1)
+    rows = [{"bytes": s, "all_reduce_s": comm.all_reduce_time_s(s, link), "all_gather_s": comm.all_gather_time_s(s, link),
+             "p2p_s": comm.p2p_time_s(s, bw, lat)} for s in (4096, 8192)]
+    got_bw, got_lat, _ = fit_link(rows, 2)
+    assert 1e7 <= got_bw <= 10 ** 11.5 * 1.0001
+    assert got_lat == pytest.approx(lat, rel=0.05)

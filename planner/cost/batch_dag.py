@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 
 from planner.cost import pipeline
+from planner.cost.pipeline import _unit_ends
 
 
 @dataclass(frozen=True)
@@ -28,40 +29,6 @@ class _Dag:
     durcol: np.ndarray
     last: np.ndarray  # last op of every device
     peak_inflight: tuple
-
-
-def _unit_ends(dep: np.ndarray, bounds: list) -> np.ndarray:
-    """Every op's end time with unit durations and no p2p (device order; dep: the op each waits for, n_ops:
-    none), i.e. its topological level + 1: the longest path E = 1 + max(E[op before on the device], E[dep]).
-
-    Along one device that recurrence is a running maximum (E[i] - i = max over j <= i of E[dep j] - j, with
-    i, j places in the device's order), so a whole device is one np.maximum.accumulate given its deps' ends.
-    Sweeping the devices with the latest ends of the others (Gauss-Seidel), alternately first to last, which
-    carries forwards down the pipeline in one sweep, and last to first, which carries backwards up it, meets
-    the fixed point in 3-4 sweeps on the pipelines of bench_search.py at 512 GPUs (p up to 64), where updating
-    all ops at once (Jacobi) needed 2p - 1.
-    The DAG makes the fixed point unique and the sweeps only ever raise ends towards it from below, so
-    stopping when a whole sweep changes nothing gives the exact longest paths."""
-    n_ops = len(dep)
-    end = np.zeros(n_ops + 1, dtype=np.int64)  # end[n_ops] = 0: the sentinel of ops with no dependency
-    segs = []
-    for lo, hi in bounds:
-        place = np.arange(hi - lo, dtype=np.int64)
-        end[lo:hi] = place + 1  # the device's own chain: a lower bound
-        segs.append((lo, hi, dep[lo:hi], place))
-    back = segs[::-1]
-    # a sweep does at least what a Jacobi step does, and Jacobi settles within longest path + 1 steps (<= n_ops)
-    for sweep in range(n_ops + 2):
-        changed = False
-        for lo, hi, d, place in segs if sweep % 2 == 0 else back:
-            e = np.maximum.accumulate(end[d] - place)
-            e += place + 1
-            if not changed and not np.array_equal(e, end[lo:hi]):
-                changed = True
-            end[lo:hi] = e
-        if not changed:
-            return end[:n_ops]
-    raise AssertionError("pipeline DAG: the unit-time longest paths did not converge (a cycle?)")
 
 
 @lru_cache(maxsize=2048)

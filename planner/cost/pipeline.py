@@ -183,6 +183,52 @@ def schedule_order(schedule: str, p: int, m: int, v: int = 1, n: int = 1) -> lis
     return [_order_interleaved(p, i, m, v) for i in range(p)]
 
 
+def _order_arrays(schedule: str, p: int, m: int, v: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """schedule_order as flat arrays, device after device: kind (0 F, 1 B, 2 W), item, chunk, and the op
+    count per device (the same on every device). Building schedule_order's 10^5-10^6 tuples and unpacking
+    them again was over a third of _compiled's time at 512 GPUs (bench_search.py speed);
+    tests/test_batch_dag_compiled.py checks these arrays against schedule_order op for op.
+
+    Every schedule above is the same F/B pattern per device: w warm-up forwards, then F and B alternating,
+    then w backwards (gpipe: w = all), the forwards and the backwards each taken in a fixed per-schedule
+    sequence; zb-h1 then puts W(j) straight after B(j), except for rank i's first i backwards whose W's go last."""
+    interleaved = schedule == "interleaved-1f1b"
+    total = m * v if interleaved else m * n  # forwards (and backwards) per device
+    k = np.arange(total, dtype=np.int64)
+    zero = np.zeros(total, dtype=np.int64)
+    if interleaved:
+        f_item = b_item = (k // (p * v)) * p + k % p
+        f_chunk = (k % (p * v)) // p
+        b_chunk = v - 1 - f_chunk
+        warm = [interleaved_warmup(p, i, m, v) for i in range(p)]
+    else:
+        f_item, f_chunk, b_chunk = k, zero, zero
+        b_item = (k // n) * n + (n - 1 - k % n)  # _backward_items
+        warm = [total] * p if schedule == "gpipe" else [min(p - i - 1 + n - 1, total) for i in range(p)]
+    r = np.arange(2 * total, dtype=np.int64)
+    w = np.asarray(warm, dtype=np.int64)[:, None]
+    is_b = (r >= 2 * total - w) | ((r >= w) & ((r - w) % 2 == 1))
+    f_at = np.cumsum(~is_b, axis=1) - 1  # which forward (backward) of the sequence each place runs
+    b_at = np.cumsum(is_b, axis=1) - 1
+    kind = is_b.astype(np.int64)
+    item = np.where(is_b, b_item[b_at], f_item[f_at])
+    chunk = np.where(is_b, b_chunk[b_at], f_chunk[f_at])
+    if schedule != "zb-h1":
+        return kind.ravel(), item.ravel(), chunk.ravel(), 2 * total
+    kinds, items, chunks = [], [], []
+    for i in range(p):
+        # each B past rank i's first i is run twice, the copy being its W; the deferred W's close the order
+        rep = 1 + (is_b[i] & (b_at[i] >= i))
+        src = np.repeat(r, rep)
+        again = np.zeros(len(src), dtype=bool)
+        again[1:] = src[1:] == src[:-1]
+        nd = min(i, total)
+        kinds += [np.where(again, 2, kind[i][src]), np.full(nd, 2, dtype=np.int64)]
+        items += [item[i][src], b_item[:nd]]
+        chunks += [chunk[i][src], zero[:nd]]
+    return np.concatenate(kinds), np.concatenate(items), np.concatenate(chunks), 3 * total
+
+
 def _check_args(schedule: str, p: int, m: int, v: int, n: int = 1) -> None:
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}; expected one of {SCHEDULES}")
@@ -354,28 +400,50 @@ def _peaks(schedule: str, kind: np.ndarray, bounds: list) -> tuple[tuple[int, ..
     return tuple(inflight), tuple(pending)
 
 
+def _unit_ends(dep: np.ndarray, bounds: list) -> np.ndarray:
+    """Every op's end time with unit durations and no p2p (device order; dep: the op each waits for, n_ops:
+    none), i.e. its topological level + 1: the longest path E = 1 + max(E[op before on the device], E[dep]).
+
+    Along one device that recurrence is a running maximum (E[i] - i = max over j <= i of E[dep j] - j, with
+    i, j places in the device's order), so a whole device is one np.maximum.accumulate given its deps' ends.
+    Sweeping the devices with the latest ends of the others (Gauss-Seidel), alternately first to last, which
+    carries forwards down the pipeline in one sweep, and last to first, which carries backwards up it, meets
+    the fixed point in 3-4 sweeps on the pipelines of bench_search.py at 512 GPUs (p up to 64), where updating
+    all ops at once (Jacobi) needed 2p - 1.
+    The DAG makes the fixed point unique and the sweeps only ever raise ends towards it from below, so
+    stopping when a whole sweep changes nothing gives the exact longest paths."""
+    n_ops = len(dep)
+    end = np.zeros(n_ops + 1, dtype=np.int64)  # end[n_ops] = 0: the sentinel of ops with no dependency
+    segs = []
+    for lo, hi in bounds:
+        place = np.arange(hi - lo, dtype=np.int64)
+        end[lo:hi] = place + 1  # the device's own chain: a lower bound
+        segs.append((lo, hi, dep[lo:hi], place))
+    back = segs[::-1]
+    # a sweep does at least what a Jacobi step does, and Jacobi settles within longest path + 1 steps (<= n_ops)
+    for sweep in range(n_ops + 2):
+        changed = False
+        for lo, hi, d, place in segs if sweep % 2 == 0 else back:
+            e = np.maximum.accumulate(end[d] - place)
+            e += place + 1
+            if not changed and not np.array_equal(e, end[lo:hi]):
+                changed = True
+            end[lo:hi] = e
+        if not changed:
+            return end[:n_ops]
+    raise AssertionError("pipeline DAG: the unit-time longest paths did not converge (a cycle?)")
+
+
 @lru_cache(maxsize=128)
 def _compiled(schedule: str, p: int, m: int, v: int, n: int = 1) -> _Compiled:
-    with _gc_paused():
-        orders = schedule_order(schedule, p, m, v, n)
+    _check_args(schedule, p, m, v, n)
     n_stages = p * v
     total = m * n  # work items
-    lens = [len(o) for o in orders]
-    offs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    n_ops = int(offs[-1])
-    bounds = list(zip(offs[:-1].tolist(), offs[1:].tolist()))
-    # every op in device order (op id g = offs[d] + its place in device d's order)
-    kind = np.empty(n_ops, dtype=np.int64)
-    item = np.empty(n_ops, dtype=np.int64)
-    chunk = np.empty(n_ops, dtype=np.int64)
-    code = np.zeros(256, dtype=np.int64)
-    code[ord("B")], code[ord("W")] = 1, 2
-    for (lo, hi), order in zip(bounds, orders):
-        ks, js, cs = zip(*order)
-        kind[lo:hi] = code[np.frombuffer("".join(ks).encode(), dtype=np.uint8)]
-        item[lo:hi] = js
-        chunk[lo:hi] = cs
-    dev = np.repeat(np.arange(p, dtype=np.int64), lens)
+    # every op in device order (op id g = d * per_dev + its place in device d's order)
+    kind, item, chunk, per_dev = _order_arrays(schedule, p, m, v, n)
+    n_ops = p * per_dev
+    bounds = [(d * per_dev, (d + 1) * per_dev) for d in range(p)]
+    dev = np.repeat(np.arange(p, dtype=np.int64), per_dev)
     k = chunk * p + dev
     slot = kind * n_stages + k
     # the dependency's slot (module docstring): F(k) after F(k-1) (none on virtual stage 0); B(k) after
@@ -390,32 +458,15 @@ def _compiled(schedule: str, p: int, m: int, v: int, n: int = 1) -> _Compiled:
     if np.any(dep < 0):  # cannot happen for the orders above; guards future schedules
         raise RuntimeError(f"schedule {schedule!r} deadlocks (p={p}, m={m}, v={v})")
     cross = has & ((dslot % n_stages) % p != dev)
-    # sweep the devices in turn, each as far as its next op's dependency has been placed (the order the
-    # first version of simulate ran them in); runs: (first op id, stop) of each stretch placed
-    placed = bytearray(n_ops + 1)
-    placed[n_ops] = 1
-    dg = dep.tolist()
-    pos, stops = offs[:-1].tolist(), offs[1:].tolist()
-    runs_lo, runs_len = [], []
-    remaining = n_ops
-    while remaining:
-        progressed = False
-        for d in range(p):
-            i = i0 = pos[d]
-            e = stops[d]
-            while i < e and placed[dg[i]]:
-                placed[i] = 1
-                i += 1
-            if i != i0:
-                runs_lo.append(i0)
-                runs_len.append(i - i0)
-                pos[d] = i
-                remaining -= i - i0
-                progressed = True
-        if not progressed:
-            raise RuntimeError(f"schedule {schedule!r} deadlocks (p={p}, m={m}, v={v})")
-    rl = np.asarray(runs_len, dtype=np.int64)
-    seq = np.repeat(np.asarray(runs_lo, dtype=np.int64) - (np.cumsum(rl) - rl), rl) + np.arange(n_ops)
+    # sweep order: by unit-time level, device order within a level. Both an op's dependency and the op
+    # before it on its device sit on a lower level, so this times every op after both (the section comment
+    # above: the same floats as any such order); the first version's device-by-device sweep was a Python
+    # loop over every op
+    try:
+        level = _unit_ends(dep, bounds)
+    except AssertionError:  # a cycle: cannot happen for the orders above; guards future schedules
+        raise RuntimeError(f"schedule {schedule!r} deadlocks (p={p}, m={m}, v={v})") from None
+    seq = np.argsort(level, kind="stable")
     where = np.empty(n_ops + 1, dtype=np.int64)  # op id -> index in sweep order; n_ops -> -1 (sentinel)
     where[seq] = np.arange(n_ops)
     where[n_ops] = -1

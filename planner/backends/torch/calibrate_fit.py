@@ -58,8 +58,11 @@ def fit_link(rows: list[dict], nproc: int) -> tuple[float, float, float]:
             err = sq_err(bw, lat)
             if err < best[0]:
                 best = (err, float(bw), float(lat))
+    # within the grid's range: with only small messages (--quick) the bandwidth is not identified and an
+    # unbounded search walks off to absurd values
     res = minimize(lambda v: sq_err(10 ** v[0], 10 ** v[1]), [math.log10(best[1]), math.log10(best[2])],
-                   method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-10})
+                   method="Nelder-Mead", bounds=[(7.0, 11.5), (-6.5, -2.0)],
+                   options={"xatol": 1e-4, "fatol": 1e-10})
     if res.fun < best[0]:
         best = (float(res.fun), float(10 ** res.x[0]), float(10 ** res.x[1]))
     err, bw, lat = best
