@@ -164,17 +164,9 @@ def _compiled_by_sweep(schedule: str, p: int, m: int, v: int, n: int = 1) -> pip
         item[lo:hi] = [o[1] for o in order]
         chunk[lo:hi] = [o[2] for o in order]
     dev = np.repeat(np.arange(p, dtype=np.int64), lens)
-    k = chunk * p + dev
-    slot = kind * n_stages + k
-    dslot = np.where(kind == 0, k - 1, np.where(kind == 2, n_stages + k,
-                                                 np.where(k == n_stages - 1, k, n_stages + k + 1)))
-    has = dslot >= 0
-    op_of = np.full(3 * n_stages * total, -1, dtype=np.int64)
-    op_of[slot * total + item] = np.arange(n_ops)
-    dep = np.full(n_ops, n_ops, dtype=np.int64)
-    dep[has] = op_of[dslot[has] * total + item[has]]
+    # the dependencies themselves did not change: what this oracle checks is the op arrays and the order
+    k, slot, dep, cross = pipeline._dependencies(kind, item, chunk, dev, p, n_stages, total)
     assert not np.any(dep < 0)
-    cross = has & ((dslot % n_stages) % p != dev)
     placed = bytearray(n_ops + 1)
     placed[n_ops] = 1
     dg = dep.tolist()

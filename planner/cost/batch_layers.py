@@ -14,6 +14,7 @@ from planner.cost.batch_plans import POLICIES
 from planner.cost.compute import ATTENTION_BWD_FACTOR, chunk_attention_factor, floored, layer_time, recompute_time_s
 from planner.cost.estimate import _group
 from planner.cost.estimate_layer import _overlapped_tp_s
+from planner.cost.estimate_structure import _cache_for
 from planner.hardware import Cluster
 
 
@@ -21,12 +22,7 @@ _LINKS: dict[int, tuple[Cluster, dict]] = {}
 
 
 def _links(cluster: Cluster) -> dict:
-    hit = _LINKS.get(id(cluster))
-    if hit is None or hit[0] is not cluster:
-        if len(_LINKS) > 16:
-            _LINKS.clear()
-        hit = _LINKS[id(cluster)] = (cluster, {})
-    return hit[1]
+    return _cache_for(_LINKS, cluster)
 
 
 def _collective(cluster: Cluster, base: int, stride: int, size: int):

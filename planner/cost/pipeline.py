@@ -282,16 +282,11 @@ def _unit_ends(dep: np.ndarray, bounds: list) -> np.ndarray:
     raise AssertionError("pipeline DAG: the unit-time longest paths did not converge (a cycle?)")
 
 
-@lru_cache(maxsize=128)
-def _compiled(schedule: str, p: int, m: int, v: int, n: int = 1) -> _Compiled:
-    _check_args(schedule, p, m, v, n)
-    n_stages = p * v
-    total = m * n  # work items
-    # every op in device order (op id g = d * per_dev + its place in device d's order)
-    kind, item, chunk, per_dev = _order_arrays(schedule, p, m, v, n)
-    n_ops = p * per_dev
-    bounds = [(d * per_dev, (d + 1) * per_dev) for d in range(p)]
-    dev = np.repeat(np.arange(p, dtype=np.int64), per_dev)
+def _dependencies(kind: np.ndarray, item: np.ndarray, chunk: np.ndarray, dev: np.ndarray, p: int, n_stages: int,
+                  total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(virtual stage, slot, dependency op id, dependency on another device) of every op listed by kind /
+    item / chunk / device; the dependency is len(kind) for ops without one."""
+    n_ops = len(kind)
     k = chunk * p + dev
     slot = kind * n_stages + k
     # the dependency's slot (module docstring): F(k) after F(k-1) (none on virtual stage 0); B(k) after
@@ -303,9 +298,23 @@ def _compiled(schedule: str, p: int, m: int, v: int, n: int = 1) -> _Compiled:
     op_of[slot * total + item] = np.arange(n_ops)
     dep = np.full(n_ops, n_ops, dtype=np.int64)  # n_ops: no dependency (always placed)
     dep[has] = op_of[dslot[has] * total + item[has]]
+    cross = has & ((dslot % n_stages) % p != dev)
+    return k, slot, dep, cross
+
+
+@lru_cache(maxsize=128)
+def _compiled(schedule: str, p: int, m: int, v: int, n: int = 1) -> _Compiled:
+    _check_args(schedule, p, m, v, n)
+    n_stages = p * v
+    total = m * n  # work items
+    # every op in device order (op id g = d * per_dev + its place in device d's order)
+    kind, item, chunk, per_dev = _order_arrays(schedule, p, m, v, n)
+    n_ops = p * per_dev
+    bounds = [(d * per_dev, (d + 1) * per_dev) for d in range(p)]
+    dev = np.repeat(np.arange(p, dtype=np.int64), per_dev)
+    k, slot, dep, cross = _dependencies(kind, item, chunk, dev, p, n_stages, total)
     if np.any(dep < 0):  # cannot happen for the orders above; guards future schedules
         raise RuntimeError(f"schedule {schedule!r} deadlocks (p={p}, m={m}, v={v})")
-    cross = has & ((dslot % n_stages) % p != dev)
     # sweep order: by unit-time level, device order within a level. Both an op's dependency and the op
     # before it on its device sit on a lower level, so this times every op after both (the section comment
     # above: the same floats as any such order); the first version's device-by-device sweep was a Python

@@ -181,6 +181,8 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
             "source": source,
         },
     }
+    # the largest block size without sequence parallelism, quoted in the notes
+    big = max((r for r in tp_block["rows"] if not r["sp"]), key=lambda r: r["tokens"]) if tp_block else None
     layer = fit_layer_overhead_s(device_fields, meas["decoder_step_s"])
     device_fields["efficiency"]["layer_overhead_us"] = round(layer["layer_overhead_s"] * 1e6, 2)
     adamw = meas["adamw"]
@@ -202,7 +204,7 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
            f"split tp{tp_block['tp']} by DTensor, with and without sequence parallelism, at "
            f"{'/'.join(str(r['tokens']) for r in tp_block['rows'] if not r['sp'])} tokens takes beyond the plain block "
            f"with one rank's share of heads and FFN (paired repetitions; at the largest size "
-           f"{tp_block['rows'][-1]['dtensor_fwd_bwd_s'] * 1e3:.1f} against {tp_block['rows'][-1]['plain_fwd_bwd_s'] * 1e3:.1f} ms), "
+           f"{big['dtensor_fwd_bwd_s'] * 1e3:.1f} against {big['plain_fwd_bwd_s'] * 1e3:.1f} ms without sp), "
            f"less four all-reduces on the link; "
            if tp_fit else "")
         + (f"comm_overlap = (T_gemms + T_allreduce - T_both) / min with a {step['overlap']['bytes'] // 2**20} MiB "
