@@ -78,11 +78,15 @@ def long_context():
     # each case keeps only plans that use what it names (offload > 0, seq_chunks > 1), so that its best plan
     # is shown even where a plan without it is faster
     offload, chunks = (0.25, 0.5, 0.75, 1.0), (2, 4, 8, 16, 32)
-    cases = (("no offload", Constraints(max_cp=128)),
-             ("activation offload", Constraints(max_cp=128, offload_activations=offload)),
-             ("sequence-chunked pipeline (Seq1F1B / SPPO's, no offload)", Constraints(max_cp=128, seq_chunks=chunks)),
+    # the default cp cap at 4M tokens is 128 (space.default_max_cp)
+    cases = (("no offload", Constraints()),
+             ("activation offload", Constraints(offload_activations=offload)),
+             ("sequence-chunked pipeline (Seq1F1B / SPPO's, no offload)", Constraints(seq_chunks=chunks)),
              ("SPPO-style: sequence chunks + activation offload",
-              Constraints(max_cp=128, seq_chunks=chunks, offload_activations=offload)))
+              Constraints(seq_chunks=chunks, offload_activations=offload)),
+             ("tp 1, ring cp 128 (a sequence-parallel-only layout), no offload", Constraints(tp=1, cp=128)),
+             ("tp 1, ring cp 128, activation offload", Constraints(tp=1, cp=128, offload_activations=offload)),
+             ("tp 1, any cp, no offload", Constraints(tp=1)))
     for tag, c in cases:
         t = time.perf_counter()
         try:

@@ -270,13 +270,15 @@ def cmd_backtest(args) -> None:
 def _constraints_from_args(args):
     from planner.search.space import Constraints
 
-    for flag in ("tp", "pp", "dp", "cp", "ep", "vpp", "mbs", "max_tp", "max_pp", "top", "nodes", "gbs", "seq"):
+    for flag in ("tp", "pp", "dp", "cp", "ep", "vpp", "mbs", "max_tp", "max_pp", "max_cp", "top", "nodes", "gbs",
+                 "seq"):
         v = getattr(args, flag)
         if v is not None and v <= 0:
             raise BadInput(f"--{flag.replace('_', '-')} must be a positive integer, got {v}")
     c = Constraints(tp=args.tp, pp=args.pp, dp=args.dp, cp=args.cp, ep=args.ep, vpp=args.vpp, zero=args.zero,
                     mbs=args.mbs, recompute=args.recompute, schedule=args.schedule, sp=args.sp,
-                    max_tp=args.max_tp, max_pp=args.max_pp, allow_cross_node_tp=args.allow_cross_node_tp,
+                    max_tp=args.max_tp, max_pp=args.max_pp, max_cp=args.max_cp,
+                    allow_cross_node_tp=args.allow_cross_node_tp,
                     partial_recompute=args.partial_recompute,
                     offload_optimizer=(0.0, 1.0) if args.offload else (0.0,),
                     overlap_tp_comm=args.overlap_tp_comm,
@@ -578,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"])
     pl.add_argument("--max-tp", type=int)
     pl.add_argument("--max-pp", type=int)
+    pl.add_argument("--max-cp", type=int, help="largest context-parallel degree to try (default 16, or "
+                    "seq/32768 for longer sequences)")
     pl.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
                     help="fix sequence parallel on (--sp) or off (--no-sp)")
     pl.add_argument("--allow-cross-node-tp", action="store_true", help="let tp span nodes")

@@ -157,6 +157,18 @@ def test_search_chooses_context_parallel_for_long_sequences_and_says_why():
     assert r.plans[0].plan.cp > 1 and f"cp {r.plans[0].plan.cp}" in r.plans[0].estimate.why
 
 
+def test_default_cp_cap_grows_past_512k_tokens_and_max_cp_overrides_it():
+    from planner.search.space import default_max_cp
+
+    assert [default_max_cp(s) for s in (4096, 524288, 1048576, 4194304)] == [16, 16, 32, 128]
+    m, c = dense_model(), load_cluster("dgx-a100-80gb", 8)
+    w = Workload(global_batch=1, seq_len=2**21)
+    cps = set(enumerate_space(m, c, w, Constraints()).plans.cp.tolist())
+    assert max(cps) == 64 and 32 in cps
+    assert max(enumerate_space(m, c, w, Constraints(max_cp=16)).plans.cp.tolist()) == 16
+    assert max(enumerate_space(m, c, w.model_copy(update={"seq_len": 8192}), Constraints()).plans.cp.tolist()) <= 16
+
+
 def test_attention_disaggregation_hand_case_and_gap():
     assert ab.attention_work([4, 2]) == 10.0  # (16 + 4) / 2
     assert ab.shards([4], 2) == [2.0, 6.0]  # rows 0-1 attend to 2 pairs... (4 - 0)/2, (16 - 4)/2

@@ -100,6 +100,32 @@ def test_infeasible_lists_closest_plans(capsys):
     assert "try --seq" in line and "--recompute full" in line
 
 
+def _apply(args: list[str], suggestion: str) -> list[str]:
+    """The command line a suggestion of the infeasible message asks for: 'without --tp 1' drops the flag,
+    '--seq 262144' replaces its value, '--offload-activations' is added."""
+    words = suggestion.split()
+    if words[0] == "without":
+        i = args.index(words[1])
+        return args[:i] + args[i + 2:]
+    if words[0] in args:
+        i = args.index(words[0])
+        return args[:i] + words + args[i + 2:]
+    return args + words
+
+
+def test_every_suggestion_makes_a_plan_fit(capsys):
+    # each "try ..." the infeasible message lists was checked by the search; applied, the command finds a plan
+    args = ["plan", "--model", "tiny-llama-20m", "--cluster", "dgx-h100", "--gbs", "8", "--seq", "524288",
+            "--tp", "1", "--pp", "1", "--cp", "1", "--recompute", "none", "--top", "1"]
+    rc, _, err = run(capsys, *args)
+    line = one_line(rc, err, 1)
+    tries = line.split("; try ")[1].split(" or ")
+    assert "--offload-activations" in tries and "without --cp 1" in tries
+    for t in tries:
+        rc, out, err = run(capsys, *_apply(args, t))
+        assert rc == 0 and err == "" and "tokens/s" in out, t
+
+
 def test_infeasible_suggests_more_nodes(run_cli):
     rc, out, err = run_cli("plan", "--model", "llama3-70b", "--cluster", "dgx-h100", "--gbs", "64", "--seq", "8192")
     line = one_line(rc, err, 1)

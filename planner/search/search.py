@@ -352,7 +352,8 @@ def _no_plan_fits(model, cluster, workload, constraints, pa_all, mem_lb, mems, m
 
 def _suggestions(model, cluster, workload, constraints) -> list[str]:
     """Changes that are checked to let some plan fit: more nodes (for node-type presets), a shorter
-    sequence, or full recompute when a constraint forbade it."""
+    sequence, full recompute or ZeRO-3 when a constraint forbade them, activation offload, sequence chunks,
+    a wider cp, or leaving free a degree the user fixed."""
     out = []
     per_node = cluster.devices_per_node
     n_nodes = len(cluster.nodes)
@@ -387,6 +388,18 @@ def _suggestions(model, cluster, workload, constraints) -> list[str]:
         relaxed = Constraints(**{**constraints.__dict__, "zero": 3})
         if _fits_somewhere(model, cluster, workload, relaxed):
             out.append("--zero 3")
+    # what the space left out: activation offload, sequence chunks, a wider cp, a degree the user fixed
+    relaxations = [("--offload-activations", {"offload_activations": (0.0, 0.5, 0.75, 1.0)}),
+                   ("--seq-chunks 2,4,8,16", {"seq_chunks": (1, 2, 4, 8, 16)})]
+    if constraints.max_cp is not None and constraints.cp is None:
+        relaxations.append((f"--max-cp {cluster.device_count}", {"max_cp": cluster.device_count}))
+    relaxations += [(f"without --{k} {getattr(constraints, k)}", {k: None}) for k in ("tp", "pp", "cp")
+                    if getattr(constraints, k) is not None]
+    for flag, change in relaxations:
+        if all(getattr(constraints, k) == v for k, v in change.items()):
+            continue
+        if _fits_somewhere(model, cluster, workload, Constraints(**{**constraints.__dict__, **change})):
+            out.append(flag)
     return out
 
 

@@ -38,6 +38,19 @@ from planner.plan import Workload
 PARTIAL_RECOMPUTE_LAYERS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)
 
 
+CP_MIN_TOKENS_PER_RANK = 32768
+
+
+def default_max_cp(seq_len: int) -> int:
+    """The context-parallel degree the search tries up to when the user sets no --max-cp: 16, which keeps
+    the space of ordinary sequence lengths small, or, for sequences past 16 x 32K = 512K tokens, as many
+    ranks as keep 32K tokens each. At that length cp is the lever that fits the sequence at all (activations
+    and the ring's K/V grow with the tokens per rank, whatever pp does), so a cap of 16 would hide the
+    layouts that published multi-million-token runs use (Ring Attention, Liu et al. 2023 Table 3: a 7B model
+    at 4M tokens over 32 ranks)."""
+    return max(16, int(seq_len) // CP_MIN_TOKENS_PER_RANK)
+
+
 @dataclass(frozen=True)
 class Constraints:
     """What the user fixes (a value) or bounds (max_*); None leaves a dimension free.
@@ -61,7 +74,8 @@ class Constraints:
     sp: bool | None = None
     max_tp: int | None = None
     max_pp: int | None = None
-    max_cp: int | None = 16
+    # None: the default cap, default_max_cp(seq): 16, or more for sequences past 512K tokens
+    max_cp: int | None = None
     max_vpp: int | None = 8
     max_mbs: int | None = 16
     allow_cross_node_tp: bool = False
@@ -216,8 +230,9 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
     t.keep(t.cols["pp"] <= blocks, f"pp <= {blocks} blocks")
     if c.max_pp is not None:
         t.keep(t.cols["pp"] <= c.max_pp, f"--max-pp {c.max_pp}")
-    if c.max_cp is not None and c.cp is None:
-        t.keep(t.cols["cp"] <= c.max_cp, f"cp <= {c.max_cp}")
+    if c.cp is None:
+        cap = c.max_cp if c.max_cp is not None else default_max_cp(seq)
+        t.keep(t.cols["cp"] <= cap, f"cp <= {cap}" + ("" if c.max_cp is not None else " (--max-cp lifts this)"))
     t.keep((t.cols["cp"] == 1) | (seq % (2 * t.cols["cp"]) == 0), f"seq {seq} divisible by 2*cp")
     t.keep(gbs % t.cols["dp"] == 0, f"global batch {gbs} divisible by dp")
 
