@@ -146,6 +146,13 @@ def _build_row_model(row: dict):
     return build_transformer(cfg)
 
 
+def token_drop(row: dict) -> bool:
+    """Whether the run drops tokens at a capacity factor (its notes or model name say token-drop; Megatron-
+    Bridge's token-drop recipes use capacity factor 1.0 with padding, apply_moe_token_drop)."""
+    text = f"{row.get('model', '')} {row.get('notes', '')}".lower()
+    return "token-drop" in text or "tokendrop" in text
+
+
 def _candidates(row: dict, n_devices: int):
     """Plans for the row: printed values fixed, unprinted ones enumerated."""
     tp = int(_num(row, "tp", 1))
@@ -168,12 +175,14 @@ def _candidates(row: dict, n_devices: int):
     sp_printed = _num(row, "sp")
     sp_opts = [bool(int(sp_printed))] if sp_printed is not None else [tp > 1]
     stack = SOFTWARE_STACKS.get(str(row["source_code"]), MODERN_STACK)
+    # Unprinted MoE token exchange: the all-to-all, or DeepEP's (dropless routing only, estimate._check_deepep)
+    dispatch_opts = ["a2a", "deepep"] if ep > 1 and not token_drop(row) else ["a2a"]
     # An unprinted recompute may also be Megatron's partial one: N blocks of each chunk recomputed.
     per_chunk = -(-int(row["layers"]) // (pp * vpp))
     rec_opts = [(r, None) for r in rec_opts]
     if len(rec_opts) > 1:
         rec_opts += [("full", k) for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96) if k < per_chunk]
-    for mbs, etp in ((x, y) for x in mbs_opts for y in etp_opts):
+    for mbs, etp, dispatch in ((x, y, z) for x in mbs_opts for y in etp_opts for z in dispatch_opts):
         for recompute, num_layers in rec_opts:
             for zero in zero_opts:
                 for sp in sp_opts:
@@ -182,10 +191,11 @@ def _candidates(row: dict, n_devices: int):
                                "recompute": recompute if len(rec_opts) > 1 else None,
                                "recompute_num_layers": num_layers,
                                "zero": zero if zero_printed is None else None,
-                               "sp": sp if sp_printed is None else None}
+                               "sp": sp if sp_printed is None else None,
+                               "moe_dispatch": dispatch if len(dispatch_opts) > 1 else None}
                     yield ParallelPlan(
                         dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp, zero=zero, sp=sp and tp > 1, mbs=mbs,
-                        recompute=recompute, recompute_num_layers=num_layers, **stack,
+                        recompute=recompute, recompute_num_layers=num_layers, moe_dispatch=dispatch, **stack,
                         schedule="interleaved-1f1b" if vpp > 1 else "1f1b"), {
                         k: v for k, v in assumed.items() if v is not None}
 
@@ -235,7 +245,8 @@ def backtest_row(row: dict, return_plan: bool = False) -> RowResult:
                            f"{cluster.device_count} devices, row says {n_devices}")
         precision = str(_num(row, "precision", "bf16"))
         workload = Workload(global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]),
-                            dtype=precision if precision in ("bf16", "fp16", "fp8", "fp32") else "bf16")
+                            dtype=precision if precision in ("bf16", "fp16", "fp8", "fp32") else "bf16",
+                            moe_capacity_factor=1.0 if token_drop(row) else None)
         best = None
         for plan, assumed in _candidates(row, n_devices):
             try:

@@ -282,7 +282,7 @@ def _constraints_from_args(args):
                     partial_recompute=args.partial_recompute,
                     offload_optimizer=(0.0, 1.0) if args.offload else (0.0,),
                     overlap_tp_comm=args.overlap_tp_comm,
-                    moe_dispatch=(args.moe_dispatch,) if args.moe_dispatch else ("a2a", "tp_slice"),
+                    moe_dispatch=(args.moe_dispatch,) if args.moe_dispatch else ("a2a", "tp_slice", "deepep"),
                     offload_activations=(0.0, 0.5, 0.75, 1.0) if args.offload_activations else (0.0,),
                     seq_chunks=_int_list("--seq-chunks", args.seq_chunks),
                     attention_pool=(False, True) if args.attention_pool else (False,))
@@ -551,9 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --recompute full: blocks per pipeline chunk recomputed (Megatron block method)")
     est.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"])
     est.add_argument("--dtype", choices=["bf16", "fp16", "fp8", "fp32"], default="bf16")
-    est.add_argument("--moe-dispatch", choices=["a2a", "tp_slice"], default="a2a",
-                     help="MoE token exchange: a2a (all-to-all over ep) or tp_slice (Pipeline MoE: E/tp experts per "
-                          "TP rank, index slicing + TP all-reduce; sets ep = tp, etp = 1)")
+    est.add_argument("--moe-dispatch", choices=["a2a", "tp_slice", "deepep"], default="a2a",
+                     help="MoE token exchange: a2a (all-to-all over ep), tp_slice (Pipeline MoE: E/tp experts per "
+                          "TP rank, index slicing + TP all-reduce; sets ep = tp, etp = 1) or deepep (DeepEP: one "
+                          "copy per destination node)")
     est.add_argument("--seq-chunks", type=int, default=1,
                      help="run each sequence as N chunks through the pipeline (TeraPipe / Seq1F1B / SPPO)")
     est.add_argument("--offload-activations", type=float, default=0.0, metavar="F",
@@ -590,8 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--offload", action="store_true", help="also search optimizer offload to the host")
     pl.add_argument("--overlap-tp-comm", action="store_true",
                     help="the stack overlaps TP communication with GEMMs (Megatron --tp-comm-overlap)")
-    pl.add_argument("--moe-dispatch", choices=["a2a", "tp_slice"],
-                    help="fix the MoE token exchange (default: search both; tp_slice is Pipeline MoE's)")
+    pl.add_argument("--moe-dispatch", choices=["a2a", "tp_slice", "deepep"],
+                    help="fix the MoE token exchange (default: search all three; tp_slice is Pipeline MoE's, deepep "
+                         "DeepEP's node-deduplicated dispatch)")
     pl.add_argument("--offload-activations", action="store_true",
                     help="also search activation offload to the host (0.5, 0.75 and all of the saved activations)")
     pl.add_argument("--seq-chunks", default="1", metavar="N[,N...]",

@@ -100,7 +100,10 @@ class ParallelPlan(BaseModel):
     # group (Megatron, DeepSpeed-MoE); "tp_slice" is Pipeline MoE's (Chen et al. 2023, arXiv 2304.11414,
     # section 3): E/tp whole experts on each TP rank, each rank picks its experts' tokens from the replicated
     # input by index and one TP all-reduce combines them (no all-to-all). Needs tp > 1, ep = tp, etp = 1.
-    moe_dispatch: Literal["a2a", "tp_slice"] = "a2a"
+    # "deepep" is DeepEP's node-deduplicated exchange (DeepSeek-V3 report section 3.2.2; Megatron's flex
+    # dispatcher): a token crosses the fabric once per destination node, not once per expert. Needs ep > 1
+    # and dropless routing (Workload.moe_capacity_factor None: Megatron's DeepEP path does not drop tokens).
+    moe_dispatch: Literal["a2a", "tp_slice", "deepep"] = "a2a"
     # Sequence-chunked pipeline (TeraPipe, Li et al. 2021; Seq1F1B, Sun et al. 2024; SPPO, Chen et al. 2025):
     # each micro-batch's sequences split into seq_chunks chunks that flow through the pipeline as separate
     # work items, backward last chunk first (causal attention: chunk i reads the K/V of chunks <= i).
@@ -129,6 +132,8 @@ class ParallelPlan(BaseModel):
             raise ValueError(f"moe_dispatch 'tp_slice' (Pipeline MoE) puts E/tp whole experts on each tensor-parallel "
                              f"rank: it needs tp > 1, ep = tp and etp = 1; got tp={self.tp}, ep={self.ep}, "
                              f"etp={self.etp}")
+        if self.moe_dispatch == "deepep" and self.ep == 1:
+            raise ValueError("moe_dispatch 'deepep' exchanges tokens over the expert-parallel group: it needs ep > 1")
         if self.partition is not None and len(self.partition) != self.pp * self.vpp:
             raise ValueError(f"partition has {len(self.partition)} stages, expected pp*vpp = "
                              f"{self.pp * self.vpp}")

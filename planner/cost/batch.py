@@ -55,7 +55,7 @@ from planner.cost.batch_ids import _float_ids, _ranges, _row_ids
 from planner.cost.batch_plans import SCHEDULES, PlanArrays
 from planner.cost.compute import DTYPE_BYTES
 from planner.cost.estimate import (
-    EXPOSED_TAIL_FRACTION, _check_expert_parallel, _check_seq_chunks, estimate, shard_copy_s,
+    EXPOSED_TAIL_FRACTION, _check_deepep, _check_expert_parallel, _check_seq_chunks, estimate, shard_copy_s,
 )
 from planner.errors import BadInput
 from planner.hardware import Cluster
@@ -175,6 +175,8 @@ def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGra
     first(pa.moe_tp_slice & ((pa.tp == 1) | (pa.ep != pa.tp) | (pa.etp != 1)),
           lambda i: f"moe_dispatch 'tp_slice' needs tp > 1, ep = tp and etp = 1; got tp={pa.tp[i]}, ep={pa.ep[i]}, "
                     f"etp={pa.etp[i] or None}")
+    first(pa.moe_deepep & (pa.ep == 1), lambda i: "moe_dispatch 'deepep' needs ep > 1")
+    _check_deepep(pa.moe_deepep, workload)
     # estimate._check_expert_parallel, once per distinct (ep, etp, dp, cp, tp); it accepts ep = 1 without
     # looking further, so only plans with ep > 1 are checked. _row_ids lists the distinct rows in the
     # lexicographic order np.unique(axis=...) would, without its argsort of a structured view (which took
@@ -219,7 +221,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     # distinct layer tuples -> columns of ctx (u_of: every plan's column), count groups cg, pipeline groups pg
     etp = np.where(pa.etp > 0, pa.etp, pa.tp)
     lt_cols = [pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.ep, etp, pa.overlap_tp_comm, pa.cp_a2a,
-               pa.moe_tp_slice, pa.seq_chunks]
+               pa.moe_tp_slice, pa.seq_chunks, pa.moe_deepep]
     u_first, u_of = _row_ids(lt_cols)
     tuples_b = np.stack([np.asarray(c, dtype=np.int64)[u_first] for c in lt_cols], axis=1)
     cg_first, cg_of = _row_ids([pa.pp, pa.vpp, pa.recompute, pa.recompute_num_layers + 1])

@@ -64,7 +64,7 @@ class _Ctx:
                 self.shape_of[layer.shape_key] = len(self.shapes)
                 self.shapes.append(layer)
         self.col: dict = {}
-        self.tuples = np.zeros((0, 11), dtype=np.int64)
+        self.tuples = np.zeros((0, 12), dtype=np.int64)
         self.lv: dict | None = None
         self.groups: dict = {}
         self.stages = None

@@ -55,11 +55,11 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, seq_len, r
     out = {k: np.zeros((ns, 3, nu)) for k in ("fwd", "bwd", "fhw", "act", "kvf")}
     for k in ("fmodel", "par", "froz", "parx", "logit", "kv", "ring"):
         out[k] = np.zeros((ns, nu))
-    sub_keys = tuples[:, [3, 4, 5, 7, 8, 9]]
+    sub_keys = tuples[:, [3, 4, 5, 7, 8, 9, 11]]
     for key in np.unique(sub_keys, axis=0):
         idx = np.flatnonzero(np.all(sub_keys == key, axis=1))
         sp, flash, ep, tp_overlap, a2a = bool(key[0]), bool(key[1]), int(key[2]), bool(key[3]), bool(key[4])
-        tp_slice = bool(key[5])
+        tp_slice, deepep = bool(key[5]), bool(key[6])
         tpi, cpi = tuples[idx, 1], tuples[idx, 2]
         b, tp, cp = tuples[idx, 0].astype(float), tpi.astype(float), cpi.astype(float)
         n = len(idx)
@@ -126,8 +126,12 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, seq_len, r
                 for t in np.unique(etpi).tolist():
                     mk = etpi == t
                     link = _collective(cluster, 0, t, ep)
-                    ep_s[mk] = 4 * comm.all_to_all_time_s(nbytes[mk], link,
-                                                          inter_node_bytes_per_s=link.rank_inter_bytes_per_s)
+                    if deepep:  # estimate._layer_step: once per destination node
+                        ep_s[mk] = 4 * comm.deduplicated_dispatch_time_s(
+                            nbytes[mk] / layer.topk, layer.topk, link, inter_node_bytes_per_s=link.rank_inter_bytes_per_s)
+                    else:
+                        ep_s[mk] = 4 * comm.all_to_all_time_s(nbytes[mk], link,
+                                                              inter_node_bytes_per_s=link.rank_inter_bytes_per_s)
             mult = 3 if layer.trainable else 1
             out["fmodel"][si, idx] = mult * lt_flops
             for pi, policy in enumerate(POLICIES):

@@ -44,13 +44,14 @@ class PlanArrays:
     overlap_tp_comm: np.ndarray | None = None  # None: all False (the ParallelPlan default)
     cp_a2a: np.ndarray | None = None  # cp_comm "a2a" (Ulysses); None: all False (the ring)
     moe_tp_slice: np.ndarray | None = None  # moe_dispatch "tp_slice" (Pipeline MoE); None: all False (a2a)
+    moe_deepep: np.ndarray | None = None  # moe_dispatch "deepep" (node-deduplicated); None: all False (a2a)
     seq_chunks: np.ndarray | None = None  # ParallelPlan.seq_chunks; None: all 1
     attention_pool: np.ndarray | None = None  # ParallelPlan.attention_pool (DistCA); None: all False
 
     _INT = ("dp", "tp", "pp", "vpp", "cp", "ep", "etp", "zero", "mbs", "num_microbatches", "recompute",
             "recompute_num_layers", "schedule", "seq_chunks")
     _BOOL = ("sp", "flash_attention", "overlap_grad_reduce", "overlap_tp_comm", "cp_a2a", "moe_tp_slice",
-             "attention_pool")
+             "moe_deepep", "attention_pool")
 
     def __post_init__(self):
         if self.overlap_tp_comm is None:
@@ -59,6 +60,8 @@ class PlanArrays:
             self.cp_a2a = np.zeros(len(np.atleast_1d(self.dp)), dtype=bool)
         if self.moe_tp_slice is None:
             self.moe_tp_slice = np.zeros(len(np.atleast_1d(self.dp)), dtype=bool)
+        if self.moe_deepep is None:
+            self.moe_deepep = np.zeros(len(np.atleast_1d(self.dp)), dtype=bool)
         if self.seq_chunks is None:
             self.seq_chunks = np.ones(len(np.atleast_1d(self.dp)), dtype=np.int64)
         if self.attention_pool is None:
@@ -97,6 +100,7 @@ class PlanArrays:
             "overlap_tp_comm": [p.overlap_tp_comm for p in plans],
             "cp_a2a": [p.cp_comm == "a2a" for p in plans],
             "moe_tp_slice": [p.moe_dispatch == "tp_slice" for p in plans],
+            "moe_deepep": [p.moe_dispatch == "deepep" for p in plans],
             "seq_chunks": [p.seq_chunks for p in plans],
             "attention_pool": [p.attention_pool for p in plans],
             "offload_optimizer": [p.offload.optimizer for p in plans],
@@ -119,5 +123,6 @@ class PlanArrays:
                                   activations=float(self.offload_activations[i])),
             schedule=SCHEDULES[int(self.schedule[i])], flash_attention=bool(self.flash_attention[i]),
             overlap_grad_reduce=bool(self.overlap_grad_reduce[i]), overlap_tp_comm=bool(self.overlap_tp_comm[i]),
-            cp_comm="a2a" if self.cp_a2a[i] else "ring", moe_dispatch="tp_slice" if self.moe_tp_slice[i] else "a2a",
+            cp_comm="a2a" if self.cp_a2a[i] else "ring",
+            moe_dispatch="tp_slice" if self.moe_tp_slice[i] else "deepep" if self.moe_deepep[i] else "a2a",
             seq_chunks=int(self.seq_chunks[i]), attention_pool=bool(self.attention_pool[i]))

@@ -201,6 +201,37 @@ def all_to_all_time_s(nbytes, link: CollectiveLink, *, base_latency_s: float | N
     return _finish(lat + bw_time, s, link, nbytes)
 
 
+def remote_nodes_per_token(topk: int, nodes) -> np.ndarray | float:
+    """Expected number of other nodes one token's top-k experts live on, the experts spread evenly over
+    `nodes` nodes and chosen independently: each other node holds none of the k with probability
+    (1 - 1/N)^k, so (N - 1) (1 - (1 - 1/N)^k) (Δ: our model; with replacement, which slightly overcounts
+    repeats; routing limited to M nodes, DeepSeek-V3 section 2.1.2, would cap it further)."""
+    n = np.asarray(nodes, dtype=float)
+    out = np.where(n > 1, (n - 1) * (1 - (1 - 1 / np.maximum(n, 1)) ** topk), 0.0)
+    return float(out) if out.ndim == 0 else out
+
+
+def deduplicated_dispatch_time_s(copy_bytes, topk: int, link: CollectiveLink, *,
+                                 inter_node_bytes_per_s: float | None = None, base_latency_s: float | None = None):
+    """MoE dispatch (or combine) with DeepEP's node-deduplicated exchange (DeepSeek-V3 report section 3.2.2;
+    deepseek-ai/DeepEP; Megatron --moe-token-dispatcher-type flex --moe-enable-deepep): a token crosses the
+    fabric once per destination node, then NVLink forwards it to the experts there, instead of once per
+    expert as an all-to-all of its topk copies does. `copy_bytes`: one rank's tokens x hidden x bytes (one
+    copy each). Off the node: remote_nodes_per_token copies through the rank's own NIC share; inside: its
+    topk copies, of which (n/N - 1)/n stay on the node as in all_to_all_time_s; the slower of the two plus
+    all_to_all_time_s's latency. Within one node it is that all-to-all."""
+    s = _bytes(copy_bytes)
+    n, nodes = link.ranks, link.nodes
+    if n <= 1 or nodes <= 1 or inter_node_bytes_per_s is None:
+        return all_to_all_time_s(copy_bytes * topk, link, base_latency_s=base_latency_s,
+                                 inter_node_bytes_per_s=inter_node_bytes_per_s)
+    base = NCCL_RING_BASE_LATENCY_S if base_latency_s is None else base_latency_s
+    lat = base + (n - 1) * link.latency_s
+    intra = (n / nodes - 1) / n * s * topk / link.bus_bytes_per_s
+    inter = remote_nodes_per_token(topk, nodes) * s / inter_node_bytes_per_s
+    return _finish(lat + np.maximum(intra, inter), s, link, copy_bytes)
+
+
 def broadcast_time_s(nbytes, link: CollectiveLink, *, base_latency_s: float | None = None,
                      intra_latency_s: float | None = None):
     """Ring (pipelined) broadcast of `nbytes`: S / busbw (nccl-tests factor 1) plus NCCL tuning.cc ring latency with

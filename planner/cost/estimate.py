@@ -93,6 +93,14 @@ def _check_expert_parallel(model: ModelGraph, plan: ParallelPlan) -> None:
         raise BadInput(f"ep*etp = {plan.ep}*{etp} must divide dp*cp*tp = {ranks}; change --ep")
 
 
+def _check_deepep(deepep, workload: Workload) -> None:
+    """DeepEP's dispatch (moe_dispatch 'deepep') runs dropless routing only (Megatron-Bridge's recipes turn
+    DeepEP off when they turn token dropping on)."""
+    if np.any(deepep) and workload.moe_capacity_factor is not None:
+        raise BadInput(f"moe_dispatch deepep needs dropless routing; the workload drops tokens at capacity factor "
+                       f"{workload.moe_capacity_factor}: use moe_dispatch a2a or drop the capacity factor")
+
+
 def _check_context_parallel(model: ModelGraph, plan: ParallelPlan) -> None:
     """Ulysses (cp_comm 'a2a') gives each cp rank heads/(tp*cp) whole heads (Jacobs et al. 2023 section 3.2:
     the degree must divide the heads)."""
@@ -196,6 +204,7 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
                        f"cluster {cluster.name} has {cluster.device_count}")
     _check_expert_parallel(model, plan)
     _check_context_parallel(model, plan)
+    _check_deepep(plan.moe_dispatch == "deepep", workload)
     if workload.global_batch % (plan.mbs * plan.dp):
         raise BadInput(f"global batch {workload.global_batch} is not divisible by mbs*dp = "
                        f"{plan.mbs}*{plan.dp}")
@@ -398,6 +407,12 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
         n_exp = max(layer.experts for layer in model.layers if layer.kind == "moe")
         why += (f"; MoE tp_slice (Pipeline MoE): {n_exp // tp} of {n_exp} experts whole on each of the {tp} TP "
                 f"ranks, tokens picked by index and combined by the TP all-reduce, no expert all-to-all")
+    if fits and plan.moe_dispatch == "deepep" and ep_link is not None and ep_link.nodes > 1:
+        # why DeepEP: the fabric carries one copy per destination node, not one per expert (comm)
+        k = max(layer.topk for layer in model.layers if layer.kind == "moe")
+        why += (f"; MoE deepep: each token crosses the fabric to {comm.remote_nodes_per_token(k, ep_link.nodes):.1f} "
+                f"of the {ep_link.nodes - 1} other nodes of its expert group, where an all-to-all sends "
+                f"{k * (ep_link.nodes - 1) / ep_link.nodes:.1f} copies")
     return Estimate(
         step_time_s=step, tokens_per_s=tokens / step, mfu=mfu, hfu=hfu,
         peak_memory_bytes=mem["total_bytes"], memory_capacity_bytes=capacity, fits=fits,

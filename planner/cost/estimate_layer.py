@@ -139,8 +139,12 @@ def _layer_step(layer: Layer, policy: str, c: _Ctx) -> _LayerStep:
         # the busiest rank receives `load` times the balanced share (moe.rank_load_factor)
         nbytes = tokens * layer.topk * layer.hidden * e * load
         # dispatch + combine, forward and backward (Megatron MoE README)
-        ep_s = 4 * float(comm.all_to_all_time_s(
-            nbytes, c.ep_link, inter_node_bytes_per_s=c.ep_link.rank_inter_bytes_per_s))
+        if plan.moe_dispatch == "deepep":  # once per destination node, not per expert (comm)
+            ep_s = 4 * float(comm.deduplicated_dispatch_time_s(
+                nbytes / layer.topk, layer.topk, c.ep_link, inter_node_bytes_per_s=c.ep_link.rank_inter_bytes_per_s))
+        else:
+            ep_s = 4 * float(comm.all_to_all_time_s(
+                nbytes, c.ep_link, inter_node_bytes_per_s=c.ep_link.rank_inter_bytes_per_s))
     frac = plan.offload.activations
     if frac > 0 and layer.trainable:
         # Activation offload: the layer's saved tensors go to the host during its forward and come back

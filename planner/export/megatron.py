@@ -112,6 +112,9 @@ def to_megatron(ctx: ExportContext) -> str:
         par.append(("--expert-model-parallel-size", p.ep))
         if p.etp is not None:  # None = TP size, Megatron's own default
             par.append(("--expert-tensor-parallel-size", p.etp))
+        if p.moe_dispatch == "deepep":
+            # Megatron-MoE-ModelZoo best_practice/DeepSeekV3: DeepEP through the flex token dispatcher
+            par += [("--moe-token-dispatcher-type", "flex"), ("--moe-enable-deepep", None)]
     if p.sp:
         par.append(("--sequence-parallel", None))
     if p.overlap_tp_comm:

@@ -57,6 +57,9 @@ def _check(ctx: ExportContext, launcher: str) -> None:
     if p.recompute_num_layers is not None:
         raise Unsupported(launcher, "recompute_num_layers", "torchtitan checkpoints every N-th block "
                           "(selective_ac_option = \"N\"), not the first N blocks of each stage")
+    if p.moe_dispatch == "deepep":
+        raise Unsupported(launcher, "moe_dispatch", "torchtitan 0.2.2 dispatches tokens with all-to-alls over the "
+                          "expert-parallel group; re-plan with moe_dispatch a2a, or export --to megatron")
     if p.ep > 1:
         etp = ctx.etp if launcher == LAUNCHER_TOML else 1
         shard = p.dp if p.zero >= 2 else 1

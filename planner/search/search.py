@@ -58,7 +58,7 @@ class RankedPlan:
             parts.append(f"cp{p.cp}" + (" ulysses" if p.cp_comm == "a2a" else ""))
         if p.ep > 1:
             parts.append(f"ep{p.ep}" + (f" etp{p.etp}" if p.etp else "")
-                         + (" tp-slice" if p.moe_dispatch == "tp_slice" else ""))
+                         + {"tp_slice": " tp-slice", "deepep": " deepep"}.get(p.moe_dispatch, ""))
         parts += [f"zero{p.zero}", f"mbs{p.mbs}"]
         rec = p.recompute if p.recompute_num_layers is None else f"full{p.recompute_num_layers}"
         if rec != "none":
@@ -161,7 +161,7 @@ def step_lower_bound(model: ModelGraph, cluster: Cluster, workload: Workload, pa
     rec = np.where(pa.recompute_num_layers >= 0, 0, pa.recompute)  # POLICIES[0] == "none"
     keys = np.stack([pa.pp, pa.dp, pa.tp, pa.cp, pa.ep, pa.etp, pa.sp, pa.mbs, pa.flash_attention, rec,
                      pa.num_microbatches, pa.overlap_tp_comm, pa.cp_a2a, pa.moe_tp_slice, pa.seq_chunks,
-                     pa.attention_pool],
+                     pa.attention_pool, pa.moe_deepep],
                     axis=1).astype(np.int64)
     uniq, inv = np.unique(keys, axis=0, return_inverse=True)
     inv = inv.reshape(-1)
@@ -179,7 +179,7 @@ def step_lower_bound(model: ModelGraph, cluster: Cluster, workload: Workload, pa
             recompute_num_layers=np.full(k, -1), schedule=np.full(k, SCHEDULES.index("1f1b")),
             flash_attention=u[:, 8], overlap_grad_reduce=np.zeros(k), offload_optimizer=np.zeros(k),
             offload_activations=np.zeros(k), overlap_tp_comm=u[:, 11], cp_a2a=u[:, 12], moe_tp_slice=u[:, 13],
-            seq_chunks=u[:, 14], attention_pool=u[:, 15])
+            seq_chunks=u[:, 14], attention_pool=u[:, 15], moe_deepep=u[:, 16])
         res = estimate_batch(model, proxies[pp], workload, proxy)
         out_u[rows] = res["pipeline_s"] / pp
     return out_u[inv]

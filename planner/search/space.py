@@ -88,7 +88,8 @@ class Constraints:
     cp_comm: tuple[str, ...] = ("ring", "a2a")  # context-parallel exchanges to try (a2a: Ulysses)
     # MoE token exchanges to try: a2a (dispatch/combine all-to-all over the ep group) and tp_slice (Pipeline
     # MoE: experts over the TP group, index slicing + the TP all-reduce); dense models take a2a alone
-    moe_dispatch: tuple[str, ...] = ("a2a", "tp_slice")
+    # deepep: DeepEP's node-deduplicated exchange, tried where the expert group spans nodes and routing is dropless
+    moe_dispatch: tuple[str, ...] = ("a2a", "tp_slice", "deepep")
     offload_activations: tuple[float, ...] = (0.0,)  # fractions of saved activations on the host to try
     # sequence chunks per micro-batch to try (ParallelPlan.seq_chunks: TeraPipe / Seq1F1B / SPPO pipelines),
     # e.g. (1, 2, 4, 8, 16); chunked plans need pp > 1, gpipe or 1f1b, flash attention and causal attention
@@ -123,8 +124,9 @@ class Constraints:
                 raise BadInput(f"activation offload fraction must be in [0, 1], got {f}")
         if not self.cp_comm or any(k not in ("ring", "a2a") for k in self.cp_comm):
             raise BadInput(f"cp_comm must be among ring, a2a; got {', '.join(self.cp_comm) or 'none'}")
-        if not self.moe_dispatch or any(k not in ("a2a", "tp_slice") for k in self.moe_dispatch):
-            raise BadInput(f"moe_dispatch must be among a2a, tp_slice; got {', '.join(self.moe_dispatch) or 'none'}")
+        if not self.moe_dispatch or any(k not in ("a2a", "tp_slice", "deepep") for k in self.moe_dispatch):
+            raise BadInput(f"moe_dispatch must be among a2a, tp_slice, deepep; got "
+                           f"{', '.join(self.moe_dispatch) or 'none'}")
 
 
 class EmptySpace(BadInput):
@@ -263,6 +265,16 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
         etp_eff = np.where(t.cols["etp"] > 0, t.cols["etp"], t.cols["tp"])
         t.keep(~ts | ((t.cols["tp"] > 1) & (t.cols["ep"] == t.cols["tp"]) & (etp_eff == 1)),
                "tp_slice (Pipeline MoE) with tp > 1, ep = tp and etp = 1")
+        # DeepEP (moe_dispatch deepep; comm.deduplicated_dispatch_time_s): only where the expert group spans
+        # nodes (inside one it is the all-to-all) and routing is dropless (estimate._check_deepep)
+        deepep_ok = "deepep" in c.moe_dispatch and workload.moe_capacity_factor is None
+        t.join("moe_deepep", np.array(sorted({False} | ({True} if deepep_ok else set()))))
+        dd = t.cols["moe_deepep"]
+        etp_eff = np.where(t.cols["etp"] > 0, t.cols["etp"], t.cols["tp"])
+        t.keep(~dd | (~t.cols["moe_tp_slice"] & (t.cols["ep"] * etp_eff > per_node)),
+               "deepep with an expert group spanning nodes")
+        if "a2a" not in c.moe_dispatch:
+            t.keep(t.cols["moe_tp_slice"] | dd, "moe_dispatch without a2a")
         if c.fold is False:
             # without folding Megatron nests the expert group in the data-parallel group: etp = tp, ep | dp*cp.
             # tp_slice is Pipeline MoE's own layout (experts over the TP group, no all-to-all), kept apart.
@@ -277,6 +289,7 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
         t.cols["ep"] = np.ones(len(t), dtype=np.int64)
         t.cols["etp"] = np.zeros(len(t), dtype=np.int64)
         t.cols["moe_tp_slice"] = np.zeros(len(t), dtype=bool)
+        t.cols["moe_deepep"] = np.zeros(len(t), dtype=bool)
 
     # --- micro-batch size: mbs * dp | gbs ----------------------------------------------------------------
     mbs_o = [m for m in divisors(gbs) if c.max_mbs is None or m <= c.max_mbs] if c.mbs is None else [c.mbs]
@@ -355,7 +368,7 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
         flash_attention=np.full(P, c.flash_attention), overlap_grad_reduce=np.full(P, c.overlap_grad_reduce),
         offload_optimizer=cols["offload_optimizer"], offload_activations=cols["offload_activations"],
         overlap_tp_comm=np.full(P, c.overlap_tp_comm), cp_a2a=cols["cp_a2a"], moe_tp_slice=cols["moe_tp_slice"],
-        seq_chunks=cols["seq_chunks"], attention_pool=cols["attention_pool"])
+        moe_deepep=cols["moe_deepep"], seq_chunks=cols["seq_chunks"], attention_pool=cols["attention_pool"])
     return Space(plans=plans, filters=t.log)
 
 
