@@ -135,12 +135,22 @@ def _hardware_catalog() -> dict[str, dict[str, BaseModel]]:
                 if obj.name in catalog[section]:
                     raise BadInput(f"{path}: {section[:-1]} '{obj.name}' is defined twice")
                 catalog[section][obj.name] = obj
-    _apply_fitted_efficiency(root / FITTED_EFFICIENCY_FILE, catalog["devices"])
+    _apply_fitted_efficiency(root / FITTED_EFFICIENCY_FILE, catalog["devices"], devices_too=_DEVICE_FIT[0])
     return catalog
 
 
 FITTED_EFFICIENCY_FILE = "fitted_efficiency.yaml"
 _STACK_FITS: dict[str, dict[str, dict]] = {}
+_DEVICE_FIT = [True]
+
+
+def use_device_fit(on: bool) -> None:
+    """Whether devices carry the fitted efficiencies (the default) or their datasheet / measured profile
+    values alone. planner.fit turns it off, so that a refit, its starting point and its leave-one-source-out
+    figures never see the previous fit's numbers (which were fitted on the very rows held out)."""
+    if _DEVICE_FIT[0] != on:
+        _DEVICE_FIT[0] = on
+        _hardware_catalog.cache_clear()
 
 
 def stack_efficiency(stack: str, device_name: str) -> dict:
@@ -149,16 +159,17 @@ def stack_efficiency(stack: str, device_name: str) -> dict:
     return dict(_STACK_FITS.get(stack, {}).get(device_name, {}))
 
 
-def _apply_fitted_efficiency(path: Path, devices: dict) -> None:
+def _apply_fitted_efficiency(path: Path, devices: dict, devices_too: bool = True) -> None:
     """Overlay the efficiencies `python -m planner.fit --write` fitted on published runs; the
-    datasheet files stay as published, the fit stays regenerable, and its provenance is kept."""
+    datasheet files stay as published, the fit stays regenerable, and its provenance is kept. The
+    per-stack fits are always read; the per-device ones only with devices_too (use_device_fit)."""
     if not path.exists():
         return
     doc = read_data_file(path) or {}
     _STACK_FITS.clear()
     for stack, fit in (doc.get("stacks") or {}).items():
         _STACK_FITS[stack] = fit.get("devices") or {}
-    for name, values in (doc.get("devices") or {}).items():
+    for name, values in ((doc.get("devices") or {}) if devices_too else {}).items():
         if name not in devices:
             raise BadInput(f"{path}: fitted device '{name}' is not in the catalog")
         dev = devices[name]

@@ -203,8 +203,10 @@ def main(argv=None) -> int:
     import argparse
     import json
 
-    from planner.catalog import device, profiles_dir
+    from planner.catalog import device, profiles_dir, use_device_fit
 
+    # start from the profiles' own values: the previous fit was made on these rows (catalog.use_device_fit)
+    use_device_fit(False)
     ap = argparse.ArgumentParser(description="fit device efficiencies on a published-runs table")
     ap.add_argument("--runs", required=True)
     ap.add_argument("--params", default=",".join(PARAMS),

@@ -284,3 +284,22 @@ def test_cli_profiles_list_json_has_every_design_name():
     assert set(DESIGN_DEVICES) <= set(listed["devices"])
     assert set(DESIGN_LINKS) <= set(listed["links"])
     assert set(DESIGN_CLUSTERS) <= set(listed["clusters"])
+
+
+def test_device_fit_can_be_switched_off_for_a_refit():
+    """planner.fit starts from the profiles' own values (catalog.use_device_fit(False)): the fitted overlay
+    is the only thing that changes, and switching back restores it."""
+    import yaml
+
+    fitted = yaml.safe_load((catalog.profiles_dir() / catalog.FITTED_EFFICIENCY_FILE).read_text())["devices"]
+    name, values = sorted(fitted.items())[0]
+    on = catalog.device(name).efficiency
+    try:
+        catalog.use_device_fit(False)
+        off = catalog.device(name).efficiency
+    finally:
+        catalog.use_device_fit(True)
+    assert on.source.startswith("fitted") and not off.source.startswith("fitted")
+    assert all(getattr(on, k) == pytest.approx(v) for k, v in values.items())
+    assert on.model_dump(exclude={"source", *values}) == off.model_dump(exclude={"source", *values})
+    assert catalog.device(name).efficiency == on
