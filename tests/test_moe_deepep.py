@@ -149,3 +149,13 @@ def test_exporters():
     for fmt in ("torchtitan", "deepspeed"):
         with pytest.raises(Unsupported):
             export_text(ctx, fmt)
+
+
+def test_cli_refusals_are_one_line(run_cli):
+    rc, out, err = run_cli("plan", "--model", "qwen3-30b-a3b", "--cluster", "dgx-h100", "--nodes", "1", "--gbs", "64",
+                           "--seq", "4096", "--moe-dispatch", "deepep")
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "deepep" in err and "spanning nodes" in err
+    rc, out, err = run_cli("plan", "--model", "llama3-8b", "--cluster", "dgx-h100", "--nodes", "2", "--gbs", "64",
+                           "--seq", "4096", "--moe-dispatch", "deepep")
+    assert rc == 2 and "moe_dispatch deepep: model llama3-8b has no MoE layers" in err

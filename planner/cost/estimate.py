@@ -411,7 +411,8 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
         # why DeepEP: the fabric carries one copy per destination node, not one per expert (comm)
         k = max(layer.topk for layer in model.layers if layer.kind == "moe")
         why += (f"; MoE deepep: each token crosses the fabric to {comm.remote_nodes_per_token(k, ep_link.nodes):.1f} "
-                f"of the {ep_link.nodes - 1} other nodes of its expert group, where an all-to-all sends "
+                f"of the {ep_link.nodes - 1} other node{'s' if ep_link.nodes > 2 else ''} of its expert group, "
+                f"where an all-to-all sends "
                 f"{k * (ep_link.nodes - 1) / ep_link.nodes:.1f} copies")
     return Estimate(
         step_time_s=step, tokens_per_s=tokens / step, mfu=mfu, hfu=hfu,

@@ -274,7 +274,10 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
         t.keep(~dd | (~t.cols["moe_tp_slice"] & (t.cols["ep"] * etp_eff > per_node)),
                "deepep with an expert group spanning nodes")
         if "a2a" not in c.moe_dispatch:
-            t.keep(t.cols["moe_tp_slice"] | dd, "moe_dispatch without a2a")
+            t.keep(t.cols["moe_tp_slice"] | t.cols["moe_deepep"],
+                   f"--moe-dispatch {' or '.join(c.moe_dispatch)}" + (
+                       " (deepep: an expert group spanning nodes, dropless routing)" if "deepep" in c.moe_dispatch
+                       else ""))
         if c.fold is False:
             # without folding Megatron nests the expert group in the data-parallel group: etp = tp, ep | dp*cp.
             # tp_slice is Pipeline MoE's own layout (experts over the TP group, no all-to-all), kept apart.
@@ -285,7 +288,7 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
         if c.ep not in (None, 1):
             raise EmptySpace(f"--ep {c.ep}: model {model.name} has no MoE layers")
         if "a2a" not in c.moe_dispatch:
-            raise EmptySpace(f"moe_dispatch tp_slice: model {model.name} has no MoE layers")
+            raise EmptySpace(f"moe_dispatch {' or '.join(c.moe_dispatch)}: model {model.name} has no MoE layers")
         t.cols["ep"] = np.ones(len(t), dtype=np.int64)
         t.cols["etp"] = np.zeros(len(t), dtype=np.int64)
         t.cols["moe_tp_slice"] = np.zeros(len(t), dtype=bool)
