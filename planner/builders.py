@@ -24,6 +24,11 @@ class MoEConfig(BaseModel):
     router_bias: bool = False  # DeepSeek-V3's e_score_correction_bias
     dense_layers_first: NonNegativeInt = 0  # DeepSeek-V3: the first 3 blocks keep a dense MLP
     every: PositiveInt = 1  # a MoE block every `every` blocks (Qwen2-MoE decoder_sparse_step)
+    # Group-limited routing (DeepSeek-V2 section 2.1.3 device-limited, DeepSeek-V3 section 2.1.2 node-limited;
+    # HF n_group / topk_group, Megatron --moe-router-num-groups / --moe-router-group-topk): the experts fall
+    # into route_groups equal groups and a token's topk experts come from its best route_topk_groups groups.
+    route_groups: NonNegativeInt = 0
+    route_topk_groups: NonNegativeInt = 0
 
     @model_validator(mode="after")
     def _check(self) -> MoEConfig:
@@ -31,6 +36,9 @@ class MoEConfig(BaseModel):
             raise ValueError(f"topk {self.topk} exceeds experts {self.experts}")
         if self.shared_experts and not self.shared_ffn_hidden:
             raise ValueError("shared_experts given without shared_ffn_hidden")
+        if self.route_groups and (self.experts % self.route_groups or not 0 < self.route_topk_groups <= self.route_groups):
+            raise ValueError(f"route_groups {self.route_groups} must divide the {self.experts} experts and "
+                             f"route_topk_groups ({self.route_topk_groups}) be 1..route_groups")
         return self
 
 
@@ -90,7 +98,8 @@ def build_transformer(cfg: TransformerConfig) -> ModelGraph:
                 name=f"block{i}.moe", kind="moe", block=i, ffn_hidden=moe.ffn_hidden, gated=cfg.gated_mlp,
                 experts=moe.experts, topk=moe.topk, shared_experts=moe.shared_experts,
                 shared_ffn_hidden=moe.shared_ffn_hidden, shared_expert_gate=moe.shared_expert_gate,
-                router_bias=moe.router_bias, **common))
+                router_bias=moe.router_bias, route_groups=moe.route_groups, route_topk_groups=moe.route_topk_groups,
+                **common))
         else:
             layers.append(Layer(name=f"block{i}.mlp", kind="mlp", block=i, ffn_hidden=cfg.ffn_hidden,
                                 gated=cfg.gated_mlp, **common))

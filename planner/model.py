@@ -56,6 +56,8 @@ class Layer(BaseModel):
     shared_ffn_hidden: int = 0
     shared_expert_gate: bool = False
     router_bias: bool = False
+    route_groups: int = 0  # group-limited routing (builders.MoEConfig); 0: any expert
+    route_topk_groups: int = 0
     # embedding / head
     vocab: int = 0
     positions: int = 0  # learned absolute position table rows (GPT-2); 0 for rotary

@@ -44,6 +44,22 @@ def test_remote_nodes_per_token_matches_a_monte_carlo_draw(topk, nodes):
     assert comm.remote_nodes_per_token(topk, 1) == 0.0
 
 
+@pytest.mark.parametrize("topk,nodes,groups,topk_groups", [(8, 8, 8, 4), (8, 8, 64, 3), (6, 4, 8, 3), (8, 2, 8, 4)])
+def test_group_limited_routing_matches_a_monte_carlo_draw(topk, nodes, groups, topk_groups):
+    # DeepSeek-V3's node-limited routing: groups laid out whole on nodes, a token's experts from its best
+    # topk_groups groups (uniform here, by symmetry)
+    rng = np.random.default_rng(1)
+    draws = 100_000
+    chosen = np.argsort(rng.random((draws, groups)), axis=1)[:, :topk_groups]
+    picks = chosen[np.arange(draws)[:, None], rng.integers(0, topk_groups, size=(draws, topk))]
+    node = picks // (groups // nodes)
+    own = rng.integers(0, nodes, size=draws)
+    remote = np.array([len(set(r) - {o}) for r, o in zip(node.tolist(), own.tolist())])
+    got = comm.remote_nodes_per_token(topk, nodes, groups, topk_groups)
+    assert got == pytest.approx(remote.mean(), rel=0.01)
+    assert got <= comm.remote_nodes_per_token(topk, nodes) + 1e-12
+
+
 def test_hand_computed_dispatch_time():
     # 16 ranks on 2 nodes, top-2: a token reaches the other node with probability 1 - (1/2)^2 = 0.75. Off the
     # node 0.75 copies x 1 MB at 50 GB/s = 15 us; inside, 2 copies x (8/16 - 1/16) x 1 MB at 400 GB/s = 2.19 us
@@ -159,3 +175,28 @@ def test_cli_refusals_are_one_line(run_cli):
     rc, out, err = run_cli("plan", "--model", "llama3-8b", "--cluster", "dgx-h100", "--nodes", "2", "--gbs", "64",
                            "--seq", "4096", "--moe-dispatch", "deepep")
     assert rc == 2 and "moe_dispatch deepep: model llama3-8b has no MoE layers" in err
+
+
+def test_all_to_all_plans_dropped_where_deepep_is_offered_are_never_faster():
+    # the space keeps only the deepep variant of a plan whose expert group spans nodes; that is exact only if
+    # no such all-to-all plan beats its deepep twin, in time or memory
+    m, c = moe_model(), load_cluster("dgx-h100", 2)
+    w = Workload(global_batch=32, seq_len=2048)
+    cons = Constraints(max_pp=2, cp=1, zero=1, max_mbs=2)
+    a2a = enumerate_space(m, c, w, Constraints(**{**cons.__dict__, "moe_dispatch": ("a2a",)})).plans
+    etp = np.where(a2a.etp > 0, a2a.etp, a2a.tp)
+    spans = np.flatnonzero(a2a.ep * etp > 8)
+    assert len(spans) > 10
+    base = estimate_batch(m, c, w, a2a.take(spans))
+    twin = a2a.take(spans)
+    twin.moe_deepep = np.ones(len(spans), dtype=bool)
+    dd = estimate_batch(m, c, w, twin)
+    assert np.all(dd["step_time_s"] <= base["step_time_s"] * (1 + REL))
+    assert np.mean(dd["step_time_s"] < base["step_time_s"]) > 0.5  # equal where the NVLink leg is the slower
+    np.testing.assert_array_equal(dd["peak_memory_bytes"], base["peak_memory_bytes"])
+    full = enumerate_space(m, c, w, cons).plans
+    etp_f = np.where(full.etp > 0, full.etp, full.tp)
+    assert not np.any(~full.moe_deepep & ~full.moe_tp_slice & (full.ep * etp_f > 8))
+    best = search(m, c, w, cons, top_k=1).plans[0].estimate.step_time_s
+    assert best <= search(m, c, w, Constraints(**{**cons.__dict__, "moe_dispatch": ("a2a",)}),
+                          top_k=1).plans[0].estimate.step_time_s

@@ -24,6 +24,7 @@ bandwidth time is exactly `wire_bytes / link.bus_bytes_per_s` (that is how busbw
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -201,18 +202,39 @@ def all_to_all_time_s(nbytes, link: CollectiveLink, *, base_latency_s: float | N
     return _finish(lat + bw_time, s, link, nbytes)
 
 
-def remote_nodes_per_token(topk: int, nodes) -> np.ndarray | float:
+def _distinct_nodes(topk: int, nodes: int, groups: int, topk_groups: int) -> float:
+    n = int(nodes)
+    if n <= 1:
+        return float(n)
+    if groups and topk_groups < groups and groups % n == 0:
+        # r groups per node; the token's topk_groups groups hold j of a node's r with hypergeometric odds,
+        # and each of its k experts lies in one of those groups (uniformly)
+        r = groups // n
+        total = math.comb(groups, topk_groups)
+        touched = sum(math.comb(r, j) * math.comb(groups - r, topk_groups - j) / total
+                      * (1 - (1 - j / topk_groups) ** topk) for j in range(1, min(r, topk_groups) + 1))
+        return n * touched
+    return n * (1 - (1 - 1 / n) ** topk)
+
+
+def remote_nodes_per_token(topk: int, nodes, groups: int = 0, topk_groups: int = 0) -> np.ndarray | float:
     """Expected number of other nodes one token's top-k experts live on, the experts spread evenly over
-    `nodes` nodes and chosen independently: each other node holds none of the k with probability
-    (1 - 1/N)^k, so (N - 1) (1 - (1 - 1/N)^k) (Δ: our model; with replacement, which slightly overcounts
-    repeats; routing limited to M nodes, DeepSeek-V3 section 2.1.2, would cap it further)."""
-    n = np.asarray(nodes, dtype=float)
-    out = np.where(n > 1, (n - 1) * (1 - (1 - 1 / np.maximum(n, 1)) ** topk), 0.0)
+    `nodes` nodes and chosen independently: a node holds none of the k with probability (1 - 1/N)^k, so
+    N (1 - (1 - 1/N)^k) nodes are touched, and by symmetry (N - 1)/N of them are not the token's own
+    (Δ: our model; with replacement, which slightly overcounts repeats). Group-limited routing
+    (DeepSeek-V3 section 2.1.2: each token reaches at most topk_groups of `groups` expert groups, the groups
+    laid out whole on nodes) touches fewer: a node holding j of the token's groups is touched with
+    probability 1 - (1 - j/topk_groups)^k, j hypergeometric. Groups that do not divide evenly over the nodes
+    are treated as unlimited routing (more nodes, so a slower exchange)."""
+    f = np.vectorize(lambda n: _distinct_nodes(topk, n, groups, topk_groups) * (n - 1) / n if n > 1 else 0.0,
+                     otypes=[float])
+    out = f(np.asarray(nodes))
     return float(out) if out.ndim == 0 else out
 
 
 def deduplicated_dispatch_time_s(copy_bytes, topk: int, link: CollectiveLink, *,
-                                 inter_node_bytes_per_s: float | None = None, base_latency_s: float | None = None):
+                                 inter_node_bytes_per_s: float | None = None, base_latency_s: float | None = None,
+                                 groups: int = 0, topk_groups: int = 0):
     """MoE dispatch (or combine) with DeepEP's node-deduplicated exchange (DeepSeek-V3 report section 3.2.2;
     deepseek-ai/DeepEP; Megatron --moe-token-dispatcher-type flex --moe-enable-deepep): a token crosses the
     fabric once per destination node, then NVLink forwards it to the experts there, instead of once per
@@ -228,7 +250,7 @@ def deduplicated_dispatch_time_s(copy_bytes, topk: int, link: CollectiveLink, *,
     base = NCCL_RING_BASE_LATENCY_S if base_latency_s is None else base_latency_s
     lat = base + (n - 1) * link.latency_s
     intra = (n / nodes - 1) / n * s * topk / link.bus_bytes_per_s
-    inter = remote_nodes_per_token(topk, nodes) * s / inter_node_bytes_per_s
+    inter = remote_nodes_per_token(topk, nodes, groups, topk_groups) * s / inter_node_bytes_per_s
     return _finish(lat + np.maximum(intra, inter), s, link, copy_bytes)
 
 

@@ -409,8 +409,10 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
                 f"ranks, tokens picked by index and combined by the TP all-reduce, no expert all-to-all")
     if fits and plan.moe_dispatch == "deepep" and ep_link is not None and ep_link.nodes > 1:
         # why DeepEP: the fabric carries one copy per destination node, not one per expert (comm)
-        k = max(layer.topk for layer in model.layers if layer.kind == "moe")
-        why += (f"; MoE deepep: each token crosses the fabric to {comm.remote_nodes_per_token(k, ep_link.nodes):.1f} "
+        moe_l = max((layer for layer in model.layers if layer.kind == "moe"), key=lambda layer: layer.topk)
+        k = moe_l.topk
+        remote = comm.remote_nodes_per_token(k, ep_link.nodes, moe_l.route_groups, moe_l.route_topk_groups)
+        why += (f"; MoE deepep: each token crosses the fabric to {remote:.1f} "
                 f"of the {ep_link.nodes - 1} other node{'s' if ep_link.nodes > 2 else ''} of its expert group, "
                 f"where an all-to-all sends "
                 f"{k * (ep_link.nodes - 1) / ep_link.nodes:.1f} copies")

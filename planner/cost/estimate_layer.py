@@ -141,7 +141,8 @@ def _layer_step(layer: Layer, policy: str, c: _Ctx) -> _LayerStep:
         # dispatch + combine, forward and backward (Megatron MoE README)
         if plan.moe_dispatch == "deepep":  # once per destination node, not per expert (comm)
             ep_s = 4 * float(comm.deduplicated_dispatch_time_s(
-                nbytes / layer.topk, layer.topk, c.ep_link, inter_node_bytes_per_s=c.ep_link.rank_inter_bytes_per_s))
+                nbytes / layer.topk, layer.topk, c.ep_link, inter_node_bytes_per_s=c.ep_link.rank_inter_bytes_per_s,
+                groups=layer.route_groups, topk_groups=layer.route_topk_groups))
         else:
             ep_s = 4 * float(comm.all_to_all_time_s(
                 nbytes, c.ep_link, inter_node_bytes_per_s=c.ep_link.rank_inter_bytes_per_s))

@@ -85,7 +85,9 @@ def hf_to_transformer(cfg: dict, where: str, name: str | None = None) -> Transfo
                     experts=need("n_routed_experts"), topk=need("num_experts_per_tok"),
                     ffn_hidden=need("moe_intermediate_size"), shared_experts=shared,
                     shared_ffn_hidden=need("moe_intermediate_size") * 1 if shared else 0,
-                    router_bias=mt == "deepseek_v3", dense_layers_first=cfg.get("first_k_dense_replace", 0))
+                    router_bias=mt == "deepseek_v3", dense_layers_first=cfg.get("first_k_dense_replace", 0),
+                    route_groups=cfg.get("n_group") or 0,
+                    route_topk_groups=(cfg.get("topk_group") or 0) if cfg.get("n_group") else 0)
         return TransformerConfig(name=name, source=src, **fields)
     except ValidationError as e:
         raise BadInput(validation_message(e, where)) from None
