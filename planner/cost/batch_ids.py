@@ -8,11 +8,26 @@ from __future__ import annotations
 import numpy as np
 
 
+def _dense_rank(c: np.ndarray) -> np.ndarray:
+    """Each value's rank among the column's distinct values (>= 0): a lookup table when the values are small,
+    np.unique's inverse otherwise."""
+    top = int(c.max())
+    if top < 1 << 22:
+        present = np.zeros(top + 1, dtype=np.int64)
+        present[c] = 1
+        return (np.cumsum(present) - 1)[c]
+    return np.unique(c, return_inverse=True)[1].reshape(-1)
+
+
 def _row_ids(cols: list) -> tuple[np.ndarray, np.ndarray]:
     """(first row of each distinct row, id of every row's distinct row) for integer columns >= 0, with the
     distinct rows in lexicographic order (the first column most significant)."""
     cols = [np.asarray(c, dtype=np.int64) for c in cols]
     bits = [max(1, int(c.max()).bit_length()) if len(c) else 1 for c in cols]
+    if sum(bits) > 62 and len(cols[0]):
+        # too wide to pack: rank each column among its own few distinct values first (order-preserving)
+        cols = [_dense_rank(c) if int(c.min()) >= 0 else c for c in cols]
+        bits = [max(1, int(c.max()).bit_length()) for c in cols]
     if sum(bits) <= 62 and all(int(c.min()) >= 0 for c in cols if len(c)):
         key = np.zeros(len(cols[0]), dtype=np.int64)
         for c, nb in zip(cols, bits):

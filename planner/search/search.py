@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planner.cost.batch import SCHEDULES, PlanArrays, estimate_batch
+from planner.cost.batch_ids import _row_ids
 from planner.cost.estimate import estimate, split_chunks
 from planner.errors import BadInput, Infeasible
 from planner.hardware import Cluster
@@ -163,8 +164,8 @@ def step_lower_bound(model: ModelGraph, cluster: Cluster, workload: Workload, pa
                      pa.num_microbatches, pa.overlap_tp_comm, pa.cp_a2a, pa.moe_tp_slice, pa.seq_chunks,
                      pa.attention_pool, pa.moe_deepep],
                     axis=1).astype(np.int64)
-    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-    inv = inv.reshape(-1)
+    first, inv = _row_ids(list(keys.T))  # np.unique(axis=0)'s rows without its structured sort
+    uniq = keys[first]
     out_u = np.empty(len(uniq))
     for pp in np.unique(uniq[:, 0]).tolist():
         rows = np.flatnonzero(uniq[:, 0] == pp)
