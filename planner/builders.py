@@ -36,9 +36,10 @@ class MoEConfig(BaseModel):
             raise ValueError(f"topk {self.topk} exceeds experts {self.experts}")
         if self.shared_experts and not self.shared_ffn_hidden:
             raise ValueError("shared_experts given without shared_ffn_hidden")
-        if self.route_groups and (self.experts % self.route_groups or not 0 < self.route_topk_groups <= self.route_groups):
-            raise ValueError(f"route_groups {self.route_groups} must divide the {self.experts} experts and "
-                             f"route_topk_groups ({self.route_topk_groups}) be 1..route_groups")
+        g, tg = self.route_groups, self.route_topk_groups
+        if g and (self.experts % g or not 0 < tg <= g):
+            raise ValueError(f"route_groups (HF n_group) {g} must divide the {self.experts} experts, "
+                             f"and route_topk_groups (HF topk_group) {tg} be 1..{g}")
         return self
 
 

@@ -200,13 +200,22 @@ def _write_markdown(report: dict, path: Path, runs: str, command: str, marker: s
 
 
 def main(argv=None) -> int:
-    import argparse
-    import json
-
-    from planner.catalog import device, profiles_dir, use_device_fit
+    from planner.catalog import use_device_fit
 
     # start from the profiles' own values: the previous fit was made on these rows (catalog.use_device_fit)
     use_device_fit(False)
+    try:
+        return _main(argv)
+    finally:
+        use_device_fit(True)
+
+
+def _main(argv) -> int:
+    import argparse
+    import json
+
+    from planner.catalog import device, profiles_dir
+
     ap = argparse.ArgumentParser(description="fit device efficiencies on a published-runs table")
     ap.add_argument("--runs", required=True)
     ap.add_argument("--params", default=",".join(PARAMS),

@@ -9,18 +9,17 @@ output against estimate() within rel 1e-9, `fits` exactly.
 """
 from __future__ import annotations
 
-import math
 import os
 from functools import lru_cache
 
 import numpy as np
 import pytest
+import batch_checks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planner.catalog import load_cluster
 from planner.cost.batch import OUTPUTS, PlanArrays, estimate_batch
-from planner.cost.estimate import estimate
 from planner.errors import BadInput
 from planner.importers import load_model
 from planner.plan import OffloadPolicy, ParallelPlan, StageAssignment, Workload
@@ -31,7 +30,6 @@ EXAMPLES = int(os.environ.get("BATCH_EXAMPLES", "50"))
 PROPS = settings(max_examples=EXAMPLES, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 REL = 1e-9
-BREAKDOWN = ("pp_comm_s", "dp_comm_exposed_s", "optimizer_s", "offload_s")
 
 
 @lru_cache(maxsize=None)
@@ -113,15 +111,7 @@ def batches(draw):
 
 
 def assert_equal_to_scalar(name, nodes, workload, plans, got):
-    for i, plan in enumerate(plans):
-        want = estimate(model(name), cluster(nodes), workload, plan)
-        for k in ("step_time_s", "tokens_per_s", "mfu", "hfu", "peak_memory_bytes"):
-            assert math.isclose(got[k][i], getattr(want, k), rel_tol=REL, abs_tol=1e-300), (i, k, plan, got[k][i],
-                                                                                           getattr(want, k))
-        for k in BREAKDOWN:
-            assert math.isclose(got[k][i], want.breakdown[k], rel_tol=REL, abs_tol=1e-300), (
-                i, k, plan, got[k][i], want.breakdown[k])
-        assert bool(got["fits"][i]) == want.fits, (i, plan)
+    batch_checks.assert_equal_to_scalar(model(name), cluster(nodes), workload, plans, got)
 
 
 @PROPS

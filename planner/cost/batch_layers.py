@@ -128,7 +128,8 @@ def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, seq_len, r
                     link = _collective(cluster, 0, t, ep)
                     if deepep:  # estimate._layer_step: once per destination node
                         ep_s[mk] = 4 * comm.deduplicated_dispatch_time_s(
-                            nbytes[mk] / layer.topk, layer.topk, link, inter_node_bytes_per_s=link.rank_inter_bytes_per_s,
+                            nbytes[mk] / layer.topk, layer.topk, link,
+                            inter_node_bytes_per_s=link.rank_inter_bytes_per_s,
                             groups=layer.route_groups, topk_groups=layer.route_topk_groups)
                     else:
                         ep_s[mk] = 4 * comm.all_to_all_time_s(nbytes[mk], link,

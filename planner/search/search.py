@@ -32,7 +32,7 @@ from planner.errors import BadInput, Infeasible
 from planner.hardware import Cluster
 from planner.model import ModelGraph
 from planner.plan import Estimate, ParallelPlan, Workload
-from planner.search.space import Constraints, enumerate_space, memory_lower_bound
+from planner.search.space import Constraints, default_max_cp, enumerate_space, memory_lower_bound
 
 # Relative slack on both bounds: they are sums of the same terms in another order, so they may exceed the
 # exact value by a few ulps; pruning only beyond this keeps the search exact.
@@ -392,7 +392,8 @@ def _suggestions(model, cluster, workload, constraints) -> list[str]:
     # what the space left out: activation offload, sequence chunks, a wider cp, a degree the user fixed
     relaxations = [("--offload-activations", {"offload_activations": (0.0, 0.5, 0.75, 1.0)}),
                    ("--seq-chunks 2,4,8,16", {"seq_chunks": (1, 2, 4, 8, 16)})]
-    if constraints.max_cp is not None and constraints.cp is None:
+    cap = constraints.max_cp if constraints.max_cp is not None else default_max_cp(workload.seq_len)
+    if constraints.cp is None and cap < cluster.device_count:
         relaxations.append((f"--max-cp {cluster.device_count}", {"max_cp": cluster.device_count}))
     relaxations += [(f"without --{k} {getattr(constraints, k)}", {k: None}) for k in ("tp", "pp", "cp")
                     if getattr(constraints, k) is not None]
@@ -435,7 +436,7 @@ def search_row(row: dict, top_k: int = 1) -> dict:
     p = pub.plan
     published = estimate(model, cluster, workload, p)
     c = Constraints(allow_cross_node_tp=p.tp > cluster.devices_per_node, partial_recompute=True,
-                    max_vpp=max(8, p.vpp), max_cp=max(16, p.cp), max_mbs=max(16, p.mbs),
+                    max_vpp=max(8, p.vpp), max_cp=max(default_max_cp(workload.seq_len), p.cp), max_mbs=max(16, p.mbs),
                     flash_attention=p.flash_attention, overlap_grad_reduce=p.overlap_grad_reduce,
                     overlap_tp_comm=getattr(p, "overlap_tp_comm", False))
     try:

@@ -270,16 +270,12 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
         # nodes (inside one it is the all-to-all) and routing is dropless (estimate._check_deepep)
         deepep_ok = "deepep" in c.moe_dispatch and workload.moe_capacity_factor is None
         t.join("moe_deepep", np.array(sorted({False} | ({True} if deepep_ok else set()))))
-        dd = t.cols["moe_deepep"]
         etp_eff = np.where(t.cols["etp"] > 0, t.cols["etp"], t.cols["tp"])
-        t.keep(~dd | (~t.cols["moe_tp_slice"] & (t.cols["ep"] * etp_eff > per_node)),
-               "deepep with an expert group spanning nodes")
-        if deepep_ok:
-            # where DeepEP is offered the all-to-all is never faster (same memory, no more bytes off the node:
-            # tests/test_moe_deepep.py), so its plans would only crowd the space
-            etp_eff = np.where(t.cols["etp"] > 0, t.cols["etp"], t.cols["tp"])
-            spans = ~t.cols["moe_tp_slice"] & (t.cols["ep"] * etp_eff > per_node)
-            t.keep(t.cols["moe_deepep"] | ~spans, "no all-to-all where deepep is offered (never faster)")
+        spans = ~t.cols["moe_tp_slice"] & (t.cols["ep"] * etp_eff > per_node)  # an all-to-all group off the node
+        # where DeepEP is offered the all-to-all is never faster (same memory, no more bytes off the node:
+        # tests/test_moe_deepep.py), so those plans would only crowd the space
+        t.keep(np.where(t.cols["moe_deepep"], spans, ~(spans & deepep_ok)),
+               "deepep exactly where an expert group spans nodes (there the all-to-all is never faster)")
         if "a2a" not in c.moe_dispatch:
             t.keep(t.cols["moe_tp_slice"] | t.cols["moe_deepep"],
                    f"--moe-dispatch {' or '.join(c.moe_dispatch)}" + (
