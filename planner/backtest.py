@@ -7,7 +7,10 @@ vendor recipe is; the row says which values were assumed.
 """
 from __future__ import annotations
 
+import csv
+import io
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +18,8 @@ from planner.builders import MoEConfig, TransformerConfig, build_transformer
 from planner.catalog import load_cluster, stack_efficiency
 from planner.cost.estimate import estimate
 from planner.errors import BadInput, PlannerError
+from planner.files import read_input
+from planner.limits import MAX_GLOBAL_BATCH, MAX_MICROBATCHES, MAX_SEQ_LEN
 from planner.model import MLA
 from planner.plan import Estimate, ParallelPlan, Workload
 
@@ -57,6 +62,194 @@ def _num(row, key, default=None):
     return v
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Reading a runs table: every cell is read as text and checked against its column's rule, row by row, so a
+# bad cell costs its own row (skipped, with the column and value named) and never the rest of the table.
+
+# Far above any published table (the two reference tables have 98 and 1,440 rows; one row takes about 4 ms
+# to predict, so this many is a run of minutes), small enough that a runaway file is refused at once.
+MAX_ROWS = 100_000
+# Sane ranges of the size columns: each well above the largest model or cluster published (GPT 1T: 128
+# layers, hidden 25,600, 160 heads; DeepSeek-V3: 256 experts; 16k-device clusters) and below what the
+# cost model can represent without building absurd objects (one per device, one per micro-batch).
+# seq_len, global_batch and micro-batches per step are held to the planner's own caps (planner.limits).
+MAX_LAYERS = 1_000
+MAX_HIDDEN = 2**17
+MAX_HEADS = 2**12
+MAX_FFN_HIDDEN = 2**20
+MAX_VOCAB = 2**24
+MAX_EXPERTS = 2**14
+# 4x the largest published run (Llama 3 405B on 16,384 H100s, Dubey et al. 2024 section 3.3); the
+# cluster model builds one object per device, so a row this size already takes seconds (tighter than
+# limits.MAX_DEVICES: a table holds many rows, a plan one cluster).
+MAX_ROW_DEVICES = 2**16
+MAX_DEVICES_PER_NODE = 1_024
+MAX_TOTAL_PARAMS_B = 10**5  # billions of parameters
+
+ARCHES = ("gpt", "llama", "mixtral", "qwen-moe", "deepseek-moe", "other")
+PRECISIONS = ("bf16", "fp16", "fp8", "fp32", "unknown")
+RECOMPUTES = ("none", "selective", "full", "unknown")
+FLOPS_CONVENTIONS = ("model", "hardware", "unknown")
+# ASCII digits only: float() also takes other scripts' digits and "1_000", which no table means
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+@dataclass(frozen=True)
+class Col:
+    """How one column is read: kind int / float (finite, > 0) / bool (0 or 1) / enum / text (non-empty) /
+    free (anything, never read by the model); `required` refuses an empty cell; [lo, hi] is the sane range."""
+    kind: str
+    required: bool = False
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple = ()
+
+
+def _pos_int(hi, required=False):
+    return Col("int", required, 1, hi)
+
+
+COLUMNS: dict[str, Col] = {
+    "id": Col("text", True), "source_code": Col("text", True), "model": Col("free"),
+    "arch": Col("enum", True, choices=ARCHES),
+    "layers": _pos_int(MAX_LAYERS, True), "hidden": _pos_int(MAX_HIDDEN, True), "heads": _pos_int(MAX_HEADS, True),
+    "kv_heads": _pos_int(MAX_HEADS), "head_dim": _pos_int(MAX_HEADS * 4), "ffn_hidden": _pos_int(MAX_FFN_HIDDEN, True),
+    "vocab": _pos_int(MAX_VOCAB), "seq_len": _pos_int(MAX_SEQ_LEN, True),
+    "moe_experts": _pos_int(MAX_EXPERTS), "moe_topk": _pos_int(MAX_EXPERTS),
+    "moe_ffn_hidden": _pos_int(MAX_FFN_HIDDEN), "moe_shared_experts": Col("int", False, 0, MAX_EXPERTS),
+    "dense_layers_first": Col("int", False, 0, MAX_LAYERS),
+    "total_params_b": Col("float", False, 0, MAX_TOTAL_PARAMS_B), "gated_mlp": Col("bool"),
+    "device": Col("text", True), "device_count": _pos_int(MAX_ROW_DEVICES, True), "cluster": Col("text", True),
+    "gpus_per_node": _pos_int(MAX_DEVICES_PER_NODE), "precision": Col("enum", choices=PRECISIONS),
+    "tp": _pos_int(MAX_ROW_DEVICES), "pp": _pos_int(MAX_ROW_DEVICES), "vpp": _pos_int(MAX_LAYERS),
+    "dp": _pos_int(MAX_ROW_DEVICES), "cp": _pos_int(MAX_ROW_DEVICES), "ep": _pos_int(MAX_ROW_DEVICES),
+    "etp": _pos_int(MAX_ROW_DEVICES),
+    "sp": Col("bool"), "zero": Col("int", False, 0, 3), "micro_batch": _pos_int(MAX_GLOBAL_BATCH),
+    "global_batch": _pos_int(MAX_GLOBAL_BATCH, True), "recompute": Col("enum", choices=RECOMPUTES),
+    "measured_step_time_s": Col("float"), "measured_tokens_per_s_per_device": Col("float"),
+    # a utilisation above 100% of peak is impossible by definition
+    "measured_mfu_pct": Col("float", False, 0, 100), "measured_hfu_pct": Col("float", False, 0, 100),
+    "measured_tflops_per_device": Col("float"), "flops_convention": Col("enum", choices=FLOPS_CONVENTIONS),
+    "target": Col("enum", True, choices=tuple(TARGETS)), "usable": Col("bool"),
+    "unusable_reason": Col("free"), "notes": Col("free"), "stack": Col("free"),
+}
+
+
+def _show(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _parse_cell(name: str, rule: Col, text: str):
+    """The cell's value (None when empty and allowed), or BadInput naming the column and the value."""
+    t = text.strip()
+    if rule.kind == "free":
+        return text
+    if t == "":
+        if rule.required:
+            raise BadInput(f"column '{name}' is empty; it is required")
+        return None
+    if rule.kind == "text":
+        return t
+    if rule.kind == "enum":
+        if t.lower() not in rule.choices:
+            raise BadInput(f"column '{name}' = {_show(t)} is not one of {', '.join(rule.choices)}")
+        return t.lower()
+    where = f"column '{name}' = {_show(t)}"
+    if rule.kind == "bool" and t not in ("0", "1", "0.0", "1.0"):  # "1.0": how pandas writes a 0/1 column
+        raise BadInput(f"{where} must be 0 or 1")
+    if not _NUMBER.fullmatch(t):
+        what = "a finite number" if t.lower().lstrip("+-") in ("nan", "inf", "infinity") else "a number"
+        raise BadInput(f"{where} is not {what}")
+    if len(t) > 40:  # no sane value needs more digits; int() of thousands of digits is refused by Python
+        raise BadInput(f"{where} ({len(t):,} characters) is far outside the column's sane range")
+    value = float(t)
+    if not math.isfinite(value):
+        raise BadInput(f"{where} is not a finite number")
+    if rule.kind == "float":
+        lo = 0 if rule.lo is None else rule.lo
+        if value <= lo or (rule.hi is not None and value > rule.hi):
+            rng = f"in ({lo:g}, {rule.hi:g}]" if rule.hi is not None else f"above {lo:g}"
+            raise BadInput(f"{where} must be {rng}")
+        return value
+    # int and bool: a fractional count or degree is refused, never truncated
+    if not value.is_integer():
+        raise BadInput(f"{where} is not a whole number")
+    n = int(t) if _INTEGER.fullmatch(t) else int(value)
+    lo, hi = (0, 1) if rule.kind == "bool" else (rule.lo, rule.hi)
+    if n < lo or n > hi:
+        raise BadInput(f"{where} must be " + ("0 or 1" if rule.kind == "bool" else f"from {lo:,} to {hi:,}"))
+    return n
+
+
+def _cell_text(v) -> str:
+    """A cell as text, whatever the caller's row holds (the CSV's text, or pandas' parsed values with NaN
+    for an empty cell)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, bool):
+        return str(int(v))
+    return str(v)
+
+
+def parse_row(raw: dict) -> dict:
+    """The row with every known column parsed by its rule (None where empty and allowed), unknown columns
+    kept as text; BadInput naming the first bad column, its value and what it should be."""
+    row = {k: _cell_text(v) for k, v in raw.items() if isinstance(k, str)}
+    if row.get("_bad_fields"):
+        raise BadInput(row["_bad_fields"])
+    if not row.get("id", "").strip():
+        raise BadInput("column 'id' is empty; every row needs an id")
+    usable = _parse_cell("usable", COLUMNS["usable"], row.get("usable", ""))
+    if usable == 0:  # the table says why; its other cells are not read
+        return {**row, "usable": 0}
+    for name, rule in COLUMNS.items():
+        row[name] = _parse_cell(name, rule, row.get(name, ""))
+    _check_row(row)
+    return row
+
+
+def _check_row(row: dict) -> None:
+    """What the columns must agree on (each rule is one the cost model or Megatron-LM assumes)."""
+    from planner.catalog import cluster_names, device, names
+
+    if row["device"] not in names("devices"):
+        try:
+            device(row["device"])
+        except BadInput as e:  # unknown device, with the close names
+            raise BadInput(f"column 'device': {e}") from None
+    if row["cluster"] not in cluster_names():  # a runs table names catalog clusters, never files
+        from planner.errors import did_you_mean
+
+        raise BadInput(f"column 'cluster' = {_show(row['cluster'])} is not a cluster of the catalog"
+                       f"{did_you_mean(row['cluster'], cluster_names())}; see `profiles list`")
+    measured = TARGETS[row["target"]]
+    if row[measured] is None:
+        raise BadInput(f"column '{measured}' is empty; target '{row['target']}' needs it")
+    n = row["device_count"]
+    tp, pp, cp = (row[k] or 1 for k in ("tp", "pp", "cp"))
+    if row["dp"] is not None and row["dp"] * tp * pp * cp != n:
+        raise BadInput(f"dp*tp*pp*cp = {row['dp']}*{tp}*{pp}*{cp} is not device_count {n}")
+    if n % (tp * pp * cp):  # dp = N / (tp*pp*cp) (Narayanan et al. 2021 section 2.3) must be whole
+        raise BadInput(f"device_count {n} is not divisible by tp*pp*cp = {tp * pp * cp}")
+    dp = n // (tp * pp * cp)
+    gbs, mbs = row["global_batch"], row["micro_batch"]
+    if gbs % (dp * (mbs or 1)):  # each data-parallel rank runs whole micro-batches
+        raise BadInput(f"global_batch {gbs} is not divisible by dp*micro_batch = {dp}*{mbs or 1}")
+    if gbs // dp > MAX_MICROBATCHES * (mbs or 8):
+        raise BadInput(f"global_batch {gbs} makes more than {MAX_MICROBATCHES:,} micro-batches per step")
+    if row["pp"] is not None and row["pp"] * (row["vpp"] or 1) > row["layers"]:
+        raise BadInput(f"pp*vpp = {row['pp']}*{row['vpp'] or 1} pipeline chunks exceed the {row['layers']} layers")
+    kv = row["kv_heads"]
+    if kv is not None and (kv > row["heads"] or row["heads"] % kv):  # GQA groups (Ainslie et al. 2023)
+        raise BadInput(f"kv_heads {kv} does not divide heads {row['heads']}")
+    if row["moe_experts"] is not None:
+        if (row["moe_topk"] or 2) > row["moe_experts"]:
+            raise BadInput(f"moe_topk {row['moe_topk'] or 2} exceeds moe_experts {row['moe_experts']}")
+        if (row["dense_layers_first"] or 0) >= row["layers"]:
+            raise BadInput(f"dense_layers_first {row['dense_layers_first']} leaves no MoE layer of {row['layers']}")
+
+
 @dataclass
 class RowResult:
     id: str
@@ -69,6 +262,8 @@ class RowResult:
     reason: str = ""
     assumed: dict = field(default_factory=dict)
     plan: ParallelPlan | None = None
+    row: dict | None = None  # the row's parsed cells (parse_row), when they passed
+    internal_error: bool = False  # skipped because of a bug in the planner, not because of the row
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("id", "source_code", "target", "measured", "predicted",
@@ -136,7 +331,7 @@ def _build_row_model(row: dict):
         kv = heads
     gated = bool(int(_num(row, "gated_mlp", 0 if gpt else 1)))
     cfg = TransformerConfig(
-        name=str(row.get("model", row["id"])), source=f"row {row['id']} of a runs table",
+        name=str(row.get("model") or row["id"]), source=f"row {row['id']} of a runs table",
         layers=int(row["layers"]), hidden=hidden, heads=heads, kv_heads=kv,
         head_dim=int(head_dim) if head_dim and not mla else None,
         ffn_hidden=int(row["ffn_hidden"]), vocab=int(_num(row, "vocab", DEFAULT_VOCAB)), gated_mlp=gated,
@@ -149,12 +344,13 @@ def _build_row_model(row: dict):
 def token_drop(row: dict) -> bool:
     """Whether the run drops tokens at a capacity factor (its notes or model name say token-drop; Megatron-
     Bridge's token-drop recipes use capacity factor 1.0 with padding, apply_moe_token_drop)."""
-    text = f"{row.get('model', '')} {row.get('notes', '')}".lower()
+    text = f"{row.get('model') or ''} {row.get('notes') or ''}".lower()
     return "token-drop" in text or "tokendrop" in text
 
 
 def _candidates(row: dict, n_devices: int):
-    """Plans for the row: printed values fixed, unprinted ones enumerated."""
+    """Plans for the row, as ParallelPlan fields: printed values fixed, unprinted ones enumerated (a field
+    combination the plan refuses is the caller's to skip)."""
     tp = int(_num(row, "tp", 1))
     pp = int(_num(row, "pp", 1))
     cp = int(_num(row, "cp", 1))
@@ -167,7 +363,8 @@ def _candidates(row: dict, n_devices: int):
     etp_opts = [int(etp_printed)] if etp_printed else sorted({tp, 1}) if ep > 1 else [None]
     gbs = int(row["global_batch"])
     mbs_printed = _num(row, "micro_batch")
-    mbs_opts = [int(mbs_printed)] if mbs_printed else [x for x in (1, 2, 4, 8) if gbs % (x * dp) == 0]
+    mbs_opts = [int(mbs_printed)] if mbs_printed else [
+        x for x in (1, 2, 4, 8) if gbs % (x * dp) == 0 and gbs // (x * dp) <= MAX_MICROBATCHES]
     rec = str(_num(row, "recompute", "unknown"))
     rec_opts = [rec] if rec in ("none", "selective", "full") else ["none", "selective", "full"]
     zero_printed = _num(row, "zero")
@@ -193,7 +390,7 @@ def _candidates(row: dict, n_devices: int):
                                "zero": zero if zero_printed is None else None,
                                "sp": sp if sp_printed is None else None,
                                "moe_dispatch": dispatch if len(dispatch_opts) > 1 else None}
-                    yield ParallelPlan(
+                    yield dict(
                         dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp, zero=zero, sp=sp and tp > 1, mbs=mbs,
                         recompute=recompute, recompute_num_layers=num_layers, moe_dispatch=dispatch, **stack,
                         schedule="interleaved-1f1b" if vpp > 1 else "1f1b"), {
@@ -221,89 +418,158 @@ def _peak_tflops(row) -> float:
     return dev.peak_flops("bf16" if dtype in ("unknown", "fp8") else dtype) / 1e12
 
 
+def _error_line(e: Exception) -> str:
+    """One short line for an error raised while predicting a row (pydantic's first error, not its dump)."""
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError) and e.errors():
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        text = (f"{where}: " if where else "") + str(err["msg"]).removeprefix("Value error, ")
+    else:
+        text = str(e) or e.__class__.__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def backtest_row(row: dict, return_plan: bool = False) -> RowResult:
-    res = RowResult(id=str(row["id"]), source_code=str(row["source_code"]), target=str(row["target"]))
-    if int(_num(row, "usable", 1)) == 0:
-        res.status, res.reason = "skipped", f"unusable: {row.get('unusable_reason', '')}"
-        return res
-    measured_col = TARGETS.get(res.target)
-    if measured_col is None or _num(row, measured_col) is None:
-        res.status, res.reason = "skipped", f"no measured value for target '{res.target}'"
-        return res
-    res.measured = float(row[measured_col])
+    """Predict one row (CSV text or already parsed values). Never raises for the row's content: a cell that
+    breaks its column's rule, or a row the cost model refuses, comes back skipped with the reason; any
+    other exception is a bug in the planner and comes back skipped as "internal error: ..."."""
+    raw = {k: _cell_text(v) for k, v in row.items() if isinstance(k, str)}
+    res = RowResult(id=raw.get("id", "").strip(), source_code=raw.get("source_code", "").strip(),
+                    target=raw.get("target", "").strip())
     try:
-        model = row_model(row)
-        res.assumed.update(head_dim_correction(row))
-        n_devices = int(row["device_count"])
-        per_node = int(_num(row, "gpus_per_node", 8))
-        cluster = load_cluster(str(row["cluster"]), nodes=max(1, n_devices // per_node),
-                               devices=n_devices if n_devices < per_node else None)
-        # A source whose software stack was fitted on its own (planner.fit --stack) uses that fit.
-        cluster = cluster.with_efficiency(**stack_efficiency(stack_key(row), str(row["device"])))
-        if cluster.device_count != n_devices:
-            raise BadInput(f"cluster {row['cluster']} x {n_devices // per_node} nodes has "
-                           f"{cluster.device_count} devices, row says {n_devices}")
-        precision = str(_num(row, "precision", "bf16"))
-        workload = Workload(global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]),
-                            dtype=precision if precision in ("bf16", "fp16", "fp8", "fp32") else "bf16",
-                            moe_capacity_factor=1.0 if token_drop(row) else None)
-        best = None
-        for plan, assumed in _candidates(row, n_devices):
-            try:
-                est = estimate(model, cluster, workload, plan)
-            except BadInput:
-                continue
-            key = (not est.fits, est.step_time_s)
-            if best is None or key < best[0]:
-                best = (key, est, assumed, plan)
-        if best is None:
-            raise BadInput("no candidate plan is valid for this row")
-        _, est, assumed, plan = best
-        res.assumed = {**res.assumed, **assumed}
-        if return_plan:
-            res.plan = plan
-        res.predicted = predicted_value(res.target, est, row, n_devices)
-        res.error_pct = 100 * (res.predicted - res.measured) / res.measured
-        if not est.fits:
-            res.reason = "predicted not to fit in memory"
-    except PlannerError as e:
+        typed = parse_row(raw)
+    except BadInput as e:
         res.status, res.reason = "skipped", str(e)
+        return res
+    if typed["usable"] == 0:
+        res.status, res.reason = "skipped", f"unusable: {typed.get('unusable_reason', '')}"
+        return res
+    res.row = typed
+    res.measured = typed[TARGETS[typed["target"]]]
+    try:
+        _predict(typed, res, return_plan)
+    except (PlannerError, ValueError) as e:  # the cost model's refusals (pydantic's ValidationError included)
+        res.status, res.reason, res.predicted, res.error_pct = "skipped", _error_line(e), None, None
+    except Exception as e:  # noqa: BLE001 (a bug: counted and shown, never a traceback that stops the rest)
+        res.status, res.predicted, res.error_pct = "skipped", None, None
+        res.reason = f"internal error: {e.__class__.__name__}: {_error_line(e)}"
+        res.internal_error = True
     return res
 
 
-def read_runs(path: str | Path):
-    """A runs table as a DataFrame; BadInput for a missing or broken file or missing columns."""
-    import pandas as pd
+def _predict(row: dict, res: RowResult, return_plan: bool) -> None:
+    model = row_model(row)
+    res.assumed.update(head_dim_correction(row))
+    n_devices = int(row["device_count"])
+    per_node = int(_num(row, "gpus_per_node", 8))
+    cluster = load_cluster(str(row["cluster"]), nodes=max(1, n_devices // per_node),
+                           devices=n_devices if n_devices < per_node else None)
+    # A source whose software stack was fitted on its own (planner.fit --stack) uses that fit.
+    cluster = cluster.with_efficiency(**stack_efficiency(stack_key(row), str(row["device"])))
+    if cluster.device_count != n_devices:
+        raise BadInput(f"cluster {row['cluster']} x {n_devices // per_node} nodes has "
+                       f"{cluster.device_count} devices, row says {n_devices}")
+    precision = str(_num(row, "precision", "bf16"))
+    workload = Workload(global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]),
+                        dtype=precision if precision in ("bf16", "fp16", "fp8", "fp32") else "bf16",
+                        moe_capacity_factor=1.0 if token_drop(row) else None)
+    best, last_error = None, None
+    for fields, assumed in _candidates(row, n_devices):
+        try:
+            plan = ParallelPlan(**fields)
+            est = estimate(model, cluster, workload, plan)
+        except (BadInput, ValueError) as e:  # this combination of unprinted settings is not a valid plan
+            last_error = e
+            continue
+        key = (not est.fits, est.step_time_s)
+        if best is None or key < best[0]:
+            best = (key, est, assumed, plan)
+    if best is None:
+        why = f": {_error_line(last_error)}" if last_error is not None else ""
+        raise BadInput(f"no candidate plan is valid for this row{why}")
+    _, est, assumed, plan = best
+    res.assumed = {**res.assumed, **assumed}
+    if return_plan:
+        res.plan = plan
+    res.predicted = predicted_value(res.target, est, row, n_devices)
+    if not (math.isfinite(res.predicted) and res.predicted > 0):
+        raise BadInput(f"the cost model predicted {res.predicted!r} for target '{res.target}'")
+    res.error_pct = 100 * (res.predicted - res.measured) / res.measured
+    if not math.isfinite(res.error_pct):  # a measured value so small (1e-320) that the ratio overflows
+        col = TARGETS[res.target]
+        raise BadInput(f"column '{col}' = {res.measured!r} is not a plausible measurement "
+                       f"(predicted {res.predicted:.4g})")
+    if not est.fits:
+        res.reason = "predicted not to fit in memory"
 
-    path = Path(path)
-    if not path.exists():
-        raise BadInput(f"{path}: no such file")
+
+def read_runs(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a runs table, every cell as text (a row's cells are checked when it is predicted, so a
+    bad cell costs only its row); BadInput (one line) for a file that is not a usable table: missing or
+    unreadable (planner.files.read_input), not CSV, no header or no rows, a required column missing, more
+    than MAX_ROWS rows, or an id given twice."""
+    text = read_input(path, "runs table (CSV)").removeprefix("\ufeff")  # a spreadsheet's byte-order mark
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        df = pd.read_csv(path)
-    except Exception as e:  # pandas raises many kinds for a broken CSV
-        raise BadInput(f"{path}: cannot read as CSV ({e.__class__.__name__}: {e})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise BadInput(f"{path}: missing columns {', '.join(missing)} (see calibration_runs_clean.csv)")
-    return df
+        header = next(reader, None)
+        if not header or not any(h.strip() for h in header):
+            raise BadInput(f"{path}: empty; expected a CSV table whose first line names its columns "
+                           f"({', '.join(REQUIRED_COLUMNS[:4])}, ...; see calibration_runs_clean.csv)")
+        header = [h.strip() for h in header]
+        dup = sorted({h for h in header if h and header.count(h) > 1})
+        if dup:
+            raise BadInput(f"{path}: column {', '.join(dup)} appears more than once in the header line")
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if len(missing) == len(REQUIRED_COLUMNS):
+            raise BadInput(f"{path}: not a runs table: its first line names none of the required columns "
+                           f"({', '.join(REQUIRED_COLUMNS[:4])}, ...; see calibration_runs_clean.csv)")
+        if missing:
+            raise BadInput(f"{path}: missing columns {', '.join(missing)} (see calibration_runs_clean.csv)")
+        rows, seen = [], {}
+        for fields in reader:
+            if not any(f.strip() for f in fields):
+                continue  # a blank line
+            if len(rows) == MAX_ROWS:
+                raise BadInput(f"{path}: more than {MAX_ROWS:,} rows, the most a backtest reads; split the table")
+            row = dict(zip(header, fields))
+            if len(fields) != len(header):
+                # kept, so that the row is reported (skipped) rather than silently misread
+                row["_bad_fields"] = f"line {reader.line_num} has {len(fields)} fields, the header has {len(header)}"
+            rid = row.get("id", "").strip()
+            if rid and rid in seen:
+                raise BadInput(f"{path}: id {_show(rid)} is on lines {seen[rid]} and {reader.line_num}; "
+                               "ids must be unique")
+            seen[rid] = reader.line_num
+            rows.append(row)
+    except csv.Error as e:
+        raise BadInput(f"{path}: not a valid CSV table at line {reader.line_num} ({e})") from None
+    if not rows:
+        raise BadInput(f"{path}: a header line and no rows; add at least one run")
+    return rows
 
 
 def run_backtest(path: str | Path) -> dict:
-    df = read_runs(path)
+    """Every row predicted or skipped with its reason. mape_pct is over the predicted rows (None when there
+    are none); coverage is predicted rows / usable rows (rows the table marks usable, whatever their cells)."""
+    records = read_runs(path)
     from tqdm import tqdm
 
     # a progress bar on stderr when it is a terminal (tqdm's disable=None), silent in pipes and CI
-    records = df.to_dict(orient="records")
     rows = [backtest_row(r) for r in tqdm(records, desc="backtest", unit="row", disable=None, leave=False)]
     ok = [r for r in rows if r.status == "ok"]
     usable = [r for r in rows if not r.reason.startswith("unusable")]
     by_source: dict[str, list[float]] = {}
     for r in ok:
         by_source.setdefault(r.source_code, []).append(abs(r.error_pct))
-    mape = sum(abs(r.error_pct) for r in ok) / len(ok) if ok else float("nan")
     return {
         "rows": [r.as_dict() for r in rows],
-        "mape_pct": mape,
+        "mape_pct": sum(abs(r.error_pct) for r in ok) / len(ok) if ok else None,
         "coverage": len(ok) / len(usable) if usable else 0.0,
         "by_source": {k: sum(v) / len(v) for k, v in sorted(by_source.items())},
+        "rows_ok": len(ok),
+        "rows_skipped": len(rows) - len(ok),
+        "internal_errors": sum(r.internal_error for r in rows),
     }

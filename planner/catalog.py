@@ -2,11 +2,17 @@
 
 This is the I/O edge for hardware: YAML in, validated pydantic objects out, every error one line. The
 catalog is found in the checkout (hardware_profiles/ beside planner/) or, when installed from a wheel,
-in the package data `planner.profiles` / `planner.model_catalog` that pyproject.toml maps them to.
+in the package's data folders planner/profiles and planner/model_catalog that pyproject.toml maps them to.
+
+Over the shipped profiles lie the user's own (planner.userdata): the calibration `calibrate --backend
+torch` wrote into the user's data folder (the `local` node type, device and link), and a calibration
+folder named by `--cluster DIR`; each replaces a shipped entry of the same name. A shipped profile is never
+the answer for `local`: without the user's calibration, `local` is a one-line error saying how to make one.
 """
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -15,51 +21,72 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from planner import userdata
 from planner.errors import BadInput, did_you_mean
+from planner.files import path_exists
 from planner.hardware import (
     Cluster, ClusterSpec, Device, DeviceRef, Link, NodeInstance, NodeType,
 )
 
 T = TypeVar("T", bound=BaseModel)
 _REPO_ROOT = Path(__file__).resolve().parent.parent
+_REINSTALL = "reinstall it: pip install --force-reinstall parallel-planner (or pip install -e . in a checkout)"
 
 
-def _data_dir(checkout_name: str, package: str) -> Path:
+def _data_dir(checkout_name: str, package_dir: str, pattern: str) -> Path:
+    """A catalog folder: the checkout's (hardware_profiles/, models/ beside planner/) or the installed
+    package's (planner/profiles, planner/model_catalog). The installed folders are located from the
+    regular package `planner` (a real folder once pip has installed a wheel) rather than through
+    importlib.resources on the data folders themselves: those have no __init__.py, so resources gives a
+    namespace MultiplexedPath, whose str() is no path (the empty catalog of issue 16). Shipping them as
+    packages instead would put __init__.py files into the checkout's data folders."""
     local = _REPO_ROOT / checkout_name
     if local.is_dir():
         return local
-    try:
-        return Path(str(resources.files(package)))
-    except ModuleNotFoundError:  # pragma: no cover - broken install
-        raise BadInput(f"cannot find the {checkout_name} catalog; reinstall the package") from None
+    installed = resources.files("planner") / package_dir
+    if not isinstance(installed, Path):  # pragma: no cover - a zipped install: no folder to read
+        raise BadInput(f"the {checkout_name} catalog is inside an archive ({installed}); {_REINSTALL}")
+    if not installed.is_dir() or not any(installed.glob(pattern)):
+        raise BadInput(f"the {checkout_name} catalog is missing or empty: looked in {local} and {installed}; "
+                       f"{_REINSTALL}")
+    return installed
 
 
 def profiles_dir() -> Path:
-    return _data_dir("hardware_profiles", "planner.profiles")
+    return _data_dir("hardware_profiles", "profiles", "devices/*.yaml")
 
 
 def models_dir() -> Path:
-    return _data_dir("models", "planner.model_catalog")
+    return _data_dir("models", "model_catalog", "*.yaml")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Reading files: one clear line for every way a file can be wrong.
 
+# Deepest nesting and most values a model, cluster or profile file may hold. Real ones nest 4 levels
+# (an HF config's rope_scaling, a cluster's groups) and hold a few hundred values; the caps refuse a
+# 100k-deep or alias-bomb file in one line instead of a RecursionError or an exponential walk.
+MAX_NESTING = 64
+MAX_VALUES = 200_000
+# Integers beyond int64 (2^63) mean nothing to any field here and overflow numpy downstream.
+MAX_INT = 2**63 - 1
 
-def read_data_file(path: Path) -> Any:
-    """Parse a YAML or JSON file; BadInput naming the file (and line) when it is missing or broken."""
-    if not path.exists():
-        raise BadInput(f"{path}: no such file")
-    if path.is_dir():
-        raise BadInput(f"{path}: is a directory, expected a YAML or JSON file")
+
+def read_data_file(path: Path, what: str = "YAML or JSON file", allow_empty: bool = False) -> Any:
+    """Parse a YAML or JSON file; BadInput naming the file (and line) for every way it can be broken:
+    missing, unreadable, a FIFO or device, oversized (files.read_input), not UTF-8, broken syntax, empty
+    (unless allow_empty: then None), nested too deeply, too many values, NaN / Infinity anywhere, or an
+    integer beyond 2^63 (or beyond Python's 4,300-digit int-from-text limit)."""
+    from planner.files import read_input
+
+    path = Path(path)
+    text = read_input(path, what)
+    if _bracket_depth(text) > MAX_NESTING:
+        # Before parsing: PyYAML's scanner re-checks every open bracket level on each token, so 100k
+        # nested brackets take minutes (quadratic) before its composer would hit the recursion limit.
+        raise BadInput(f"{path}: nested too deeply to read (at most {MAX_NESTING} levels of [ ] or {{ }})")
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
-    try:
-        if path.suffix == ".json":
-            return json.loads(text)
-        return yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as e:
         raise BadInput(f"{path}:{e.lineno}:{e.colno}: broken JSON: {e.msg}") from None
     except yaml.YAMLError as e:
@@ -68,10 +95,68 @@ def read_data_file(path: Path) -> Any:
         problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise BadInput(f"{where}: broken YAML: {problem}") from None
     except RecursionError:
-        raise BadInput(f"{path}: nested too deeply to read") from None
+        raise BadInput(f"{path}: nested too deeply to read (at most {MAX_NESTING} levels)") from None
+    except (ValueError, OverflowError) as e:
+        # int('9' * 5000) in either parser: "Exceeds the limit (4300 digits) for integer string conversion"
+        raise BadInput(f"{path}: a number is too long to read (Python reads integers of at most 4,300 "
+                       f"digits: {type(e).__name__}); every size this tool reads is below 2^63") from None
+    if data is None and not allow_empty:
+        raise BadInput(f"{path}: the file is empty (or holds only comments); expected a {what} of "
+                       "'field: value' lines")
+    _check_values(data, str(path))
+    return data
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest running count of open [ and { brackets (quotes not parsed: an upper bound on the
+    nesting of flow collections, and exact for JSON without brackets inside strings)."""
+    import numpy as np
+
+    raw = np.frombuffer(text.encode("utf-8", "replace"), dtype=np.uint8)
+    step = np.zeros(256, dtype=np.int32)
+    step[[ord("["), ord("{")]] = 1
+    step[[ord("]"), ord("}")]] = -1
+    return int(np.cumsum(step[raw]).max(initial=0))
+
+
+def _check_values(data: Any, where: str) -> None:
+    """Walk what a parser returned (iteratively: no recursion to exhaust) and refuse, naming the field,
+    what no field of this tool can mean: NaN or infinite floats, integers beyond int64, more than
+    MAX_NESTING levels or MAX_VALUES values (YAML aliases count once per use, as a consumer sees them)."""
+    import math
+
+    stack: list[tuple[Any, tuple, int]] = [(data, (), 0)]
+    seen = 0
+    while stack:
+        value, loc, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise BadInput(f"{where}: more than {MAX_VALUES:,} values; no model or cluster file is that "
+                           "large (YAML aliases count each time they are used)")
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadInput(f"{where}: field '{field}' is {value!r}; give a finite number")
+        if isinstance(value, int) and abs(value) > MAX_INT:
+            raise BadInput(f"{where}: field '{field}' is an integer of {len(str(abs(value)))} digits, beyond "
+                           f"2^63; no size this tool reads is that large")
+        if isinstance(value, (dict, list)):
+            if depth >= MAX_NESTING:
+                raise BadInput(f"{where}: field '{field}' is nested more than {MAX_NESTING} levels deep")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((v, loc + (k,), depth + 1) for k, v in items)
 
 
 _MAX_LISTED = 3  # errors named in the one line; the rest are counted
+
+# Pydantic's words for a strict-mode type error, with what to write instead.
+_HINTS = {
+    "bool_type": "write true or false",
+    "int_type": "write a whole number",
+    "float_type": "write a number",
+    "string_type": "write text",
+}
 
 
 def _one_error(e: dict) -> str:
@@ -86,12 +171,26 @@ def _one_error(e: dict) -> str:
         msg = msg.removeprefix("Value error, ")
         return f"field '{loc}': {msg}" if loc else msg
     value = e.get("input")
+    if e["type"] == "model_type" or e["type"] == "dict_type":
+        return f"field '{loc}': expected a mapping of fields, got {_kind(value)}" if loc else \
+            f"expected a mapping of fields, got {_kind(value)}"
+    if e["type"] == "list_type":
+        return f"field '{loc}': expected a list, got {_kind(value)}"
     shown = "" if isinstance(value, (dict, list, tuple, set)) else f" (got {_short(value)})"
-    return f"field '{loc}': {msg}{shown}" if loc else f"{msg}{shown}"
+    hint = f"; {_HINTS[e['type']]}" if e["type"] in _HINTS else ""
+    return f"field '{loc}': {msg}{shown}{hint}" if loc else f"{msg}{shown}{hint}"
+
+
+def _kind(value: Any) -> str:
+    """A user's word for what a YAML/JSON value is."""
+    if value is None:
+        return "nothing (an empty value)"
+    return {dict: "a mapping", list: "a list", str: "text", bool: "true/false", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**40 else f"<{len(str(value))}-digit integer>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -105,12 +204,19 @@ def validation_message(err: ValidationError, where: str) -> str:
 
 
 def parse_as(model: type[T], data: Any, where: str) -> T:
+    """Validate a file's mapping as `model`, strictly: a number field takes a number, not true or "12",
+    and a true/false field takes true or false, not "yes" or 1 (pydantic's lax mode would turn "yes"
+    into True and True into 1)."""
+    if data is None:
+        raise BadInput(f"{where}: empty; expected a mapping of fields ('field: value' lines)")
     if not isinstance(data, dict):
-        raise BadInput(f"{where}: expected a mapping of fields, got {type(data).__name__}")
+        raise BadInput(f"{where}: expected a mapping of fields ('field: value' lines), got {_kind(data)}")
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=True)
     except ValidationError as e:
         raise BadInput(validation_message(e, where)) from None
+    except RecursionError:
+        raise BadInput(f"{where}: nested too deeply to read") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,28 +225,67 @@ def parse_as(model: type[T], data: Any, where: str) -> T:
 _SECTIONS = {"devices": Device, "links": Link, "nodes": NodeType, "clusters": ClusterSpec}
 
 
-@lru_cache(maxsize=1)
-def _hardware_catalog() -> dict[str, dict[str, BaseModel]]:
-    root = profiles_dir()
-    catalog: dict[str, dict[str, BaseModel]] = {k: {} for k in _SECTIONS}
-    for section, model in _SECTIONS.items():
-        folder = root / section
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.glob("*.yaml")):
-            data = read_data_file(path)
-            entries = data if isinstance(data, list) else [data]
-            for entry in entries:
-                obj = parse_as(model, entry, str(path))
-                if obj.name in catalog[section]:
-                    raise BadInput(f"{path}: {section[:-1]} '{obj.name}' is defined twice")
-                catalog[section][obj.name] = obj
-    _apply_fitted_efficiency(root / FITTED_EFFICIENCY_FILE, catalog["devices"], devices_too=_DEVICE_FIT[0])
+def _hardware_catalog() -> dict[str, dict[str, Any]]:
+    """The shipped profiles, then the user's calibration, then the calibration folders named by --cluster
+    (planner.userdata), each replacing an earlier entry of the same name; then the shipped efficiency fit
+    and the user's over it. Rebuilt only when one of these places changes.
+
+    Called once per device when a cluster is built (16k times for 16,384 GPUs), so where the places are
+    is itself remembered per environment (HOME, XDG_DATA_HOME) and --cluster folders: finding them costs
+    ~60 us, the lookup ~1 us. calibrate clears it (cache_clear) when it creates the user's folder."""
+    key = (os.environ.get("HOME"), os.environ.get("XDG_DATA_HOME"), tuple(_EXTRA_ROOTS), _DEVICE_FIT[0])
+    args = _PLACES.get(key)
+    if args is None:
+        user = userdata.calibration_dir()
+        shipped = profiles_dir()
+        roots = (shipped, *([user] if user.is_dir() else []), *_EXTRA_ROOTS)
+        fits = (shipped / FITTED_EFFICIENCY_FILE, userdata.fit_file())
+        args = _PLACES[key] = (roots, fits, _DEVICE_FIT[0])
+    return _build_catalog(*args)
+
+
+_PLACES: dict[tuple, tuple] = {}
+
+
+def _clear_catalog_cache() -> None:
+    _PLACES.clear()
+    _build_catalog.cache_clear()
+
+
+@lru_cache(maxsize=8)
+def _build_catalog(roots: tuple[Path, ...], fits: tuple[Path, ...], devices_too: bool) -> dict[str, dict[str, Any]]:
+    catalog: dict[str, dict[str, Any]] = {k: {} for k in _SECTIONS}
+    for i, root in enumerate(roots):
+        seen: dict[str, set[str]] = {k: set() for k in _SECTIONS}
+        for section, model in _SECTIONS.items():
+            folder = root / section
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.glob("*.yaml")):
+                data = read_data_file(path)
+                entries = data if isinstance(data, list) else [data]
+                for entry in entries:
+                    obj = parse_as(model, entry, str(path))
+                    if i == 0 and obj.name in userdata.LOCAL_NAMES:
+                        # `local` is the user's own calibration; a shipped one (a stale build/ folder put an
+                        # old local.yaml into a wheel) must never answer for it
+                        continue
+                    if obj.name in seen[section]:
+                        raise BadInput(f"{path}: {section[:-1]} '{obj.name}' is defined twice")
+                    seen[section].add(obj.name)
+                    catalog[section][obj.name] = obj  # a later root (the user's) replaces a shipped entry
+        if i == 0 and not catalog["devices"]:
+            raise BadInput(f"no device profiles in {root / 'devices'}: the catalog is missing; {_REINSTALL}")
+    catalog["_stack_fits"] = {}
+    for path in fits:
+        _apply_fitted_efficiency(path, catalog["devices"], catalog["_stack_fits"], devices_too)
     return catalog
 
 
+_hardware_catalog.cache_clear = _clear_catalog_cache  # type: ignore[attr-defined]
+_EXTRA_ROOTS: list[Path] = []  # calibration folders given as --cluster DIR in this process
+
 FITTED_EFFICIENCY_FILE = "fitted_efficiency.yaml"
-_STACK_FITS: dict[str, dict[str, dict]] = {}
 _DEVICE_FIT = [True]
 
 
@@ -150,25 +295,26 @@ def use_device_fit(on: bool) -> None:
     figures never see the previous fit's numbers (which were fitted on the very rows held out)."""
     if _DEVICE_FIT[0] != on:
         _DEVICE_FIT[0] = on
-        _hardware_catalog.cache_clear()
+        _clear_catalog_cache()
 
 
 def stack_efficiency(stack: str, device_name: str) -> dict:
     """Efficiency fields fitted for one software stack on one device ({} when there is no such fit)."""
-    _hardware_catalog()
-    return dict(_STACK_FITS.get(stack, {}).get(device_name, {}))
+    return dict(_hardware_catalog()["_stack_fits"].get(stack, {}).get(device_name, {}))
 
 
-def _apply_fitted_efficiency(path: Path, devices: dict, devices_too: bool = True) -> None:
+def _apply_fitted_efficiency(path: Path, devices: dict, stack_fits: dict, devices_too: bool = True) -> None:
     """Overlay the efficiencies `python -m planner.fit --write` fitted on published runs; the
     datasheet files stay as published, the fit stays regenerable, and its provenance is kept. The
-    per-stack fits are always read; the per-device ones only with devices_too (use_device_fit)."""
+    per-stack fits are always read; the per-device ones only with devices_too (use_device_fit). A later
+    file (the user's fit) replaces the fields and stacks it fits and keeps the rest."""
     if not path.exists():
         return
     doc = read_data_file(path) or {}
-    _STACK_FITS.clear()
+    if not isinstance(doc, dict):
+        raise BadInput(f"{path}: expected a mapping (fitted_on, devices, stacks); re-run python -m planner.fit --write")
     for stack, fit in (doc.get("stacks") or {}).items():
-        _STACK_FITS[stack] = fit.get("devices") or {}
+        stack_fits[stack] = {**stack_fits.get(stack, {}), **(fit.get("devices") or {})}
     for name, values in ((doc.get("devices") or {}) if devices_too else {}).items():
         if name not in devices:
             raise BadInput(f"{path}: fitted device '{name}' is not in the catalog")
@@ -185,6 +331,8 @@ def names(section: str) -> list[str]:
 def _lookup(section: str, name: str, what: str):
     table = _hardware_catalog()[section]
     if name not in table:
+        if name in userdata.LOCAL_NAMES:
+            raise BadInput(userdata.no_calibration_message(name))
         raise BadInput(f"unknown {what} '{name}'{did_you_mean(name, table)}; "
                        f"see `profiles list` for the {len(table)} known")
     return table[name]
@@ -208,22 +356,69 @@ def cluster_names() -> list[str]:
 
 
 def cluster_spec(name_or_path: str) -> ClusterSpec:
-    """A cluster preset name, a node type name (one group of that node), or a path to a cluster file."""
+    """A cluster preset name, a node type name (one group of that node), a path to a cluster file, or a
+    calibration folder (what `calibrate --backend torch --out-dir DIR` writes; a file inside it works too)."""
     cat = _hardware_catalog()
     if name_or_path in cat["clusters"]:
         return cat["clusters"][name_or_path]
     if name_or_path in cat["nodes"]:
-        node = cat["nodes"][name_or_path]
-        return ClusterSpec(name=node.name, source=node.source, provenance=node.provenance,
-                           groups=[{"node": node.name}])
+        return _node_cluster(cat["nodes"][name_or_path])
+    if name_or_path in userdata.LOCAL_NAMES:
+        raise BadInput(userdata.no_calibration_message(name_or_path))
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+    try:
+        folder = _calibration_folder(path)
+        is_dir = path.is_dir()
+    except (OSError, ValueError) as e:  # a name the OS refuses to look up (too long, a NUL byte)
+        raise BadInput(f"--cluster {_short(name_or_path)}: not a usable path ({getattr(e, 'strerror', None) or e}); "
+                       "give a preset name (see `profiles list`) or a cluster file") from None
+    if folder is not None:
+        return _calibration_cluster(folder)
+    if is_dir:
+        raise BadInput(f"--cluster {path}: a folder, but not a calibration folder (no nodes/*.yaml in it); "
+                       "give a cluster file, a preset name, or a folder `calibrate --out-dir` wrote")
+    if path.suffix in (".yaml", ".yml", ".json") or path_exists(path):
         spec = parse_as(ClusterSpec, read_data_file(path), str(path))
         _check_references(spec, str(path))
         return spec
     known = cluster_names()
     raise BadInput(f"unknown cluster '{name_or_path}'{did_you_mean(name_or_path, known)}; "
                    "give a preset name (see `profiles list`) or a path to a cluster YAML file")
+
+
+def _node_cluster(node: NodeType) -> ClusterSpec:
+    return ClusterSpec(name=node.name, source=node.source, provenance=node.provenance, groups=[{"node": node.name}])
+
+
+def _calibration_folder(path: Path) -> Path | None:
+    """The calibration folder a --cluster path names: the folder itself, its calibration.json, or one of
+    its profile files (DIR/nodes/local.yaml); None when the path is none of these."""
+    if userdata.is_calibration_dir(path):
+        return path
+    if path.is_file():
+        if path.name == userdata.CALIBRATION_RECORD and userdata.is_calibration_dir(path.parent):
+            return path.parent
+        if path.parent.name in userdata.SECTIONS and userdata.is_calibration_dir(path.parent.parent):
+            return path.parent.parent
+    return None
+
+
+def _calibration_cluster(folder: Path) -> ClusterSpec:
+    """Add a calibration folder's devices, links and node types to the catalog (over the shipped ones and
+    the user's, for the rest of this process) and give its node type as a one-group cluster."""
+    folder = folder.resolve()
+    node_files = sorted((folder / "nodes").glob("*.yaml"))
+    if len(node_files) != 1:
+        raise BadInput(f"--cluster {folder}: {len(node_files)} node files in {folder / 'nodes'}; a calibration "
+                       "folder holds one (give the cluster by that node type's name instead)")
+    if folder not in _EXTRA_ROOTS:
+        _EXTRA_ROOTS.append(folder)
+    node = read_data_file(node_files[0])
+    name = node.get("name") if isinstance(node, dict) else None
+    table = _hardware_catalog()["nodes"]
+    if name not in table:
+        raise BadInput(f"{node_files[0]}: expected a node type with a 'name' field; re-run calibrate")
+    return _node_cluster(table[name])
 
 
 def _check_references(spec: ClusterSpec, where: str) -> None:
@@ -236,6 +431,8 @@ def _check_references(spec: ClusterSpec, where: str) -> None:
         refs.append(("between_islands.link", spec.between_islands.link, "links", "link"))
     for field, name, section, what in refs:
         if name not in cat[section]:
+            if name in userdata.LOCAL_NAMES:
+                raise BadInput(f"{where}: field '{field}': {userdata.no_calibration_message(name)}")
             hint = did_you_mean(name, cat[section])
             if section == "nodes" and name in cat["devices"]:
                 hint = f" ('{name}' is a device; a group names a node type, see `profiles list`)"
@@ -286,7 +483,22 @@ def resolve_cluster(spec: ClusterSpec, nodes: int | None = None) -> Cluster:
         raise BadInput(f"cluster '{spec.name}': {e}") from None
 
 
+def _check_device_count(spec: ClusterSpec, nodes: int | None) -> None:
+    """Refuse a cluster past limits.MAX_DEVICES before building it: resolving makes one object per device
+    (--nodes 1000000000 took 5.9 GB before being killed)."""
+    from planner.limits import MAX_DEVICES
+
+    total = 0
+    for group in spec.groups:
+        count = group.count if group.count is not None else nodes or 1
+        total += count * sum(slot.count for slot in node_type(group.node).devices)
+    if total > MAX_DEVICES:
+        fix = "lower --nodes" if any(g.count is None for g in spec.groups) else "lower the groups' count"
+        raise BadInput(f"{total:,} devices, past the cap of {MAX_DEVICES:,} devices per cluster; {fix}")
+
+
 def _resolve_cluster(spec: ClusterSpec, nodes: int | None = None) -> Cluster:
+    _check_device_count(spec, nodes)
     node_instances: list[NodeInstance] = []
     devices: list[DeviceRef] = []
     for group in spec.groups:

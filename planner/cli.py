@@ -12,6 +12,7 @@ from pathlib import Path
 
 from planner import catalog
 from planner.errors import BadInput, PlannerError, did_you_mean
+from planner.files import path_exists
 from planner.files import write_atomic as _write_atomic
 
 
@@ -84,9 +85,9 @@ def cmd_profiles_show(args) -> None:
         obj = _cluster_summary(name)
         obj["type"] = "cluster"
         return _emit(obj, args.json, _as_text(obj))
-    if name in model_names() or Path(name).exists() or Path(name).suffix in (".json", ".yaml", ".yml"):
+    if name in model_names() or path_exists(name) or Path(name).suffix in (".json", ".yaml", ".yml"):
         path = Path(name)
-        if path.suffix in (".yaml", ".yml") and path.exists() and _looks_like_cluster(path):
+        if path.suffix in (".yaml", ".yml") and path_exists(path) and _looks_like_cluster(path):
             obj = _cluster_summary(str(path))
             obj["type"] = "cluster"
             return _emit(obj, args.json, _as_text(obj))
@@ -94,6 +95,10 @@ def cmd_profiles_show(args) -> None:
         obj = graph.summary()
         obj["type"] = "model"
         return _emit(obj, args.json, _as_text(obj))
+    from planner import userdata
+
+    if name in userdata.LOCAL_NAMES:  # the user's own calibration, not made yet
+        raise BadInput(userdata.no_calibration_message(name))
     known = [n for names in _all_presets().values() for n in names]
     raise BadInput(f"unknown preset '{name}'{did_you_mean(name, known)}; see `profiles list`, "
                    "or give a path to a config.json, model file or cluster file")
@@ -126,11 +131,20 @@ def _plan_from_args(args, cluster):
 
     from planner.plan import ParallelPlan
 
+    from planner.limits import MAX_DEVICES, MAX_GLOBAL_BATCH, MAX_SEQ_LEN, check_int
+
     tp, pp, cp = args.tp, args.pp, args.cp
-    for flag, v in (("--tp", tp), ("--pp", pp), ("--cp", cp), ("--mbs", args.mbs), ("--gbs", args.gbs),
-                    ("--seq", args.seq), ("--vpp", args.vpp), ("--ep", args.ep)):
-        if v is not None and v <= 0:
-            raise BadInput(f"{flag} must be a positive integer, got {v}")
+    # degrees (and vpp, chunks per device) count devices; mbs is at most the global batch
+    for flag, v, cap in (("--tp", tp, MAX_DEVICES), ("--pp", pp, MAX_DEVICES), ("--cp", cp, MAX_DEVICES),
+                         ("--dp", args.dp, MAX_DEVICES), ("--ep", args.ep, MAX_DEVICES),
+                         ("--vpp", args.vpp, MAX_DEVICES), ("--mbs", args.mbs, MAX_GLOBAL_BATCH),
+                         ("--gbs", args.gbs, MAX_GLOBAL_BATCH), ("--seq", args.seq, MAX_SEQ_LEN)):
+        check_int(flag, v, cap)
+    if args.seq_chunks > MAX_SEQ_LEN:  # below 1: the plan's own check (seq_chunks) says so
+        check_int("--seq-chunks", args.seq_chunks, MAX_SEQ_LEN)
+    if args.recompute_num_layers is not None and not 0 <= args.recompute_num_layers <= MAX_DEVICES:
+        raise BadInput(f"--recompute-num-layers must be between 0 and the blocks of a pipeline chunk, "
+                       f"got {args.recompute_num_layers}")
     dp = args.dp
     if dp is None:
         if cluster.device_count % (tp * pp * cp):
@@ -170,41 +184,42 @@ def _documents(text: str | None):
     except ValueError:
         raise BadInput(f"--documents {text!r}: want MEAN or MEAN:MAX, positive token counts (e.g. 32768:524288)") \
             from None
+    from planner.limits import MAX_SEQ_LEN
+
+    if max(parts) > MAX_SEQ_LEN:  # a document is at most a sequence
+        raise BadInput(f"--documents {text!r}: {max(parts)} tokens is past the sequence cap of {MAX_SEQ_LEN:,}; "
+                       "give at most that")
     try:
         return DocumentMix(mean_tokens=parts[0], max_tokens=parts[1] if len(parts) == 2 else None)
     except ValidationError as e:
         raise BadInput(f"--documents {text!r}: " + e.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
-def _int_list(flag: str, text: str) -> tuple[int, ...]:
+# values one list flag may hold: each is a whole search dimension
+_MAX_LIST_ITEMS = 64
+
+
+def _int_list(flag: str, text: str, cap: int | None = None) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4) (duplicates dropped), each positive and at most cap; BadInput otherwise."""
     try:
-        vals = tuple(int(x) for x in text.split(","))
+        vals = tuple(dict.fromkeys(int(x) for x in text.split(",")))
         if min(vals) <= 0:
             raise ValueError
-        return vals
     except ValueError:
         raise BadInput(f"{flag} {text!r}: want positive integers separated by commas (e.g. 1,2,4,8)") from None
+    if len(vals) > _MAX_LIST_ITEMS:
+        raise BadInput(f"{flag}: {len(vals)} values, past the cap of {_MAX_LIST_ITEMS}; give fewer")
+    if cap is not None and max(vals) > cap:
+        raise BadInput(f"{flag} {max(vals)} is past the cap of {cap:,}; give at most {cap:,}")
+    return vals
 
 
 def read_plan_file(path: str):
-    """A PlanFile from disk; BadInput (one line) for a missing, broken or unknown-version file."""
-    from pydantic import ValidationError
+    """A PlanFile from disk, checked as every command needs it (planner.plan.load_plan_file: safe read, strict
+    parsing, names resolved, the rules `estimate` applies); BadInput or Infeasible in one line otherwise."""
+    from planner.plan import load_plan_file
 
-    from planner.plan import PlanFile
-
-    p = Path(path)
-    if not p.exists():
-        raise BadInput(f"{path}: no such file")
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInput(f"{path}: cannot read as JSON ({e})") from None
-    try:
-        return PlanFile.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err.get("loc", ()))
-        raise BadInput(f"{path}: {where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}") from None
+    return load_plan_file(path).pf
 
 
 def cmd_estimate(args) -> None:
@@ -219,6 +234,9 @@ def cmd_estimate(args) -> None:
         if given:
             raise BadInput(f"--plan {args.plan} fixes the model, cluster and plan; drop --{given[0]}")
         pf = read_plan_file(args.plan)
+        from planner.limits import check_plan_file
+
+        check_plan_file(pf, args.plan)
         model = load_model(pf.model)
         cluster = catalog.load_cluster(pf.cluster, pf.nodes)
         plan, workload = pf.plan, pf.workload
@@ -234,6 +252,9 @@ def cmd_estimate(args) -> None:
                             documents=_documents(args.documents))
         if plan.attention_pool and workload.documents is None:
             raise BadInput("--attention-pool balances variable-length documents: give --documents MEAN[:MAX] too")
+        from planner.limits import check_microbatches
+
+        check_microbatches(args.gbs, cluster.device_count, mbs=plan.mbs, dp=plan.dp)
     est = estimate(model, cluster, workload, plan)
     out = est.model_dump()
     out["plan"] = plan.model_dump()
@@ -252,15 +273,29 @@ def cmd_backtest(args) -> None:
     res = run_backtest(args.runs)
     lines = [f"{'id':>6} {'source':<14} {'target':<13} {'measured':>12} {'predicted':>12} {'error':>8}"]
     for r in res["rows"]:
+        # ids and sources come from the user's file: one line each, however they are written
+        rid, src = (" ".join(str(r[k]).split()) for k in ("id", "source_code"))
         if r["status"] == "ok":
-            lines.append(f"{r['id']:>6} {r['source_code']:<14} {r['target']:<13} {r['measured']:12.4g} "
+            lines.append(f"{rid:>6} {src:<14} {r['target']:<13} {r['measured']:12.4g} "
                          f"{r['predicted']:12.4g} {r['error_pct']:7.1f}%")
         else:
-            lines.append(f"{r['id']:>6} {r['source_code']:<14} skipped: {r['reason']}")
+            lines.append(f"{rid:>6} {src:<14} skipped: {' '.join(r['reason'].split())}")
     lines.append("")
     lines.extend(f"{k:<16} MAPE {v:5.1f}%" for k, v in res["by_source"].items())
-    lines.append(f"overall MAPE {res['mape_pct']:.1f}%  coverage {res['coverage']:.0%}")
+    mape = "n/a" if res["mape_pct"] is None else f"{res['mape_pct']:.1f}%"
+    lines.append(f"overall MAPE {mape}  coverage {res['coverage']:.0%}  "
+                 f"({res['rows_ok']} predicted, {res['rows_skipped']} skipped)")
     _emit(res, args.json, "\n".join(lines))
+    bugs = f", {res['internal_errors']} of them by an internal error of the planner (a bug)" \
+        if res["internal_errors"] else ""
+    if not res["rows_ok"]:
+        # exit 2, not 1: every row was skipped for what the table says (its cells, or a configuration the
+        # cost model refuses), so the fix is in the file; the report above says why for each row.
+        first = next((r for r in res["rows"] if not r["reason"].startswith("unusable")), res["rows"][0])
+        raise BadInput(f"{args.runs}: no row could be predicted ({res['rows_skipped']} skipped{bugs}; first: "
+                       f"id {first['id']!r}: {first['reason']})")
+    if bugs:
+        print(f"warning: {res['rows_skipped']} rows skipped{bugs}; their reasons say where", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -268,13 +303,16 @@ def cmd_backtest(args) -> None:
 
 
 def _constraints_from_args(args):
+    from planner.limits import MAX_DEVICES, MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_TOP, check_int
+    from planner.search.search import check_constraints
     from planner.search.space import Constraints
 
-    for flag in ("tp", "pp", "dp", "cp", "ep", "vpp", "mbs", "max_tp", "max_pp", "max_cp", "top", "nodes", "gbs",
-                 "seq"):
-        v = getattr(args, flag)
-        if v is not None and v <= 0:
-            raise BadInput(f"--{flag.replace('_', '-')} must be a positive integer, got {v}")
+    caps = {"tp": MAX_DEVICES, "pp": MAX_DEVICES, "dp": MAX_DEVICES, "cp": MAX_DEVICES, "ep": MAX_DEVICES,
+            "vpp": MAX_DEVICES, "max_tp": MAX_DEVICES, "max_pp": MAX_DEVICES, "max_cp": MAX_DEVICES,
+            "nodes": MAX_DEVICES, "mbs": MAX_GLOBAL_BATCH, "gbs": MAX_GLOBAL_BATCH, "seq": MAX_SEQ_LEN,
+            "top": MAX_TOP}
+    for flag, cap in caps.items():
+        check_int(f"--{flag.replace('_', '-')}", getattr(args, flag), cap)
     c = Constraints(tp=args.tp, pp=args.pp, dp=args.dp, cp=args.cp, ep=args.ep, vpp=args.vpp, zero=args.zero,
                     mbs=args.mbs, recompute=args.recompute, schedule=args.schedule, sp=args.sp,
                     max_tp=args.max_tp, max_pp=args.max_pp, max_cp=args.max_cp,
@@ -284,9 +322,10 @@ def _constraints_from_args(args):
                     overlap_tp_comm=args.overlap_tp_comm,
                     moe_dispatch=(args.moe_dispatch,) if args.moe_dispatch else ("a2a", "tp_slice", "deepep"),
                     offload_activations=(0.0, 0.5, 0.75, 1.0) if args.offload_activations else (0.0,),
-                    seq_chunks=_int_list("--seq-chunks", args.seq_chunks),
+                    seq_chunks=_int_list("--seq-chunks", args.seq_chunks, MAX_SEQ_LEN),
                     attention_pool=(False, True) if args.attention_pool else (False,))
     c.check()
+    check_constraints(c)
     return c
 
 
@@ -297,22 +336,27 @@ def cmd_plan(args) -> None:
     from planner.plan import PlanFile, Workload
     from planner.search.search import search
 
-    save = Path(args.save) if args.save else None
-    if save is not None:  # refuse before searching, not after
-        if save.exists() and not args.force:
-            raise BadInput(f"{save} exists; use --force to overwrite it")
-        if not save.parent.is_dir():
-            raise BadInput(f"{save}: directory {save.parent} does not exist")
+    from planner.files import check_output
+    from planner.limits import MAX_HETERO_MICROBATCHES, MAX_MICROBATCHES, check_microbatches
+
+    save = Path(args.save) if args.save is not None else None
+    if save is not None:  # refuse before searching, not after ('' too: it is not "no file")
+        check_output(args.save, args.force, "--save")
     constraints = _constraints_from_args(args)
+    documents = _documents(args.documents)
     model = load_model(args.model)
     cluster = catalog.load_cluster(args.cluster, args.nodes)
-    workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype,
-                        documents=_documents(args.documents))
+    workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype, documents=documents)
     if args.attention_pool and workload.documents is None:
         raise BadInput("--attention-pool balances variable-length documents: give --documents MEAN[:MAX] too")
     from planner.hetero import cli as hetero_cli  # mixed devices, islands, phones: planners of their own
 
     kind = hetero_cli.route(cluster)
+    # the hetero and phone planners run pipelines of a single replica (dp 1), micro-batches of up to 4 and 1
+    routed = kind in ("edge", "hetero")
+    check_microbatches(args.gbs, cluster.device_count, mbs=args.mbs or {"edge": 1, "hetero": 4}.get(kind),
+                       dp=args.dp or (1 if routed else None),
+                       cap=MAX_HETERO_MICROBATCHES if kind == "hetero" else MAX_MICROBATCHES)
     if kind is not None:
         return hetero_cli.cmd_plan(args, model, cluster, workload, kind, save, _emit, _write_atomic)
     res = search(model, cluster, workload, constraints, top_k=args.top)
@@ -355,10 +399,12 @@ def cmd_plan(args) -> None:
 
 
 def cmd_simulate(args) -> None:
-    from planner.importers import load_model
     from planner.files import check_output
+    from planner.plan import load_plan_file
     from planner.viz import plot_timeline, timeline
 
+    if args.output == "":
+        raise BadInput("-o '': give an image file name (.png, .svg or .pdf), or leave -o out")
     out = Path(args.output) if args.output else None
     if out is None and not args.json:
         out = Path(args.plan).with_suffix(".timeline.png")
@@ -366,10 +412,9 @@ def cmd_simulate(args) -> None:
         if out.suffix.lower() not in (".png", ".svg", ".pdf"):
             raise BadInput(f"{out}: unknown image format '{out.suffix}'; use .png, .svg or .pdf")
         check_output(out, args.force)
-    pf = read_plan_file(args.plan)
-    model = load_model(pf.model)
-    cluster = catalog.load_cluster(pf.cluster, pf.nodes)
-    tl = timeline(model, cluster, pf.workload, pf.plan)
+    loaded = load_plan_file(args.plan)
+    pf = loaded.pf
+    tl = timeline(loaded.model, loaded.cluster, pf.workload, pf.plan)
     if out is not None:
         plot_timeline(tl, str(out))
     tail = tl.tail
@@ -394,17 +439,25 @@ def cmd_sweep(args) -> None:
     from planner.files import check_output
     from planner.sweep import parse_list, sweep, write_csv
 
-    out = Path(args.output) if args.output else None
+    from planner.limits import MAX_DEVICES, MAX_GLOBAL_BATCH, MAX_SEQ_LEN
+
+    out = Path(args.output) if args.output is not None else None
     if out is not None:
-        check_output(out, args.force)
+        check_output(args.output, args.force, "-o")
     df = sweep(parse_list(args.model, str, "model"), parse_list(args.cluster, str, "cluster"),
-               nodes=parse_list(args.nodes, int, "--nodes"), seqs=parse_list(args.seq, int, "--seq"),
-               gbs=parse_list(args.gbs, int, "--gbs"), links=parse_list(args.link, str, "link"),
+               nodes=parse_list(args.nodes, int, "--nodes", MAX_DEVICES),
+               seqs=parse_list(args.seq, int, "--seq", MAX_SEQ_LEN),
+               gbs=parse_list(args.gbs, int, "--gbs", MAX_GLOBAL_BATCH), links=parse_list(args.link, str, "link"),
                dtypes=parse_list(args.dtype, str, "dtype"), refine_partition=not args.no_refine, progress=None)
     if out is None:
-        sys.stdout.write(df.to_csv(index=False, float_format="%.6g"))
+        if args.json:
+            _emit(json.loads(df.to_json(orient="records")), True, "")
+        else:
+            sys.stdout.write(df.to_csv(index=False, float_format="%.6g"))
         return
     write_csv(df, out, force=args.force)
+    if args.json:  # the CSV is written; stdout gets the same rows as JSON instead of the summary
+        return _emit(json.loads(df.to_json(orient="records")), True, "")
     lines = [f"{'model':<14} {'cluster':<16} {'nodes':>5} {'link':<9} {'seq':>6} {'gbs':>5} {'step s':>9} "
              f"{'tokens/s':>11} {'MFU':>6}  best plan / why"]
     for r in df.itertuples():
@@ -423,16 +476,17 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from planner.export import export_text, make_context
+    from planner.export import context_of, export_text
+    from planner.files import check_output
+    from planner.plan import load_plan_file
 
+    if args.output == "":
+        raise BadInput("-o '': give a file name, or leave -o out to write to stdout")
     out = Path(args.output) if args.output else None
     if out is not None:  # refuse before loading anything, not after
-        if out.exists() and not args.force:
-            raise BadInput(f"{out} exists; use --force to overwrite it")
-        if not out.parent.is_dir():
-            raise BadInput(f"{out}: directory {out.parent} does not exist")
-    pf = read_plan_file(args.plan)
-    ctx = make_context(pf, load_cluster=args.to == "megatron")
+        check_output(out, args.force)
+    # the plan file as `estimate` would take it, or one line: never a launch script for a plan it refuses
+    ctx = context_of(load_plan_file(args.plan))
     text = export_text(ctx, args.to)
     if args.to == "deepspeed":  # JSON has no comments: say on stderr what the file cannot
         from planner.export.deepspeed import notes
@@ -462,18 +516,23 @@ def _torch_backend(args) -> None:
 def cmd_validate(args) -> None:
     _torch_backend(args)
     from planner.backends.torch.runner import RunOptions
-    from planner.backends.torch.validate import report_text, validate
+    from planner.backends.torch.validate import MAX_NPROC, check_nproc, report_text, validate
+    from planner.plan import load_plan_file
 
-    for flag in ("nproc", "steps", "threads"):
+    # steps: a validation run is a handful of steps (default 6); 1000 is already minutes of a real model
+    for flag, cap in (("nproc", MAX_NPROC), ("steps", 1000), ("threads", MAX_NPROC)):
         v = getattr(args, flag)
         if v is not None and v <= 0:
             raise BadInput(f"--{flag} must be a positive integer, got {v}")
+        if v is not None and v > cap:
+            raise BadInput(f"--{flag} {v} is past the cap of {cap}")
     if args.warmup < 0:
         raise BadInput(f"--warmup must be >= 0, got {args.warmup}")
-    pf = read_plan_file(args.plan)
+    loaded = load_plan_file(args.plan)  # checked as `estimate` checks it, before anything is started
+    check_nproc(args.nproc, loaded.pf.plan.devices)
     opts = RunOptions(steps=args.steps, warmup=args.warmup, seed=args.seed, device=args.device,
                       threads=args.threads)
-    res = validate(pf, args.nproc, opts)
+    res = validate(loaded.pf, args.nproc, opts, force=args.force)
     _emit(res, args.json, report_text(res))
 
 
@@ -481,8 +540,17 @@ def cmd_calibrate(args) -> None:
     _torch_backend(args)
     from planner.backends.torch.calibrate import calibrate, report_text
 
+    from planner.backends.torch.validate import usable_cores
+
     if args.nproc is not None and args.nproc < 2:
         raise BadInput(f"--nproc must be at least 2 (collectives need two processes), got {args.nproc}")
+    # one rank per core (or GPU) is what a plan runs; four per core already measures only contention
+    cap = 4 * max(1, usable_cores())
+    if args.nproc is not None and args.nproc > cap:
+        raise BadInput(f"--nproc {args.nproc}: at most {cap} (4 per usable core) on this machine; "
+                       "leave it out for one process per core")
+    if args.out_dir == "":
+        raise BadInput("--out-dir is empty; give a folder, or leave --out-dir out for your data folder")
     res = calibrate(nproc=args.nproc, quick=args.quick, out_dir=args.out_dir, force=args.force,
                     dry_run=args.dry_run)
     _emit(res, args.json, report_text(res))
@@ -492,22 +560,34 @@ def _add_backend_commands(sub) -> None:
     va = sub.add_parser("validate", help="run a plan file for real (torch.distributed) and compare with the prediction")
     va.add_argument("plan", metavar="PLAN.json", help="a plan file (plan --save)")
     va.add_argument("--backend", default="torch", help="execution backend (torch)")
-    va.add_argument("--nproc", type=int, help="processes (default: the plan's dp*tp*pp)")
+    va.add_argument("--nproc", type=int, help="processes: the plan's dp*tp*pp*cp, the default (at most 4 per core "
+                    "and 1024)")
     va.add_argument("--steps", type=int, default=6, help="training steps, warm-up included (default 6)")
     va.add_argument("--warmup", type=int, default=2, help="steps left out of the median (default 2)")
     va.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto: one GPU per process with NCCL when there are enough, else CPU with gloo")
     va.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     va.add_argument("--seed", type=int, default=0)
+    va.add_argument("--force", action="store_true",
+                    help="run even when the plan's predicted peak memory per process exceeds this machine's")
     va.add_argument("--json", action="store_true")
     va.set_defaults(func=cmd_validate)
 
-    ca = sub.add_parser("calibrate", help="measure this machine and write the `local` device, link and cluster profile")
+    ca = sub.add_parser(
+        "calibrate", help="measure this machine into your own `local` cluster preset (start with --quick)",
+        description="Measure this machine (torch) and write the `local` device, link and node profile into your "
+                    "data folder (platformdirs: $XDG_DATA_HOME or ~/.local/share/parallel-planner/calibration), "
+                    "never into the package. Start with `planner calibrate --backend torch --quick` (about 2 "
+                    "minutes on 2 cores); a full calibration takes about 6 minutes there and prints its progress.")
     ca.add_argument("--backend", default="torch", help="measurement backend (torch)")
     ca.add_argument("--nproc", type=int, help="processes for the collective measurements (default: the cores, >= 2)")
-    ca.add_argument("--quick", action="store_true", help="fewer shapes and sizes (a test run, not a profile to trust)")
-    ca.add_argument("--out-dir", metavar="DIR", help="write devices/ links/ nodes/ under DIR instead of the catalog")
-    ca.add_argument("--force", action="store_true", help="overwrite an existing local profile")
+    ca.add_argument("--quick", action="store_true",
+                    help="the first step: fewer shapes and sizes, about 2 minutes (a first look, not a profile to trust)")
+    ca.add_argument("--out-dir", metavar="DIR",
+                    help="write devices/ links/ nodes/ and calibration.json under DIR (created) instead of your data "
+                         "folder; plan on it with --cluster DIR")
+    ca.add_argument("--force", action="store_true", help="replace an existing full calibration (a --quick one is "
+                                                         "replaced without it)")
     ca.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
     ca.add_argument("--json", action="store_true")
     ca.set_defaults(func=cmd_calibrate)
@@ -573,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gbs", type=int, required=True)
     pl.add_argument("--seq", type=int, required=True)
     pl.add_argument("--dtype", choices=["bf16", "fp16", "fp8", "fp32"], default="bf16")
-    pl.add_argument("--top", type=int, default=5, help="plans to show (default 5)")
+    pl.add_argument("--top", type=int, default=5, help="plans to show (default 5, at most 1000)")
     for flag in ("tp", "pp", "dp", "cp", "ep", "vpp", "mbs"):
         pl.add_argument(f"--{flag}", type=int, help=f"fix {flag}")
     pl.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="fix the ZeRO stage")
@@ -626,6 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("-o", "--output", metavar="FILE.csv", help="CSV to write (default: CSV on stdout)")
     sw.add_argument("--force", action="store_true", help="overwrite an existing CSV")
     sw.add_argument("--no-refine", action="store_true", help="skip the DP stage-partition refinement (faster)")
+    sw.add_argument("--json", action="store_true", help="print the rows as JSON instead of CSV (or of the summary)")
     sw.set_defaults(func=cmd_sweep)
 
     ex = sub.add_parser("export", help="a plan file as launcher arguments or config (Megatron, DeepSpeed, torchtitan)")

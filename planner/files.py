@@ -11,20 +11,58 @@ from pathlib import Path
 from planner.errors import BadInput
 
 
-def write_atomic(path, data: str | bytes) -> None:
-    """Write a file through a temporary file beside it and os.replace, so a reader never sees half of it,
-    with the mode an ordinary open() would give (mkstemp's is 0600). BadInput when it cannot be written."""
-    path = Path(path)
-    umask = os.umask(0)
-    os.umask(umask)
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it straight back
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _existing(path: Path):
+    """os.stat of an output path (None when there is nothing there), or BadInput for a name the OS refuses
+    (too long, a NUL byte, a parent that is a file, no permission to look)."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise BadInput(f"{path}: cannot write ({e.strerror or e})") from None
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path}: cannot write ({getattr(e, 'strerror', None) or e})") from None
+
+
+def _refuse_special(path: Path, st) -> None:
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise BadInput(f"{path} is a directory; give a file name")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        # replacing a FIFO, socket or device node would break whatever uses it: never, even with --force
+        raise BadInput(f"{path} is not a regular file (a pipe, socket or device); give another file name "
+                       "(--force does not replace these)")
+
+
+def write_atomic(path, data: str | bytes) -> None:
+    """Write a file through a temporary file beside it and os.replace, so a reader never sees half of it.
+
+    The temporary file is fsynced before the rename and the directory after it (best effort), so a crash
+    leaves the old file or the new one, never an empty one (the ext4 rename-without-fsync case). A file
+    replaced keeps its mode; a new one gets the mode an ordinary open() gives (mkstemp's is 0600). A FIFO,
+    socket, device or directory at `path` is refused. BadInput (one line) when it cannot be written; the
+    temporary file is removed on every failure."""
+    path = Path(path)
+    if not str(path).strip():
+        raise BadInput("empty output file name; give a file name")
+    st = _existing(path)
+    _refuse_special(path, st)
+    mode = stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask()
+    payload = data.encode() if isinstance(data, str) else data
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path}: cannot write ({getattr(e, 'strerror', None) or e})") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o666 & ~umask)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -32,17 +70,48 @@ def write_atomic(path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
-def check_output(path, force: bool) -> None:
-    """Refuse (BadInput) an output path that exists without force, or whose directory does not."""
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable (POSIX: the directory entry lives in the directory); best effort, since some
+    file systems and platforms (Windows) cannot open or fsync a directory."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_output(path, force: bool, flag: str | None = None) -> None:
+    """Refuse (BadInput, one line, before any work) an output path that cannot be written: an empty name, a
+    name the OS refuses (too long), a directory, a FIFO / socket / device (even with force), an existing file
+    without force, a missing or unwritable directory. `flag` (e.g. "--save") names the option in the message."""
+    where = f"{flag} " if flag else ""
+    if not str(path).strip():
+        raise BadInput(f"{where}needs a file name, got an empty one")
     path = Path(path)
-    if path.is_dir():
-        raise BadInput(f"{path} is a directory; give a file name")
-    if path.exists() and not force:
+    st = _existing(path)
+    _refuse_special(path, st)
+    if st is not None and not force:
         raise BadInput(f"{path} exists; use --force to overwrite it")
-    if not path.parent.is_dir():
-        raise BadInput(f"{path}: directory {path.parent} does not exist")
+    parent = path.parent
+    if not parent.is_dir():
+        raise BadInput(f"{path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"{path}: directory {parent} is not writable; choose another {where or 'output '}path")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255  # POSIX NAME_MAX on ext4, xfs, btrfs, tmpfs
+    if len(os.fsencode(path.name)) > name_max:
+        raise BadInput(f"{path.name[:40]}...: file name of {len(os.fsencode(path.name))} bytes, longer than the "
+                       f"{name_max} this file system takes; give a shorter {where or 'output '}name")
 
 
 # The largest input file read (model, cluster, plan, runs table): far above any real one (the biggest
@@ -60,8 +129,8 @@ def read_input(path, what: str = "file", max_bytes: int = MAX_INPUT_BYTES) -> st
         st = os.stat(path)
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file") from None
-    except OSError as e:
-        raise BadInput(f"{path}: cannot read ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name (from a plan file, say)
+        raise BadInput(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     if stat.S_ISDIR(st.st_mode):
         raise BadInput(f"{path}: is a directory, expected a {what}")
     if not stat.S_ISREG(st.st_mode):
@@ -77,10 +146,22 @@ def read_input(path, what: str = "file", max_bytes: int = MAX_INPUT_BYTES) -> st
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise BadInput(f"{path}: not a regular file (a pipe, socket or device); give a {what}")
-        data = f.read(max_bytes + 1)
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:  # e.g. /proc/self/mem: a regular file by stat whose read fails (EIO)
+            raise BadInput(f"{path}: cannot read ({e.strerror or e})") from None
     if len(data) > max_bytes:
         raise BadInput(f"{path}: larger than any {what} this tool reads ({max_bytes:,} bytes at most)")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadInput(f"{path}: not a text file (not UTF-8 at byte {e.start})") from None
+
+
+def path_exists(path) -> bool:
+    """Path.exists() that answers False for a name the OS cannot even look up (too long, a NUL byte):
+    on Python 3.11 those raise instead, and a user-typed name must never become a traceback."""
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False

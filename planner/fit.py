@@ -6,7 +6,9 @@ datasheet or measured value. The fit minimises squared log error (so a 2x miss c
 with scipy's bounded least squares. Leave-one-source-out refits without each source and predicts it, which
 is the error to expect on a software stack the fit has not seen.
 
-The result is written to hardware_profiles/fitted_efficiency.yaml, which the catalog applies on load.
+`--write` writes the result into the user's data folder (planner.userdata.fit_file(), e.g.
+~/.local/share/parallel-planner/fitted_efficiency.yaml), which the catalog applies over the shipped fit;
+`--write-shipped` (developers, in a checkout) updates the shipped hardware_profiles/fitted_efficiency.yaml.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import numpy as np
 from planner.backtest import TARGETS, backtest_row, predicted_value, read_runs, row_model, stack_key
 from planner.catalog import load_cluster, stack_efficiency
 from planner.cost.estimate import estimate
+from planner.errors import BadInput
 from planner.files import write_atomic
 from planner.plan import ParallelPlan, Workload
 
@@ -61,14 +64,21 @@ class _Case:
 
 
 def load_cases(path: str | Path) -> list[_Case]:
-    df = read_runs(path)
+    """The rows the backtest predicts, each with its parsed cells (planner.backtest.parse_row) and plan;
+    a row the backtest skips (a bad cell, a plan the cost model refuses) is left out of the fit."""
+    records = read_runs(path)
     from tqdm import tqdm
 
-    cases = []
-    for row in tqdm(df.to_dict(orient="records"), desc="plans per row", unit="row", disable=None, leave=False):
+    cases, skipped = [], []
+    for row in tqdm(records, desc="plans per row", unit="row", disable=None, leave=False):
         res = backtest_row(row, return_plan=True)
-        if res.status == "ok" and res.plan is not None:
-            cases.append(_Case(row, res.plan))
+        if res.status == "ok" and res.plan is not None and res.row is not None:
+            cases.append(_Case(res.row, res.plan))
+        elif not res.reason.startswith("unusable"):
+            skipped.append(res)
+    if not cases:
+        first = f"; first: id {skipped[0].id!r}: {skipped[0].reason}" if skipped else ""
+        raise BadInput(f"{path}: no row could be predicted, so there is nothing to fit{first}")
     return cases
 
 
@@ -156,8 +166,10 @@ def write_fit(fitted: dict[str, dict], path: Path, runs: str, n_rows: int, stack
     software stack (a source whose stack differs, e.g. vTrain's Megatron-DeepSpeed)."""
     import yaml
 
-    doc = yaml.safe_load(path.read_text()) if path.exists() else {}
-    doc = doc or {}
+    from planner.files import read_input
+
+    doc = yaml.safe_load(read_input(path, "fitted-efficiency file")) if path.exists() else {}
+    doc = doc if isinstance(doc, dict) else {}
     entry = {"fitted_on": Path(runs).name, "rows": n_rows, "date": _dt.date.today().isoformat(),
              "method": "scipy.optimize.least_squares, soft-L1 on log(predicted/measured) (planner.fit)"}
     if stack is None:
@@ -214,7 +226,8 @@ def _main(argv) -> int:
     import argparse
     import json
 
-    from planner.catalog import device, profiles_dir
+    from planner import userdata
+    from planner.catalog import _REPO_ROOT, FITTED_EFFICIENCY_FILE, device, profiles_dir
 
     ap = argparse.ArgumentParser(description="fit device efficiencies on a published-runs table")
     ap.add_argument("--runs", required=True)
@@ -223,10 +236,19 @@ def _main(argv) -> int:
     ap.add_argument("--stack", help="store the fit for this source's software stack, not the device")
     ap.add_argument("--holdout", type=float, default=0.0,
                     help="fraction of rows held out at random (seed 0) and reported separately")
-    ap.add_argument("--write", action="store_true", help="write hardware_profiles/fitted_efficiency.yaml")
+    ap.add_argument("--write", action="store_true",
+                    help="write the fit to your data folder (applied over the shipped fit): "
+                         "<user data dir>/parallel-planner/fitted_efficiency.yaml")
+    ap.add_argument("--write-shipped", action="store_true",
+                    help="developers: update the shipped hardware_profiles/fitted_efficiency.yaml of this checkout")
     ap.add_argument("--loso", action="store_true", help="also report leave-one-source-out error")
     ap.add_argument("--markdown", help="also write the error table as Markdown to this file")
     args = ap.parse_args(argv)
+    if args.write and args.write_shipped:
+        raise BadInput("--write and --write-shipped: choose one (your data folder, or the checkout's shipped fit)")
+    if args.write_shipped and profiles_dir() != _REPO_ROOT / "hardware_profiles":
+        raise BadInput(f"--write-shipped updates a checkout's hardware_profiles/, and this planner is installed "
+                       f"({profiles_dir()}); use --write for your data folder, or run it from a checkout")
     params = tuple(p.strip() for p in args.params.split(",") if p.strip())
     unknown = [p for p in params if p not in BOUNDS]
     if unknown:
@@ -255,7 +277,10 @@ def _main(argv) -> int:
     if args.loso:
         report["mape_leave_one_source_out"] = leave_one_source_out(cases, defaults, params)
     if args.write:
-        write_fit(fitted, profiles_dir() / "fitted_efficiency.yaml", args.runs, len(train), args.stack)
+        write_fit(fitted, userdata.make_dir(userdata.fit_file().parent, "--write") / userdata.fit_file().name,
+                  args.runs, len(train), args.stack)
+    if args.write_shipped:
+        write_fit(fitted, profiles_dir() / FITTED_EFFICIENCY_FILE, args.runs, len(train), args.stack)
     if args.markdown:
         command = "python -m planner.fit " + " ".join(argv if argv is not None else sys.argv[1:])
         _write_markdown(report, Path(args.markdown), args.runs, command,

@@ -7,9 +7,9 @@ cost model reads. GB means 10^9 bytes, as in every datasheet we cite.
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 DeviceKind = Literal["gpu", "npu", "tpu", "cpu", "mobile-cpu", "mobile-gpu"]
 LinkKind = Literal[
@@ -22,6 +22,21 @@ Provenance = Literal["datasheet", "derived", "measured", "assumed"]
 GB = 1e9
 TERA = 1e12
 MICRO = 1e-6
+
+# Physical ceilings a profile's numbers must stay below: far above every device and link made (so no real
+# profile is refused) and low enough that a typo (1e30, an extra six zeros) is caught with one line.
+MAX_TFLOPS = 1e5  # 100 PFLOP/s per device: 20x a B200's 4.5 PFLOP/s dense FP8 (NVIDIA B200 datasheet)
+MAX_MEMORY_GB = 1e5  # 100 TB per device: 500x an H200's 141 GB
+MAX_BANDWIDTH_GB_S = 1e5  # 100 TB/s: 20x an H200's 4.8 TB/s HBM3e, 100x NVLink 5's 900 GB/s per direction
+MAX_LATENCY_US = 1e7  # 10 s per message: a satellite link is 0.6 s
+MAX_POWER_W = 1e5  # 100 kW per device: 100x a B200's 1 kW
+MAX_OVERHEAD_US = 1e6  # 1 s of fixed cost per kernel or layer
+MAX_PER_BYTE_NS = 1e6  # 1 ms per byte (or per parameter): a 1 kB/s host
+MAX_DEVICES_PER_NODE = 4096
+MAX_NODES = 1_000_000  # the cost model's device cap (issue 16): a million nodes is past any cluster built
+# Every profile model refuses NaN and infinity (allow_inf_nan) and, read from a file, takes numbers
+# strictly (catalog.parse_as): true is not 1 and "8" is not 8.
+_STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 # Used when a profile gives no achievable efficiency: the median of the measured dense-GEMM fractions in
 # reference/clusters.md section 10 (A100 87%/81%, H100 80%, B200 78%) and of HBM STREAM triad (83-89%).
@@ -43,7 +58,7 @@ _DTYPE_FALLBACK = {
 class _Profile(BaseModel):
     """What every catalog entry shares: a name, where its numbers come from, and no unknown fields."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
     name: str = Field(min_length=1)
     source: str = Field(min_length=3, description="datasheet, paper or measurement each number comes from")
@@ -54,7 +69,7 @@ class _Profile(BaseModel):
 class Efficiency(BaseModel):
     """Achievable fractions of peak, the knobs calibration fits (issue 4) and `calibrate` measures."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
     matmul: float = Field(DEFAULT_MATMUL_EFFICIENCY, gt=0, le=1)
     memory: float = Field(DEFAULT_MEMORY_EFFICIENCY, gt=0, le=1)
@@ -67,30 +82,30 @@ class Efficiency(BaseModel):
     # GEMM efficiency falls with the smallest GEMM dimension d as d / (d + gemm_half_dim): fewer tiles
     # than the device has SMs, and tail waves, leave units idle (the shape effect of reference
     # formulas.md 5.1). 0: no shape effect beyond the roofline.
-    gemm_half_dim: float = Field(0.0, ge=0)
+    gemm_half_dim: float = Field(0.0, ge=0, le=1e6)
     # Fixed cost per kernel launch (CUDA launch + framework dispatch), and per layer per pass for
     # framework work that does not scale with size (Python, hooks, allocator): what dominates small
     # models (vTrain single-node rows, reference README). Fitted by calibration.
-    kernel_overhead_us: float = Field(4.0, ge=0)
-    layer_overhead_us: float = Field(0.0, ge=0)
+    kernel_overhead_us: float = Field(4.0, ge=0, le=MAX_OVERHEAD_US)
+    layer_overhead_us: float = Field(0.0, ge=0, le=MAX_OVERHEAD_US)
     # Host time to dispatch one kernel (Python, framework, launch). It overlaps with device work, so a
     # layer takes max(device time, kernels x this): invisible for big layers, the floor for small ones.
     # Eager PyTorch dispatch costs on the order of 10 us per op; calibration fits it per stack.
-    host_dispatch_us: float = Field(10.0, ge=0)
+    host_dispatch_us: float = Field(10.0, ge=0, le=MAX_OVERHEAD_US)
     # Host cost of one tensor-parallel sublayer (attention or MLP) per forward pass that a framework adds
     # beyond its GEMMs and the collective's link time: DTensor's sharding propagation, redistribution and
     # autograd wrappers around every sharded op (torch.distributed.tensor.parallel). Charged like
     # layer_overhead_us (once forward, twice backward) on layers split tp > 1 ways. 0 for plain-tensor TP
     # (Megatron); `calibrate --backend torch` measures it on a DTensor MLP between local processes.
-    tp_dispatch_us: float = Field(0.0, ge=0)
+    tp_dispatch_us: float = Field(0.0, ge=0, le=MAX_OVERHEAD_US)
     # The same under sequence parallelism (norms sequence-sharded as DTensors, an all-gather and a
     # reduce-scatter in place of the all-reduce); None: tp_dispatch_us.
-    sp_dispatch_us: float | None = Field(None, ge=0)
+    sp_dispatch_us: float | None = Field(None, ge=0, le=MAX_OVERHEAD_US)
     # The part of that host cost that grows with the sublayer's activation (tokens x hidden x bytes):
     # DTensor's redistribution copies and the functional collectives' fresh outputs. Per byte, per split
     # sublayer and pass, charged beside tp_dispatch_us; measured by `calibrate --backend torch` on a
     # small model's MLP (0 for plain-tensor TP and every catalog device).
-    tp_dispatch_ns_per_byte: float = Field(0.0, ge=0)
+    tp_dispatch_ns_per_byte: float = Field(0.0, ge=0, le=MAX_PER_BYTE_NS)
     # Fraction of the modelled NCCL bandwidth that the software stack's data-parallel / ZeRO collectives
     # reach. 1 for bucketed NCCL collectives (Megatron, FSDP); below 1 for stacks that gather parameter by
     # parameter without bucketing (DeepSpeed ZeRO-3 of 2021): fitted per stack, never per device.
@@ -106,22 +121,23 @@ class Efficiency(BaseModel):
     # own buffer: 0). Not overlapped. Charged for ZeRO 2 and 3; `calibrate --backend torch` measures it
     # on an FSDP2-wrapped stack of linear layers; 0 for catalog devices (on a GPU these copies run at HBM
     # speed on the collective's stream).
-    shard_copy_ns_per_byte: float = Field(0.0, ge=0)
+    shard_copy_ns_per_byte: float = Field(0.0, ge=0, le=MAX_PER_BYTE_NS)
     # Time per parameter, per micro-batch, to add that micro-batch's weight gradients into the accumulated
     # ones: eager autograd's AccumulateGrad (`grad += new`: read both, write the sum). 0 where accumulation
     # is fused into the weight-gradient GEMM (Megatron --gradient-accumulation-fusion) and for every catalog
     # device; `calibrate --backend torch` measures it (`add_` over 8M fp32 parameters).
-    grad_accum_ns_per_param: float = Field(0.0, ge=0)
+    grad_accum_ns_per_param: float = Field(0.0, ge=0, le=MAX_PER_BYTE_NS)
     source: str = "default: median of measured fractions in reference/clusters.md section 10"
 
 
 class Device(_Profile):
     kind: DeviceKind
     vendor: str = ""
-    peak_tflops: dict[Dtype, PositiveFloat] = Field(description="dense peak per dtype, TFLOP/s")
-    memory_gb: PositiveFloat
-    memory_bandwidth_gb_s: PositiveFloat
-    tdp_w: PositiveFloat | None = None
+    peak_tflops: dict[Dtype, Annotated[float, Field(gt=0, le=MAX_TFLOPS)]] = Field(
+        description="dense peak per dtype, TFLOP/s")
+    memory_gb: float = Field(gt=0, le=MAX_MEMORY_GB)
+    memory_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S)
+    tdp_w: float | None = Field(None, gt=0, le=MAX_POWER_W)
     efficiency: Efficiency = Efficiency()
 
     @model_validator(mode="after")
@@ -149,8 +165,8 @@ class Device(_Profile):
 
 class Link(_Profile):
     kind: LinkKind
-    bandwidth_gb_s: PositiveFloat = Field(description="per direction, per device or per port")
-    latency_us: float = Field(ge=0)
+    bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S, description="per direction, per device or per port")
+    latency_us: float = Field(ge=0, le=MAX_LATENCY_US)
     achievable_fraction: float = Field(DEFAULT_LINK_FRACTION, gt=0, le=1)
     shared_medium: bool = Field(False, description="one channel shared by every endpoint (Wi-Fi)")
     half_duplex: bool = False
@@ -166,18 +182,18 @@ class Link(_Profile):
 
 
 class DeviceSlot(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
     device: str
-    count: PositiveInt = 1
+    count: PositiveInt = Field(1, le=MAX_DEVICES_PER_NODE)
 
 
 class NicSpec(BaseModel):
     """Scale-out ports of a node: `count` ports of `link`, each shared by `devices_per_nic` devices."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
     link: str
-    count: PositiveInt = 1
-    devices_per_nic: PositiveInt = 1
+    count: PositiveInt = Field(1, le=MAX_DEVICES_PER_NODE)
+    devices_per_nic: PositiveInt = Field(1, le=MAX_DEVICES_PER_NODE)
 
 
 class NodeType(_Profile):
@@ -188,24 +204,24 @@ class NodeType(_Profile):
     nics: NicSpec | None = None
     shared_memory: bool = Field(False, description="all devices share one memory pool (phones, Jetson)")
     host_link: str | None = Field(None, description="device-to-host link for offload (PCIe)")
-    host_memory_gb: float | None = None
+    host_memory_gb: float | None = Field(None, gt=0, le=MAX_MEMORY_GB)
 
 
 class NodeGroup(BaseModel):
     """`count` nodes of one type in one island. count None: the CLI's --nodes decides."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
     node: str
-    count: PositiveInt | None = None
+    count: PositiveInt | None = Field(None, le=MAX_NODES)
     island: str = "main"
 
 
 class IslandLink(BaseModel):
     """How islands reach each other: `ports_per_node` ports of `link` on every node."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
     link: str
-    ports_per_node: PositiveInt = 1
+    ports_per_node: PositiveInt = Field(1, le=MAX_DEVICES_PER_NODE)
 
 
 class ClusterSpec(_Profile):

@@ -13,10 +13,30 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
 LayerKind = Literal["embedding", "attention", "mlp", "moe", "norm", "head", "encoder", "vae"]
 Recompute = Literal["none", "selective", "full"]
+
+# The sane range of every size a model file gives (HF config.json or a project model file): 1 up to this.
+# Each is far above any model trained (and the cost model's own caps), so no real model is refused while a
+# typo, 1e30 or 2^64 is a one-line error naming the file and the field instead of an overflow downstream.
+SIZE_LIMITS = {
+    "layers": 10_000,  # Llama-3.1-405B has 126, GPT-3 96
+    "hidden": 2**20,  # 1,048,576; the widest published (PaLM, GPT-4-class) are near 2^14-2^15
+    "ffn_hidden": 2**22,  # gated FFNs reach 4-8x hidden (Gemma-7B 24,576 = 8x)
+    "heads": 2**14,
+    "kv_heads": 2**14,
+    "head_dim": 2**14,  # Gemma uses 256
+    "vocab": 2**24,  # 16.7M; Gemma's 256,000 is the largest common one
+    "experts": 2**14,  # DeepSeek-V3 has 256 routed experts
+    "topk": 2**14,
+    "max_seq": 2**24,  # positions / sequence: the cost model's sequence cap (issue 16)
+    "window": 2**24,  # sliding-window width, a sequence length
+    "rank": 2**20,  # MLA low-rank widths (DeepSeek-V3: q 1536, kv 512)
+}
+MAX_SOFTCAP = 1e4  # a logit soft-cap (Gemma 2: 50 on attention, 30 on the output) is a few tens
 
 
 class MLA(BaseModel):
@@ -47,6 +67,16 @@ class Layer(BaseModel):
     causal: bool = True
     qkv_bias: bool = False
     mla: MLA | None = None
+    # Sliding-window attention: each query sees the last `window` keys (Mistral, Phi-3; Gemma 2 on every
+    # other layer); 0 sees the whole (causal) sequence.
+    window: int = 0
+    # RMSNorm on q and k before the scores: "head" normalizes each head (d weights each for q and k: Qwen3),
+    # "full" the whole projection (a*d and kv*d weights: OLMo-2, Olmo2Attention q_norm / k_norm).
+    qk_norm: Literal["none", "head", "full"] = "none"
+    # Logit soft-capping, cap * tanh(x / cap), on attention scores (or the LM head's logits): Gemma 2
+    # (Team Gemma 2024, section 2). Three elementwise ops per score against 4d FLOPs of QK^T and AV per
+    # score (d = 256: 0.3%), and FlashAttention applies it inside its kernel: not costed, recorded only.
+    logit_softcap: float = 0.0
     # mlp / moe
     ffn_hidden: int = 0
     gated: bool = False
@@ -65,6 +95,9 @@ class Layer(BaseModel):
     # common
     bias: bool = False  # biases on projections and MLP (GPT-2, NeoX)
     norm: Literal["rmsnorm", "layernorm", "none"] = "rmsnorm"
+    # A second norm on the sublayer's output before the residual add (Gemma 2's post_attention_layernorm
+    # and post_feedforward_layernorm beside its pre-norms): one more norm's weights and saved input.
+    post_norm: bool = False
     dropout: bool = False
     # A layer with its own token count (a text encoder reads 77 tokens whatever the image size).
     fixed_tokens: int | None = None
@@ -98,6 +131,10 @@ class Layer(BaseModel):
             kv_p += m.kv_lora_rank * a * (m.qk_nope_head_dim + m.v_head_dim)
             return q + kv_p + a * m.v_head_dim * h
         p = h * a * d + 2 * h * kv * d + a * d * h
+        if self.qk_norm != "none":
+            # one weight per normalized element (RMSNorm; LayerNorm adds as many biases)
+            width = 2 * d if self.qk_norm == "head" else (a + kv) * d
+            p += width * (2 if self.norm == "layernorm" else 1)
         if self.qkv_bias or self.bias:
             p += a * d + 2 * kv * d
         if self.bias:
@@ -120,15 +157,17 @@ class Layer(BaseModel):
             return self.norm_params + (0 if self.tied else self.vocab * self.hidden)
         if k == "norm":
             return self.norm_params
+        post = self.norm_params if self.post_norm else 0
         if k in ("attention", "encoder"):
-            p = self.norm_params + self._attention_params()
+            p = self.norm_params + post + self._attention_params()
             if k == "encoder":  # a whole encoder block: attention + mlp + two norms
                 p += self.norm_params + self._mlp_params(self.ffn_hidden)
             return p
         if k == "mlp":
-            return self.norm_params + self._mlp_params(self.ffn_hidden)
+            return self.norm_params + post + self._mlp_params(self.ffn_hidden)
         if k == "moe":
-            return self.norm_params + self._router_params() + self._shared_params() + self.routed_params()
+            return (self.norm_params + post + self._router_params() + self._shared_params()
+                    + self.routed_params())
         if k == "vae":
             return self.params_fixed
         raise AssertionError(k)
@@ -157,7 +196,7 @@ class Layer(BaseModel):
         if self.kind in ("norm", "vae"):
             return self.params()
         etp = tp if etp is None else etp
-        replicated = self.norm_params * (2 if self.kind == "encoder" else 1)
+        replicated = self.norm_params * (2 if self.kind == "encoder" else 1) * (2 if self.post_norm else 1)
         if self.kind == "embedding":
             replicated = 0
         if self.kind == "moe":
@@ -220,7 +259,12 @@ class Layer(BaseModel):
     def attention_core_flops(self, b, s, tp=1, cp=1):
         """QK^T and AV on one device: 4*b*s^2*a*d for the full square (PaLM App. B), halved when causal
         because FlashAttention skips masked blocks (formulas.md 1.3). Context parallel with causal load
-        balancing gives each rank 1/cp of the work."""
+        balancing gives each rank 1/cp of the work.
+
+        A sliding window w (Beltagy et al. 2020, Longformer section 3.1: O(s*w) instead of O(s^2)) leaves
+        query i min(i+1, w) keys: sum_i min(i+1, w) = s*w - w^2/2 + O(s) with w = min(s, window), which
+        is s^2/2 when w = s, so a window at least as long as the sequence costs exactly the causal square.
+        FlashAttention-2 skips the blocks outside the window (its window_size argument)."""
         if self.kind not in ("attention", "encoder"):
             return 0 * b
         s_eff = self.fixed_tokens if self.fixed_tokens is not None else s
@@ -229,6 +273,10 @@ class Layer(BaseModel):
             per_pos = self.heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
         else:
             per_pos = self.heads * 2 * self.head_dim
+        if self.window:
+            w = np.minimum(s_eff, self.window)
+            pairs = s_eff * w - w * w / 2 if self.causal else s_eff * w
+            return 2 * b * pairs * per_pos / (tp * cp)
         full = 2 * b * s_eff * s_eff * per_pos
         return full * (0.5 if self.causal else 1.0) / (tp * cp)
 
@@ -296,11 +344,17 @@ class Layer(BaseModel):
             total = total + t * (q_w + kv_w) * e / tp + lat  # Q, K, V for the core
             total = total + t * o_w * e / tp  # core output = o_proj input
             total = total + mask / rep  # residual dropout mask after the output projection
+            if self.qk_norm != "none":
+                total = total + t * (a + kv) * d * e / tp  # q and k before their norms
+            if self.post_norm:
+                total = total + t * h * e / rep  # the post-norm's input (the o_proj output)
             s_eff = self.fixed_tokens if self.fixed_tokens is not None else s
             if not flash and recompute == "none":
-                # softmax output 2as^2b, its dropout mask as^2b, dropout output 2as^2b (Korthikanti)
+                # softmax output 2as^2b, its dropout mask as^2b, dropout output 2as^2b (Korthikanti); a
+                # sliding window keeps only the scores inside it: s x min(s, window) per head
                 per_score = (2 + (3 if self.dropout else 0)) * e / 2
-                total = total + b * a * (s_eff / cp) * s_eff * per_score / tp
+                keys = np.minimum(s_eff, self.window) if self.window else s_eff
+                total = total + b * a * (s_eff / cp) * keys * per_score / tp
             elif flash:
                 total = total + t * a * 4 / tp  # log-sum-exp per row, fp32
         if self.kind in ("mlp", "encoder"):
@@ -308,6 +362,8 @@ class Layer(BaseModel):
             total = total + 2 * t * h * e / rep  # norm input, norm output (= up_proj input)
             total = total + t * f * e * (3 if self.gated else 2) / tp  # up out(s) and activation out
             total = total + mask / rep
+            if self.post_norm and self.kind == "mlp":
+                total = total + t * h * e / rep  # the post-norm's input (the down_proj output)
         if self.kind == "moe":
             f, k = self.ffn_hidden, self.topk
             total = total + 2 * t * h * e / rep + t * self.experts * 4 / rep  # norm in/out, router probs
@@ -315,6 +371,8 @@ class Layer(BaseModel):
             if self.shared_experts:
                 fs = self.shared_ffn_hidden * self.shared_experts
                 total = total + t * fs * e * (3 if self.gated else 2) / tp
+            if self.post_norm:
+                total = total + t * h * e / rep
         return total
 
 

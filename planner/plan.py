@@ -2,9 +2,21 @@
 and the plan file that `estimate`, `export`, `simulate` and `validate` read (DESIGN.md sections 2-3)."""
 from __future__ import annotations
 
-from typing import Literal
+import math
+import numbers
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
+                      model_validator)
+
+from planner.errors import BadInput, PlannerError
+
+if TYPE_CHECKING:  # imported when a plan file is checked: the cost model imports this module
+    from planner.hardware import Cluster
+    from planner.model import ModelGraph
 
 Schedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"]
 RecomputePolicy = Literal["none", "selective", "full"]
@@ -18,7 +30,7 @@ class DocumentMix(BaseModel):
     """Variable-length documents packed into every sequence, each under its own causal mask: log-normal lengths
     with this mean, capped at max_tokens (None: the sequence), seeded (attention_balance.sample_documents)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     mean_tokens: PositiveInt
     max_tokens: PositiveInt | None = None
     seed: int = 0
@@ -32,7 +44,7 @@ class DocumentMix(BaseModel):
 
 
 class Workload(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     global_batch: PositiveInt = Field(description="sequences per optimizer step")
     seq_len: PositiveInt
     dtype: TrainDtype = "bf16"
@@ -41,8 +53,15 @@ class Workload(BaseModel):
     # MoE routing (planner/cost/moe.py): tokens per expert capped at capacity_factor x the mean, overflow
     # dropped (Switch section 2.2; Megatron --moe-expert-capacity-factor); None: dropless. imbalance: the
     # busiest expert's load over the mean (>= 1; 1 = balanced, as Megatron's benchmarks force).
-    moe_capacity_factor: float | None = Field(None, gt=0)
-    moe_imbalance: float = Field(1.0, ge=1.0)
+    # The capacity factor is at least 1: below it every expert, the busiest included, would process fewer
+    # tokens than the balanced share, so the step would run fewer expert FLOPs than the model's, and the cost
+    # model (which times the busiest expert at min(imbalance, CF) x the mean, moe.expert_load) would report
+    # an MFU above 1 (CF 0.01 gave 157%, 165% on mixtral-8x7b). Trained configurations use 1.0-2.0 (Switch section 2.2: 1.0-1.25;
+    # GShard section 3.2: 2); 64 is far past any, and past it routing is dropless in effect.
+    moe_capacity_factor: float | None = Field(None, ge=1.0, le=64.0)
+    # at most 1024: the busiest expert takes at most every token, E/k times the mean (Switch section 2.2), and
+    # E/k is far below that in every catalog model (DeepSeek-V3: 256 / 8 = 32)
+    moe_imbalance: float = Field(1.0, ge=1.0, le=1024.0)
     # None: every sequence is one document (causal over all of it); else documents of varying length, whose
     # attention work differs between data-parallel replicas (planner/cost/attention_balance.py)
     documents: DocumentMix | None = None
@@ -53,7 +72,7 @@ class Workload(BaseModel):
 
 
 class OffloadPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     optimizer: float = Field(0.0, ge=0, le=1, description="fraction of optimizer states on the host")
     activations: float = Field(0.0, ge=0, le=1, description="fraction of saved activations on the host")
 
@@ -62,13 +81,20 @@ class StageAssignment(BaseModel):
     """One pipeline stage: the blocks it runs and, on heterogeneous clusters, the devices serving it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    layers: tuple[int, int] = Field(description="[first, last) transformer block indices")
+    layers: tuple[NonNegativeInt, NonNegativeInt] = Field(description="[first, last) transformer block indices")
     device_type: str | None = None
-    devices: list[int] | None = None
+    devices: list[NonNegativeInt] | None = None
+
+    @field_validator("layers")
+    @classmethod
+    def _in_order(cls, v):
+        if v[1] < v[0]:
+            raise ValueError(f"a stage runs blocks [first, last) with first <= last, got {list(v)}")
+        return v
 
 
 class ParallelPlan(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     dp: PositiveInt = 1
     tp: PositiveInt = 1
@@ -112,6 +138,14 @@ class ParallelPlan(BaseModel):
     # all devices, balanced, their Q/K/V and outputs sent over the fabric; matters with Workload.documents.
     attention_pool: bool = False
     partition: list[StageAssignment] | None = None  # None: blocks spread evenly over pp * vpp chunks
+
+    @field_validator("zero", mode="before")
+    @classmethod
+    def _zero_is_an_integer(cls, v):
+        # Literal[0, 1, 2, 3] matches by equality, so true and 1.0 would pass as stage 1
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"ZeRO stage must be the integer 0, 1, 2 or 3, got {v!r}")  # noqa: TRY004 (pydantic)
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> ParallelPlan:
@@ -173,24 +207,168 @@ class Estimate(BaseModel):
     why: str = ""
 
 
-class PlanFile(BaseModel):
-    """The file `plan --save` writes. Readers refuse a schema_version they do not know."""
+# A model or cluster name is a catalog name or a file path: one printable line, at most PATH_MAX (4096) long.
+MAX_NAME_CHARS = 4096
 
-    model_config = ConfigDict(extra="forbid")
+
+class PlanFile(BaseModel):
+    """The file `plan --save` writes. Readers refuse a schema_version they do not know.
+
+    `load_plan_file` is the one way a command reads one: strict parsing (parse_plan_file), then `check`, which
+    resolves the names and holds the plan to the rules `estimate` applies."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     schema_version: int = PLAN_SCHEMA_VERSION
     model: str
     cluster: str
-    nodes: int | None = None
+    nodes: PositiveInt | None = None
     workload: Workload
     plan: ParallelPlan
     estimate: Estimate | None = None
 
-    @model_validator(mode="before")
+    @field_validator("schema_version")
     @classmethod
-    def _known_version(cls, data):
-        if isinstance(data, dict):
-            v = data.get("schema_version", PLAN_SCHEMA_VERSION)
-            if v != PLAN_SCHEMA_VERSION:
-                raise ValueError(f"plan file schema_version {v} is not supported (this planner reads "
-                                 f"version {PLAN_SCHEMA_VERSION}); re-create it with `plan --save`")
-        return data
+    def _known_version(cls, v):
+        # an after-validator: a before-validator on the model would turn JSON input into Python objects first
+        # and strict parsing would then refuse JSON arrays for tuples
+        if v != PLAN_SCHEMA_VERSION:
+            raise ValueError(f"plan file schema_version {v} is not supported (this planner reads "
+                             f"version {PLAN_SCHEMA_VERSION}); re-create it with `plan --save`")
+        return v
+
+    @field_validator("model", "cluster")
+    @classmethod
+    def _one_printable_line(cls, v: str):
+        # these names reach launch scripts and configs (planner/export/); a line break or control character
+        # is neither a catalog name nor a file name anyone means
+        if not v or len(v) > MAX_NAME_CHARS or not v.isprintable():
+            raise ValueError(f"want a catalog name or a file path: one line of printable characters, at most "
+                             f"{MAX_NAME_CHARS} long; got {_short(v)}")
+        return v
+
+    @field_validator("estimate")
+    @classmethod
+    def _finite_estimate(cls, v: Estimate | None):
+        if v is None:
+            return v
+        for name in ("step_time_s", "tokens_per_s", "mfu", "hfu", "peak_memory_bytes", "memory_capacity_bytes"):
+            x = getattr(v, name)
+            if not math.isfinite(x) or x < 0:
+                raise ValueError(f"estimate.{name} must be a finite number >= 0, got {x}; re-create the file with "
+                                 "`plan --save` or drop the estimate")
+        return v
+
+    def check(self, where: str = "plan file") -> LoadedPlan:
+        """The plan file held to what every command needs: sizes within planner.limits, a micro-batch count
+        that is global_batch / (mbs x dp), a model and cluster that resolve, and everything `estimate` checks
+        (devices, pp x vpp <= blocks, the partition, ep, cp, seq_chunks, ...), by running it. BadInput (one
+        line naming the file and field) or Infeasible; the loaded model, cluster and a fresh estimate."""
+        from planner import catalog, limits
+        from planner.cost.estimate import estimate
+        from planner.importers import load_model
+
+        p, w = self.plan, self.workload
+        caps = [(f"plan.{k}", getattr(p, k), limits.MAX_DEVICES, "devices") for k in ("dp", "tp", "pp", "vpp", "cp", "ep")]
+        caps += [("plan.etp", p.etp, limits.MAX_DEVICES, "devices"), ("nodes", self.nodes, limits.MAX_DEVICES, "nodes"),
+                 ("workload.seq_len", w.seq_len, limits.MAX_SEQ_LEN, "tokens"),
+                 ("workload.global_batch", w.global_batch, limits.MAX_GLOBAL_BATCH, "sequences"),
+                 ("plan.num_microbatches", p.num_microbatches, limits.MAX_MICROBATCHES, "micro-batches"),
+                 ("plan.seq_chunks", p.seq_chunks, w.seq_len, "chunks (one token each)"),
+                 ("plan.mbs", p.mbs, w.global_batch, "sequences (the global batch)")]
+        if w.documents is not None:
+            caps.append(("workload.documents.mean_tokens", w.documents.mean_tokens, w.seq_len, "tokens (the sequence)"))
+        for field, value, cap, unit in caps:
+            if value is not None and value > cap:
+                raise BadInput(f"{where}: {field} {value} is past the cap of {cap:,} {unit}")
+        for i, stage in enumerate(p.partition or ()):
+            if stage.layers[1] <= stage.layers[0]:
+                raise BadInput(f"{where}: plan.partition.{i}.layers {list(stage.layers)}: every pipeline chunk runs "
+                               "at least one block (first < last)")
+        if p.devices > limits.MAX_DEVICES:
+            raise BadInput(f"{where}: plan dp*tp*pp*cp = {p.devices:,} devices, past the cap of "
+                           f"{limits.MAX_DEVICES:,}")
+        # Megatron, DeepSpeed and torchtitan derive the micro-batch count from the batch (conventions.md 2.1
+        # "Global batch size"), and estimate's tokens per step are global_batch x seq_len: a count that
+        # disagrees would time a different number of sequences than it reports (8 for 1 gave 7.6x tokens/s).
+        if w.global_batch % (p.mbs * p.dp):
+            raise BadInput(f"{where}: workload.global_batch {w.global_batch} is not divisible by plan.mbs x plan.dp "
+                           f"= {p.mbs} x {p.dp}; change the batch or the plan")
+        m = w.global_batch // (p.mbs * p.dp)
+        if p.num_microbatches is not None and p.num_microbatches != m:
+            raise BadInput(f"{where}: plan.num_microbatches {p.num_microbatches} != global_batch / (mbs x dp) = "
+                           f"{w.global_batch} / ({p.mbs} x {p.dp}) = {m}; set it to {m} or null")
+        if m > limits.MAX_MICROBATCHES:
+            raise BadInput(f"{where}: {m:,} micro-batches per step (global_batch / (mbs x dp)), past the cap of "
+                           f"{limits.MAX_MICROBATCHES:,}; raise plan.mbs or lower workload.global_batch")
+        # the pipeline simulator's own argument rules (interleaved 1F1B needs m a multiple of pp, ...), which it
+        # raises as ValueError for callers that are code; here they are the file's mistakes
+        _in_file(where, "plan", _schedule_rules, p.schedule, p.pp, m, p.vpp, p.seq_chunks)
+        model = _in_file(where, "model", load_model, self.model)
+        cluster = _in_file(where, "cluster", catalog.load_cluster, self.cluster, self.nodes)
+        est = _in_file(where, "plan", estimate, model, cluster, w, p)
+        return LoadedPlan(pf=self, model=model, cluster=cluster, estimate=est)
+
+
+@dataclass(frozen=True)
+class LoadedPlan:
+    """A plan file that passed PlanFile.check: what it names, resolved, and its estimate now."""
+
+    pf: PlanFile
+    model: ModelGraph
+    cluster: Cluster
+    estimate: Estimate
+
+
+def _schedule_rules(schedule: str, pp: int, m: int, vpp: int, seq_chunks: int) -> None:
+    from planner.cost.schedule_order import _check_args
+
+    try:
+        _check_args(schedule, pp, m, vpp, seq_chunks)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+
+
+def _short(v, limit: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit - 4] + "...'"
+
+
+def _in_file(where: str, field: str, fn, *args):
+    """fn(*args), its one-line refusal (BadInput, Infeasible) prefixed with the file and field."""
+    try:
+        return fn(*args)
+    except PlannerError as e:
+        # the checks speak of the flags that set these fields on the command line; here they are file fields
+        text = re.sub(r"--(dp|tp|pp|vpp|cp|ep|mbs)\b", r"plan.\1", str(e))
+        text = text.replace("--nodes", "nodes").replace("--gbs", "workload.global_batch")
+        raise type(e)(f"{where}: {'' if text.startswith(field) else field + ': '}{text}") from None
+    except OSError as e:  # a name the OS refuses as a path (too long, ...) while looking it up
+        raise BadInput(f"{where}: {field}: {_short(args[0])} cannot be read ({e.strerror or e})") from None
+
+
+def parse_plan_file(text: str, where: str = "plan file") -> PlanFile:
+    """A PlanFile from JSON text, strictly: no "yes" for true, no 2.0 or "2" for 2, no NaN or Infinity, no
+    unknown field. BadInput (one line: where, field, what is wrong) otherwise."""
+    try:
+        return PlanFile.model_validate_json(text, strict=True)
+    except ValidationError as e:
+        errs = e.errors()
+        # an unknown version first: its other fields may differ for that reason alone
+        err = next((x for x in errs if x.get("loc", ())[:1] == ("schema_version",)), errs[0])
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        if err["type"] not in ("missing", "value_error") and not err["type"].startswith("json") and \
+                (got is None or isinstance(got, (str, int, float, bool))):
+            msg += f" (got {_short(got)})"  # pydantic's own messages do not say what they got
+        raise BadInput(f"{where}: {loc + ': ' if loc else ''}{msg}") from None
+
+
+def load_plan_file(path) -> LoadedPlan:
+    """Read (planner.files.read_input: no FIFO, device, directory or oversized file), parse strictly and check
+    a plan file: what `estimate --plan`, `export`, `simulate` and `validate` use."""
+    from planner.files import read_input
+
+    where = str(path)
+    text = read_input(Path(path), "plan file (JSON, from `plan --save`)")
+    return parse_plan_file(text, where).check(where)

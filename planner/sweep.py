@@ -36,8 +36,8 @@ def _as_list(x) -> list:
     return out or [None]
 
 
-def parse_list(text: str | None, kind=str, what: str = "value") -> list:
-    """'a,b,c' -> [a, b, c] (converted by `kind`); BadInput naming the bad item."""
+def parse_list(text: str | None, kind=str, what: str = "value", cap: int | None = None) -> list:
+    """'a,b,c' -> [a, b, c] (converted by `kind`, integers at most `cap`); BadInput naming the bad item."""
     from planner.errors import BadInput
 
     if text is None:
@@ -53,6 +53,8 @@ def parse_list(text: str | None, kind=str, what: str = "value") -> list:
             raise BadInput(f"{what} '{item}' is not a valid {kind.__name__}") from None
         if kind is int and val <= 0:
             raise BadInput(f"{what} must be a positive integer, got {val}")
+        if kind is int and cap is not None and val > cap:
+            raise BadInput(f"{what} {val} is past the cap of {cap:,} (planner.limits); give at most {cap:,}")
         out.append(val)
     return out
 
@@ -74,6 +76,19 @@ def cells(models: Sequence, clusters: Sequence, nodes: Sequence = (None,), seqs:
         out.append({"model": model, "cluster": cluster, "nodes": n, "link": link, "seq": seq, "gbs": g,
                     "dtype": dtype})
     return out
+
+
+def _check_size(*lists) -> None:
+    """Refuse a grid past limits.MAX_SWEEP_CELLS before building it (each cell is a whole search)."""
+    from planner.errors import BadInput
+    from planner.limits import MAX_SWEEP_CELLS
+
+    total = 1
+    for values in lists:
+        total *= len(values)
+    if total > MAX_SWEEP_CELLS:
+        raise BadInput(f"the sweep has {total:,} cells, past the cap of {MAX_SWEEP_CELLS:,}; give shorter lists "
+                       "(--model, --cluster, --nodes, --seq, --gbs, --link, --dtype)")
 
 
 def _check_names(models, clusters, links, dtypes=()) -> None:
@@ -145,6 +160,7 @@ def sweep(models: Iterable | str, clusters: Iterable | str, nodes: Iterable | in
 
     models, clusters = _as_list(models), _as_list(clusters)
     nodes, seqs, gbs, links, dtypes = (_as_list(x) for x in (nodes, seqs, gbs, links, dtypes))
+    _check_size(models, clusters, nodes, seqs, gbs, links, dtypes)
     _check_names(models, clusters, links, dtypes)
     grid = cells(models, clusters, nodes, seqs, gbs, links, dtypes)
     rows = []

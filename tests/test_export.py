@@ -351,9 +351,10 @@ def test_torchtitan_py_field_names():
 
 @pytest.fixture
 def plan_file(tmp_path):
+    # dp 4 x pp 2: the 8 GPUs of one DGX node, as `estimate` requires (a plan on part of the cluster is refused)
     pf = PlanFile(model="tiny-llama-20m", cluster="dgx-h100", nodes=1,
                   workload=Workload(global_batch=32, seq_len=1024),
-                  plan=ParallelPlan(dp=2, pp=2, mbs=2, recompute="full"))
+                  plan=ParallelPlan(dp=4, pp=2, mbs=2, recompute="full"))
     path = tmp_path / "plan.json"
     path.write_text(pf.model_dump_json())
     return path
@@ -364,7 +365,7 @@ def test_cli_stdout(capsys, plan_file, fmt):
     assert main(["export", str(plan_file), "--to", fmt]) == 0
     out = capsys.readouterr().out
     got = parse_text(fmt, out)
-    assert (got.dp, got.tp, got.pp, got.mbs, got.global_batch, got.recompute) == (2, 1, 2, 2, 32, "full")
+    assert (got.dp, got.tp, got.pp, got.mbs, got.global_batch, got.recompute) == (4, 1, 2, 2, 32, "full")
 
 
 def test_cli_output_file_and_force(capsys, plan_file, tmp_path):

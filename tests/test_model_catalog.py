@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import networkx as nx
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -169,3 +170,65 @@ def test_tensor_parallel_splits_dense_flops_evenly():
     for layer in g.layers:
         if layer.kind in ("attention", "mlp", "head"):
             assert layer.flops_fwd(1, 4096, tp=4) * 4 == pytest.approx(layer.flops_fwd(1, 4096))
+
+
+# ------------------------------------------------------------------------------------------------
+# Sliding-window attention (Mistral, Phi-3, Gemma 2's local layers): FLOPs and saved scores scale with
+# min(seq, window), not seq.
+
+def _attn(**kw):
+    from planner.model import Layer
+
+    return Layer(name="a", kind="attention", hidden=8, heads=2, kv_heads=1, head_dim=4, **kw)
+
+
+@pytest.mark.parametrize("s,w", [(64, 16), (64, 64), (64, 1000), (1000, 7)])
+def test_sliding_window_attention_flops_by_hand(s, w):
+    # Query i (0-based) sees min(i + 1, w) keys under a causal window; QK^T and AV cost 2 * 2 * d FLOPs per
+    # (query, key) pair and head: per pair 2 * a * 2 * d = 32 FLOPs with a = 2, d = 4.
+    pairs = sum(min(i + 1, w) for i in range(s))
+    full = _attn()
+    windowed = _attn(window=w)
+    got = float(windowed.attention_core_flops(1, s))
+    if w >= s:
+        assert got == float(full.attention_core_flops(1, s))  # a window at least the sequence changes nothing
+    # the formula s*w - w^2/2 leaves out the diagonal's w/2 pairs, as s^2/2 leaves out s/2 for causal
+    assert abs(got - 32 * pairs) <= 32 * min(s, w) / 2 + 1e-9
+    assert got <= float(full.attention_core_flops(1, s))
+    # numpy arrays of sequence lengths (the search evaluates many plans at once)
+    arr = windowed.attention_core_flops(np.array([1, 2]), np.array([s, s]))
+    assert list(arr) == [got, 2 * got]
+
+
+def test_sliding_window_saved_scores_without_flash():
+    # Without FlashAttention the softmax output (2 bytes) per kept score is saved: b * a * s * min(s, w).
+    s, w = 64, 16
+    full = _attn().activation_bytes(1, s, flash=False)
+    win = _attn(window=w).activation_bytes(1, s, flash=False)
+    assert full - win == 1 * 2 * s * (s - w) * 2
+    assert _attn(window=w).activation_bytes(1, s) == _attn().activation_bytes(1, s)  # flash: no scores kept
+
+
+def test_qk_norm_and_post_norm_save_their_inputs():
+    s = 32
+    base = _attn().activation_bytes(1, s)
+    # q and k before their norms: t * (a + kv) * d * 2 bytes = 32 * 12 * 2
+    assert _attn(qk_norm="full").activation_bytes(1, s) - base == s * 12 * 2
+    # the post-norm's input, t * h * 2 bytes
+    assert _attn(post_norm=True).activation_bytes(1, s) - base == s * 8 * 2
+
+
+def test_gemma2_local_layers_cost_less_attention_at_long_sequences():
+    from planner.importers import load_model
+
+    g = load_model("gemma2-9b")
+    attn = [layer for layer in g.layers if layer.kind == "attention"]
+    assert sum(1 for layer in attn if layer.window == 4096) == 21 and len(attn) == 42
+    s = 8192
+    got = sum(float(layer.attention_core_flops(1, s)) for layer in attn)
+    per_pair = 2 * 16 * 2 * 256  # 2 FLOPs x heads x (QK^T + AV) x head_dim
+    local = s * 4096 - 4096**2 / 2  # Longformer-style band, sum of min(i+1, w)
+    assert got == pytest.approx(per_pair * (21 * s * s / 2 + 21 * local))
+    # at or below the window every layer is the causal square
+    assert sum(float(layer.attention_core_flops(1, 4096)) for layer in attn) == pytest.approx(
+        42 * per_pair * 4096**2 / 2)

@@ -41,6 +41,20 @@ TOTALS = {
     "qwen2-7b": (7.62 * B, 0.005, "Qwen2-7B on Hugging Face (7.62B)"),
     "qwen3-30b-a3b": (30.5 * B, 0.005, "Qwen3-30B-A3B model card (30.5B total)"),
     "gpt-neox-20b": (20.55 * B, 0.005, "Black et al. 2022, GPT-NeoX-20B (20,554,567,680)"),
+    # Gemma Team 2024, "Gemma: Open Models Based on Gemini Research", Table 2: 7B = 786,432,000 embedding +
+    # 7,751,248,896 non-embedding = 8.54B; tied embeddings (GemmaConfig tie_word_embeddings default True).
+    "gemma-7b": (8.54 * B, 0.005, "Gemma report Table 2 (8.54B)"),
+    # Gemma Team 2024, "Gemma 2: Improving Open Language Models at a Practical Size", Table 1:
+    # 9B = 917,504,000 embedding + 8,324,201,984 non-embedding; 27B = 1,179,648,000 + 26,047,480,320.
+    "gemma2-9b": (9.24 * B, 0.005, "Gemma 2 report Table 1 (9.24B)"),
+    "gemma2-27b": (27.2 * B, 0.005, "Gemma 2 report Table 1 (27.2B)"),
+    # Abdin et al. 2024, Phi-3 technical report: phi-3-mini "3.8B" (3.82B on the Hugging Face model page of
+    # microsoft/Phi-3-mini-4k-instruct), phi-3-medium "14B".
+    "phi3-mini": (3.82 * B, 0.005, "Phi-3 report / HF microsoft/Phi-3-mini-4k-instruct (3.82B)"),
+    "phi3-medium": (14 * B, 0.005, "Phi-3 report (14B)"),
+    # OLMo 2 (Team OLMo 2024, "2 OLMo 2 Furious"); Hugging Face allenai/OLMo-2-1124-7B 7.30B, -13B 13.7B.
+    "olmo2-7b": (7.30 * B, 0.005, "allenai/OLMo-2-1124-7B (7.30B)"),
+    "olmo2-13b": (13.7 * B, 0.005, "allenai/OLMo-2-1124-13B (13.7B)"),
 }
 
 # name -> (published activated parameters per token, tolerance, why that tolerance)
@@ -70,6 +84,10 @@ EXACT = {
     "mixtral-8x7b": 46_702_792_704,
     "qwen2-7b": 7_615_616_512,
     "deepseek-v3": 671_026_419_200,
+    # The Gemma reports' tables above: embedding + non-embedding.
+    "gemma-7b": 786_432_000 + 7_751_248_896,
+    "gemma2-9b": 917_504_000 + 8_324_201_984,
+    "gemma2-27b": 1_179_648_000 + 26_047_480_320,
 }
 
 
@@ -247,3 +265,71 @@ def test_diffusion_trainable_is_backbone_only():
     # relative bias: 0.01%) and the SD VAE encoder 34,163,664.
     frozen = g.params - g.trainable_params
     assert _rel(frozen, 4_762_310_656 + 34_163_664) < 0.001
+
+
+# ------------------------------------------------------------------------------------------------
+# Models people bring (issue 16 part 4): what each family adds to a Llama block, counted by hand.
+
+def _hf(model_type: str, **kw) -> dict:
+    """A small HF config: layers=2, h=8, heads=2, kv=1, head_dim=4, ffn=16, vocab=10 (the hand case above)."""
+    cfg = dict(model_type=model_type, num_hidden_layers=L, hidden_size=H, num_attention_heads=A,
+               num_key_value_heads=KV, head_dim=D, intermediate_size=F, vocab_size=V, max_position_embeddings=6)
+    cfg.update(kw)
+    return cfg
+
+
+def _params(cfg: dict) -> int:
+    from planner.importers import model_from_data
+
+    return model_from_data(cfg, "test.json").params
+
+
+def test_gemma_ties_embeddings_unless_told_not_to():
+    # GemmaConfig's tie_word_embeddings defaults to True: a config without the key has no output matrix.
+    assert _params(_hf("gemma")) == 1272  # EMB + 2 blocks + final norm (HEAD_TIED), as test_hand_counted_dense
+    assert _params(_hf("gemma", tie_word_embeddings=False)) == 1352
+    assert _params(_hf("llama")) == 1352  # LlamaConfig's default is untied
+
+
+def test_gemma_head_dim_defaults_to_256():
+    # GemmaConfig head_dim=256 when a config leaves it out (not hidden / heads = 4): q, k, v, o widths 256.
+    cfg = _hf("gemma")
+    del cfg["head_dim"]
+    attn = H + H * A * 256 + 2 * H * KV * 256 + A * 256 * H  # 8 + 4096 + 4096 + 4096
+    assert _params(cfg) == EMB + L * (attn + MLP_GATED) + HEAD_TIED
+
+
+def test_gemma2_pre_and_post_norms_tied_and_alternating_windows():
+    from planner.importers import model_from_data
+
+    g = model_from_data(_hf("gemma2", num_hidden_layers=4, sliding_window=3), "t.json")
+    # two more norms per block (post_attention_layernorm, post_feedforward_layernorm): 2 * h each block
+    assert g.params == EMB + 4 * (ATTN + H + MLP_GATED + H) + HEAD_TIED
+    attn = [layer for layer in g.layers if layer.kind == "attention"]
+    assert [layer.window for layer in attn] == [3, 0, 3, 0]  # HF Gemma2DecoderLayer: even layers slide
+    assert all(layer.logit_softcap == 50.0 for layer in attn)  # Gemma2Config defaults
+    assert g.by_name["head"].logit_softcap == 30.0
+    types = ["full_attention", "sliding_attention", "full_attention", "full_attention"]
+    g = model_from_data(_hf("gemma2", num_hidden_layers=4, sliding_window=3, layer_types=types), "t.json")
+    assert [layer.window for layer in g.layers if layer.kind == "attention"] == [0, 3, 0, 0]
+
+
+def test_olmo2_qk_norm_over_whole_projections():
+    # OLMo-2: RMSNorm over q (heads * head_dim = 8) and k (kv_heads * head_dim = 4): 12 weights per block.
+    assert _params(_hf("olmo2")) == 1352 + L * (A * D + KV * D)
+    # the per-head variant (Qwen3's RMSNorm(head_dim) on q and k): 2 * d weights per block
+    from planner.builders import build_transformer
+    from planner.importers.hf import _apply_extras
+
+    g = _apply_extras(build_transformer(_cfg()), {"qk_norm": "head"})
+    assert g.params == 1352 + L * 2 * D
+
+
+def test_phi3_fused_projections_count_as_separate_ones():
+    # Phi-3 stores qkv_proj (h x (a + 2kv)d) and gate_up_proj (h x 2f) fused: the same weights as q, k, v and
+    # gate, up; untied by default (Phi3Config); sliding_window on every layer.
+    from planner.importers import model_from_data
+
+    g = model_from_data(_hf("phi3", sliding_window=5), "t.json")
+    assert g.params == 1352
+    assert [layer.window for layer in g.layers if layer.kind == "attention"] == [5, 5]

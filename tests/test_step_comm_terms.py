@@ -86,12 +86,12 @@ def test_oversubscribed_ranks_fill_the_bubble_at_full_speed(monkeypatch):
     from planner.plan import PlanFile
 
     monkeypatch.setattr(v, "usable_cores", lambda: 2)
-    pf = PlanFile(model="tiny-llama-20m", cluster="local", nodes=2, workload=Workload(global_batch=8, seq_len=64,
+    pf = PlanFile(model="tiny-llama-20m", cluster="epyc-2core", nodes=2, workload=Workload(global_batch=8, seq_len=64,
                                                                                        dtype="fp32"),
                   plan=ParallelPlan(pp=2, dp=2, mbs=1, schedule="1f1b"))
     _, workload, got, share = v.predict(pf, 4, "cpu")
     assert share == 0.5
-    cluster, _ = v.shared_core_cluster(load_cluster("local", 2), 4, "cpu")
+    cluster, _ = v.shared_core_cluster(load_cluster("epyc-2core", 2), 4, "cpu")
     shared = estimate(GRAPH, cluster, workload, pf.plan)
     bubble = shared.breakdown["pipeline_bubble_s"]
     assert bubble > 0

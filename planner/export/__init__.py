@@ -177,13 +177,22 @@ def make_context(pf: PlanFile, model: ModelGraph | None = None, devices_per_node
     if devices_per_node is None and load_cluster:
         from planner import catalog
 
-        try:
-            cluster = catalog.load_cluster(pf.cluster, pf.nodes)
-            dpn = cluster.devices_per_node
-            devices_per_node = dpn if isinstance(dpn, int) else None
-        except BadInput:
-            devices_per_node = None  # only the Megatron launch line uses it; it falls back to one node
+        # an unknown cluster is refused, not read as one node (it wrote NUM_NODES=1 for a misspelled name)
+        devices_per_node = _node_size(catalog.load_cluster(pf.cluster, pf.nodes))
     return ExportContext(pf=pf, model=model, devices_per_node=devices_per_node)
+
+
+def _node_size(cluster) -> int | None:
+    """Devices per node when every node has as many (torchrun starts the same count on each); else None."""
+    sizes = {len(n.devices) for n in cluster.nodes}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def context_of(loaded) -> ExportContext:
+    """The context of a checked plan file (planner.plan.load_plan_file): its model and cluster as resolved
+    there, and the estimate made now, which the headers quote, not the one the file was saved with."""
+    pf = loaded.pf.model_copy(update={"estimate": loaded.estimate})
+    return ExportContext(pf=pf, model=loaded.model, devices_per_node=_node_size(loaded.cluster))
 
 
 def export_text(ctx: ExportContext, fmt: str) -> str:
@@ -206,11 +215,19 @@ def parse_text(fmt: str, text: str) -> LauncherSettings:
     return readers[fmt](text)
 
 
+def one_line(text: str) -> str:
+    """Free text (a model or cluster name, which may be a file path) made safe for a comment in any of the
+    export formats: every character that is not printable -- line breaks, control characters, form feeds --
+    written as its Python escape, so the text can never end the comment and start code. The plan file
+    refuses such names already (PlanFile); this holds for a context built without it."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+
+
 def header_lines(ctx: ExportContext, launcher: str) -> list[str]:
-    """What the export is, for a comment block at the top of a file."""
+    """What the export is, for a comment block at the top of a file: one line each (one_line)."""
     pf, p = ctx.pf, ctx.plan
     lines = [f"{launcher} configuration written by `planner export` (parallel-planner)",
-             f"model {pf.model}, cluster {pf.cluster}" + (f" x {pf.nodes} nodes" if pf.nodes else "") +
+             f"model {one_line(pf.model)}, cluster {one_line(pf.cluster)}" + (f" x {pf.nodes} nodes" if pf.nodes else "") +
              f", {ctx.world} devices: dp {p.dp} x tp {p.tp} x pp {p.pp} x cp {p.cp}" +
              (f", vpp {p.vpp}" if p.vpp > 1 else "") + (f", ep {p.ep}" if p.ep > 1 else "")]
     if pf.estimate is not None:
@@ -220,5 +237,5 @@ def header_lines(ctx: ExportContext, launcher: str) -> list[str]:
     return lines
 
 
-__all__ = ["FORMATS", "ExportContext", "LauncherSettings", "Unsupported", "check_common", "expected_settings",
-           "export_text", "make_context", "parse_text"]
+__all__ = ["FORMATS", "ExportContext", "LauncherSettings", "Unsupported", "check_common", "context_of",
+           "expected_settings", "export_text", "header_lines", "make_context", "one_line", "parse_text"]

@@ -14,11 +14,10 @@ main @ b5bcd76c6, where token-based names (`num_tokens_per_microbatch_per_dp_ran
 from __future__ import annotations
 
 import ast
-import json
 import tomllib
 
 from planner.errors import BadInput
-from planner.export import ExportContext, LauncherSettings, Unsupported, check_common, header_lines
+from planner.export import ExportContext, LauncherSettings, Unsupported, check_common, header_lines, one_line
 
 LAUNCHER_TOML = "torchtitan 0.2.x (TOML)"
 LAUNCHER_PY = "torchtitan >= 0.3 (Python config)"
@@ -121,13 +120,31 @@ def _training(ctx: ExportContext) -> dict:
 # TOML (0.2.x)
 
 
+def _toml_string(v: str) -> str:
+    """A TOML basic string holding exactly v (TOML 1.0 "String"): `"` and `\\` escaped, and every control
+    character (U+0000-U+001F, U+007F), which a basic string may not hold raw, as \\uXXXX; the rest as it
+    is (the file is UTF-8). So a newline or `"` in a model name cannot end the string or start a table."""
+    out = []
+    for ch in v:
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04X}")
+        elif 0xD800 <= code <= 0xDFFF:  # not a Unicode scalar value: no TOML (or UTF-8) spelling
+            raise BadInput(f"torchtitan TOML: {v!r} holds a lone surrogate, which TOML cannot store")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def _toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)  # a TOML basic string is a JSON string for these (ASCII, no control chars)
+        return _toml_string(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(type(v))
@@ -171,7 +188,7 @@ def to_toml(ctx: ExportContext) -> str:
     lines += ["# Run: ./run_train.sh --job.config_file THIS_FILE  (NGPU and nodes as in the header)"]
     if not flavor:
         lines.append(f"# [model] name/flavor: torchtitan builds the architecture from its flavour table; set the "
-                     f"ones matching '{ctx.pf.model}'")
+                     f"ones matching '{one_line(ctx.pf.model)}'")
     for name, body in sections.items():
         lines += ["", f"[{name}]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
@@ -250,18 +267,22 @@ def to_python(ctx: ExportContext) -> str:
         raise Unsupported(launcher, "etp", "expert tensor parallelism was removed after v0.2.2 (experts are "
                           "not tensor-parallel); set etp 1 or export --to torchtitan (0.2.x)")
     flavor = _FLAVORS.get(ctx.pf.model)
-    lines = ['"""' + header_lines(ctx, launcher)[0] + ".", ""] + header_lines(ctx, launcher)[1:]
-    lines += ["", "Run: NGPU=... MODULE=<this module, importable> CONFIG=planner_plan ./run_train.sh",
-              "(torchtitan's --module / --config; field names of torchtitan 0.3.0 torchtitan/config/configs.py)",
-              '"""', "from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC",
+    # The header is comments, one line each (header_lines: no line breaks), above a fixed docstring: free text
+    # inside a docstring could close it with three quotes or make a bad escape.
+    lines = [f"# {x}" for x in header_lines(ctx, launcher)]
+    lines += ["# Run: NGPU=... MODULE=<this module, importable> CONFIG=planner_plan ./run_train.sh",
+              "# (torchtitan's --module / --config; field names of torchtitan 0.3.0 torchtitan/config/configs.py)",
+              '"""torchtitan Trainer.Config of a plan, written by `planner export` (see the comments above)."""',
+              "from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC",
               "from torchtitan.trainer import Trainer"]
     if flavor:
         lines += [f"from {flavor[2]} import {flavor[3]} as _base"]
     else:
+        # repr(): a Python string literal that evaluates to the name, whatever characters it holds
         lines += ["", "", "def _base() -> Trainer.Config:",
-                  f"    # No torchtitan recipe is known for model '{ctx.pf.model}': return your model's config",
-                  "    # (a config_registry function of torchtitan/models/<name>/) here.",
-                  f"    raise NotImplementedError(\"planner export: no torchtitan recipe for {ctx.pf.model}\")"]
+                  f"    # No torchtitan recipe is known for model '{one_line(ctx.pf.model)}': return your model's",
+                  "    # config (a config_registry function of torchtitan/models/<name>/) here.",
+                  f"    raise NotImplementedError({'planner export: no torchtitan recipe for ' + ctx.pf.model!r})"]
     lines += ["", "", "def planner_plan() -> Trainer.Config:", "    config = _base()"]
     par = _degrees(ctx)
     # conventions.md 2.3 "Sequence parallel": enable_sequence_parallel (default True).

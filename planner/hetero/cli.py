@@ -7,7 +7,7 @@ its answer is printed (text or --json) and saved.
 """
 from __future__ import annotations
 
-from planner.errors import BadInput
+from planner.errors import BadInput, Infeasible
 from planner.hardware import Cluster
 
 
@@ -29,11 +29,43 @@ def _fixed(args) -> list[str]:
             if getattr(args, f, None) is not None]
 
 
+# The search options of `plan` none of these planners take (they search their own, smaller spaces):
+# (attribute, flag, whether the user set it). --mbs is applied by the hetero and edge planners (their
+# micro-batch size), not by the islands planner, whose ILP places the ordinary search's plans.
+_NOT_APPLIED = (
+    ("max_tp", "--max-tp", lambda v: v is not None),
+    ("max_pp", "--max-pp", lambda v: v is not None),
+    ("max_cp", "--max-cp", lambda v: v is not None),
+    ("sp", "--sp/--no-sp", lambda v: v is not None),
+    ("allow_cross_node_tp", "--allow-cross-node-tp", bool),
+    ("partial_recompute", "--partial-recompute", bool),
+    ("offload", "--offload", bool),
+    ("overlap_tp_comm", "--overlap-tp-comm", bool),
+    ("moe_dispatch", "--moe-dispatch", lambda v: v is not None),
+    ("offload_activations", "--offload-activations", bool),
+    ("seq_chunks", "--seq-chunks", lambda v: v is not None and str(v).strip() != "1"),
+    ("documents", "--documents", lambda v: v is not None),
+    ("attention_pool", "--attention-pool", bool),
+)
+
+
+def not_applied(args, kind: str) -> list[str]:
+    """The flags the user set that the `kind` planner would not apply."""
+    out = [flag for attr, flag, given in _NOT_APPLIED if given(getattr(args, attr, None))]
+    if kind == "islands" and getattr(args, "mbs", None) is not None:
+        out.append("--mbs")
+    return out
+
+
 def cmd_plan(args, model, cluster: Cluster, workload, kind: str, save, emit, write_atomic) -> None:
     fixed = _fixed(args)
     if fixed:
         raise BadInput(f"cluster {cluster.name} is planned by the {kind} planner, which chooses the degrees "
                        f"itself; drop {fixed[0]}")
+    ignored = not_applied(args, kind)
+    if ignored:
+        raise BadInput(f"cluster {cluster.name} is planned by the {kind} planner, which does not apply "
+                       f"{', '.join(ignored)}; drop {'it' if len(ignored) == 1 else 'them'}")
     if kind == "edge":
         return _edge(args, model, cluster, workload, save, emit)
     if kind == "hetero":
@@ -56,6 +88,16 @@ def _hetero(args, model, cluster, workload, save, emit, write_atomic) -> None:
 
     mbs = (args.mbs,) if args.mbs else (1, 2, 4)
     res = plan_hetero(model, cluster, workload, mbs_options=mbs)
+    best = res.best
+    if args.mbs:
+        # the baselines (one group alone, the even split) run the ordinary search, which picks its own
+        # micro-batch size: with --mbs only a way that uses it can be the answer; the others stay as reference
+        allowed = [c for c in res.candidates + list(res.alone.values()) + ([res.even] if res.even else [])
+                   if c.fits and _mbs_of(c) == args.mbs]
+        if not allowed:
+            raise Infeasible(f"no plan with --mbs {args.mbs} fits on {cluster.name}; the best without it: "
+                             f"{res.best.label} ({res.best.step_time_s:.3f} s per step); drop --mbs or change it")
+        best = min(allowed, key=lambda c: c.step_time_s)
     rows = []
     if res.best_pipeline:
         rows.append(("heterogeneous pipeline", res.best_pipeline))
@@ -70,19 +112,28 @@ def _hetero(args, model, cluster, workload, save, emit, write_atomic) -> None:
              + f"), global batch {workload.global_batch}, seq {workload.seq_len}, {workload.dtype}",
              f"{'':<2} {'way':<24} {'step s':>9} {'tokens/s':>12}  plan"]
     for name, c in rows:
-        mark = "*" if c is res.best else " "
+        mark = "*" if c is best else " "
         lines.append(f"{mark:<2} {name:<24} {c.step_time_s:9.3f} {c.tokens_per_s:12,.0f}  {c.label}")
     lines.append(f"* best; {res.evaluated} heterogeneous candidates costed in {res.wall_s:.2f} s")
     if save is not None:
-        if res.best.plan is None:
+        if best.plan is None:
             raise BadInput("the best plan gives device groups unequal batch shares, which a plan file cannot hold "
                            "yet; save is refused (drop --save)")
-        lines.append(_save(save, args, workload, res.best.plan, res.best.estimate, write_atomic))
-    out = {"plans": [res.best.as_dict()] + [c.as_dict() for c in res.candidates[: max(0, (args.top or 1) - 1)]],
+        lines.append(_save(save, args, workload, best.plan, best.estimate, write_atomic))
+    others = [c for c in res.candidates if c is not best and (not args.mbs or _mbs_of(c) == args.mbs)]
+    out = {"plans": [best.as_dict()] + [c.as_dict() for c in others[: max(0, (args.top or 1) - 1)]],
            "baselines": {"alone": {k: v.as_dict() for k, v in res.alone.items()},
                          "even": res.even.as_dict() if res.even else None},
            "search": {"evaluated": res.evaluated, "wall_s": res.wall_s, "planner": "hetero"}}
     emit(out, args.json, "\n".join(lines))
+
+
+def _mbs_of(c) -> int | None:
+    """The micro-batch size of a hetero candidate: its plan's, or (batch shares) its groups' plans'."""
+    if c.plan is not None:
+        return c.plan.mbs
+    sizes = {g["plan"].mbs for g in c.groups if g.get("plan") is not None}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _islands(args, model, cluster, workload, save, emit, write_atomic) -> None:
@@ -120,9 +171,19 @@ def _edge(args, model, cluster, workload, save, emit) -> None:
         raise BadInput("an edge plan (sub-models per phone and a CPU/GPU split) cannot be written as a plan file "
                        "yet; drop --save")
     p = plan_edge(model, cluster, workload, mbs=args.mbs or 1)
+    if not p.fits:
+        # plan_edge returns the split with the most headroom when none fits: that is the closest plan
+        i = max(range(len(p.ranges)), key=lambda k: p.memory_bytes[k] / p.capacity_bytes[k])
+        lo, hi = p.ranges[i]
+        raise Infeasible(f"no plan fits: {model.name} on {cluster.name} needs {p.memory_bytes[i] / 1e9:.1f} GB on "
+                         f"phone {i} (blocks {lo}-{hi - 1}), which has {p.capacity_bytes[i] / 1e9:.0f} GB; closest: "
+                         f"blocks over {len(p.ranges)} phones, "
+                         + ", ".join(f"{m / 1e9:.0f}/{c / 1e9:.0f} GB" for m, c in zip(p.memory_bytes,
+                                                                                   p.capacity_bytes))
+                         + "; try a smaller model, a shorter --seq or a cluster with more phones")
     lines = [f"{model.name} on {cluster.name} ({len(p.ranges)} phones), global batch {workload.global_batch}, "
              f"seq {workload.seq_len}",
-             f"step {p.step_time_s:.3f} s   {p.tokens_per_s:,.1f} tokens/s   {'fits' if p.fits else 'DOES NOT FIT'}",
+             f"step {p.step_time_s:.3f} s   {p.tokens_per_s:,.1f} tokens/s   fits",
              f"CPU/GPU split of each block: {p.split.describe()}; one block on one phone: CPU+GPU "
              f"{p.one_phone['both'] * 1e3:.1f} ms, GPU only {p.one_phone['gpu'] * 1e3:.1f} ms "
              f"({p.one_phone['gpu'] / p.one_phone['both']:.2f}x), CPU only {p.one_phone['cpu'] * 1e3:.1f} ms "

@@ -190,13 +190,37 @@ def step_lower_bound(model: ModelGraph, cluster: Cluster, workload: Workload, pa
 # the search
 
 
+def check_constraints(c: Constraints) -> None:
+    """A fixed degree above its own cap (--cp 4 --max-cp 2) is a contradiction: refuse it the same way for
+    tp, pp and cp, naming both flags (BadInput), rather than search an empty space or ignore the cap."""
+    for name in ("tp", "pp", "cp"):
+        fixed, cap = getattr(c, name), getattr(c, f"max_{name}")
+        if fixed is not None and cap is not None and fixed > cap:
+            raise BadInput(f"--{name} {fixed} is above --max-{name} {cap}; drop one of them or make them agree")
+
+
+def check_inputs(cluster: Cluster, workload: Workload, constraints: Constraints, top_k: int) -> None:
+    """What search() takes, held to planner.limits' caps before anything is allocated (BadInput, one line):
+    callers of the Python API get the same refusals as the command line."""
+    from planner.limits import MAX_DEVICES, MAX_TOP, check_int, check_microbatches, check_workload
+
+    check_int("--top", top_k, MAX_TOP)
+    check_workload(workload.global_batch, workload.seq_len)
+    if cluster.device_count > MAX_DEVICES:
+        raise BadInput(f"cluster {cluster.name}: {cluster.device_count:,} devices, past the cap of "
+                       f"{MAX_DEVICES:,}; lower --nodes")
+    constraints.check()
+    check_constraints(constraints)
+    check_microbatches(workload.global_batch, cluster.device_count,
+                       mbs=constraints.mbs or constraints.max_mbs or workload.global_batch, dp=constraints.dp)
+
+
 def search(model: ModelGraph, cluster: Cluster, workload: Workload, constraints: Constraints = Constraints(),
            top_k: int = 5, refine_partition: bool = True, progress: bool | None = None,
            use_time_bound: bool = True) -> SearchResult:
     """The top_k fastest plans that fit, best first (NoPlanFits when none does; BadInput when the rules and
     constraints leave no plan at all). progress: tqdm on stderr (None: only on a terminal, after 1 s)."""
-    if top_k < 1:
-        raise BadInput(f"--top must be a positive integer, got {top_k}")
+    check_inputs(cluster, workload, constraints, top_k)
     t_start = time.perf_counter()
     space = enumerate_space(model, cluster, workload, constraints)
     pa_all = space.plans

@@ -31,6 +31,7 @@ from planner.cost.batch_ids import _row_ids
 from planner.cost.pipeline import inflight_microbatches
 from planner.errors import BadInput
 from planner.hardware import Cluster
+from planner.limits import MAX_MICROBATCHES
 from planner.model import ModelGraph
 from planner.plan import Workload
 
@@ -301,6 +302,8 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
     mbs_o = [m for m in divisors(gbs) if c.max_mbs is None or m <= c.max_mbs] if c.mbs is None else [c.mbs]
     t.join("mbs", np.array(mbs_o))
     t.keep(gbs % (t.cols["mbs"] * t.cols["dp"]) == 0, f"global batch {gbs} divisible by mbs*dp")
+    m = gbs // (t.cols["mbs"] * t.cols["dp"])
+    t.keep(m <= MAX_MICROBATCHES, f"at most {MAX_MICROBATCHES:,} micro-batches per step (planner.limits)")
     m = gbs // (t.cols["mbs"] * t.cols["dp"])
 
     # --- schedule and vpp ---------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""`calibrate --backend torch`: measure this machine and write it into the catalog as the cluster preset
-`local` (DESIGN.md section 3): a device profile for one rank (one CPU core running one torch thread, or
+"""`calibrate --backend torch`: measure this machine and write it into the user's data folder as the cluster
+preset `local` (DESIGN.md section 3): a device profile for one rank (one CPU core running one torch thread, or
 one GPU), a link profile for the collectives between local processes, and a node type `local` holding one
 device per core (per GPU with CUDA), so that `plan --cluster local` and `estimate --cluster local` predict
 runs of this machine. Every number is `provenance: measured`, with the date and the machine.
@@ -42,8 +42,11 @@ Every device figure is measured in a process started the way the runner starts a
 thread, the runner's malloc settings: runner._child_env), so the profile describes the stack the plans run
 on, not the parent CLI process.
 
-The profile is written to hardware_profiles/{devices,links,nodes}/local.yaml (or under --out-dir), each file
-atomically; an existing file is replaced only with --force.
+The profile is written to {devices,links,nodes}/local.yaml and calibration.json (this whole record: date,
+machine, every measurement) in the user's data folder (planner.userdata.calibration_dir(), e.g.
+~/.local/share/parallel-planner/calibration), or under --out-dir DIR (created; `--cluster DIR` plans on it),
+each file atomically; never into the installed package or the checkout. A full calibration is replaced only
+with --force; a --quick one (a first look) is replaced by the next calibration without it.
 
 The measurements live in calibrate_measure.py, the fits in calibrate_fit.py; this module runs them and writes
 the profile and the report. Every name they define stays importable from here.
@@ -51,13 +54,17 @@ the profile and the report. Every name they define stays importable from here.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import sys
+import time as _time
 from pathlib import Path
 
 import torch
 
+from planner import userdata
+from planner.backends.torch import calibrate_progress
 from planner.backends.torch.calibrate_fit import (
     fit_gemm, fit_layer_overhead_s, fit_link, fit_shard_copy, fit_tp_dispatch,
 )
@@ -72,10 +79,9 @@ from planner.backends.torch.calibrate_measure import (  # noqa: F401
     measure_dispatch, measure_gemm, measure_memory_bandwidth,
 )
 
-DEVICE_NAME = "local-cpu"
-GPU_DEVICE_NAME = "local-gpu"
-LINK_NAME = "local-gloo"
-NODE_NAME = "local"
+DEVICE_NAME, GPU_DEVICE_NAME = userdata.LOCAL_DEVICES  # "local-cpu", "local-gpu"
+LINK_NAME = userdata.LOCAL_LINK  # "local-gloo"
+NODE_NAME = userdata.LOCAL_NODE  # "local"
 
 
 def machine_description() -> dict:
@@ -107,30 +113,50 @@ def machine_description() -> dict:
 
 
 def _shown(path: Path) -> str:
-    """A written file as the record keeps it: relative to the catalog's folder or the working directory
-    when inside one, so a committed calibration record names no machine's absolute paths."""
+    """A written file as the record keeps it: relative to the working directory when inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _refuse_package_folder(root: Path) -> None:
+    """Never write into the installed package or the catalog it ships: a calibration there would become
+    a shipped `local`, every user's silent default."""
+    import planner
     from planner import catalog
 
-    path = Path(path).resolve()
-    for base in (catalog.profiles_dir().resolve().parent, Path.cwd().resolve()):
-        try:
-            return str(path.relative_to(base))
-        except ValueError:
-            continue
-    return str(path)
+    where = root.resolve()
+    for inside in (Path(planner.__file__).resolve().parent, catalog.profiles_dir().resolve()):
+        if where == inside or inside in where.parents:
+            raise BadInput(f"--out-dir {root}: inside the planner's own files ({inside}); give a folder of your "
+                           f"own, or leave --out-dir out to write to {userdata.calibration_dir()}")
+
+
+def _previous_was_quick(root: Path) -> bool:
+    """Whether the calibration already in root is a --quick one (calibration.json says so)."""
+    from planner.files import read_input
+
+    record = root / userdata.CALIBRATION_RECORD
+    try:
+        return json.loads(read_input(record, "calibration record")).get("quick") is True
+    except (BadInput, ValueError, AttributeError):
+        return False
 
 
 def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None = None, force: bool = False,
-              dry_run: bool = False) -> dict:
+              dry_run: bool = False, progress: bool = True) -> dict:
     from planner import catalog
 
-    root = Path(out_dir) if out_dir else catalog.profiles_dir()
-    targets = {s: root / s / f"{NODE_NAME}.yaml" for s in ("devices", "links", "nodes")}
+    root = Path(out_dir).expanduser() if out_dir else userdata.calibration_dir()
+    flag = "--out-dir" if out_dir else "the calibration folder"
+    targets = {s: root / s / f"{NODE_NAME}.yaml" for s in userdata.SECTIONS}
     if not dry_run:
-        if out_dir is not None and not root.is_dir():
-            raise BadInput(f"--out-dir {root}: no such directory")
+        _refuse_package_folder(root)
+        userdata.make_dir(root, flag)
         existing = [str(p) for p in targets.values() if p.exists()]
-        if existing and not force:
+        if existing and not force and not _previous_was_quick(root):
             raise BadInput(f"{existing[0]} exists (a previous calibration); use --force to replace it, or "
                            "--out-dir DIR to write elsewhere")
     machine = machine_description()
@@ -139,11 +165,14 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
         nproc = max(2, machine.get("gpus", 0) if cuda else machine["cores"])
     dtype_name = "bf16" if cuda else "fp32"
     date = _dt.date.today().isoformat()
+    t0 = _time.time() if progress else None
+    if progress:
+        calibrate_progress.announce(quick, cuda, nproc)
 
-    meas = measure_device(quick, 1 if cuda else min(nproc, machine["cores"]))
+    meas = measure_device(quick, 1 if cuda else min(nproc, machine["cores"]), t0=t0)
     gemm, membw, dispatch, attn = meas["gemm"], meas["memory_bandwidth"], meas["dispatch"], meas["attention"]
     peak, half = fit_gemm(gemm)
-    coll = measure_collectives(nproc, quick, tp_block=not cuda)
+    coll = measure_collectives(nproc, quick, tp_block=not cuda, t0=t0)
     colls, tp_block, step = coll["rows"], coll["tp_block"], coll.get("step")
     # the link as a step sees it (calibrate_step); the tight-loop figures stay in the record
     bw, lat, link_rms = fit_link(step["in_step"] if step else colls, nproc)
@@ -263,13 +292,19 @@ def calibrate(nproc: int | None = None, quick: bool = False, out_dir: str | None
 
         from planner.files import write_atomic
 
+        command = "planner calibrate --backend torch" + (" --quick" if quick else "")
         for section, fields in (("devices", device_fields), ("links", link_fields), ("nodes", node_fields)):
             path = targets[section]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            text = (f"# Written by `planner calibrate --backend torch` on {date}; re-run it to re-measure.\n"
+            userdata.make_dir(path.parent, flag)
+            text = (f"# Written by `{command}` on {date}; re-run it to re-measure.\n# Machine: {where}\n"
                     + yaml.safe_dump(fields, sort_keys=False, width=110))
             write_atomic(path, text)
             result["written"].append(_shown(path))
+        # the whole record last: date, machine, every measurement (and whether it was --quick)
+        record = root / userdata.CALIBRATION_RECORD
+        result["written"].append(_shown(record))
+        result["folder"] = str(root.resolve())
+        write_atomic(record, json.dumps(result, indent=2, default=str) + "\n")
         catalog._hardware_catalog.cache_clear()
     return result
 
@@ -291,7 +326,12 @@ def report_text(r: dict) -> str:
              f"gradient accumulation {e['grad_accum_ns_per_param']:.2f} ns/param"]
     if r["written"]:
         lines.append("  wrote " + ", ".join(r["written"]))
-        lines.append("  use it: planner plan --cluster local ... / planner estimate --cluster local ...")
+        default = Path(r["folder"]) == userdata.calibration_dir().resolve()
+        cluster = "local" if default else r["folder"]
+        lines.append(f"  use it: planner plan --cluster {cluster} ... / planner estimate --cluster {cluster} ...")
+        if r["quick"]:
+            again = "" if default else f" --out-dir {r['folder']}"
+            lines.append(f"  then the full calibration: planner calibrate --backend torch{again} (replaces this quick one)")
     else:
         lines.append("  (dry run: nothing written)")
     return "\n".join(lines)

@@ -261,8 +261,11 @@ def _tp_block_times(world: int, reps: int, barrier, tokens: tuple[int, ...] = TP
 
 
 def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps: int, tp_block: bool,
-                       outdir: str) -> None:
+                       progress: tuple[float, bool] | None, outdir: str) -> None:
+    """progress = (the calibration's start time, quick) for the progress lines, or None (silent)."""
     import torch.distributed as dist
+
+    tick = _ticker(rank, progress, first=7)
 
     try:
         torch.set_num_threads(1)
@@ -273,6 +276,7 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps:
             return median_together_s(fn, n, dist.barrier)
 
         rows = []
+        tick(0)
         for nbytes in sizes:
             x = torch.ones(nbytes // 4)
             out = torch.empty(nbytes // 4 * world)
@@ -285,6 +289,7 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps:
 
             pp = timed(lambda: exchange(rank, x)) / 2  # one way
             rows.append({"bytes": nbytes, "all_reduce_s": ar, "all_gather_s": ag, "p2p_s": pp})
+        tick(1)
         tp = _tp_block_times(world, reps, dist.barrier) if tp_block else None
         step = None
         if tp_block:  # the CPU stack: what a collective costs inside a step (calibrate_step)
@@ -292,8 +297,12 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps:
 
             # paired rounds (calibrate_step.median_paired_s): three times the rounds of the tight loop,
             # since a collective's share of a GEMM loop is a small difference of two noisy times
-            step = {"in_step": cs.in_step_collectives(rank, world, sizes, 3 * reps),
-                    "overlap": cs.comm_overlap(reps), "fsdp": cs.fsdp_copy(world, reps)}
+            tick(2)
+            step = {"in_step": cs.in_step_collectives(rank, world, sizes, 3 * reps)}
+            tick(3)
+            step["overlap"] = cs.comm_overlap(reps)
+            tick(4)
+            step["fsdp"] = cs.fsdp_copy(world, reps)
         dist.barrier()
         dist.destroy_process_group()
         if rank == 0:
@@ -323,28 +332,50 @@ def _spawned(fn, nprocs: int, args: tuple, result: str, what: str):
         return json.loads(Path(outdir, result).read_text())
 
 
-def measure_collectives(nproc: int, quick: bool, tp_block: bool = False) -> dict:
+def measure_collectives(nproc: int, quick: bool, tp_block: bool = False, t0: float | None = None) -> dict:
     """{"rows": per message size, "tp_block": _tp_block_times or None, "step": calibrate_step's} from `nproc`
-    local gloo processes."""
+    local gloo processes; t0 (the calibration's start) turns on the progress lines."""
     from planner.backends.torch.runner import _free_port
 
     sizes = collective_sizes(quick)
-    return _spawned(_collective_worker, nproc, (nproc, _free_port(), sizes, 3 if quick else 15, tp_block),
+    progress = (t0, quick) if t0 is not None else None
+    return _spawned(_collective_worker, nproc, (nproc, _free_port(), sizes, 3 if quick else 15, tp_block, progress),
                     "collectives.json", "collective measurement")
 
 
-def _device_worker(rank: int, quick: bool, outdir: str) -> None:
+def _ticker(rank: int, progress: tuple[float, bool] | None, first: int):
+    """tick(i): rank 0 says that its i-th step (calibrate_progress.STEPS[first + i]) starts; silent when
+    progress (the calibration's start time, quick) is None."""
+    from planner.backends.torch.calibrate_progress import tick as say
+
+    cuda = torch.cuda.is_available()
+
+    def tick(i: int) -> None:
+        if rank == 0 and progress is not None:
+            say(first + i, progress[1], cuda, progress[0])
+    return tick
+
+
+def _device_worker(rank: int, quick: bool, t0: float | None, outdir: str) -> None:
     """The one-rank device measurements, in a process started as a rank is (see _spawned). Every rank of
-    measure_device runs them at once; rank 0's are kept."""
+    measure_device runs them at once; rank 0's are kept. t0: the calibration's start (progress lines)."""
     try:
         torch.set_num_threads(1)
         cuda = torch.cuda.is_available()
         device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         dtype = torch.bfloat16 if cuda else torch.float32
-        out = {"gemm": measure_gemm(device, dtype, quick), "memory_bandwidth": measure_memory_bandwidth(device, quick),
-               "dispatch": measure_dispatch(device), "attention": measure_attention(device, dtype, quick),
-               "decoder_step_s": measure_decoder_step(quick), "adamw": measure_adamw(device, quick),
-               "grad_accum": measure_grad_accum(device, quick)}
+        tick = _ticker(rank, (t0, quick) if t0 is not None else None, first=0)
+        steps = (("gemm", lambda: measure_gemm(device, dtype, quick)),
+                 ("memory_bandwidth", lambda: measure_memory_bandwidth(device, quick)),
+                 ("dispatch", lambda: measure_dispatch(device)),
+                 ("attention", lambda: measure_attention(device, dtype, quick)),
+                 ("decoder_step_s", lambda: measure_decoder_step(quick)),
+                 ("adamw", lambda: measure_adamw(device, quick)),
+                 ("grad_accum", lambda: measure_grad_accum(device, quick)))
+        out = {}
+        for i, (key, measure) in enumerate(steps):
+            tick(i)
+            out[key] = measure()
         if rank == 0:
             Path(outdir, "device.json").write_text(json.dumps(out))
     except BaseException as e:  # noqa: BLE001 - reported by the parent as one line
@@ -352,9 +383,9 @@ def _device_worker(rank: int, quick: bool, outdir: str) -> None:
         os._exit(1)
 
 
-def measure_device(quick: bool, nproc: int = 1) -> dict:
+def measure_device(quick: bool, nproc: int = 1, t0: float | None = None) -> dict:
     """The device measurements of one rank while `nproc` ranks run them at once: a plan's ranks share the
     machine's memory system, caches and spare cycles (one core each, no idle core left to absorb the
     interpreter's and gloo's threads or anything else), and the profile should describe a rank of a run,
     not a process alone on the machine."""
-    return _spawned(_device_worker, nproc, (quick,), "device.json", "device measurement")
+    return _spawned(_device_worker, nproc, (quick, t0), "device.json", "device measurement")

@@ -18,7 +18,7 @@ import os
 
 from planner import catalog
 from planner.backends.torch.runner import Job, RunOptions, choose_device, executed_dtype, launch
-from planner.errors import BadInput
+from planner.errors import BadInput, Infeasible
 from planner.plan import PlanFile
 
 
@@ -72,13 +72,76 @@ def predict(pf: PlanFile, nproc: int, device_type: str):
     return graph, workload, est, share
 
 
-def validate(pf: PlanFile, nproc: int | None = None, opts: RunOptions = RunOptions()) -> dict:
-    nproc = pf.plan.devices if nproc is None else nproc
-    if nproc != pf.plan.devices:
-        raise BadInput(f"the plan uses dp*tp*pp*cp = {pf.plan.devices} devices; --nproc {nproc} cannot run it "
-                       f"(use --nproc {pf.plan.devices})")
+# Processes one validate run may start: 4 per usable core (more ranks than cores already time-share, see
+# shared_core_cluster; past 4x each rank gets under a quarter core and the run measures the scheduler) and
+# never more than 1024, as many as any single machine's GPUs and far past them.
+PROCS_PER_CORE = 4
+MAX_NPROC = 1024
+
+
+def max_nproc() -> int:
+    return min(PROCS_PER_CORE * usable_cores(), MAX_NPROC)
+
+
+def check_nproc(nproc: int | None, devices: int) -> int:
+    """The process count to run a plan of `devices` devices with: --nproc, or the plan's own; BadInput when
+    it is past max_nproc() or is not the plan's world size (one rank per device)."""
+    cap = max_nproc()
+    if nproc is not None and nproc > cap:
+        raise BadInput(f"--nproc {nproc} is past this machine's cap of {cap} processes ({PROCS_PER_CORE} per core on "
+                       f"{usable_cores()} cores, {MAX_NPROC} at most)")
+    if nproc is not None and nproc != devices:
+        raise BadInput(f"the plan uses dp*tp*pp*cp = {devices} devices; --nproc {nproc} cannot run it "
+                       f"(use --nproc {devices})")
+    if devices > cap:
+        raise BadInput(f"the plan uses dp*tp*pp*cp = {devices} devices, one process each, past this machine's cap "
+                       f"of {cap} processes ({PROCS_PER_CORE} per core on {usable_cores()} cores, {MAX_NPROC} at "
+                       "most); validate a plan for fewer devices")
+    return devices
+
+
+def memory_per_process(device_type: str, nproc: int) -> tuple[float, str]:
+    """(bytes one rank may use, what they are): on CUDA the free memory of the emptiest-used GPU (rank i on GPU
+    i); on the CPU, where every rank shares the host, MemAvailable (Linux /proc/meminfo, else free physical
+    pages) over nproc."""
+    if device_type == "cuda":
+        import torch
+
+        free = min(torch.cuda.mem_get_info(i)[0] for i in range(nproc))
+        return float(free), f"{free / 1e9:.1f} GB free on the fullest of GPUs 0..{nproc - 1}"
+    avail = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024  # the kernel reports kB (KiB)
+    except (OSError, ValueError, IndexError):
+        avail = None
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):  # pragma: no cover - no way to tell: do not refuse
+            return float("inf"), "unknown"
+    return avail / nproc, f"{avail / 1e9:.1f} GB available on this machine for {nproc} processes"
+
+
+def check_memory(est, device_type: str, nproc: int, force: bool) -> None:
+    """Infeasible (exit 1) when the plan's own predicted peak per rank exceeds what a rank has here: a run
+    would swap or be killed by the OOM killer (105 GB per rank on a 13 GB machine). --force runs it anyway."""
+    if force:
+        return
+    per_proc, what = memory_per_process(device_type, nproc)
+    need = est.peak_memory_bytes
+    if need > per_proc:
+        raise Infeasible(f"the plan's predicted peak is {need / 1e9:.1f} GB per process, this machine has "
+                         f"{per_proc / 1e9:.1f} GB per process ({what}); validate a smaller plan or give --force")
+
+
+def validate(pf: PlanFile, nproc: int | None = None, opts: RunOptions = RunOptions(), force: bool = False) -> dict:
+    nproc = check_nproc(nproc, pf.plan.devices)
     device_type = choose_device(opts.device, nproc)
     graph, workload, est, share = predict(pf, nproc, device_type)
+    check_memory(est, device_type, nproc, force)
     res = launch([Job(graph, workload, pf.plan)], nproc, opts)[0]
     measured_t = res["measured_step_time_s"]
     overhead = est.memory.get("overhead_bytes", 0.0)
