@@ -2,7 +2,7 @@
 """Checkout entry point: `python cli.py ...` is the same as the installed `planner` command."""
 import sys
 
-from planner.cli import main
+from planner.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

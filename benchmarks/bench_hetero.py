@@ -3,11 +3,11 @@
     python benchmarks/bench_hetero.py [mixed|pods|phones|speed|all] [--json]
 
 mixed   Llama 3 8B on mixed-a100-h100 (16 A100 + 16 H100): the plan using both vs the H100s alone vs the naive
-        even split over all 32 (planner/search/hetero.py).
+        even split over all 32 (planner/planners/hetero.py).
 pods    Llama 3 70B on two-pods-25gbe (2 x 4 DGX H100, 25 GbE between): the ILP-placed plan vs the same nodes
-        on one NDR fabric vs the topology-blind plan (planner/search/ilp.py).
+        on one NDR fabric vs the topology-blind plan (planner/planners/ilp.py).
 phones  Llama 3.2 3B on phones-snapdragon-wifi6: sub-models per phone, per-phone memory, the CPU/GPU split and
-        its speedups on one phone (planner/cost/edge.py).
+        its speedups on one phone (planner/planners/edge.py).
 speed   wall time of plan_hetero on a 64-device cluster (4 DGX A100 80GB + 4 DGX H100) and of the placement
         ILP on the 64-GPU two-pods cluster.
 """
@@ -21,12 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from planner.catalog import load_cluster, resolve_cluster  # noqa: E402
-from planner.cost.edge import plan_edge  # noqa: E402
-from planner.hardware import ClusterSpec  # noqa: E402
+from planner.planners.edge import plan_edge  # noqa: E402
+from planner.core.hardware import ClusterSpec  # noqa: E402
 from planner.importers import load_model  # noqa: E402
-from planner.plan import Workload  # noqa: E402
-from planner.search.hetero import plan_hetero  # noqa: E402
-from planner.search.ilp import plan_topology  # noqa: E402
+from planner.core.plan import Workload  # noqa: E402
+from planner.planners.hetero import plan_hetero  # noqa: E402
+from planner.planners.ilp import plan_topology  # noqa: E402
 from planner.search.search import RankedPlan  # noqa: E402
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import sys
 import time
 
-from planner.api import load_cluster, load_model
-from planner.builders import TransformerConfig, build_transformer
+from planner.app.api import load_cluster, load_model
+from planner.core.builders import TransformerConfig, build_transformer
 from planner.cost import attention_balance as ab
 from planner.cost.estimate import estimate
-from planner.errors import Infeasible
-from planner.plan import DocumentMix, ParallelPlan, Workload
+from planner.core.errors import Infeasible
+from planner.core.plan import DocumentMix, ParallelPlan, Workload
 from planner.search.search import search
 from planner.search.space import Constraints
 

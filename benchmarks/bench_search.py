@@ -10,7 +10,7 @@ growth from 512 to 16,384 no worse than linear.
 
 known: for every usable row of the runs table, the search on the row's model, cluster, device count, global
 batch, sequence and precision (planner.search.search_row), against the published configuration as
-planner.backtest reads it; predicted tokens/s of both, and the gain by source.
+planner.eval.backtest reads it; predicted tokens/s of both, and the gain by source.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from planner.catalog import load_cluster  # noqa: E402
-from planner.errors import Infeasible  # noqa: E402
+from planner.core.errors import Infeasible  # noqa: E402
 from planner.importers import load_model  # noqa: E402
-from planner.plan import Workload  # noqa: E402
+from planner.core.plan import Workload  # noqa: E402
 from planner.search.search import search, search_row  # noqa: E402
 
 RUNS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "calibration_runs_clean.csv"

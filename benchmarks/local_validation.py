@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from planner.plan import ParallelPlan, PlanFile, StageAssignment, Workload  # noqa: E402
+from planner.core.plan import ParallelPlan, PlanFile, StageAssignment, Workload  # noqa: E402
 
 # The CPU study: tiny-llama-20m (21.7M parameters), 2 processes = the local node's 2 cores, 4 processes
 # = two local "nodes" (two ranks per core; the prediction gives each rank half a core).
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     from planner.backends.torch.calibrate import machine_description
     from planner.backends.torch.runner import RunOptions
     from planner.backends.torch.validate import usable_cores, validate
-    from planner.errors import PlannerError
+    from planner.core.errors import PlannerError
 
     plans = CPU_PLANS if args.suite == "cpu" else GPU_PLANS
     if args.only:

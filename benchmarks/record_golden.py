@@ -3,7 +3,7 @@ move through the cost-model restructuring).
 
     python benchmarks/record_golden.py --out tests/golden [--reference-dir ../shared/reference]
 
-Every case is a command line of the planner run in this process (planner.cli.main, the console script's
+Every case is a command line of the planner run in this process (planner.app.cli.main, the console script's
 entry point) with --json, so the suite pins what a user sees, not an internal function that the
 restructuring may move: `plan` (dense, MoE, long context, mixed devices, NIC islands, phones), `estimate`
 of plan files covering every schedule, context-parallel exchange, ZeRO stage, offload, recompute policy,
@@ -230,7 +230,7 @@ def strip_ignored(obj):
 def run_case(case: dict, golden_dir: Path) -> dict:
     """The JSON a case's command prints, parsed, without the ignored keys. RuntimeError (with the planner's
     one-line error) when the command fails."""
-    from planner.cli import main
+    from planner.app.cli import main
 
     with tempfile.TemporaryDirectory(prefix="golden-") as tmp:
         plan_path = Path(tmp) / "plan.json"

@@ -22,9 +22,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from planner import userdata
-from planner.errors import BadInput, did_you_mean
+from planner.core.errors import BadInput, did_you_mean
 from planner.files import path_exists
-from planner.hardware import (
+from planner.core.hardware import (
     Cluster, ClusterSpec, Device, DeviceRef, Link, NodeInstance, NodeType,
 )
 
@@ -291,7 +291,7 @@ _DEVICE_FIT = [True]
 
 def use_device_fit(on: bool) -> None:
     """Whether devices carry the fitted efficiencies (the default) or their datasheet / measured profile
-    values alone. planner.fit turns it off, so that a refit, its starting point and its leave-one-source-out
+    values alone. planner.eval.fit turns it off, so that a refit, its starting point and its leave-one-source-out
     figures never see the previous fit's numbers (which were fitted on the very rows held out)."""
     if _DEVICE_FIT[0] != on:
         _DEVICE_FIT[0] = on
@@ -304,7 +304,7 @@ def stack_efficiency(stack: str, device_name: str) -> dict:
 
 
 def _apply_fitted_efficiency(path: Path, devices: dict, stack_fits: dict, devices_too: bool = True) -> None:
-    """Overlay the efficiencies `python -m planner.fit --write` fitted on published runs; the
+    """Overlay the efficiencies `python -m planner.eval.fit --write` fitted on published runs; the
     datasheet files stay as published, the fit stays regenerable, and its provenance is kept. The
     per-stack fits are always read; the per-device ones only with devices_too (use_device_fit). A later
     file (the user's fit) replaces the fields and stacks it fits and keeps the rest."""
@@ -312,14 +312,14 @@ def _apply_fitted_efficiency(path: Path, devices: dict, stack_fits: dict, device
         return
     doc = read_data_file(path) or {}
     if not isinstance(doc, dict):
-        raise BadInput(f"{path}: expected a mapping (fitted_on, devices, stacks); re-run python -m planner.fit --write")
+        raise BadInput(f"{path}: expected a mapping (fitted_on, devices, stacks); re-run python -m planner.eval.fit --write")
     for stack, fit in (doc.get("stacks") or {}).items():
         stack_fits[stack] = {**stack_fits.get(stack, {}), **(fit.get("devices") or {})}
     for name, values in ((doc.get("devices") or {}) if devices_too else {}).items():
         if name not in devices:
             raise BadInput(f"{path}: fitted device '{name}' is not in the catalog")
         dev = devices[name]
-        src = f"fitted on {doc.get('fitted_on')} ({doc.get('rows')} rows, {doc.get('date')}), planner.fit"
+        src = f"fitted on {doc.get('fitted_on')} ({doc.get('rows')} rows, {doc.get('date')}), planner.eval.fit"
         eff = dev.efficiency.model_copy(update={**values, "source": src})
         devices[name] = dev.model_copy(update={"efficiency": eff})
 
@@ -486,7 +486,7 @@ def resolve_cluster(spec: ClusterSpec, nodes: int | None = None) -> Cluster:
 def _check_device_count(spec: ClusterSpec, nodes: int | None) -> None:
     """Refuse a cluster past limits.MAX_DEVICES before building it: resolving makes one object per device
     (--nodes 1000000000 took 5.9 GB before being killed)."""
-    from planner.limits import MAX_DEVICES
+    from planner.core.limits import MAX_DEVICES
 
     total = 0
     for group in spec.groups:

@@ -8,7 +8,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from planner.errors import BadInput
+from planner.core.errors import BadInput
 
 
 def _umask() -> int:

@@ -1,5 +1,5 @@
 """The user's own data: what `calibrate --backend torch` measured on this machine, and a device-efficiency
-fit the user made (`python -m planner.fit --write`). It lives in the user's data folder, never in the
+fit the user made (`python -m planner.eval.fit --write`). It lives in the user's data folder, never in the
 installed package or the checkout: a wheel's site-packages may be read-only or shared between users, and
 a checkout must stay what git says it is.
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import platformdirs
 
-from planner.errors import BadInput
+from planner.core.errors import BadInput
 
 APP_NAME = "parallel-planner"
 # The names calibrate gives what it measures; `--cluster local` resolves them from the user's calibration.
@@ -39,7 +39,7 @@ def calibration_dir() -> Path:
 
 
 def fit_file() -> Path:
-    """Where `python -m planner.fit --write` writes the user's fit (applied over the shipped one)."""
+    """Where `python -m planner.eval.fit --write` writes the user's fit (applied over the shipped one)."""
     return data_dir() / "fitted_efficiency.yaml"
 
 

@@ -1,7 +1,7 @@
 """The CLI contract's test helpers: run `planner` in-process, and check that an error is one line."""
 from __future__ import annotations
 
-from planner.cli import main
+from planner.app.cli import main
 
 
 def run(capsys, *args) -> tuple[int, str, str]:

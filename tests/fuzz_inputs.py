@@ -1,5 +1,5 @@
 """Hostile inputs for every subcommand (issue 16 part 3): hypothesis strategies, and the in-process runner
-that judges what `planner.cli.main` did with each. Shared by tests/test_fuzz_cli.py (CI, >= 1,000 examples)
+that judges what `planner.app.cli.main` did with each. Shared by tests/test_fuzz_cli.py (CI, >= 1,000 examples)
 and benchmarks/fuzz_cli.py (longer runs, counts by class and subcommand).
 
 A strategy draws a `Case`: the argv of one or more runs, the files they name (written into a fresh folder
@@ -218,7 +218,7 @@ def innermost_planner_frame(tb) -> str:
 
 
 def _first_call(tb) -> str:
-    """The first planner frame below planner/cli.py: what the command was doing."""
+    """The first planner frame below planner/app/cli.py: what the command was doing."""
     planner_dir = str(ROOT / "planner") + os.sep
     frames = [fr for fr in traceback.extract_tb(tb) if fr.filename.startswith(planner_dir)]
     below = [fr for fr in frames if not fr.filename.endswith(os.sep + "cli.py")]
@@ -263,7 +263,7 @@ def _on_alarm(signum, frame):
 def run_argv(argv: list[str], cwd: Path, home: Path, hang_s: float = HANG_S) -> RunResult:
     """`planner argv` in this process, in cwd, with HOME and XDG folders under home, at most hang_s
     seconds and MEMORY_HEADROOM_BYTES more address space."""
-    from planner.cli import main
+    from planner.app.cli import main
 
     backend = bool(argv) and argv[0] in ("validate", "calibrate")
     if backend:  # imported outside the memory limit: torch maps a lot of address space
@@ -1329,7 +1329,7 @@ DEGREES = ("dp", "tp", "pp", "vpp", "cp", "ep", "mbs", "num_microbatches", "etp"
 @cache
 def plan_bases() -> dict[str, dict]:
     """The real plan files: `plan --save` run once per process."""
-    from planner.cli import main
+    from planner.app.cli import main
 
     folder = Path(tempfile.mkdtemp(prefix="planner-fuzz-bases-"))
     out = {}

@@ -1,4 +1,4 @@
-"""The Python API (planner.api) the notebooks use: the same answers as the command line and the cost model,
+"""The Python API (planner.app.api) the notebooks use: the same answers as the command line and the cost model,
 as DataFrames with the plan and Estimate objects at hand, and the planner's own one-line errors."""
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from planner import api
+from planner.app import api
 from planner.catalog import load_cluster
-from planner.cli import main
+from planner.app.cli import main
 from planner.cost.estimate import estimate
-from planner.errors import BadInput, Infeasible
+from planner.core.errors import BadInput, Infeasible
 from planner.importers import load_model
-from planner.plan import Estimate, ParallelPlan, Workload
+from planner.core.plan import Estimate, ParallelPlan, Workload
 
 KW = dict(gbs=32, seq=512)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from planner.backtest import backtest_row, run_backtest
+from planner.eval.backtest import backtest_row, run_backtest
 
 DATA = Path(__file__).parent / "data"
 RUNS = DATA / "calibration_runs_clean.csv"
@@ -95,7 +95,7 @@ def test_estimate_bad_degrees_is_one_line(run_cli):
 
 def test_vtrain_single_node_within_issue_bound():
     """vTrain's 1,440 single-node runs, on their own (not pooled with the published runs): the issue asks
-    for MAPE <= 15%. The stack's three efficiencies were fitted on a random half (planner.fit --stack
+    for MAPE <= 15%. The stack's three efficiencies were fitted on a random half (planner.eval.fit --stack
     VTRAIN-SINGLE --holdout 0.5); the bound holds on all rows."""
     res = run_backtest(DATA / "vtrain_single_node.csv")
     assert res["coverage"] == 1.0
@@ -124,7 +124,7 @@ def test_fit_bad_runs_file_is_one_line(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "planner.fit", "--runs", str(tmp_path / "none.csv")],
+    proc = subprocess.run([sys.executable, "-m", "planner.eval.fit", "--runs", str(tmp_path / "none.csv")],
                           cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "no such file" in proc.stderr

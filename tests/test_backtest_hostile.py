@@ -1,6 +1,6 @@
 """Hostile runs tables for `backtest` (issue 16 section 3): a bad cell costs its own row, never the table.
 
-A row is read as text and each cell checked against its column's rule (planner.backtest.COLUMNS); a bad
+A row is read as text and each cell checked against its column's rule (planner.eval.backtest.COLUMNS); a bad
 cell, or a configuration the cost model refuses, skips that row with a reason naming the column and value.
 A file that is not a usable table is one line on stderr with exit 2.
 """
@@ -19,8 +19,8 @@ from cli_helpers import one_line, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner import backtest
-from planner.backtest import COLUMNS, backtest_row, read_runs, run_backtest
+from planner.eval import backtest
+from planner.eval.backtest import COLUMNS, backtest_row, read_runs, run_backtest
 
 DATA = Path(__file__).parent / "data"
 VTRAIN = DATA / "vtrain_single_node.csv"
@@ -215,13 +215,13 @@ def test_short_row_and_empty_id_are_skipped_with_a_reason(tmp_path):
 
 
 def test_fit_reads_the_same_rows(tmp_path):
-    """planner.fit keeps only the rows the backtest predicts, with their parsed cells."""
-    from planner.fit import load_cases
+    """planner.eval.fit keeps only the rows the backtest predicts, with their parsed cells."""
+    from planner.eval.fit import load_cases
 
     path = _write(tmp_path / "mixed.csv", [GOOD] + _bad_rows())
     cases = load_cases(path)
     assert len(cases) == 1 and cases[0].row["layers"] == 24 and cases[0].measured == float(GOOD["measured_step_time_s"])
-    from planner.errors import BadInput
+    from planner.core.errors import BadInput
 
     with pytest.raises(BadInput, match="no row could be predicted"):
         load_cases(_write(tmp_path / "bad.csv", _bad_rows()))

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from planner.catalog import load_cluster
 from planner.cost.batch import OUTPUTS, PlanArrays, estimate_batch
-from planner.errors import BadInput
+from planner.core.errors import BadInput
 from planner.importers import load_model
-from planner.plan import OffloadPolicy, ParallelPlan, StageAssignment, Workload
+from planner.core.plan import OffloadPolicy, ParallelPlan, StageAssignment, Workload
 
 MODELS = ("tiny-llama-20m", "llama3-8b", "mixtral-8x7b")
 NODE_COUNTS = (1, 2)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cli_helpers import one_line
-from planner.cli import main
+from planner.app.cli import main
 
 TINY = {
     "name": "tiny", "source": "test model", "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2,

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner.cost import comm
-from planner.hardware import CollectiveLink
+from planner.core.hardware import CollectiveLink
 
 GB = 1e9
 

@@ -1,14 +1,14 @@
-"""Edge: sub-models over phones and the CPU/GPU split inside each (planner/cost/edge.py)."""
+"""Edge: sub-models over phones and the CPU/GPU split inside each (planner/planners/edge.py)."""
 from __future__ import annotations
 
 import itertools
 
 import pytest
 
-from planner.builders import TransformerConfig, build_transformer
+from planner.core.builders import TransformerConfig, build_transformer
 from planner.catalog import load_cluster
-from planner.cost.edge import Sublayer, phones_of, plan_edge, solve_split, split_time_s
-from planner.plan import Workload
+from planner.planners.edge import Sublayer, phones_of, plan_edge, solve_split, split_time_s
+from planner.core.plan import Workload
 
 LLAMA_3B = TransformerConfig(name="llama3.2-3b-like", source="Llama 3.2 3B config.json shape (test)", layers=28,
                              hidden=3072, heads=24, kv_heads=8, ffn_hidden=8192, vocab=128256, tied_embeddings=True)

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from planner.catalog import load_cluster
 from planner.cost.compute import layer_time, recompute_time_s
 from planner.cost.estimate import estimate
-from planner.errors import BadInput
-from planner.hardware import Cluster
+from planner.core.errors import BadInput
+from planner.core.hardware import Cluster
 from planner.importers import load_model
-from planner.plan import ParallelPlan, Workload
+from planner.core.plan import ParallelPlan, Workload
 
 MODELS = ("tiny-llama-20m", "llama3-8b", "mixtral-8x7b")
 NODE_COUNTS = (1, 2)  # dgx-h100 nodes: 8 or 16 GPUs

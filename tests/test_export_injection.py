@@ -17,7 +17,7 @@ import pytest
 
 from planner.export import ExportContext, export_text
 from planner.importers import load_model
-from planner.plan import ParallelPlan, PlanFile, Workload
+from planner.core.plan import ParallelPlan, PlanFile, Workload
 from tests.cli_helpers import one_line, run
 
 ROOT = Path(__file__).resolve().parents[1]

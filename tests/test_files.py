@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from planner import files
-from planner.errors import BadInput
+from planner.core.errors import BadInput
 from planner.files import check_output, read_input, write_atomic
 
 

@@ -1,4 +1,4 @@
-"""Hostile flags and paths on plan / estimate / sweep (issue 16): every cap of planner.limits refused just past it
+"""Hostile flags and paths on plan / estimate / sweep (issue 16): every cap of planner.core.limits refused just past it
 in one line naming the flag and the cap, accepted at it where that is cheap; fixed degrees against their
 --max-*; flags the mixed, island and phone planners do not apply; infeasible is exit 1; unusable paths."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from planner import limits
+from planner.core import limits
 from tests.cli_helpers import one_line, run
 
 TINY = ["--model", "tiny-llama-20m", "--cluster", "dgx-h100"]
@@ -136,8 +136,8 @@ def test_plan_file_held_to_the_caps(capsys, tmp_path):
 
 
 def test_api_search_held_to_the_caps():
-    from planner import api
-    from planner.errors import BadInput
+    from planner.app import api
+    from planner.core.errors import BadInput
 
     with pytest.raises(BadInput, match="16,777,216"):
         api.plan("tiny-llama-20m", "dgx-h100", gbs=32, seq=limits.MAX_SEQ_LEN + 1)

@@ -3,7 +3,7 @@ or an exit 0 on nonsense.
 
 Each test draws its examples with hypothesis (tests/fuzz_inputs.py: mutations of the catalog's model and
 cluster files, of real `plan --save` files and of rows of the published-runs table, number flags, paths,
-validate/calibrate arguments), runs every one in this process (planner.cli.main, output captured, a time
+validate/calibrate arguments), runs every one in this process (planner.app.cli.main, output captured, a time
 and memory limit) and fails listing each distinct failure once with an argv and files to reproduce it.
 derandomize=True: CI draws the same examples every time. 1,000+ examples in all; benchmarks/fuzz_cli.py
 runs more with a seed.
@@ -70,7 +70,7 @@ def test_the_issues_own_findings(tmp_path, home):
 
 def test_the_judge_tells_failures_from_refusals(tmp_path, home, monkeypatch):
     """The harness itself: a clean refusal, an exit 0 on nonsense, a traceback and a hang are told apart."""
-    import planner.cli
+    import planner.app.cli
 
     refused = fi.Case("flags", (("estimate", "--model", "tiny-llama-20m", "--cluster", "dgx-h100", "--gbs", "8",
                                  "--seq", "512", "--mbs", "0"),), (), "--mbs 0 is not positive")
@@ -79,9 +79,9 @@ def test_the_judge_tells_failures_from_refusals(tmp_path, home, monkeypatch):
     assert [o.kind for o in fi.run_case(shown, tmp_path, home)] == ["nonsense-accepted"]
     fi.materialize(fi.Case("paths", (), (fi.FileSpec("f.json", "fifo"),)), tmp_path)
     # a blocking open of a FIFO without a writer, as the planner did before read_input
-    monkeypatch.setattr(planner.cli, "main", lambda argv: (tmp_path / "f.json").read_text())
+    monkeypatch.setattr(planner.app.cli, "main", lambda argv: (tmp_path / "f.json").read_text())
     [o] = fi.run_case(fi.Case("paths", (("x",),)), tmp_path, home, hang_s=0.5)
     assert o.kind == "hang", o.detail
-    monkeypatch.setattr(planner.cli, "main", lambda argv: int("x"))
+    monkeypatch.setattr(planner.app.cli, "main", lambda argv: int("x"))
     [o] = fi.run_case(fi.Case("flags", (("x",),)), tmp_path, home)
     assert o.kind == "traceback" and "ValueError" in o.signature, o.signature

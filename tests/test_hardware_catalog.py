@@ -17,7 +17,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from planner import catalog  # noqa: E402
-from planner.hardware import Cluster  # noqa: E402
+from planner.core.hardware import Cluster  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -287,7 +287,7 @@ def test_cli_profiles_list_json_has_every_design_name():
 
 
 def test_device_fit_can_be_switched_off_for_a_refit():
-    """planner.fit starts from the profiles' own values (catalog.use_device_fit(False)): the fitted overlay
+    """planner.eval.fit starts from the profiles' own values (catalog.use_device_fit(False)): the fitted overlay
     is the only thing that changes, and switching back restores it."""
     import yaml
 

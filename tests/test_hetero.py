@@ -1,4 +1,4 @@
-"""Heterogeneous device groups (planner/hetero/stages.py, planner/search/hetero.py).
+"""Heterogeneous device groups (planner/cost/stages.py, planner/planners/hetero.py).
 
 estimate() times each stage on its own devices; the heterogeneous stage partition is held to brute force;
 the planner on the mixed A100 + H100 preset must beat both the H100s alone and the naive even split.
@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from planner.catalog import load_cluster
 from planner.cost.batch import estimate_batch
 from planner.cost.estimate import estimate
-from planner.errors import BadInput
+from planner.core.errors import BadInput
 from planner.importers import load_model
-from planner.plan import ParallelPlan, StageAssignment, Workload
-from planner.search.hetero import device_groups, hetero_partition, plan_hetero, subcluster
+from planner.core.plan import ParallelPlan, StageAssignment, Workload
+from planner.planners.hetero import device_groups, hetero_partition, plan_hetero, subcluster
 from planner.search.partition import BlockCosts
 
 

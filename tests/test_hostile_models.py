@@ -27,8 +27,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from cli_helpers import one_line, run  # noqa: E402
 from planner import catalog  # noqa: E402
-from planner.errors import BadInput  # noqa: E402
-from planner.hardware import MAX_BANDWIDTH_GB_S, MAX_TFLOPS, Device, Link  # noqa: E402
+from planner.core.errors import BadInput  # noqa: E402
+from planner.core.hardware import MAX_BANDWIDTH_GB_S, MAX_TFLOPS, Device, Link  # noqa: E402
 
 MODELS = REPO_ROOT / "models"
 PROFILES = REPO_ROOT / "hardware_profiles"

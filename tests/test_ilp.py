@@ -1,4 +1,4 @@
-"""NIC-aware placement ILP (planner/search/ilp.py): equal to brute force on small instances, and the two-pods
+"""NIC-aware placement ILP (planner/planners/ilp.py): equal to brute force on small instances, and the two-pods
 setting of Holmes: the placed plan keeps TP and DP inside the pods, close to RDMA everywhere, far above the
 topology-blind plan."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from planner.catalog import load_cluster, resolve_cluster
 from planner.cost.estimate import estimate
-from planner.hardware import ClusterSpec
+from planner.core.hardware import ClusterSpec
 from planner.importers import load_model
-from planner.plan import ParallelPlan, Workload
-from planner.search.ilp import (
+from planner.core.plan import ParallelPlan, Workload
+from planner.planners.ilp import (
     PlacementProblem, brute_force, build_problem, objective_s, placed_plan, plan_topology, solve_ilp,
 )
 

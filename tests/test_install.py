@@ -38,12 +38,12 @@ def installed(tmp_path_factory) -> dict:
 
 
 def planner_cli(installed: dict, *args: str) -> subprocess.CompletedProcess:
-    """The installed console entry point (planner.cli:main) from an empty folder, with an empty HOME and
+    """The installed console entry point (planner.app.cli:main) from an empty folder, with an empty HOME and
     only the installed copy of planner importable (not the checkout)."""
     env = {**os.environ, "PYTHONPATH": str(installed["site"]), "HOME": str(installed["tmp"] / "home")}
     env.pop("XDG_DATA_HOME", None)
-    code = "import sys, planner, planner.cli; assert planner.__file__.startswith(sys.argv[1]), planner.__file__; " \
-           "sys.argv = ['planner', *sys.argv[2:]]; sys.exit(planner.cli.main())"
+    code = "import sys, planner, planner.app.cli; assert planner.__file__.startswith(sys.argv[1]), planner.__file__; " \
+           "sys.argv = ['planner', *sys.argv[2:]]; sys.exit(planner.app.cli.main())"
     return subprocess.run([sys.executable, "-c", code, str(installed["site"]), *args], cwd=installed["tmp"] / "cwd",
                           env=env, capture_output=True, text=True, timeout=300)
 

@@ -1,5 +1,5 @@
 """Memory formulas of planner.cost.memory: ZeRO / Megatron model states, Korthikanti activations, and
-the per-layer tensor model of planner.model checked against Korthikanti."""
+the per-layer tensor model of planner.core.model checked against Korthikanti."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +15,7 @@ from planner.cost.memory import (
     optimizer_bytes_per_param,
     pipeline_activation_bytes,
 )
-from planner.model import Layer
+from planner.core.model import Layer
 
 LLAMA3_8B = 8.03e9
 
@@ -184,7 +184,7 @@ def test_allocator_overhead():
 
 
 # ----------------------------------------------------------------------------------------------
-# planner.model's tensor-by-tensor activations against Korthikanti
+# planner.core.model's tensor-by-tensor activations against Korthikanti
 
 def _gpt_layers(h: int, a: int) -> tuple[Layer, Layer]:
     common = dict(hidden=h, norm="layernorm", dropout=True, bias=True, block=0)
@@ -204,7 +204,7 @@ def _gpt_layers(h: int, a: int) -> tuple[Layer, Layer]:
     (8, True, "full"),
 ], ids=["no-tp", "tp", "tp-sp", "selective", "tp-selective", "tp-sp-selective", "full", "tp-sp-full"])
 def test_model_layer_matches_korthikanti(t, sp, recompute):
-    """GPT-3 175B shape: attention + mlp nodes of planner.model summed vs the paper's formula.
+    """GPT-3 175B shape: attention + mlp nodes of planner.core.model summed vs the paper's formula.
 
     On failure the message gives both sides and the gap in units of sbh and as^2b/t."""
     s, b, h, a = 2048, 1, 12288, 96
@@ -214,5 +214,5 @@ def test_model_layer_matches_korthikanti(t, sp, recompute):
     want = activation_bytes_gpt_layer(s, b, h, a, t, sp, recompute, flash=False)
     sbh, score = s * b * h, a * s * s * b / t
     assert got == pytest.approx(want), (
-        f"planner.model {got:.6g} B vs Korthikanti {want:.6g} B: gap {(got - want) / sbh:.4g} sbh "
+        f"planner.core.model {got:.6g} B vs Korthikanti {want:.6g} B: gap {(got - want) / sbh:.4g} sbh "
         f"= {(got - want) / score:.4g} as^2b/t")

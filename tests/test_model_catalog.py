@@ -177,7 +177,7 @@ def test_tensor_parallel_splits_dense_flops_evenly():
 # min(seq, window), not seq.
 
 def _attn(**kw):
-    from planner.model import Layer
+    from planner.core.model import Layer
 
     return Layer(name="a", kind="attention", hidden=8, heads=2, kv_heads=1, head_dim=4, **kw)
 

@@ -7,14 +7,14 @@ import random
 
 import pytest
 
-from planner.api import load_cluster
-from planner.builders import MoEConfig, TransformerConfig, build_transformer
+from planner.app.api import load_cluster
+from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
 from planner.cost import attention_balance as ab
 from planner.cost import longctx, moe
 from planner.cost.batch import estimate_batch
 from planner.cost.estimate import estimate
-from planner.errors import BadInput
-from planner.plan import OffloadPolicy, ParallelPlan, Workload
+from planner.core.errors import BadInput
+from planner.core.plan import OffloadPolicy, ParallelPlan, Workload
 from planner.search.search import search
 from planner.search.space import Constraints, enumerate_space
 

@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # running pytest without an installed package
     sys.path.insert(0, str(REPO_ROOT))
 
-from planner.builders import MoEConfig, TransformerConfig, build_transformer  # noqa: E402
+from planner.core.builders import MoEConfig, TransformerConfig, build_transformer  # noqa: E402
 from planner.importers import load_model  # noqa: E402
 
 B = 1e9
@@ -231,7 +231,7 @@ def test_hand_counted_moe():
 
 def test_hand_counted_mla():
     # DeepSeek-style multi-head latent attention, a=2, q_lora 6, kv_lora 4, nope 3, rope 2, v 5, h=8.
-    from planner.model import MLA
+    from planner.core.model import MLA
 
     mla = MLA(q_lora_rank=6, kv_lora_rank=4, qk_nope_head_dim=3, qk_rope_head_dim=2, v_head_dim=5)
     q = H * 6 + 6 + 6 * A * (3 + 2)  # q_a_proj 48, q_a_layernorm 6, q_b_proj 60 = 114
@@ -318,7 +318,7 @@ def test_olmo2_qk_norm_over_whole_projections():
     # OLMo-2: RMSNorm over q (heads * head_dim = 8) and k (kv_heads * head_dim = 4): 12 weights per block.
     assert _params(_hf("olmo2")) == 1352 + L * (A * D + KV * D)
     # the per-head variant (Qwen3's RMSNorm(head_dim) on q and k): 2 * d weights per block
-    from planner.builders import build_transformer
+    from planner.core.builders import build_transformer
     from planner.importers.hf import _apply_extras
 
     g = _apply_extras(build_transformer(_cfg()), {"qk_norm": "head"})

@@ -17,7 +17,7 @@ from planner.catalog import load_cluster
 from planner.cost import batch, memory, pipeline
 from planner.cost.pipeline import SCHEDULES, simulate, simulate_times
 from planner.importers import load_model
-from planner.plan import Workload
+from planner.core.plan import Workload
 
 
 def _cases(seed: int, count: int):

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cli_helpers import one_line, run
-from planner.plan import PlanFile
+from planner.core.plan import PlanFile
 
 TINY = ["--model", "tiny-llama-20m", "--cluster", "dgx-h100", "--gbs", "32", "--seq", "512"]
 PLAN_KEYS = {"tp", "pp", "dp", "vpp", "cp", "ep", "zero", "sp", "mbs", "recompute", "schedule", "partition", "estimate"}

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from planner import catalog
 from planner.cost.estimate import estimate
-from planner.errors import BadInput, Infeasible
+from planner.core.errors import BadInput, Infeasible
 from planner.importers import load_model
-from planner.plan import DocumentMix, OffloadPolicy, ParallelPlan, Workload, load_plan_file, parse_plan_file
+from planner.core.plan import DocumentMix, OffloadPolicy, ParallelPlan, Workload, load_plan_file, parse_plan_file
 from tests.cli_helpers import one_line, run
 
 # tiny-llama-20m: 6 blocks; dgx-h100 x 1: 8 GPUs. dp 4 x pp 2, 4 micro-batches of 2: a plan estimate takes.

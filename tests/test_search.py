@@ -13,13 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner.builders import MoEConfig, TransformerConfig, build_transformer
+from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
 from planner.catalog import load_cluster
 from planner.cost.batch import POLICIES, SCHEDULES
 from planner.cost.estimate import estimate
-from planner.errors import BadInput
+from planner.core.errors import BadInput
 from planner.importers import load_model
-from planner.plan import Workload
+from planner.core.plan import Workload
 from planner.search.search import NoPlanFits, search, search_row, step_lower_bound
 from planner.search.space import Constraints, enumerate_space, memory_lower_bound
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from planner.cost import pipeline
 from planner.cost.pipeline import (SCHEDULES, PipelineEvent, PipelineResult, Sequence, _check_args,  # noqa: F401
                                    schedule_order, schedule_peaks, simulate)
-from planner.plan import ParallelPlan, Workload
+from planner.core.plan import ParallelPlan, Workload
 from planner.search.partition import chunk_inflight
 
 

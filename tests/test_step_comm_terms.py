@@ -13,7 +13,7 @@ from planner.catalog import load_cluster
 from planner.cost.batch import estimate_batch
 from planner.cost.estimate import estimate
 from planner.importers import load_model
-from planner.plan import ParallelPlan, Workload
+from planner.core.plan import ParallelPlan, Workload
 
 GRAPH = load_model("tiny-llama-20m")
 WORKLOAD = Workload(global_batch=16, seq_len=256)
@@ -83,7 +83,7 @@ def test_oversubscribed_ranks_fill_the_bubble_at_full_speed(monkeypatch):
     # validate.predict with 4 ranks on 2 cores: every rank gets half a core (shared_core_cluster), except in
     # the pipeline's fill and drain, when half the ranks idle and the others run on whole cores
     from planner.backends.torch import validate as v
-    from planner.plan import PlanFile
+    from planner.core.plan import PlanFile
 
     monkeypatch.setattr(v, "usable_cores", lambda: 2)
     pf = PlanFile(model="tiny-llama-20m", cluster="epyc-2core", nodes=2, workload=Workload(global_batch=8, seq_len=64,

@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 
 from cli_helpers import one_line, run
-from planner import api
+from planner.app import api
 from planner.catalog import load_cluster
 from planner.importers import load_model
-from planner.plan import Workload
+from planner.core.plan import Workload
 from planner.search.search import search
-from planner.sweep import COLUMNS, sweep
+from planner.app.sweep import COLUMNS, sweep
 
 TINY = ["--model", "tiny-llama-20m", "--cluster", "dgx-h100", "--gbs", "32"]
 

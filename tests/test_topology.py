@@ -15,7 +15,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from planner import catalog  # noqa: E402
-from planner.hardware import GB, MICRO, ClusterSpec, collective_link  # noqa: E402
+from planner.core.hardware import GB, MICRO, ClusterSpec, collective_link  # noqa: E402
 
 
 def achievable(link_name: str) -> float:

@@ -13,9 +13,9 @@ import torch
 from planner.backends.torch.model import Decoder, build_decoder, spec_from_graph, tiny_graph
 from planner.backends.torch.parallel import block_ranges, check_runnable
 from planner.backends.torch.runner import Job, RunOptions, launch, train_single
-from planner.errors import BadInput
+from planner.core.errors import BadInput
 from planner.importers import load_model
-from planner.plan import DocumentMix, ParallelPlan, StageAssignment, Workload
+from planner.core.plan import DocumentMix, ParallelPlan, StageAssignment, Workload
 
 STEPS = 2
 WORKLOAD = Workload(global_batch=8, seq_len=16, dtype="fp32")

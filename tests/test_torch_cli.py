@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from planner.plan import ParallelPlan, PlanFile, Workload
+from planner.core.plan import ParallelPlan, PlanFile, Workload
 
 TINY = """name: tiny-cli
 source: "test model for validate"
@@ -61,7 +61,7 @@ def test_validate_refusals_are_one_line(tmp_path, capsys, args, code, match):
 
 def _main(capsys, *args) -> tuple[int, str]:
     """The CLI in this process (refusals come before any process is spawned): (exit status, stderr)."""
-    from planner.cli import main
+    from planner.app.cli import main
 
     rc = main(list(args))
     return rc, capsys.readouterr().err
@@ -106,7 +106,7 @@ def test_gemm_fit_recovers_peak_and_half_dim():
 def test_link_fit_reproduces_the_planners_own_formulas():
     from planner.backends.torch.calibrate import fit_link
     from planner.cost import comm
-    from planner.hardware import CollectiveLink
+    from planner.core.hardware import CollectiveLink
 
     bw, lat = 2e9, 100e-6
     link = CollectiveLink(bus_bytes_per_s=bw, latency_s=lat, level="intra-node", ranks=2, nodes=1)
@@ -121,7 +121,7 @@ def test_link_fit_stays_in_range_when_bandwidth_is_not_identified():
     # must stay within its search range rather than run off to infinity
     from planner.backends.torch.calibrate import fit_link
     from planner.cost import comm
-    from planner.hardware import CollectiveLink
+    from planner.core.hardware import CollectiveLink
 
     bw, lat = 5e9, 1e-3
     link = CollectiveLink(bus_bytes_per_s=bw, latency_s=lat, level="intra-node", ranks=2, nodes=1)

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from planner.builders import TransformerConfig, build_transformer
-from planner.errors import BadInput
+from planner.core.builders import TransformerConfig, build_transformer
+from planner.core.errors import BadInput
 from planner.importers.torch_module import TracedLayer, from_torch_module
 
 nn = torch.nn
@@ -196,7 +196,7 @@ def test_bad_inputs():
 def test_import_without_torch(monkeypatch):
     code = ("import sys; sys.modules['torch'] = None\n"
             "from planner.importers.torch_module import from_torch_module\n"
-            "from planner.errors import BadInput\n"
+            "from planner.core.errors import BadInput\n"
             "try:\n    from_torch_module(object())\nexcept BadInput as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install torch==2.13.0" in out.stdout

@@ -47,7 +47,7 @@ def test_a_run_reports_at_least_its_model_states(tmp_path):
     # runner counts exactly, plus activations; the method says which ledger was used
     from planner.backends.torch.model import tiny_graph
     from planner.backends.torch.runner import Job, RunOptions, launch
-    from planner.plan import ParallelPlan, Workload
+    from planner.core.plan import ParallelPlan, Workload
 
     graph = tiny_graph("llama", layers=2, hidden=64, heads=4, kv_heads=2)
     res = launch([Job(graph, Workload(global_batch=4, seq_len=32, dtype="fp32"), ParallelPlan(mbs=2))], 1,

@@ -12,7 +12,7 @@ from planner.cost.batch import estimate_batch
 from planner.cost.compute import layer_time
 from planner.cost.estimate import estimate
 from planner.importers import load_model
-from planner.plan import ParallelPlan, Workload
+from planner.core.plan import ParallelPlan, Workload
 
 TP_US, SP_US = 700.0, 1100.0
 
@@ -89,7 +89,7 @@ def _block_rows(a_tp, a_sp, ns, link, hidden=512, tp=2, noise=None):
     the attention and MLP sublayers' dispatch (layer_time on the catalog H100 with the fields set, less
     without) plus four all-reduces of the activation on `link`."""
     from planner.cost import comm
-    from planner.model import Layer
+    from planner.core.model import Layer
 
     dev = load_cluster("dgx-h100", 1).devices[0].device
     slow = dev.model_copy(update={"efficiency": dev.efficiency.model_copy(
@@ -114,7 +114,7 @@ def _block_rows(a_tp, a_sp, ns, link, hidden=512, tp=2, noise=None):
 def test_block_fit_recovers_what_layer_time_charges():
     # calibrate's joint fit inverts compute.layer_time's dispatch terms plus estimate_layer's all-reduces
     from planner.backends.torch.calibrate_fit import fit_tp_dispatch
-    from planner.hardware import CollectiveLink
+    from planner.core.hardware import CollectiveLink
 
     bw, lat = 1.4e9, 1.1e-3
     link = CollectiveLink(bus_bytes_per_s=bw, latency_s=lat, level="intra-node", ranks=2, nodes=1)
@@ -132,7 +132,7 @@ def test_block_fit_is_stable_under_noise_where_the_study_runs():
     import numpy as np
 
     from planner.backends.torch.calibrate_fit import fit_tp_dispatch
-    from planner.hardware import CollectiveLink
+    from planner.core.hardware import CollectiveLink
 
     bw, lat = 1.4e9, 1.1e-3
     link = CollectiveLink(bus_bytes_per_s=bw, latency_s=lat, level="intra-node", ranks=2, nodes=1)

@@ -1,5 +1,5 @@
 """Calibrations belong to the user (issue 16): where they are written, how `local` and `--cluster DIR`
-resolve, what calibrate refuses before measuring, its progress lines, and planner.fit's write targets.
+resolve, what calibrate refuses before measuring, its progress lines, and planner.eval.fit's write targets.
 Every test points the user's data folder at its own temporary HOME / XDG_DATA_HOME, never the real one."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import yaml
 
 from cli_helpers import one_line, run
 from planner import catalog, userdata
-from planner.errors import BadInput
+from planner.core.errors import BadInput
 
 SHIPPED = catalog.profiles_dir()
 # The committed developer-machine profile, renamed from `local` (issue 16); the fixtures copy it under the
@@ -199,7 +199,7 @@ def test_progress_says_step_i_of_n_and_scales_the_time_left(capsys, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------------
-# planner.fit: the user's fit goes to the data folder and is applied over the shipped one
+# planner.eval.fit: the user's fit goes to the data folder and is applied over the shipped one
 
 
 def test_a_user_fit_is_applied_over_the_shipped_fit(home):
@@ -218,7 +218,7 @@ def test_a_user_fit_is_applied_over_the_shipped_fit(home):
 
 
 def test_fit_write_targets(home, tmp_path):
-    from planner import fit
+    from planner.eval import fit
 
     with pytest.raises(BadInput, match="choose one"):
         fit._main(["--runs", str(tmp_path / "none.csv"), "--write", "--write-shipped"])

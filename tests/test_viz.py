@@ -1,4 +1,4 @@
-"""`simulate PLAN.json` and planner.viz: the timeline of one step comes from the cost model's own pipeline
+"""`simulate PLAN.json` and planner.app.viz: the timeline of one step comes from the cost model's own pipeline
 simulation (its makespan plus estimate()'s step-level terms is estimate()'s step time), its events show the
 schedule's phases, and the picture is written atomically at the size the layout promises."""
 from __future__ import annotations
@@ -9,11 +9,11 @@ import os
 import pytest
 
 from cli_helpers import one_line, run
-from planner import viz
+from planner.app import viz
 from planner.catalog import load_cluster
 from planner.cost.estimate import estimate
 from planner.importers import load_model
-from planner.plan import ParallelPlan, PlanFile, Workload
+from planner.core.plan import ParallelPlan, PlanFile, Workload
 
 P, V, M = 4, 2, 8  # interleaved 1F1B: pp 4, vpp 2, 8 micro-batches
 INTERLEAVED = ParallelPlan(tp=2, pp=P, vpp=V, dp=1, mbs=1, sp=True, zero=1, recompute="selective",

@@ -26,8 +26,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from planner.hardware import Device
-from planner.model import ModelGraph
+from planner.core.hardware import Device
+from planner.core.model import ModelGraph
 
 
 def sample_documents(total_tokens: int, replicas: int, mean_tokens: float, max_tokens: int,

@@ -57,11 +57,11 @@ from planner.cost.compute import DTYPE_BYTES
 from planner.cost.estimate import (
     EXPOSED_TAIL_FRACTION, _check_deepep, _check_expert_parallel, _check_seq_chunks, estimate, shard_copy_s,
 )
-from planner.errors import BadInput
-from planner.hardware import Cluster
-from planner.hetero.stages import _homogeneous
-from planner.model import ModelGraph
-from planner.plan import ParallelPlan, Workload
+from planner.core.errors import BadInput
+from planner.core.hardware import Cluster
+from planner.cost.stages import _homogeneous
+from planner.core.model import ModelGraph
+from planner.core.plan import ParallelPlan, Workload
 
 # Re-exported, each the same object as in its module: the search, tests and benchmarks import POLICIES from
 # here, and benchmarks/bench_batch.py clears the caches (_LINKS, _CHUNKS, _COUNTS, _LEVELS, _CTX, _INFL, _dag)
@@ -96,7 +96,7 @@ def estimate_batch(model: ModelGraph, cluster: Cluster, workload: Workload,
     for k in ("prepare", "layers", "chunks", "pipeline", "step+memory", "fallback"):
         tm.setdefault(k, 0.0)
     n_all = len(plans)
-    # Several device types: every stage is timed on its own devices (planner/hetero/stages.py), which only
+    # Several device types: every stage is timed on its own devices (planner/cost/stages.py), which only
     # the scalar estimate does; every plan takes the scalar path there.
     mixed = not _homogeneous(cluster)
     # Documents of varying length (Workload.documents) and the DistCA attention pool (plan.attention_pool) are

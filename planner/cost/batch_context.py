@@ -13,9 +13,9 @@ from planner.cost.batch_layers import _collective, _layer_values, _p2p
 from planner.cost.batch_plans import POLICIES
 from planner.cost.estimate import pipeline_p2p_s
 from planner.cost.estimate_structure import _policies, split_chunks
-from planner.hardware import Cluster
-from planner.model import ModelGraph
-from planner.plan import ParallelPlan, Workload
+from planner.core.hardware import Cluster
+from planner.core.model import ModelGraph
+from planner.core.plan import ParallelPlan, Workload
 
 
 _CHUNKS: dict[tuple[int, int], tuple[ModelGraph, list]] = {}

@@ -15,7 +15,7 @@ from planner.cost.compute import ATTENTION_BWD_FACTOR, chunk_attention_factor, f
 from planner.cost.estimate import _group
 from planner.cost.estimate_layer import _overlapped_tp_s
 from planner.cost.estimate_structure import _cache_for
-from planner.hardware import Cluster
+from planner.core.hardware import Cluster
 
 
 _LINKS: dict[int, tuple[Cluster, dict]] = {}

@@ -9,8 +9,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from planner.errors import BadInput
-from planner.plan import OffloadPolicy, ParallelPlan
+from planner.core.errors import BadInput
+from planner.core.plan import OffloadPolicy, ParallelPlan
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
 POLICIES = ("none", "selective", "full")

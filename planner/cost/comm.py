@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 
-from planner.hardware import CollectiveLink
+from planner.core.hardware import CollectiveLink
 
 # --- NCCL tuner constants (NVIDIA/nccl src/graph/tuning.cc @5067397, quoted in reference/formulas.md 4.2) --------
 # Base latency per collective launch, LL protocol. The catalog's per-hop link latencies are NCCL's LL values

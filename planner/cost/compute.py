@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.hardware import Device
-from planner.model import Layer, Recompute
+from planner.core.hardware import Device
+from planner.core.model import Layer, Recompute
 
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 

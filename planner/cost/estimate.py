@@ -21,11 +21,11 @@ from planner.cost.compute import DTYPE_BYTES
 from planner.cost.estimate_layer import EXPOSED_TAIL_FRACTION, _Ctx, _steps
 from planner.cost.estimate_memory import _memory, expert_data_parallel
 from planner.cost.estimate_structure import _BY_CLUSTER, _cache_for, _structure
-from planner.errors import BadInput, Infeasible
-from planner.hardware import Cluster
-from planner.hetero.stages import boundary_p2p_s, stage_layout, stage_links
-from planner.model import ModelGraph
-from planner.plan import Estimate, ParallelPlan, Workload
+from planner.core.errors import BadInput, Infeasible
+from planner.core.hardware import Cluster
+from planner.cost.stages import boundary_p2p_s, stage_layout, stage_links
+from planner.core.model import ModelGraph
+from planner.core.plan import Estimate, ParallelPlan, Workload
 
 # Re-exported, each the same object as in its module: planner/search/{ilp,partition,search}.py import
 # split_chunks, _policies and _layer_step from here; the rest keep every name this module had importable.
@@ -63,7 +63,7 @@ def _offload_time_s(cluster, plan: ParallelPlan, owned_params: float, e: int, g_
         return 0.0
     node = cluster.nodes[0]
     if node.host_link is None:
-        from planner.errors import Infeasible
+        from planner.core.errors import Infeasible
 
         raise Infeasible(f"node type {node.node_type.name} has no host_link: optimizer offload needs one")
     host_bw = node.host_link.bytes_per_s
@@ -229,7 +229,7 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     # of a stage: the ranks of one expert-parallel group sit etp apart.
     ep_link = _link(cluster, 0, plan.etp or tp, plan.ep) if plan.ep > 1 else None
     # Several device types, or a plan that places its stages: each stage on its own devices and profile
-    # (planner/hetero/stages.py); None keeps the homogeneous path below unchanged.
+    # (planner/cost/stages.py); None keeps the homogeneous path below unchanged.
     layout = stage_layout(cluster, plan, dtype)
     if layout is not None:
         dev = layout.devices[0]

@@ -15,9 +15,9 @@ from planner.cost import attention_balance as ab
 from planner.cost import comm, longctx, moe
 from planner.cost.compute import ATTENTION_BWD_FACTOR, chunk_attention_factor, floored, layer_time, recompute_time_s
 from planner.cost.estimate_structure import _BY_CLUSTER, _cache_for, _Structure
-from planner.errors import Infeasible
-from planner.model import Layer
-from planner.plan import ParallelPlan
+from planner.core.errors import Infeasible
+from planner.core.model import Layer
+from planner.core.plan import ParallelPlan
 
 # Megatron's default: the gradient reduction is not overlapped with backward (overlap_grad_reduce=False,
 # reference formulas.md 4.4); FSDP2 overlaps by default. When overlapped, the last bucket stays exposed.

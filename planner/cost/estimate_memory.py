@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from planner.cost import longctx, memory, moe
 from planner.cost.estimate_structure import _BY_MODEL, _cache_for, _Structure
-from planner.plan import ParallelPlan
+from planner.core.plan import ParallelPlan
 
 
 def expert_data_parallel(plan: ParallelPlan) -> int:

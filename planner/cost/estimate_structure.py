@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.errors import BadInput
-from planner.model import Layer, ModelGraph
-from planner.plan import ParallelPlan
+from planner.core.errors import BadInput
+from planner.core.model import Layer, ModelGraph
+from planner.core.plan import ParallelPlan
 
 
 def split_chunks(graph: ModelGraph, plan: ParallelPlan) -> list[list[Layer]]:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from planner.errors import BadInput
-from planner.model import ModelGraph
-from planner.plan import ParallelPlan, PlanFile, Workload
+from planner.core.errors import BadInput
+from planner.core.model import ModelGraph
+from planner.core.plan import ParallelPlan, PlanFile, Workload
 
 FORMATS = ("megatron", "deepspeed", "torchtitan", "torchtitan-py")
 
@@ -189,7 +189,7 @@ def _node_size(cluster) -> int | None:
 
 
 def context_of(loaded) -> ExportContext:
-    """The context of a checked plan file (planner.plan.load_plan_file): its model and cluster as resolved
+    """The context of a checked plan file (planner.core.plan.load_plan_file): its model and cluster as resolved
     there, and the estimate made now, which the headers quote, not the one the file was saved with."""
     pf = loaded.pf.model_copy(update={"estimate": loaded.estimate})
     return ExportContext(pf=pf, model=loaded.model, devices_per_node=_node_size(loaded.cluster))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from planner.errors import BadInput
+from planner.core.errors import BadInput
 from planner.export import ExportContext, LauncherSettings, Unsupported, check_common
 
 LAUNCHER = "DeepSpeed"

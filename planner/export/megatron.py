@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from planner.errors import BadInput
+from planner.core.errors import BadInput
 from planner.export import ExportContext, LauncherSettings, Unsupported, check_common, header_lines
 
 LAUNCHER = "Megatron-LM"
@@ -134,7 +134,7 @@ def to_megatron(ctx: ExportContext) -> str:
         par += [("--optimizer-cpu-offload", None), ("--optimizer-offload-fraction", p.offload.optimizer),
                 ("--use-precision-aware-optimizer", None)]
     # "Recompute granularity / method": selective covers all layers; full + uniform + 1 checkpoints every
-    # layer; the plan's recompute_num_layers is Megatron's block method (planner/plan.py).
+    # layer; the plan's recompute_num_layers is Megatron's block method (planner/core/plan.py).
     if p.recompute == "selective":
         par.append(("--recompute-granularity", "selective"))
     elif p.recompute == "full":

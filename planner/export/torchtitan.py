@@ -16,7 +16,7 @@ from __future__ import annotations
 import ast
 import tomllib
 
-from planner.errors import BadInput
+from planner.core.errors import BadInput
 from planner.export import ExportContext, LauncherSettings, Unsupported, check_common, header_lines, one_line
 
 LAUNCHER_TOML = "torchtitan 0.2.x (TOML)"

@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from planner.catalog import models_dir, parse_as, read_data_file
-from planner.errors import BadInput, did_you_mean
+from planner.core.errors import BadInput, did_you_mean
 from planner.files import path_exists
-from planner.model import ModelGraph
+from planner.core.model import ModelGraph
 
 _MODEL_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -37,7 +37,7 @@ def is_hf_config(data: dict) -> bool:
 
 
 def model_from_data(data, where: str, name: str | None = None) -> ModelGraph:
-    from planner.builders import DiffusionConfig, TransformerConfig, build_diffusion, build_transformer
+    from planner.core.builders import DiffusionConfig, TransformerConfig, build_diffusion, build_transformer
     from planner.importers.hf import from_hf_config
 
     if data is None:
@@ -73,7 +73,7 @@ def _in_range(value, hi, field: str, where: str, lo=1) -> None:
 def check_transformer_sizes(cfg, where: str, prefix: str = "") -> None:
     """Every size of a project file's transformer within model.SIZE_LIMITS, and its MoE layers inside the
     model: one line naming the file, the field and the range."""
-    from planner.model import SIZE_LIMITS as L
+    from planner.core.model import SIZE_LIMITS as L
 
     for field in ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn_hidden", "vocab", "max_seq"):
         _in_range(getattr(cfg, field), L[field], prefix + field, where)
@@ -100,7 +100,7 @@ def check_transformer_sizes(cfg, where: str, prefix: str = "") -> None:
 
 
 def check_diffusion_sizes(cfg, where: str) -> None:
-    from planner.model import SIZE_LIMITS as L
+    from planner.core.model import SIZE_LIMITS as L
 
     check_transformer_sizes(cfg.backbone, where, "backbone.")
     _in_range(cfg.latent_tokens, L["max_seq"], "latent_tokens", where)

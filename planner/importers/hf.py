@@ -13,10 +13,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from planner.builders import MoEConfig, TransformerConfig, build_transformer
+from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
 from planner.catalog import validation_message
-from planner.errors import BadInput
-from planner.model import MAX_SOFTCAP, MLA, SIZE_LIMITS, Layer, ModelGraph
+from planner.core.errors import BadInput
+from planner.core.model import MAX_SOFTCAP, MLA, SIZE_LIMITS, Layer, ModelGraph
 
 _LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2", "mixtral",
                "qwen2_moe", "qwen3_moe"}

@@ -1,7 +1,7 @@
 """torch.nn.Module -> ModelGraph, traced on the meta device (no weights allocated, no kernels run).
 
 `from_torch_module` runs one forward pass of the module on meta tensors and measures, per unit, what the
-analytic layers of planner.model compute from dimensions: forward FLOPs (torch.utils.flop_counter: matmuls,
+analytic layers of planner.core.model compute from dimensions: forward FLOPs (torch.utils.flop_counter: matmuls,
 convolutions, attention; norms and pointwise ops are not counted, as in Layer.flops_fwd), parameters,
 output bytes (the forward hook's output) and bytes saved for backward (every tensor autograd saves,
 seen through torch.autograd.graph.saved_tensors_hooks, counted once per storage, parameters excluded).
@@ -27,8 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from planner.errors import BadInput
-from planner.model import Layer, ModelGraph
+from planner.core.errors import BadInput
+from planner.core.model import Layer, ModelGraph
 
 _INSTALL = "the torch importer needs torch; install the torch extra: pip install torch==2.13.0"
 

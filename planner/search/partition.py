@@ -41,10 +41,10 @@ import numpy as np
 from planner.cost import memory, moe, pipeline
 from planner.cost.compute import DTYPE_BYTES
 from planner.cost.estimate import _Ctx, _group, _layer_step, _policies, estimate, split_chunks
-from planner.errors import BadInput, Infeasible
-from planner.hardware import Cluster
-from planner.model import Layer, ModelGraph
-from planner.plan import Estimate, ParallelPlan, Workload
+from planner.core.errors import BadInput, Infeasible
+from planner.core.hardware import Cluster
+from planner.core.model import Layer, ModelGraph
+from planner.core.plan import Estimate, ParallelPlan, Workload
 
 OBJECTIVES = ("time", "params", "memory")
 # Relative slack when a lexicographic pass keeps the optimum of the previous one: prefix-sum differences

@@ -28,10 +28,10 @@ import numpy as np
 from planner.cost.batch import SCHEDULES, PlanArrays, estimate_batch
 from planner.cost.batch_ids import _row_ids
 from planner.cost.estimate import estimate, split_chunks
-from planner.errors import BadInput, Infeasible
-from planner.hardware import Cluster
-from planner.model import ModelGraph
-from planner.plan import Estimate, ParallelPlan, Workload
+from planner.core.errors import BadInput, Infeasible
+from planner.core.hardware import Cluster
+from planner.core.model import ModelGraph
+from planner.core.plan import Estimate, ParallelPlan, Workload
 from planner.search.space import Constraints, default_max_cp, enumerate_space, memory_lower_bound
 
 # Relative slack on both bounds: they are sums of the same terms in another order, so they may exceed the
@@ -200,9 +200,9 @@ def check_constraints(c: Constraints) -> None:
 
 
 def check_inputs(cluster: Cluster, workload: Workload, constraints: Constraints, top_k: int) -> None:
-    """What search() takes, held to planner.limits' caps before anything is allocated (BadInput, one line):
+    """What search() takes, held to planner.core.limits' caps before anything is allocated (BadInput, one line):
     callers of the Python API get the same refusals as the command line."""
-    from planner.limits import MAX_DEVICES, MAX_TOP, check_int, check_microbatches, check_workload
+    from planner.core.limits import MAX_DEVICES, MAX_TOP, check_int, check_microbatches, check_workload
 
     check_int("--top", top_k, MAX_TOP)
     check_workload(workload.global_batch, workload.seq_len)
@@ -436,11 +436,11 @@ def _suggestions(model, cluster, workload, constraints) -> list[str]:
 def search_row(row: dict, top_k: int = 1) -> dict:
     """Search the setting of one published run (a row of a runs table: model from its columns, cluster,
     device count, global batch, sequence, precision) and compare the best plan's predicted tokens/s with
-    that of the published configuration (planner.backtest's reading of the row, unprinted settings at their
+    that of the published configuration (planner.eval.backtest's reading of the row, unprinted settings at their
     fastest). The search uses the published plan's software stack (flash attention, overlapped gradient
     reduction and TP communication) and a space that contains the published plan, so it can only match or
     beat it when that plan fits."""
-    from planner import backtest
+    from planner.eval import backtest
     from planner.catalog import load_cluster, stack_efficiency
 
     pub = backtest.backtest_row(row, return_plan=True)

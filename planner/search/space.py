@@ -29,14 +29,14 @@ from planner.cost import memory, moe
 from planner.cost.batch import POLICIES, SCHEDULES, PlanArrays
 from planner.cost.batch_ids import _row_ids
 from planner.cost.pipeline import inflight_microbatches
-from planner.errors import BadInput
-from planner.hardware import Cluster
-from planner.limits import MAX_MICROBATCHES
-from planner.model import ModelGraph
-from planner.plan import Workload
+from planner.core.errors import BadInput
+from planner.core.hardware import Cluster
+from planner.core.limits import MAX_MICROBATCHES
+from planner.core.model import ModelGraph
+from planner.core.plan import Workload
 
 # Megatron's block method (--recompute-num-layers N): the blocks of each chunk recomputed, when partial
-# recompute is searched. The same coarse grid planner.backtest tries for runs that do not print it.
+# recompute is searched. The same coarse grid planner.eval.backtest tries for runs that do not print it.
 PARTIAL_RECOMPUTE_LAYERS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)
 
 
@@ -303,7 +303,7 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
     t.join("mbs", np.array(mbs_o))
     t.keep(gbs % (t.cols["mbs"] * t.cols["dp"]) == 0, f"global batch {gbs} divisible by mbs*dp")
     m = gbs // (t.cols["mbs"] * t.cols["dp"])
-    t.keep(m <= MAX_MICROBATCHES, f"at most {MAX_MICROBATCHES:,} micro-batches per step (planner.limits)")
+    t.keep(m <= MAX_MICROBATCHES, f"at most {MAX_MICROBATCHES:,} micro-batches per step (planner.core.limits)")
     m = gbs // (t.cols["mbs"] * t.cols["dp"])
 
     # --- schedule and vpp ---------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ from planner.backends.torch.calibrate_fit import (
     fit_gemm, fit_layer_overhead_s, fit_link, fit_shard_copy, fit_tp_dispatch,
 )
 from planner.backends.torch.calibrate_measure import measure_collectives, measure_device
-from planner.errors import BadInput
+from planner.core.errors import BadInput
 
 # Re-exported, each the same object as in its module: every name this module had stays importable from it.
 from planner.backends.torch.calibrate_fit import _one_device_cluster  # noqa: F401

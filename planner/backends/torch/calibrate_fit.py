@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from planner.backends.torch.calibrate_measure import _decoder_step_case
-from planner.errors import BadInput
+from planner.core.errors import BadInput
 
 
 def fit_gemm(rows: list[dict]) -> tuple[float, float]:
@@ -40,7 +40,7 @@ def fit_link(rows: list[dict], nproc: int) -> tuple[float, float, float]:
     from scipy.optimize import minimize
 
     from planner.cost import comm
-    from planner.hardware import CollectiveLink
+    from planner.core.hardware import CollectiveLink
 
     def sq_err(bw: float, lat: float) -> float:
         link = CollectiveLink(bus_bytes_per_s=bw, latency_s=lat, level="intra-node", ranks=nproc, nodes=1)
@@ -74,7 +74,7 @@ def fit_layer_overhead_s(device_fields: dict, measured: float) -> dict:
     seconds, measure_decoder_step) to every layer's forward and backward passes (3 passes' worth per layer
     per micro-batch)."""
     from planner.cost.estimate import estimate
-    from planner.plan import ParallelPlan
+    from planner.core.plan import ParallelPlan
 
     graph, workload = _decoder_step_case()
     cluster = _one_device_cluster(device_fields, layer_overhead_us=0.0)
@@ -96,7 +96,7 @@ def fit_tp_dispatch(tp_block: dict, bytes_per_s: float, latency_s: float) -> dic
     from scipy.optimize import nnls
 
     from planner.cost import comm
-    from planner.hardware import CollectiveLink
+    from planner.core.hardware import CollectiveLink
 
     link = CollectiveLink(bus_bytes_per_s=bytes_per_s, latency_s=latency_s, level="intra-node",
                           ranks=tp_block["tp"], nodes=1)
@@ -122,7 +122,7 @@ def fit_shard_copy(fsdp: dict, bytes_per_s: float, latency_s: float, nproc: int)
     again in backward, a reduce-scatter of the gradients: estimate.dp_sync_s's ZeRO-3 count), over the
     bytes estimate.shard_copy_s charges for it (fp32: 2 gathers x 4 B + 4 B of gradient per parameter)."""
     from planner.cost import comm
-    from planner.hardware import CollectiveLink
+    from planner.core.hardware import CollectiveLink
 
     link = CollectiveLink(bus_bytes_per_s=bytes_per_s, latency_s=latency_s, level="intra-node", ranks=nproc,
                           nodes=1)
@@ -137,7 +137,7 @@ def _one_device_cluster(device_fields: dict, **efficiency):
     """A one-device cluster carrying a device built from `device_fields` (for fitting, before the profile
     is written): any one-device node type of the catalog with its device swapped."""
     from planner import catalog
-    from planner.hardware import Device
+    from planner.core.hardware import Device
 
     dev = Device.model_validate(device_fields)
     if efficiency:

@@ -175,7 +175,7 @@ def _decoder_step_case():
     (hidden 64, 64 tokens) that the step is mostly the host's per-op work, which is what the fit is for;
     with a larger one (hidden 128, 256 tokens) the residual is a small difference of large, noisy times."""
     from planner.backends.torch.model import tiny_graph
-    from planner.plan import Workload
+    from planner.core.plan import Workload
 
     graph = tiny_graph("llama", layers=4, hidden=64, heads=4, kv_heads=2, ffn_hidden=128, vocab=256, max_seq=64)
     return graph, Workload(global_batch=2, seq_len=32, dtype="fp32")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from planner.backends.torch.runner import MMAP_THRESHOLD_BYTES, Job, RunFailed, RunOptions, run_job
-from planner.errors import BadInput
+from planner.core.errors import BadInput
 
 
 def choose_device(device: str, nproc: int) -> str:

@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from planner.errors import BadInput
-from planner.model import Layer, ModelGraph
+from planner.core.errors import BadInput
+from planner.core.model import Layer, ModelGraph
 
 INIT_STD = 0.02  # GPT-2 / Llama initialisation of projections and embeddings
 ROPE_THETA = 10000.0
@@ -248,7 +248,7 @@ def build_decoder(graph: ModelGraph, init_seed: int | None = 0) -> Decoder:
 def tiny_graph(family: str = "llama", layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                ffn_hidden: int = 128, vocab: int = 256, max_seq: int = 64) -> ModelGraph:
     """A few-thousand-parameter decoder for tests: Llama style, or GPT style (tied, learned positions)."""
-    from planner.builders import TransformerConfig, build_transformer
+    from planner.core.builders import TransformerConfig, build_transformer
 
     if family == "llama":
         cfg = TransformerConfig(name=f"test-llama-{hidden}", layers=layers, hidden=hidden, heads=heads,

@@ -30,9 +30,9 @@ import torch
 import torch.nn as nn
 
 from planner.backends.torch.model import Decoder, DecoderSpec
-from planner.errors import BadInput
-from planner.model import ModelGraph
-from planner.plan import ParallelPlan, Workload
+from planner.core.errors import BadInput
+from planner.core.model import ModelGraph
+from planner.core.plan import ParallelPlan, Workload
 
 MESH_DIMS = ("pp", "dp", "tp")
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")

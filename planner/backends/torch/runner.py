@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from planner.errors import PlannerError
+from planner.core.errors import PlannerError
 from planner.files import write_atomic
-from planner.model import ModelGraph
-from planner.plan import ParallelPlan, Workload
+from planner.core.model import ModelGraph
+from planner.core.plan import ParallelPlan, Workload
 from planner.backends.torch import memory as mem
 
 MMAP_THRESHOLD_BYTES = 65536

@@ -18,8 +18,8 @@ import os
 
 from planner import catalog
 from planner.backends.torch.runner import Job, RunOptions, choose_device, executed_dtype, launch
-from planner.errors import BadInput, Infeasible
-from planner.plan import PlanFile
+from planner.core.errors import BadInput, Infeasible
+from planner.core.plan import PlanFile
 
 
 def usable_cores() -> int:

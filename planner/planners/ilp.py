@@ -39,10 +39,10 @@ import numpy as np
 from planner.cost import comm
 from planner.cost.compute import DTYPE_BYTES
 from planner.cost.estimate import dp_sync_s, estimate, split_chunks
-from planner.errors import BadInput, Infeasible
-from planner.hardware import Cluster
-from planner.model import ModelGraph
-from planner.plan import Estimate, ParallelPlan, StageAssignment, Workload
+from planner.core.errors import BadInput, Infeasible
+from planner.core.hardware import Cluster
+from planner.core.model import ModelGraph
+from planner.core.plan import Estimate, ParallelPlan, StageAssignment, Workload
 
 
 @dataclass(frozen=True)
@@ -321,7 +321,7 @@ def placed_plan(cluster: Cluster, plan: ParallelPlan, counts, model: ModelGraph 
     if plan.partition is not None:
         ranges = [tuple(a.layers) for a in plan.partition]
     else:
-        from planner.search.hetero import _even_ranges
+        from planner.planners.hetero import _even_ranges
         ranges = _even_ranges(model, pp)
     parts = [StageAssignment(layers=r, devices=[d for _, devs in units[s] for d in devs])
              for s, r in enumerate(ranges)]
@@ -331,7 +331,7 @@ def placed_plan(cluster: Cluster, plan: ParallelPlan, counts, model: ModelGraph 
 def rank_order_plan(cluster: Cluster, plan: ParallelPlan, model: ModelGraph) -> ParallelPlan:
     """The plan placed in Megatron's rank order (stage s on devices s*S .. (s+1)*S - 1): what a planner that
     ignores the topology runs, with the same per-boundary transfer model as a placed plan."""
-    from planner.search.hetero import _even_ranges
+    from planner.planners.hetero import _even_ranges
 
     size = plan.tp * plan.dp * plan.cp
     ranges = [tuple(a.layers) for a in plan.partition] if plan.partition else _even_ranges(model, plan.pp)

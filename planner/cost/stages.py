@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.errors import BadInput
-from planner.hardware import Cluster, Device
-from planner.plan import ParallelPlan
+from planner.core.errors import BadInput
+from planner.core.hardware import Cluster, Device
+from planner.core.plan import ParallelPlan
 
 
 @dataclass(frozen=True)

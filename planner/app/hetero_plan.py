@@ -7,8 +7,8 @@ its answer is printed (text or --json) and saved.
 """
 from __future__ import annotations
 
-from planner.errors import BadInput, Infeasible
-from planner.hardware import Cluster
+from planner.core.errors import BadInput, Infeasible
+from planner.core.hardware import Cluster
 
 
 def route(cluster: Cluster) -> str | None:
@@ -74,7 +74,7 @@ def cmd_plan(args, model, cluster: Cluster, workload, kind: str, save, emit, wri
 
 
 def _save(save, args, workload, plan, est, write_atomic) -> str:
-    from planner.plan import PlanFile
+    from planner.core.plan import PlanFile
 
     if save is None:
         return ""
@@ -84,7 +84,7 @@ def _save(save, args, workload, plan, est, write_atomic) -> str:
 
 
 def _hetero(args, model, cluster, workload, save, emit, write_atomic) -> None:
-    from planner.search.hetero import plan_hetero
+    from planner.planners.hetero import plan_hetero
 
     mbs = (args.mbs,) if args.mbs else (1, 2, 4)
     res = plan_hetero(model, cluster, workload, mbs_options=mbs)
@@ -137,7 +137,7 @@ def _mbs_of(c) -> int | None:
 
 
 def _islands(args, model, cluster, workload, save, emit, write_atomic) -> None:
-    from planner.search.ilp import plan_topology
+    from planner.planners.ilp import plan_topology
     from planner.search.search import RankedPlan
 
     res = plan_topology(model, cluster, workload)
@@ -165,7 +165,7 @@ def _islands(args, model, cluster, workload, save, emit, write_atomic) -> None:
 
 
 def _edge(args, model, cluster, workload, save, emit) -> None:
-    from planner.cost.edge import plan_edge
+    from planner.planners.edge import plan_edge
 
     if save is not None:
         raise BadInput("an edge plan (sub-models per phone and a CPU/GPU split) cannot be written as a plan file "

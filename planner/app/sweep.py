@@ -38,7 +38,7 @@ def _as_list(x) -> list:
 
 def parse_list(text: str | None, kind=str, what: str = "value", cap: int | None = None) -> list:
     """'a,b,c' -> [a, b, c] (converted by `kind`, integers at most `cap`); BadInput naming the bad item."""
-    from planner.errors import BadInput
+    from planner.core.errors import BadInput
 
     if text is None:
         return [None]
@@ -54,7 +54,7 @@ def parse_list(text: str | None, kind=str, what: str = "value", cap: int | None 
         if kind is int and val <= 0:
             raise BadInput(f"{what} must be a positive integer, got {val}")
         if kind is int and cap is not None and val > cap:
-            raise BadInput(f"{what} {val} is past the cap of {cap:,} (planner.limits); give at most {cap:,}")
+            raise BadInput(f"{what} {val} is past the cap of {cap:,} (planner.core.limits); give at most {cap:,}")
         out.append(val)
     return out
 
@@ -80,8 +80,8 @@ def cells(models: Sequence, clusters: Sequence, nodes: Sequence = (None,), seqs:
 
 def _check_size(*lists) -> None:
     """Refuse a grid past limits.MAX_SWEEP_CELLS before building it (each cell is a whole search)."""
-    from planner.errors import BadInput
-    from planner.limits import MAX_SWEEP_CELLS
+    from planner.core.errors import BadInput
+    from planner.core.limits import MAX_SWEEP_CELLS
 
     total = 1
     for values in lists:
@@ -94,7 +94,7 @@ def _check_size(*lists) -> None:
 def _check_names(models, clusters, links, dtypes=()) -> None:
     """Fail before the first cell on an unknown model, cluster, link or precision (BadInput)."""
     from planner import catalog
-    from planner.errors import BadInput, did_you_mean
+    from planner.core.errors import BadInput, did_you_mean
     from planner.importers import load_model
 
     for m in dict.fromkeys(models):
@@ -113,9 +113,9 @@ def _check_names(models, clusters, links, dtypes=()) -> None:
 
 def run_cell(cell: dict, constraints=None, refine_partition: bool = True, _models: dict | None = None) -> dict:
     """The best plan of one cell as a row of COLUMNS."""
-    from planner.api import load_cluster, load_model, plan_row
-    from planner.errors import BadInput, Infeasible
-    from planner.plan import Workload
+    from planner.app.api import load_cluster, load_model, plan_row
+    from planner.core.errors import BadInput, Infeasible
+    from planner.core.plan import Workload
     from planner.search.search import search
     from planner.search.space import Constraints
 

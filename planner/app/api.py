@@ -1,6 +1,6 @@
 """The Python API: what the notebooks use, with results as pandas DataFrames.
 
-    from planner import api
+    from planner.app import api
     top = api.plan("llama3-70b", "dgx-h100", nodes=8, gbs=128, seq=8192, top=5)   # DataFrame, best first
     top[["label", "step_time_s", "mfu", "peak_memory_gb", "why"]]
     best = top.loc[1, "plan"]                      # the ParallelPlan; top.loc[1, "estimate"]: its Estimate
@@ -20,10 +20,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from planner.errors import BadInput
-from planner.hardware import Cluster
-from planner.model import ModelGraph
-from planner.plan import Estimate, ParallelPlan, PlanFile, Workload
+from planner.core.errors import BadInput
+from planner.core.hardware import Cluster
+from planner.core.model import ModelGraph
+from planner.core.plan import Estimate, ParallelPlan, PlanFile, Workload
 
 __all__ = [
     "load_model", "load_cluster", "with_link", "workload", "make_plan", "plan", "plan_row", "estimate",
@@ -131,7 +131,7 @@ def _constraints(**kw):
     known = {f.name for f in dataclasses.fields(Constraints)}
     for k in kw:
         if k not in known:
-            from planner.errors import did_you_mean
+            from planner.core.errors import did_you_mean
 
             raise BadInput(f"unknown constraint '{k}'{did_you_mean(k, known)}; constraints are: "
                            + ", ".join(sorted(known)))
@@ -266,8 +266,8 @@ def memory(est: Estimate | Any) -> Any:
 
 def timeline(model: str | ModelGraph, cluster: str | Cluster, nodes: int | None = None, *, gbs: int, seq: int,
              dtype: str = "bf16", link: str | None = None, plan: ParallelPlan | dict | None = None, **fields):
-    """The simulated step of one plan (planner.viz.Timeline: ops, gaps, phases, memory, its Estimate)."""
-    from planner.viz import timeline as _timeline
+    """The simulated step of one plan (planner.app.viz.Timeline: ops, gaps, phases, memory, its Estimate)."""
+    from planner.app.viz import timeline as _timeline
 
     m = load_model(model)
     cl = load_cluster(cluster, nodes, link)
@@ -276,7 +276,7 @@ def timeline(model: str | ModelGraph, cluster: str | Cluster, nodes: int | None 
 
 def simulate(plan_file: str | Path | PlanFile):
     """The Timeline of a plan file (what `plan --save` writes), as `simulate PLAN.json` draws it."""
-    from planner.viz import timeline as _timeline
+    from planner.app.viz import timeline as _timeline
 
     pf = load_plan(plan_file) if not isinstance(plan_file, PlanFile) else plan_file
     m = load_model(pf.model)
@@ -285,15 +285,15 @@ def simulate(plan_file: str | Path | PlanFile):
 
 
 def plot_timeline(tl, path: str | Path | None = None, title: str | None = None):
-    """Gantt chart and per-stage memory of a Timeline (planner.viz.plot_timeline); with path, also written."""
-    from planner.viz import plot_timeline as _plot
+    """Gantt chart and per-stage memory of a Timeline (planner.app.viz.plot_timeline); with path, also written."""
+    from planner.app.viz import plot_timeline as _plot
 
     return _plot(tl, None if path is None else str(path), title=title)
 
 
 def plot_breakdown(table, ax=None, title: str | None = None):
-    """Stacked bars of each plan's step-time breakdown (planner.viz.plot_breakdown)."""
-    from planner.viz import plot_breakdown as _plot
+    """Stacked bars of each plan's step-time breakdown (planner.app.viz.plot_breakdown)."""
+    from planner.app.viz import plot_breakdown as _plot
 
     return _plot(table, ax=ax, title=title)
 
@@ -304,8 +304,8 @@ def plot_breakdown(table, ax=None, title: str | None = None):
 
 def sweep(models, clusters, nodes=None, seqs=(4096,), gbs=(512,), links=None, dtypes=("bf16",),
           refine_partition: bool = True, progress: bool | None = False, **constraints):
-    """The best plan of every cell of a what-if grid (planner.sweep.sweep) as a DataFrame."""
-    from planner.sweep import sweep as _sweep
+    """The best plan of every cell of a what-if grid (planner.app.sweep.sweep) as a DataFrame."""
+    from planner.app.sweep import sweep as _sweep
 
     c = _constraints(**constraints) if constraints else None
     return _sweep(models, clusters, nodes=nodes, seqs=seqs, gbs=gbs, links=links, dtypes=dtypes, constraints=c,
@@ -342,6 +342,6 @@ def save_plan(table_or_file, path: str | Path, rank: int = 1, force: bool = Fals
 
 def load_plan(path: str | Path) -> PlanFile:
     """A plan file from disk (BadInput, one line, for a missing, broken or unknown-version file)."""
-    from planner.cli import read_plan_file
+    from planner.app.cli import read_plan_file
 
     return read_plan_file(str(path))

@@ -1,7 +1,7 @@
 """Planning on a cluster of several device types (A100 nodes beside H100 nodes).
 
 Two ways to use every device, both costed by the cost model (estimate(), which times each stage on its own
-devices, planner/hetero/stages.py):
+devices, planner/cost/stages.py):
 
   pipeline   each pipeline stage runs on whole nodes of one device type; the blocks are split unevenly
              in proportion to each stage's speed, subject to each stage's memory, by an exact dynamic
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planner.cost.estimate import estimate
-from planner.errors import BadInput, Infeasible
-from planner.hardware import Cluster
-from planner.hetero.stages import device_speed_key
-from planner.model import ModelGraph
-from planner.plan import Estimate, ParallelPlan, StageAssignment, Workload
+from planner.core.errors import BadInput, Infeasible
+from planner.core.hardware import Cluster
+from planner.cost.stages import device_speed_key
+from planner.core.model import ModelGraph
+from planner.core.plan import Estimate, ParallelPlan, StageAssignment, Workload
 from planner.cost.pipeline import inflight_microbatches
 from planner.search.partition import _band, _extra_bytes, _minimax, _segments, block_costs
 from planner.cost.memory import allocator_overhead_bytes
@@ -417,7 +417,7 @@ def balance_shares(model, cluster, workload, groups, base: ParallelPlan, subs=No
     if any(not math.isfinite(t) for t, _ in times):
         return None
     # gradient reduction and optimizer over every replica: estimate() of the whole-cluster plan whose stage
-    # st is the union of every group's stage-st devices (planner/hetero/stages.py), so the dp group spans both
+    # st is the union of every group's stage-st devices (planner/cost/stages.py), so the dp group spans both
     # device types on the links they have; its pipeline term is not used.
     dp_total = sum(d for d, b in zip(dps, shares) if b > 0)
     active = [i for i, b in enumerate(shares) if b > 0]

@@ -1,14 +1,14 @@
 """Caps on what the cost model can mean: sizes past these are typing mistakes or attacks, never a cluster or
 a training run, and left through they make numpy overflow or the planner allocate gigabytes (issue 16).
 
-One place for every cap, checked where the flags are read (planner/cli.py, planner/sweep.py), where the
+One place for every cap, checked where the flags are read (planner/app/cli.py, planner/app/sweep.py), where the
 search takes its inputs (planner/search/search.py) and where a cluster is resolved (planner/catalog.py); a
-Workload read from a plan file is held to the same numbers (planner/plan.py). Each refusal is one line that
+Workload read from a plan file is held to the same numbers (planner/core/plan.py). Each refusal is one line that
 names the cap and the flag or field.
 """
 from __future__ import annotations
 
-from planner.errors import BadInput
+from planner.core.errors import BadInput
 
 # Devices in one cluster. The largest training clusters announced hold 1-2 x 10^5 accelerators (xAI Colossus,
 # 2024-25); 10^6 leaves ten times that, while a cluster is one Python object per device (about 6 KB each:
@@ -31,7 +31,7 @@ MAX_GLOBAL_BATCH = 2**24
 # pipelines (Megatron's 1T run: 1,536 / (1 x 6) = 256 per pipeline).
 MAX_MICROBATCHES = 10**5
 
-# The heterogeneous planner (planner/search/hetero.py: A100 beside H100) simulates every candidate pipeline
+# The heterogeneous planner (planner/planners/hetero.py: A100 beside H100) simulates every candidate pipeline
 # micro-batch by micro-batch: llama3-8b on mixed-a100-h100 took 28 s at 256 micro-batches, 77 s and 0.55 GB
 # at 2,048, 139 s and 1.5 GB at 8,192, past 300 s and 3 GB at 10^5 (2 shared cores). 2,048 keeps it near a minute.
 MAX_HETERO_MICROBATCHES = 2048

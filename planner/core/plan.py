@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
                       model_validator)
 
-from planner.errors import BadInput, PlannerError
+from planner.core.errors import BadInput, PlannerError
 
 if TYPE_CHECKING:  # imported when a plan file is checked: the cost model imports this module
-    from planner.hardware import Cluster
-    from planner.model import ModelGraph
+    from planner.core.hardware import Cluster
+    from planner.core.model import ModelGraph
 
 Schedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"]
 RecomputePolicy = Literal["none", "selective", "full"]
@@ -259,11 +259,12 @@ class PlanFile(BaseModel):
         return v
 
     def check(self, where: str = "plan file") -> LoadedPlan:
-        """The plan file held to what every command needs: sizes within planner.limits, a micro-batch count
+        """The plan file held to what every command needs: sizes within planner.core.limits, a micro-batch count
         that is global_batch / (mbs x dp), a model and cluster that resolve, and everything `estimate` checks
         (devices, pp x vpp <= blocks, the partition, ep, cp, seq_chunks, ...), by running it. BadInput (one
         line naming the file and field) or Infeasible; the loaded model, cluster and a fresh estimate."""
-        from planner import catalog, limits
+        from planner import catalog
+        from planner.core import limits
         from planner.cost.estimate import estimate
         from planner.importers import load_model
 

@@ -14,14 +14,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from planner.builders import MoEConfig, TransformerConfig, build_transformer
+from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
 from planner.catalog import load_cluster, stack_efficiency
 from planner.cost.estimate import estimate
-from planner.errors import BadInput, PlannerError
+from planner.core.errors import BadInput, PlannerError
 from planner.files import read_input
-from planner.limits import MAX_GLOBAL_BATCH, MAX_MICROBATCHES, MAX_SEQ_LEN
-from planner.model import MLA
-from planner.plan import Estimate, ParallelPlan, Workload
+from planner.core.limits import MAX_GLOBAL_BATCH, MAX_MICROBATCHES, MAX_SEQ_LEN
+from planner.core.model import MLA
+from planner.core.plan import Estimate, ParallelPlan, Workload
 
 REQUIRED_COLUMNS = ["id", "source_code", "arch", "layers", "hidden", "heads", "ffn_hidden", "seq_len",
                     "device", "device_count", "cluster", "gpus_per_node", "tp", "pp", "global_batch",
@@ -72,7 +72,7 @@ MAX_ROWS = 100_000
 # Sane ranges of the size columns: each well above the largest model or cluster published (GPT 1T: 128
 # layers, hidden 25,600, 160 heads; DeepSeek-V3: 256 experts; 16k-device clusters) and below what the
 # cost model can represent without building absurd objects (one per device, one per micro-batch).
-# seq_len, global_batch and micro-batches per step are held to the planner's own caps (planner.limits).
+# seq_len, global_batch and micro-batches per step are held to the planner's own caps (planner.core.limits).
 MAX_LAYERS = 1_000
 MAX_HIDDEN = 2**17
 MAX_HEADS = 2**12
@@ -219,7 +219,7 @@ def _check_row(row: dict) -> None:
         except BadInput as e:  # unknown device, with the close names
             raise BadInput(f"column 'device': {e}") from None
     if row["cluster"] not in cluster_names():  # a runs table names catalog clusters, never files
-        from planner.errors import did_you_mean
+        from planner.core.errors import did_you_mean
 
         raise BadInput(f"column 'cluster' = {_show(row['cluster'])} is not a cluster of the catalog"
                        f"{did_you_mean(row['cluster'], cluster_names())}; see `profiles list`")
@@ -467,7 +467,7 @@ def _predict(row: dict, res: RowResult, return_plan: bool) -> None:
     per_node = int(_num(row, "gpus_per_node", 8))
     cluster = load_cluster(str(row["cluster"]), nodes=max(1, n_devices // per_node),
                            devices=n_devices if n_devices < per_node else None)
-    # A source whose software stack was fitted on its own (planner.fit --stack) uses that fit.
+    # A source whose software stack was fitted on its own (planner.eval.fit --stack) uses that fit.
     cluster = cluster.with_efficiency(**stack_efficiency(stack_key(row), str(row["device"])))
     if cluster.device_count != n_devices:
         raise BadInput(f"cluster {row['cluster']} x {n_devices // per_node} nodes has "

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
-from planner.model import MLA, Layer, ModelGraph, chain
+from planner.core.model import MLA, Layer, ModelGraph, chain
 
 
 class MoEConfig(BaseModel):

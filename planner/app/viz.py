@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from planner.plan import Estimate, ParallelPlan, Workload
+from planner.core.plan import Estimate, ParallelPlan, Workload
 
 # Share of each layer's exposed ring-attention (cp) traffic that belongs to its forward pass (estimate():
 # a third of the K/V traffic is the forward's, two thirds the backward's).
@@ -204,7 +204,7 @@ def timeline(model, cluster, workload: Workload, plan: ParallelPlan, est: Estima
     """Simulate one step of `plan` and return its Timeline (BadInput when estimate() refuses the plan)."""
     from planner.cost import pipeline
     from planner.cost.estimate import estimate
-    from planner.errors import BadInput
+    from planner.core.errors import BadInput
 
     if est is None:
         est = estimate(model, cluster, workload, plan)
@@ -453,7 +453,7 @@ def save_figure(fig, path, formats=("png", "svg", "pdf")) -> None:
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from planner.errors import BadInput
+    from planner.core.errors import BadInput
     from planner.files import write_atomic
 
     path = Path(path)
@@ -478,7 +478,7 @@ def png_size(path) -> tuple[int, int]:
 
 
 def plot_breakdown(table, ax=None, title: str | None = None):
-    """Stacked horizontal bars of the step-time breakdown of each plan of a planner.api.plan() table (or of
+    """Stacked horizontal bars of the step-time breakdown of each plan of a planner.app.api.plan() table (or of
     a list of (label, Estimate)). Returns the Axes."""
     import matplotlib.pyplot as plt
 

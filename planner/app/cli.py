@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from planner import catalog
-from planner.errors import BadInput, PlannerError, did_you_mean
+from planner.core.errors import BadInput, PlannerError, did_you_mean
 from planner.files import path_exists
 from planner.files import write_atomic as _write_atomic
 
@@ -129,9 +129,9 @@ def _as_text(obj: dict, indent: int = 0) -> str:
 def _plan_from_args(args, cluster):
     from pydantic import ValidationError
 
-    from planner.plan import ParallelPlan
+    from planner.core.plan import ParallelPlan
 
-    from planner.limits import MAX_DEVICES, MAX_GLOBAL_BATCH, MAX_SEQ_LEN, check_int
+    from planner.core.limits import MAX_DEVICES, MAX_GLOBAL_BATCH, MAX_SEQ_LEN, check_int
 
     tp, pp, cp = args.tp, args.pp, args.cp
     # degrees (and vpp, chunks per device) count devices; mbs is at most the global batch
@@ -173,7 +173,7 @@ def _documents(text: str | None):
     """--documents MEAN[:MAX] (tokens): a DocumentMix, or None; BadInput for anything else."""
     from pydantic import ValidationError
 
-    from planner.plan import DocumentMix
+    from planner.core.plan import DocumentMix
 
     if text is None:
         return None
@@ -184,7 +184,7 @@ def _documents(text: str | None):
     except ValueError:
         raise BadInput(f"--documents {text!r}: want MEAN or MEAN:MAX, positive token counts (e.g. 32768:524288)") \
             from None
-    from planner.limits import MAX_SEQ_LEN
+    from planner.core.limits import MAX_SEQ_LEN
 
     if max(parts) > MAX_SEQ_LEN:  # a document is at most a sequence
         raise BadInput(f"--documents {text!r}: {max(parts)} tokens is past the sequence cap of {MAX_SEQ_LEN:,}; "
@@ -215,9 +215,9 @@ def _int_list(flag: str, text: str, cap: int | None = None) -> tuple[int, ...]:
 
 
 def read_plan_file(path: str):
-    """A PlanFile from disk, checked as every command needs it (planner.plan.load_plan_file: safe read, strict
+    """A PlanFile from disk, checked as every command needs it (planner.core.plan.load_plan_file: safe read, strict
     parsing, names resolved, the rules `estimate` applies); BadInput or Infeasible in one line otherwise."""
-    from planner.plan import load_plan_file
+    from planner.core.plan import load_plan_file
 
     return load_plan_file(path).pf
 
@@ -225,7 +225,7 @@ def read_plan_file(path: str):
 def cmd_estimate(args) -> None:
     from planner.cost.estimate import estimate
     from planner.importers import load_model
-    from planner.plan import Workload
+    from planner.core.plan import Workload
 
     if args.plan:
         # Everything comes from the plan file (what `plan --save` wrote); the flags that pick a plan are
@@ -234,7 +234,7 @@ def cmd_estimate(args) -> None:
         if given:
             raise BadInput(f"--plan {args.plan} fixes the model, cluster and plan; drop --{given[0]}")
         pf = read_plan_file(args.plan)
-        from planner.limits import check_plan_file
+        from planner.core.limits import check_plan_file
 
         check_plan_file(pf, args.plan)
         model = load_model(pf.model)
@@ -252,7 +252,7 @@ def cmd_estimate(args) -> None:
                             documents=_documents(args.documents))
         if plan.attention_pool and workload.documents is None:
             raise BadInput("--attention-pool balances variable-length documents: give --documents MEAN[:MAX] too")
-        from planner.limits import check_microbatches
+        from planner.core.limits import check_microbatches
 
         check_microbatches(args.gbs, cluster.device_count, mbs=plan.mbs, dp=plan.dp)
     est = estimate(model, cluster, workload, plan)
@@ -268,7 +268,7 @@ def cmd_estimate(args) -> None:
 
 
 def cmd_backtest(args) -> None:
-    from planner.backtest import run_backtest
+    from planner.eval.backtest import run_backtest
 
     res = run_backtest(args.runs)
     lines = [f"{'id':>6} {'source':<14} {'target':<13} {'measured':>12} {'predicted':>12} {'error':>8}"]
@@ -303,7 +303,7 @@ def cmd_backtest(args) -> None:
 
 
 def _constraints_from_args(args):
-    from planner.limits import MAX_DEVICES, MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_TOP, check_int
+    from planner.core.limits import MAX_DEVICES, MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_TOP, check_int
     from planner.search.search import check_constraints
     from planner.search.space import Constraints
 
@@ -333,11 +333,11 @@ def _constraints_from_args(args):
 
 def cmd_plan(args) -> None:
     from planner.importers import load_model
-    from planner.plan import PlanFile, Workload
+    from planner.core.plan import PlanFile, Workload
     from planner.search.search import search
 
     from planner.files import check_output
-    from planner.limits import MAX_HETERO_MICROBATCHES, MAX_MICROBATCHES, check_microbatches
+    from planner.core.limits import MAX_HETERO_MICROBATCHES, MAX_MICROBATCHES, check_microbatches
 
     save = Path(args.save) if args.save is not None else None
     if save is not None:  # refuse before searching, not after ('' too: it is not "no file")
@@ -349,7 +349,7 @@ def cmd_plan(args) -> None:
     workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype, documents=documents)
     if args.attention_pool and workload.documents is None:
         raise BadInput("--attention-pool balances variable-length documents: give --documents MEAN[:MAX] too")
-    from planner.hetero import cli as hetero_cli  # mixed devices, islands, phones: planners of their own
+    from planner.app import hetero_plan as hetero_cli  # mixed devices, islands, phones: planners of their own
 
     kind = hetero_cli.route(cluster)
     # the hetero and phone planners run pipelines of a single replica (dp 1), micro-batches of up to 4 and 1
@@ -395,13 +395,13 @@ def cmd_plan(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# simulate and sweep (planner/viz.py, planner/sweep.py)
+# simulate and sweep (planner/app/viz.py, planner/app/sweep.py)
 
 
 def cmd_simulate(args) -> None:
     from planner.files import check_output
-    from planner.plan import load_plan_file
-    from planner.viz import plot_timeline, timeline
+    from planner.core.plan import load_plan_file
+    from planner.app.viz import plot_timeline, timeline
 
     if args.output == "":
         raise BadInput("-o '': give an image file name (.png, .svg or .pdf), or leave -o out")
@@ -437,9 +437,9 @@ def cmd_simulate(args) -> None:
 
 def cmd_sweep(args) -> None:
     from planner.files import check_output
-    from planner.sweep import parse_list, sweep, write_csv
+    from planner.app.sweep import parse_list, sweep, write_csv
 
-    from planner.limits import MAX_DEVICES, MAX_GLOBAL_BATCH, MAX_SEQ_LEN
+    from planner.core.limits import MAX_DEVICES, MAX_GLOBAL_BATCH, MAX_SEQ_LEN
 
     out = Path(args.output) if args.output is not None else None
     if out is not None:
@@ -478,7 +478,7 @@ def cmd_sweep(args) -> None:
 def cmd_export(args) -> None:
     from planner.export import context_of, export_text
     from planner.files import check_output
-    from planner.plan import load_plan_file
+    from planner.core.plan import load_plan_file
 
     if args.output == "":
         raise BadInput("-o '': give a file name, or leave -o out to write to stdout")
@@ -517,7 +517,7 @@ def cmd_validate(args) -> None:
     _torch_backend(args)
     from planner.backends.torch.runner import RunOptions
     from planner.backends.torch.validate import MAX_NPROC, check_nproc, report_text, validate
-    from planner.plan import load_plan_file
+    from planner.core.plan import load_plan_file
 
     # steps: a validation run is a handful of steps (default 6); 1000 is already minutes of a real model
     for flag, cap in (("nproc", MAX_NPROC), ("steps", 1000), ("threads", MAX_NPROC)):

@@ -30,10 +30,10 @@ import numpy as np
 
 from planner.cost import comm, memory, pipeline
 from planner.cost.compute import layer_time
-from planner.errors import BadInput, Infeasible
-from planner.hardware import Cluster, Device
-from planner.model import Layer, ModelGraph
-from planner.plan import Workload
+from planner.core.errors import BadInput, Infeasible
+from planner.core.hardware import Cluster, Device
+from planner.core.model import Layer, ModelGraph
+from planner.core.plan import Workload
 
 MLP_COLUMN_CHUNKS = 16  # MLP and LM-head columns are split in sixteenths
 # AdamW mixed precision: 2-byte weights and gradients plus fp32 master weights and two moments
@@ -210,7 +210,7 @@ def plan_edge(model: ModelGraph, cluster: Cluster, workload: Workload, mbs: int 
         if not fitting:
             return min(tried, key=lambda p: max(m / c for m, c in zip(p.memory_bytes, p.capacity_bytes)))
         return min(fitting, key=lambda p: p.step_time_s)
-    from planner.search.hetero import hetero_partition
+    from planner.planners.hetero import hetero_partition
     from planner.search.partition import BlockCosts
 
     ph = phones_of(cluster)[:phones] if phones else phones_of(cluster)

@@ -1,0 +1,1 @@
+"""Predictions against measurements: backtest of published-run tables and the efficiency fit."""
