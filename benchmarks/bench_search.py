@@ -9,7 +9,7 @@ by the step-time bound, costed by estimate_batch, and wall time. Target (issue 5
 growth from 512 to 16,384 no worse than linear.
 
 known: for every usable row of the runs table, the search on the row's model, cluster, device count, global
-batch, sequence and precision (planner.search.search_row), against the published configuration as
+batch, sequence and precision (planner.eval.published.search_row), against the published configuration as
 planner.eval.backtest reads it; predicted tokens/s of both, and the gain by source.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ from planner.catalog import load_cluster  # noqa: E402
 from planner.core.errors import Infeasible  # noqa: E402
 from planner.importers import load_model  # noqa: E402
 from planner.core.plan import Workload  # noqa: E402
-from planner.search.search import search, search_row  # noqa: E402
+from planner.eval.published import search_row  # noqa: E402
+from planner.search.search import search  # noqa: E402
 
 RUNS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "calibration_runs_clean.csv"
 

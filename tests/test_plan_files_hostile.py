@@ -15,7 +15,8 @@ from planner import catalog
 from planner.cost.estimate import estimate
 from planner.core.errors import BadInput, Infeasible
 from planner.importers import load_model
-from planner.core.plan import DocumentMix, OffloadPolicy, ParallelPlan, Workload, load_plan_file, parse_plan_file
+from planner.core.plan import DocumentMix, OffloadPolicy, ParallelPlan, Workload, parse_plan_file
+from planner.planfile import load_plan_file, resolve_plan_file
 from tests.cli_helpers import one_line, run
 
 # tiny-llama-20m: 6 blocks; dgx-h100 x 1: 8 GPUs. dp 4 x pp 2, 4 micro-batches of 2: a plan estimate takes.
@@ -220,7 +221,7 @@ def test_mutated_plan_files_never_crash(data):
     doc = _with(base, data.draw(st.sampled_from(fields)), data.draw(hostile))
     text = json.dumps(doc, allow_nan=True)
     try:
-        loaded = parse_plan_file(text, "fuzz.json").check("fuzz.json")
+        loaded = resolve_plan_file(parse_plan_file(text, "fuzz.json"), "fuzz.json")
     except (BadInput, Infeasible) as e:
         assert "\n" not in str(e) and str(e).startswith("fuzz.json")
         return

@@ -20,7 +20,8 @@ from planner.cost.estimate import estimate
 from planner.core.errors import BadInput
 from planner.importers import load_model
 from planner.core.plan import Workload
-from planner.search.search import NoPlanFits, search, search_row, step_lower_bound
+from planner.eval.published import search_row
+from planner.search.search import NoPlanFits, search, step_lower_bound
 from planner.search.space import Constraints, enumerate_space, memory_lower_bound
 
 REL = 1e-9

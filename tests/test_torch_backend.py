@@ -12,7 +12,8 @@ import torch
 
 from planner.backends.torch.model import Decoder, build_decoder, spec_from_graph, tiny_graph
 from planner.backends.torch.parallel import block_ranges, check_runnable
-from planner.backends.torch.runner import Job, RunOptions, launch, train_single
+from planner.backends.torch.launch import launch
+from planner.backends.torch.runner import Job, RunOptions, train_single
 from planner.core.errors import BadInput
 from planner.importers import load_model
 from planner.core.plan import DocumentMix, ParallelPlan, StageAssignment, Workload

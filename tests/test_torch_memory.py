@@ -46,7 +46,8 @@ def test_a_run_reports_at_least_its_model_states(tmp_path):
     # one process, the tiny Llama: the profiled peak holds the weights, gradients and AdamW states the
     # runner counts exactly, plus activations; the method says which ledger was used
     from planner.backends.torch.model import tiny_graph
-    from planner.backends.torch.runner import Job, RunOptions, launch
+    from planner.backends.torch.launch import launch
+    from planner.backends.torch.runner import Job, RunOptions
     from planner.core.plan import ParallelPlan, Workload
 
     graph = tiny_graph("llama", layers=2, hidden=64, heads=4, kv_heads=2)

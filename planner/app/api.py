@@ -20,6 +20,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from planner.app.loaders import load_cluster, load_model, with_link
+from planner.app.rows import plan_row
 from planner.core.errors import BadInput
 from planner.core.hardware import Cluster
 from planner.core.model import ModelGraph
@@ -33,43 +35,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------------------
-# inputs
-
-
-def load_model(model: str | ModelGraph) -> ModelGraph:
-    """A catalog name, a config.json or model file path, or a ModelGraph (returned as is)."""
-    if isinstance(model, ModelGraph):
-        return model
-    from planner.importers import load_model as _load
-
-    return _load(str(model))
-
-
-def with_link(cluster: Cluster, link: str) -> Cluster:
-    """The same cluster with every node's scale-out NICs (same count and sharing) and the fabric between
-    nodes replaced by the catalog link `link`; links inside a node and between islands stay. A new Cluster
-    (its topology caches start empty)."""
-    from planner import catalog
-
-    ln = catalog.link(link)
-    nodes = [n.model_copy(update={"nic_link": ln}) if n.nic_link is not None else n for n in cluster.nodes]
-    spec = cluster.spec.model_copy(update={"fabric": link})
-    return Cluster(name=f"{cluster.name}+{link}", spec=spec, nodes=nodes, devices=list(cluster.devices),
-                   fabric=ln, island_link=cluster.island_link, island_ports_per_node=cluster.island_ports_per_node)
-
-
-def load_cluster(cluster: str | Cluster, nodes: int | None = None, link: str | None = None) -> Cluster:
-    """A catalog name or cluster file (node-type presets take `nodes`), or a Cluster (nodes must be None);
-    `link` replaces the scale-out link (with_link)."""
-    if isinstance(cluster, Cluster):
-        if nodes is not None:
-            raise BadInput("nodes applies to a cluster name, not to a Cluster already loaded")
-        c = cluster
-    else:
-        from planner import catalog
-
-        c = catalog.load_cluster(str(cluster), nodes)
-    return with_link(c, link) if link else c
+# inputs (load_model, load_cluster, with_link: planner.app.loaders, shared with the sweep)
 
 
 def workload(gbs: int, seq: int, dtype: str = "bf16", **extra) -> Workload:
@@ -108,21 +74,6 @@ def make_plan(cluster: Cluster, **fields) -> ParallelPlan:
 
 # ---------------------------------------------------------------------------------------------------------
 # plan: the search
-
-
-def plan_row(p: ParallelPlan, est: Estimate) -> dict:
-    """The scalar columns of one plan (the plan() table and the sweep CSV share them)."""
-    from planner.search.search import RankedPlan
-
-    return {
-        "label": RankedPlan(p, est).label(), "tp": p.tp, "pp": p.pp, "dp": p.dp, "vpp": p.vpp, "cp": p.cp,
-        "ep": p.ep, "etp": p.etp or p.tp, "zero": p.zero, "sp": p.sp, "mbs": p.mbs, "recompute": p.recompute,
-        "recompute_num_layers": p.recompute_num_layers, "schedule": p.schedule,
-        "uneven_partition": p.partition is not None, "step_time_s": est.step_time_s,
-        "tokens_per_s": est.tokens_per_s, "mfu": est.mfu, "hfu": est.hfu,
-        "peak_memory_gb": est.peak_memory_bytes / 1e9, "memory_capacity_gb": est.memory_capacity_bytes / 1e9,
-        "fits": est.fits, "bubble_s": est.breakdown.get("pipeline_bubble_s", 0.0), "why": est.why,
-    }
 
 
 def _constraints(**kw):
@@ -341,7 +292,8 @@ def save_plan(table_or_file, path: str | Path, rank: int = 1, force: bool = Fals
 
 
 def load_plan(path: str | Path) -> PlanFile:
-    """A plan file from disk (BadInput, one line, for a missing, broken or unknown-version file)."""
-    from planner.app.cli import read_plan_file
+    """A plan file from disk, checked as the commands check it (BadInput or Infeasible, one line, for a
+    missing, broken or unknown-version file or one `estimate` refuses)."""
+    from planner.planfile import load_plan_file
 
-    return read_plan_file(str(path))
+    return load_plan_file(str(path)).pf

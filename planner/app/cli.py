@@ -1,4 +1,4 @@
-"""Command line: `python cli.py ...` in a checkout, `planner ...` once installed (DESIGN.md section 3).
+"""Command line: `python cli.py ...` in a checkout, `planner ...` once installed (docs/ARCHITECTURE.md#contracts).
 
 Every user error ends as one line on stderr and exit status 2 (1 for infeasible requests); a traceback
 means a bug in the planner, never in the input.
@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 from planner import catalog
+from planner.core.dims import SCHEDULES
 from planner.core.errors import BadInput, PlannerError, did_you_mean
 from planner.files import path_exists
 from planner.files import write_atomic as _write_atomic
+from planner.core import dtypes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -215,9 +217,9 @@ def _int_list(flag: str, text: str, cap: int | None = None) -> tuple[int, ...]:
 
 
 def read_plan_file(path: str):
-    """A PlanFile from disk, checked as every command needs it (planner.core.plan.load_plan_file: safe read, strict
+    """A PlanFile from disk, checked as every command needs it (planner.planfile.load_plan_file: safe read, strict
     parsing, names resolved, the rules `estimate` applies); BadInput or Infeasible in one line otherwise."""
-    from planner.core.plan import load_plan_file
+    from planner.planfile import load_plan_file
 
     return load_plan_file(path).pf
 
@@ -400,7 +402,7 @@ def cmd_plan(args) -> None:
 
 def cmd_simulate(args) -> None:
     from planner.files import check_output
-    from planner.core.plan import load_plan_file
+    from planner.planfile import load_plan_file
     from planner.app.viz import plot_timeline, timeline
 
     if args.output == "":
@@ -478,7 +480,7 @@ def cmd_sweep(args) -> None:
 def cmd_export(args) -> None:
     from planner.export import context_of, export_text
     from planner.files import check_output
-    from planner.core.plan import load_plan_file
+    from planner.planfile import load_plan_file
 
     if args.output == "":
         raise BadInput("-o '': give a file name, or leave -o out to write to stdout")
@@ -517,7 +519,7 @@ def cmd_validate(args) -> None:
     _torch_backend(args)
     from planner.backends.torch.runner import RunOptions
     from planner.backends.torch.validate import MAX_NPROC, check_nproc, report_text, validate
-    from planner.core.plan import load_plan_file
+    from planner.planfile import load_plan_file
 
     # steps: a validation run is a handful of steps (default 6); 1000 is already minutes of a real model
     for flag, cap in (("nproc", MAX_NPROC), ("steps", 1000), ("threads", MAX_NPROC)):
@@ -629,8 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
     est.add_argument("--recompute-num-layers", type=int,
                      help="with --recompute full: blocks per pipeline chunk recomputed (Megatron block method)")
-    est.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"])
-    est.add_argument("--dtype", choices=["bf16", "fp16", "fp8", "fp32"], default="bf16")
+    est.add_argument("--schedule", choices=SCHEDULES)
+    est.add_argument("--dtype", choices=dtypes.TRAIN_DTYPES, default="bf16")
     est.add_argument("--moe-dispatch", choices=["a2a", "tp_slice", "deepep"], default="a2a",
                      help="MoE token exchange: a2a (all-to-all over ep), tp_slice (Pipeline MoE: E/tp experts per "
                           "TP rank, index slicing + TP all-reduce; sets ep = tp, etp = 1) or deepep (DeepEP: one "
@@ -652,13 +654,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--nodes", type=int)
     pl.add_argument("--gbs", type=int, required=True)
     pl.add_argument("--seq", type=int, required=True)
-    pl.add_argument("--dtype", choices=["bf16", "fp16", "fp8", "fp32"], default="bf16")
+    pl.add_argument("--dtype", choices=dtypes.TRAIN_DTYPES, default="bf16")
     pl.add_argument("--top", type=int, default=5, help="plans to show (default 5, at most 1000)")
     for flag in ("tp", "pp", "dp", "cp", "ep", "vpp", "mbs"):
         pl.add_argument(f"--{flag}", type=int, help=f"fix {flag}")
     pl.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="fix the ZeRO stage")
     pl.add_argument("--recompute", choices=["none", "selective", "full"], help="fix the recompute policy")
-    pl.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"])
+    pl.add_argument("--schedule", choices=SCHEDULES)
     pl.add_argument("--max-tp", type=int)
     pl.add_argument("--max-pp", type=int)
     pl.add_argument("--max-cp", type=int, help="largest context-parallel degree to try (default 16, or "

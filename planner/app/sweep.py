@@ -18,7 +18,9 @@ import itertools
 import time
 from collections.abc import Iterable, Sequence
 
-DTYPES = ("bf16", "fp16", "fp8", "fp32")
+from planner.core import dtypes
+
+DTYPES = dtypes.TRAIN_DTYPES
 COLUMNS = [
     "model", "cluster", "nodes", "devices", "link", "seq", "gbs", "dtype", "status",
     "tp", "pp", "dp", "vpp", "cp", "ep", "zero", "sp", "mbs", "recompute", "schedule", "uneven_partition",
@@ -113,7 +115,8 @@ def _check_names(models, clusters, links, dtypes=()) -> None:
 
 def run_cell(cell: dict, constraints=None, refine_partition: bool = True, _models: dict | None = None) -> dict:
     """The best plan of one cell as a row of COLUMNS."""
-    from planner.app.api import load_cluster, load_model, plan_row
+    from planner.app.loaders import load_cluster, load_model
+    from planner.app.rows import plan_row
     from planner.core.errors import BadInput, Infeasible
     from planner.core.plan import Workload
     from planner.search.search import search

@@ -158,11 +158,11 @@ def _chunk_times(model, cluster, workload: Workload, plan: ParallelPlan):
     (compute_s, recompute_s, tp/cp/ep_comm_s), and the stage-to-stage transfer time: the same values
     estimate() hands to the pipeline simulation, computed by its own helpers."""
     from planner.cost import estimate as E
-    from planner.cost.compute import DTYPE_BYTES
+    from planner.core import dtypes
 
     dev = cluster.devices[0].device
     dtype = workload.dtype
-    e = DTYPE_BYTES[dtype] if dtype != "fp8" else 2
+    e = dtypes.activation_bytes(dtype)
     tp, cp = plan.tp, plan.cp
     s = workload.seq_len // plan.seq_chunks  # one work item's tokens (ParallelPlan.seq_chunks), as estimate()
     ctx = E._Ctx(b=plan.mbs, s=s, tp=tp, cp=cp, e=e, dev=dev, dtype=dtype, plan=plan,

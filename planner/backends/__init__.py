@@ -1,1 +1,1 @@
-"""Execution backends: run a ParallelPlan for real and measure it (DESIGN.md section 3, `validate`)."""
+"""Execution backends: run a ParallelPlan for real and measure it (docs/ARCHITECTURE.md#contracts, `validate`)."""

@@ -1,4 +1,4 @@
-"""Errors the CLI turns into one line on stderr and an exit status (DESIGN.md section 3).
+"""Errors the CLI turns into one line on stderr and an exit status (docs/ARCHITECTURE.md#contracts).
 
 Anything a user can get wrong raises BadInput (exit 2); a request that is well formed but cannot be
 satisfied raises Infeasible (exit 1). Everything else is a bug and may show a traceback.

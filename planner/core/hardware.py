@@ -1,4 +1,4 @@
-"""Hardware description: devices, links, node types and clusters (DESIGN.md section 2).
+"""Hardware description: devices, links, node types and clusters (docs/ARCHITECTURE.md#concepts).
 
 Profiles are written by people in the units of datasheets (TFLOP/s, GB, GB/s, microseconds); the
 properties ending in SI units (`peak_flops`, `memory_bytes`, `bytes_per_s`, `latency_s`) are what the
@@ -39,7 +39,7 @@ MAX_NODES = 1_000_000  # the cost model's device cap (issue 16): a million nodes
 _STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 # Used when a profile gives no achievable efficiency: the median of the measured dense-GEMM fractions in
-# reference/clusters.md section 10 (A100 87%/81%, H100 80%, B200 78%) and of HBM STREAM triad (83-89%).
+# docs/formulas.md#efficiency-measured (A100 87%/81%, H100 80%, B200 78%) and of HBM STREAM triad (83-89%).
 DEFAULT_MATMUL_EFFICIENCY = 0.80
 DEFAULT_MEMORY_EFFICIENCY = 0.85
 # Achievable fraction of a link's line rate when a profile does not say (NCCL ring on NVLink ~80%).
@@ -74,14 +74,14 @@ class Efficiency(BaseModel):
     matmul: float = Field(DEFAULT_MATMUL_EFFICIENCY, gt=0, le=1)
     memory: float = Field(DEFAULT_MEMORY_EFFICIENCY, gt=0, le=1)
     # FlashAttention core vs dense peak: FA2 forward at hd 128 reaches 328 TFLOP/s on H100 = 33%,
-    # 180 TFLOP/s on A100 (hd 64) = 58% (Azure AI-benchmarking-guide, reference clusters.md section 10).
+    # 180 TFLOP/s on A100 (hd 64) = 58% (Azure AI-benchmarking-guide, docs/formulas.md#efficiency-measured).
     attention: float = Field(0.45, gt=0, le=1)
     # FP8 GEMMs reach a lower fraction of their (doubled) peak: H100 MAMF 70.9% FP8 vs 80.3% BF16
-    # (reference clusters.md section 10). None: same as matmul.
+    # (docs/formulas.md#efficiency-measured). None: same as matmul.
     matmul_fp8: float | None = Field(None, gt=0, le=1)
     # GEMM efficiency falls with the smallest GEMM dimension d as d / (d + gemm_half_dim): fewer tiles
     # than the device has SMs, and tail waves, leave units idle (the shape effect of reference
-    # formulas.md 5.1). 0: no shape effect beyond the roofline.
+    # docs/formulas.md#compute-gemm). 0: no shape effect beyond the roofline.
     gemm_half_dim: float = Field(0.0, ge=0, le=1e6)
     # Fixed cost per kernel launch (CUDA launch + framework dispatch), and per layer per pass for
     # framework work that does not scale with size (Python, hooks, allocator): what dominates small
@@ -127,7 +127,7 @@ class Efficiency(BaseModel):
     # is fused into the weight-gradient GEMM (Megatron --gradient-accumulation-fusion) and for every catalog
     # device; `calibrate --backend torch` measures it (`add_` over 8M fp32 parameters).
     grad_accum_ns_per_param: float = Field(0.0, ge=0, le=MAX_PER_BYTE_NS)
-    source: str = "default: median of measured fractions in reference/clusters.md section 10"
+    source: str = "default: median of measured fractions in docs/formulas.md#efficiency-measured"
 
 
 class Device(_Profile):

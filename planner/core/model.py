@@ -1,4 +1,4 @@
-"""ModelGraph: a DAG of layers, each knowing its own cost terms (DESIGN.md section 2).
+"""ModelGraph: a DAG of layers, each knowing its own cost terms (docs/ARCHITECTURE.md#concepts).
 
 A Layer is plain typed data (its dimensions) plus pure functions of the workload shape: parameters,
 forward GEMMs and FLOPs, saved-activation bytes and output bytes, for a micro-batch of `b` sequences of
@@ -258,7 +258,7 @@ class Layer(BaseModel):
 
     def attention_core_flops(self, b, s, tp=1, cp=1):
         """QK^T and AV on one device: 4*b*s^2*a*d for the full square (PaLM App. B), halved when causal
-        because FlashAttention skips masked blocks (formulas.md 1.3). Context parallel with causal load
+        because FlashAttention skips masked blocks (docs/formulas.md#flops-causal). Context parallel with causal load
         balancing gives each rank 1/cp of the work.
 
         A sliding window w (Beltagy et al. 2020, Longformer section 3.1: O(s*w) instead of O(s^2)) leaves
@@ -311,7 +311,7 @@ class Layer(BaseModel):
         FlashAttention keeps no s^2 scores (Dao et al. 2022). Full recompute keeps only the block input;
         selective recompute drops the attention core's score tensors. The LM head and its loss are not
         recomputed under any policy (Narayanan et al. 2021 section 5.1 counts no recompute for the logit layer,
-        formulas.md 1.2; Megatron checkpoints the transformer layers only), so the head keeps its fp32 logits
+        docs/formulas.md#memory-activations; Megatron checkpoints the transformer layers only), so the head keeps its fp32 logits
         under full recompute too.
         """
         if not self.trainable:

@@ -1,24 +1,19 @@
 """What a user asks for (Workload), what the planner decides (ParallelPlan), what it predicts (Estimate),
-and the plan file that `estimate`, `export`, `simulate` and `validate` read (DESIGN.md sections 2-3)."""
+and the plan file that `estimate`, `export`, `simulate` and `validate` read (docs/ARCHITECTURE.md#concepts and docs/ARCHITECTURE.md#contracts)."""
 from __future__ import annotations
 
 import math
 import numbers
-import re
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
                       model_validator)
 
-from planner.core.errors import BadInput, PlannerError
+from planner.core.dims import (SCHEDULE_INDEX, SCHEDULES, quoted_names, seq_chunks_fit_schedule,
+                               vpp_fits_schedule)
+from planner.core.errors import BadInput
 
-if TYPE_CHECKING:  # imported when a plan file is checked: the cost model imports this module
-    from planner.core.hardware import Cluster
-    from planner.core.model import ModelGraph
-
-Schedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"]
+Schedule = Literal[SCHEDULES]  # planner/core/dims.py declares them and their rules
 RecomputePolicy = Literal["none", "selective", "full"]
 TrainDtype = Literal["bf16", "fp16", "fp8", "fp32"]
 Optimizer = Literal["adamw", "adam", "sgd"]
@@ -149,19 +144,22 @@ class ParallelPlan(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ParallelPlan:
-        if self.vpp > 1 and self.schedule != "interleaved-1f1b":
-            raise ValueError(f"vpp={self.vpp} needs schedule 'interleaved-1f1b', got '{self.schedule}'")
+        schedule = SCHEDULE_INDEX[self.schedule]
+        if not vpp_fits_schedule(schedule, self.vpp):
+            raise ValueError(f"vpp={self.vpp} needs schedule {quoted_names('virtual_stages')}, got '{self.schedule}'")
         if self.recompute_num_layers is not None and self.recompute != "full":
             raise ValueError("recompute_num_layers needs recompute 'full' (Megatron's block method)")
         if self.cp_comm == "a2a" and self.cp == 1:
             raise ValueError("cp_comm 'a2a' (Ulysses) needs cp > 1")
         if self.sp and self.tp == 1:
             raise ValueError("sequence parallel (sp) needs tp > 1")
-        if self.seq_chunks > 1 and (self.schedule not in ("gpipe", "1f1b") or not self.flash_attention):
-            # the chunk orders exist for these two schedules (pipeline._order_1f1b); an unfused core's
+        chunked_ok = (seq_chunks_fit_schedule(schedule, self.seq_chunks)
+                      and (self.seq_chunks == 1 or self.flash_attention))
+        if not chunked_ok:
+            # the chunk orders exist for some schedules (planner/core/dims.py); an unfused core's
             # score tensor against a growing prefix is not modelled
-            raise ValueError(f"seq_chunks={self.seq_chunks} needs schedule 'gpipe' or '1f1b' and flash attention, "
-                             f"got '{self.schedule}', flash_attention={self.flash_attention}")
+            raise ValueError(f"seq_chunks={self.seq_chunks} needs schedule {quoted_names('sequence_chunks')} and "
+                             f"flash attention, got '{self.schedule}', flash_attention={self.flash_attention}")
         if self.moe_dispatch == "tp_slice" and (self.tp == 1 or self.ep != self.tp or self.etp != 1):
             raise ValueError(f"moe_dispatch 'tp_slice' (Pipeline MoE) puts E/tp whole experts on each tensor-parallel "
                              f"rank: it needs tp > 1, ep = tp and etp = 1; got tp={self.tp}, ep={self.ep}, "
@@ -214,8 +212,8 @@ MAX_NAME_CHARS = 4096
 class PlanFile(BaseModel):
     """The file `plan --save` writes. Readers refuse a schema_version they do not know.
 
-    `load_plan_file` is the one way a command reads one: strict parsing (parse_plan_file), then `check`, which
-    resolves the names and holds the plan to the rules `estimate` applies."""
+    planner.planfile.load_plan_file is the one way a command reads one: strict parsing (parse_plan_file, here),
+    then planner.planfile.resolve_plan_file, which resolves the names and holds the plan to `estimate`'s rules."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     schema_version: int = PLAN_SCHEMA_VERSION
@@ -243,7 +241,7 @@ class PlanFile(BaseModel):
         # is neither a catalog name nor a file name anyone means
         if not v or len(v) > MAX_NAME_CHARS or not v.isprintable():
             raise ValueError(f"want a catalog name or a file path: one line of printable characters, at most "
-                             f"{MAX_NAME_CHARS} long; got {_short(v)}")
+                             f"{MAX_NAME_CHARS} long; got {short_repr(v)}")
         return v
 
     @field_validator("estimate")
@@ -258,93 +256,11 @@ class PlanFile(BaseModel):
                                  "`plan --save` or drop the estimate")
         return v
 
-    def check(self, where: str = "plan file") -> LoadedPlan:
-        """The plan file held to what every command needs: sizes within planner.core.limits, a micro-batch count
-        that is global_batch / (mbs x dp), a model and cluster that resolve, and everything `estimate` checks
-        (devices, pp x vpp <= blocks, the partition, ep, cp, seq_chunks, ...), by running it. BadInput (one
-        line naming the file and field) or Infeasible; the loaded model, cluster and a fresh estimate."""
-        from planner import catalog
-        from planner.core import limits
-        from planner.cost.estimate import estimate
-        from planner.importers import load_model
 
-        p, w = self.plan, self.workload
-        caps = [(f"plan.{k}", getattr(p, k), limits.MAX_DEVICES, "devices") for k in ("dp", "tp", "pp", "vpp", "cp", "ep")]
-        caps += [("plan.etp", p.etp, limits.MAX_DEVICES, "devices"), ("nodes", self.nodes, limits.MAX_DEVICES, "nodes"),
-                 ("workload.seq_len", w.seq_len, limits.MAX_SEQ_LEN, "tokens"),
-                 ("workload.global_batch", w.global_batch, limits.MAX_GLOBAL_BATCH, "sequences"),
-                 ("plan.num_microbatches", p.num_microbatches, limits.MAX_MICROBATCHES, "micro-batches"),
-                 ("plan.seq_chunks", p.seq_chunks, w.seq_len, "chunks (one token each)"),
-                 ("plan.mbs", p.mbs, w.global_batch, "sequences (the global batch)")]
-        if w.documents is not None:
-            caps.append(("workload.documents.mean_tokens", w.documents.mean_tokens, w.seq_len, "tokens (the sequence)"))
-        for field, value, cap, unit in caps:
-            if value is not None and value > cap:
-                raise BadInput(f"{where}: {field} {value} is past the cap of {cap:,} {unit}")
-        for i, stage in enumerate(p.partition or ()):
-            if stage.layers[1] <= stage.layers[0]:
-                raise BadInput(f"{where}: plan.partition.{i}.layers {list(stage.layers)}: every pipeline chunk runs "
-                               "at least one block (first < last)")
-        if p.devices > limits.MAX_DEVICES:
-            raise BadInput(f"{where}: plan dp*tp*pp*cp = {p.devices:,} devices, past the cap of "
-                           f"{limits.MAX_DEVICES:,}")
-        # Megatron, DeepSpeed and torchtitan derive the micro-batch count from the batch (conventions.md 2.1
-        # "Global batch size"), and estimate's tokens per step are global_batch x seq_len: a count that
-        # disagrees would time a different number of sequences than it reports (8 for 1 gave 7.6x tokens/s).
-        if w.global_batch % (p.mbs * p.dp):
-            raise BadInput(f"{where}: workload.global_batch {w.global_batch} is not divisible by plan.mbs x plan.dp "
-                           f"= {p.mbs} x {p.dp}; change the batch or the plan")
-        m = w.global_batch // (p.mbs * p.dp)
-        if p.num_microbatches is not None and p.num_microbatches != m:
-            raise BadInput(f"{where}: plan.num_microbatches {p.num_microbatches} != global_batch / (mbs x dp) = "
-                           f"{w.global_batch} / ({p.mbs} x {p.dp}) = {m}; set it to {m} or null")
-        if m > limits.MAX_MICROBATCHES:
-            raise BadInput(f"{where}: {m:,} micro-batches per step (global_batch / (mbs x dp)), past the cap of "
-                           f"{limits.MAX_MICROBATCHES:,}; raise plan.mbs or lower workload.global_batch")
-        # the pipeline simulator's own argument rules (interleaved 1F1B needs m a multiple of pp, ...), which it
-        # raises as ValueError for callers that are code; here they are the file's mistakes
-        _in_file(where, "plan", _schedule_rules, p.schedule, p.pp, m, p.vpp, p.seq_chunks)
-        model = _in_file(where, "model", load_model, self.model)
-        cluster = _in_file(where, "cluster", catalog.load_cluster, self.cluster, self.nodes)
-        est = _in_file(where, "plan", estimate, model, cluster, w, p)
-        return LoadedPlan(pf=self, model=model, cluster=cluster, estimate=est)
-
-
-@dataclass(frozen=True)
-class LoadedPlan:
-    """A plan file that passed PlanFile.check: what it names, resolved, and its estimate now."""
-
-    pf: PlanFile
-    model: ModelGraph
-    cluster: Cluster
-    estimate: Estimate
-
-
-def _schedule_rules(schedule: str, pp: int, m: int, vpp: int, seq_chunks: int) -> None:
-    from planner.cost.schedule_order import _check_args
-
-    try:
-        _check_args(schedule, pp, m, vpp, seq_chunks)
-    except ValueError as e:
-        raise BadInput(str(e)) from None
-
-
-def _short(v, limit: int = 60) -> str:
+def short_repr(v, limit: int = 60) -> str:
+    """repr(v), cut to `limit` characters: what a one-line refusal quotes of a hostile value."""
     text = repr(v)
     return text if len(text) <= limit else text[:limit - 4] + "...'"
-
-
-def _in_file(where: str, field: str, fn, *args):
-    """fn(*args), its one-line refusal (BadInput, Infeasible) prefixed with the file and field."""
-    try:
-        return fn(*args)
-    except PlannerError as e:
-        # the checks speak of the flags that set these fields on the command line; here they are file fields
-        text = re.sub(r"--(dp|tp|pp|vpp|cp|ep|mbs)\b", r"plan.\1", str(e))
-        text = text.replace("--nodes", "nodes").replace("--gbs", "workload.global_batch")
-        raise type(e)(f"{where}: {'' if text.startswith(field) else field + ': '}{text}") from None
-    except OSError as e:  # a name the OS refuses as a path (too long, ...) while looking it up
-        raise BadInput(f"{where}: {field}: {_short(args[0])} cannot be read ({e.strerror or e})") from None
 
 
 def parse_plan_file(text: str, where: str = "plan file") -> PlanFile:
@@ -361,15 +277,5 @@ def parse_plan_file(text: str, where: str = "plan file") -> PlanFile:
         got = err.get("input")
         if err["type"] not in ("missing", "value_error") and not err["type"].startswith("json") and \
                 (got is None or isinstance(got, (str, int, float, bool))):
-            msg += f" (got {_short(got)})"  # pydantic's own messages do not say what they got
+            msg += f" (got {short_repr(got)})"  # pydantic's own messages do not say what they got
         raise BadInput(f"{where}: {loc + ': ' if loc else ''}{msg}") from None
-
-
-def load_plan_file(path) -> LoadedPlan:
-    """Read (planner.files.read_input: no FIFO, device, directory or oversized file), parse strictly and check
-    a plan file: what `estimate --plan`, `export`, `simulate` and `validate` use."""
-    from planner.files import read_input
-
-    where = str(path)
-    text = read_input(Path(path), "plan file (JSON, from `plan --save`)")
-    return parse_plan_file(text, where).check(where)

@@ -1,1 +1,1 @@
-"""Analytic cost model: pure, numpy-vectorizable time and traffic formulas (reference/formulas.md)."""
+"""Analytic cost model: pure, numpy-vectorizable time and traffic formulas (docs/formulas.md)."""

@@ -2,7 +2,7 @@
 
 Each data-parallel replica trains on a packed sequence of S tokens made of documents of varying length, with
 a per-document causal mask. Its linear layers (QKV/O projections, MLP) cost the same for every replica (same
-token count), but its attention core costs sum_i l_i^2 (causal: half the square, formulas.md 1.3), so the
+token count), but its attention core costs sum_i l_i^2 (causal: half the square, docs/formulas.md#flops-causal), so the
 replica holding one long document straggles and every other replica waits for it at the gradient reduction.
 
   without disaggregation   t_r = T_lin + c_attn * W_r,  W_r = sum over r's documents of l_i^2 / 2

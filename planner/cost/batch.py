@@ -1,6 +1,6 @@
 """estimate_batch: the formulas of estimate() evaluated for many plans at once, with numpy arrays over plans.
 
-DESIGN.md: "A vectorized form of the same formulas may evaluate many plans at once, but a test holds it equal
+docs/ARCHITECTURE.md#data-flow "A vectorized form of the same formulas may evaluate many plans at once, but a test holds it equal
 to the scalar form" (tests/test_batch.py holds every output equal to `estimate` within rel 1e-9, `fits`
 exactly). Nothing here re-derives a cost formula: per-layer costs call compute.py / comm.py / memory.py with
 arrays, and the logic that estimate.py (and estimate_layer.py, estimate_memory.py) writes inline is mirrored
@@ -53,10 +53,12 @@ from planner.cost.batch_context import _PER_COLUMN, _PIPE_MEMO_MAX, _ctx, _group
 from planner.cost.batch_dag import _dag, _inflight, _makespan
 from planner.cost.batch_ids import _float_ids, _ranges, _row_ids
 from planner.cost.batch_plans import SCHEDULES, PlanArrays
-from planner.cost.compute import DTYPE_BYTES
+from planner.cost.schedules import get_schedule
+from planner.core import dtypes
 from planner.cost.estimate import (
     EXPOSED_TAIL_FRACTION, _check_deepep, _check_expert_parallel, _check_seq_chunks, estimate, shard_copy_s,
 )
+from planner.core.dims import microbatches_fit_schedule, quoted_names, seq_chunks_fit_schedule, vpp_fits_schedule
 from planner.core.errors import BadInput
 from planner.core.hardware import Cluster
 from planner.cost.stages import _homogeneous
@@ -158,14 +160,14 @@ def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGra
           f"{pa.cp[i]} = {n[i]} devices, cluster {cluster.name} has {cluster.device_count}")
     first(workload.global_batch % (pa.mbs * pa.dp) != 0,
           lambda i: f"global batch {workload.global_batch} is not divisible by mbs*dp = {pa.mbs[i]}*{pa.dp[i]}")
-    first((pa.vpp > 1) & (pa.schedule != SCHEDULES.index("interleaved-1f1b")),
-          lambda i: f"vpp={pa.vpp[i]} needs schedule 'interleaved-1f1b'")
+    first(~vpp_fits_schedule(pa.schedule, pa.vpp),
+          lambda i: f"vpp={pa.vpp[i]} needs schedule {quoted_names('virtual_stages')}")
     first(pa.sp & (pa.tp == 1), lambda i: "sequence parallel (sp) needs tp > 1")
     # ParallelPlan._check and estimate._check_seq_chunks: chunked sequences
     chunked = pa.seq_chunks > 1
-    first(chunked & (((pa.schedule != SCHEDULES.index("gpipe")) & (pa.schedule != SCHEDULES.index("1f1b")))
-                     | ~pa.flash_attention),
-          lambda i: f"seq_chunks={pa.seq_chunks[i]} needs schedule 'gpipe' or '1f1b' and flash attention")
+    first(~seq_chunks_fit_schedule(pa.schedule, pa.seq_chunks) | (chunked & ~pa.flash_attention),
+          lambda i: f"seq_chunks={pa.seq_chunks[i]} needs schedule {quoted_names('sequence_chunks')} and flash "
+                    "attention")
     first(chunked & (workload.seq_len % (pa.seq_chunks * np.where(pa.cp > 1, 2 * pa.cp, 1)) != 0),
           lambda i: f"seq_chunks {pa.seq_chunks[i]}: sequence {workload.seq_len} must divide into {pa.seq_chunks[i]} "
                     f"chunks" + (f" of 2*cp = {2 * pa.cp[i]} parts" if pa.cp[i] > 1 else ""))
@@ -188,8 +190,8 @@ def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGra
             _check_expert_parallel(model, pa.plan(int(i)))
         except BadInput as e:
             raise BadInput(f"plan {int(i)}: {e}") from None
-    first((pa.schedule == SCHEDULES.index("interleaved-1f1b")) & (m % pa.pp != 0),
-          lambda i: f"interleaved-1f1b needs the number of micro-batches ({m[i]}) to be a multiple of pp")
+    first(~microbatches_fit_schedule(pa.schedule, m, pa.pp),
+          lambda i: f"{SCHEDULES[pa.schedule[i]]} needs the number of micro-batches ({m[i]}) to be a multiple of pp")
     blocks = model.num_blocks
     if blocks:
         first(pa.pp * pa.vpp > blocks,
@@ -206,16 +208,16 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     dev = cluster.devices[0].device
     dtype = workload.dtype
     # estimate.estimate: e, b, s, m
-    e = DTYPE_BYTES[dtype] if dtype != "fp8" else 2
+    e = dtypes.activation_bytes(dtype)
     s = workload.seq_len
     m = np.where(pa.num_microbatches > 0, pa.num_microbatches,
                  np.maximum(1, workload.global_batch // (pa.mbs * pa.dp)))
     _check(pa, cluster, workload, model, m)
     items = m * pa.seq_chunks  # estimate.estimate: work items per step (ParallelPlan.seq_chunks)
     # estimate._memory: dtype sizes
-    e_w = 2 if workload.dtype in ("bf16", "fp16", "fp8") else 4
-    e_act = 2 if workload.dtype != "fp32" else 4
-    g_bytes = 4 if workload.grad_dtype == "fp32" else 2
+    e_w = dtypes.weight_bytes(workload.dtype)
+    e_act = dtypes.activation_bytes(workload.dtype)
+    g_bytes = dtypes.gradient_bytes(workload.grad_dtype)
     ctx = _ctx(model, cluster, workload)
 
     # distinct layer tuples -> columns of ctx (u_of: every plan's column), count groups cg, pipeline groups pg
@@ -284,7 +286,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
                 F = cg[gi]["Fc"][:, us[sel]].T
                 B = cg[gi]["Bc"][:, us[sel]].T
                 D[sel, :n_st] = F
-                if schedule == "zb-h1":
+                if get_schedule(schedule).splits_backward:
                     # pipeline.simulate: w = bwd / 2, B op = bwd - w, W op = w
                     w = B / 2
                     D[sel, n_st:2 * n_st] = B - w

@@ -9,10 +9,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from planner.core.dims import SCHEDULES  # the schedule column indexes it
 from planner.core.errors import BadInput
 from planner.core.plan import OffloadPolicy, ParallelPlan
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
 POLICIES = ("none", "selective", "full")
 
 

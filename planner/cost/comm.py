@@ -4,8 +4,8 @@ Every function is pure and numpy-vectorizable: sizes may be Python numbers or nu
 result is a float for scalar inputs and an ndarray otherwise. Units are in the names: `_s` seconds, `_bytes` bytes,
 `bytes_per_s` bytes per second.
 
-**Collective times** follow the alpha-beta model (reference/formulas.md 4.1) with the bandwidth term written in
-nccl-tests bus bandwidth (formulas.md 4.2, `NVIDIA/nccl-tests doc/PERFORMANCE.md`), which is what
+**Collective times** follow the alpha-beta model (docs/formulas.md#comm-alpha-beta) with the bandwidth term written in
+nccl-tests bus bandwidth (docs/formulas.md#comm-nccl, `NVIDIA/nccl-tests doc/PERFORMANCE.md`), which is what
 `CollectiveLink.bus_bytes_per_s` holds, and the latency term of NCCL's own tuner (`NVIDIA/nccl src/graph/tuning.cc`):
 
     time = base + (nsteps - nInter) * intraLat + nInter * interLat  +  factor * S / busbw
@@ -18,7 +18,7 @@ one rank, or of zero bytes, takes no time (NCCL's tuner also sets the one-rank c
 it is used as interLat; intraLat defaults to the same value and can be given (`intra_latency_s`) when a set spans
 nodes and the faster intra-node hop is known (hardware.py does not carry it separately).
 
-**Traffic helpers** return BYTES each device puts on the wire (formulas.md 4.3), not time. For a ring collective the
+**Traffic helpers** return BYTES each device puts on the wire (docs/formulas.md#comm-traffic), not time. For a ring collective the
 bandwidth time is exactly `wire_bytes / link.bus_bytes_per_s` (that is how busbw is defined); the latency term is one
 `latency` per collective the helper's docstring counts. Per micro-batch helpers count forward + backward.
 """
@@ -31,21 +31,21 @@ import numpy as np
 
 from planner.core.hardware import CollectiveLink
 
-# --- NCCL tuner constants (NVIDIA/nccl src/graph/tuning.cc @5067397, quoted in reference/formulas.md 4.2) --------
+# --- NCCL tuner constants (NVIDIA/nccl src/graph/tuning.cc @5067397, quoted in docs/formulas.md#comm-nccl) --------
 # Base latency per collective launch, LL protocol. The catalog's per-hop link latencies are NCCL's LL values
 # (NVLink 0.6 us, NET 2.7 us), so the LL base goes with them; NCCL itself picks LL for small messages, where the
 # latency term matters. Callers wanting the Simple protocol pass base_latency_s=NCCL_SIMPLE_BASE_LATENCY_S.
 NCCL_RING_BASE_LATENCY_S = 6.6e-6  # tuning.cc baseLat[Ring][LL]
 NCCL_TREE_BASE_LATENCY_S = 6.8e-6  # tuning.cc baseLat[Tree][LL]
-NCCL_SIMPLE_BASE_LATENCY_S = 8.4e-6  # tuning.cc baseLat[Ring][Simple] (Tree/Simple is also 8.4 us in formulas.md 4.2)
+NCCL_SIMPLE_BASE_LATENCY_S = 8.4e-6  # tuning.cc baseLat[Ring][Simple] (Tree/Simple is also 8.4 us in docs/formulas.md#comm-nccl)
 # Tree all-reduce algorithm bandwidth is 0.5 x busBw in the tuner ("ratio *= .5"); NCCL's further x0.92 tree
-# refinement is left out (not in formulas.md).
+# refinement is left out (not in docs/formulas.md).
 NCCL_TREE_ALGBW_FRACTION = 0.5
 
 AllReduceAlgorithm = Literal["ring", "tree", "auto"]
 Protocol = Literal["LL", "LL128", "Simple", "auto"]
 
-# NCCL's three protocols (tuning.cc @5067397, formulas.md 4.2): base latency per algorithm, per-hop latency
+# NCCL's three protocols (tuning.cc @5067397, docs/formulas.md#comm-nccl): base latency per algorithm, per-hop latency
 # by link class (NVLink 0.6/1.9/3.4 us, NET 2.7/4.0/14 us for LL/LL128/Simple), and the share of each
 # packet that is data (LL sends 4 bytes of flag with every 4 of data; LL128 120 of 128 bytes; Simple all).
 # The catalog's link latencies are the LL figures; the other protocols scale them by NCCL's ratios. NCCL
@@ -170,7 +170,7 @@ def reduce_scatter_time_s(nbytes, link: CollectiveLink, *, base_latency_s: float
 def all_gather_time_s(nbytes, link: CollectiveLink, *, base_latency_s: float | None = None,
                       intra_latency_s: float | None = None, protocol: Protocol = "auto"):
     """Ring all-gather into a full buffer of `nbytes` (count per rank x n); same cost as reduce-scatter
-    (formulas.md 4.1 ring rows without the reduction term; NCCL tuning.cc uses the same step counts)."""
+    (docs/formulas.md#comm-alpha-beta ring rows without the reduction term; NCCL tuning.cc uses the same step counts)."""
     return reduce_scatter_time_s(nbytes, link, base_latency_s=base_latency_s, intra_latency_s=intra_latency_s,
                                  protocol=protocol)
 
@@ -179,7 +179,7 @@ def all_to_all_time_s(nbytes, link: CollectiveLink, *, base_latency_s: float | N
                       inter_node_bytes_per_s: float | None = None):
     """All-to-all where each rank sends `nbytes` in total (one equal slice to every rank, itself included).
 
-    Pairwise exchange (formulas.md 4.1, MPICH): (n-1) alpha + (n-1)/n * S / busbw (nccl-tests factor (n-1)/n), with
+    Pairwise exchange (docs/formulas.md#comm-alpha-beta, MPICH): (n-1) alpha + (n-1)/n * S / busbw (nccl-tests factor (n-1)/n), with
     alpha = link.latency_s and one NCCL base latency for the launch.
 
     `link.bus_bytes_per_s` is a ring bandwidth: across nodes it is the node's NICs summed, which an all-to-all cannot
@@ -267,7 +267,7 @@ def broadcast_time_s(nbytes, link: CollectiveLink, *, base_latency_s: float | No
 
 
 def p2p_time_s(nbytes, bytes_per_s, latency_s):
-    """Point-to-point send of `nbytes`: alpha + n * beta (formulas.md 4.1). Zero bytes, or an infinite bandwidth
+    """Point-to-point send of `nbytes`: alpha + n * beta (docs/formulas.md#comm-alpha-beta). Zero bytes, or an infinite bandwidth
     with zero latency (a device to itself, Cluster.p2p(a, a)), take no time. All arguments broadcast."""
     s = _bytes(nbytes)
     bw = np.asarray(bytes_per_s, dtype=float)
@@ -278,7 +278,7 @@ def p2p_time_s(nbytes, bytes_per_s, latency_s):
     return _out(t, nbytes, bytes_per_s, latency_s)
 
 
-# --- traffic per parallelism (bytes on the wire per device; formulas.md 4.3) -------------------------------------
+# --- traffic per parallelism (bytes on the wire per device; docs/formulas.md#comm-traffic) -------------------------------------
 
 def tp_bytes_per_layer(b, s, h, dtype_bytes, tp, sp: bool = False, recompute: bool = False):
     """Tensor-parallel bytes per transformer layer per device per micro-batch, forward + backward.
@@ -299,7 +299,7 @@ def dp_grad_bytes(params_per_device, grad_dtype_bytes, dp, zero_stage: int = 0):
     """Data-parallel gradient bytes per device per step.
 
     Stages 0-2: an all-reduce (or RS of grads + AG of updated params, same volume) moves 2*Psi*(d-1)/d (ZeRO
-    §7.1, §7.2.1; formulas.md 4.3 gives the large-d 2*Psi). Stage 3: the gradient reduce-scatter alone,
+    §7.1, §7.2.1; docs/formulas.md#comm-traffic gives the large-d 2*Psi). Stage 3: the gradient reduce-scatter alone,
     Psi*(d-1)/d; its parameter gathers are zero3_param_gather_bytes (ZeRO §7.2.2).
     """
     if zero_stage not in (0, 1, 2, 3):
@@ -331,7 +331,7 @@ def cp_kv_bytes_per_layer(b, s, n_kv, d_h, cp, dtype_bytes):
     """Context-parallel (Megatron ring) bytes per layer per device per micro-batch, forward + backward.
 
     Forward: (c-1) * 2 * (s/c) * b * n_kv * d_h (K and V of every other rank's chunk, p2p in a ring); backward twice
-    that (KV re-gathered + dKV), so 3x the forward (formulas.md 4.3, Δ; Megatron context_parallel.md). GQA/MQA enter
+    that (KV re-gathered + dKV), so 3x the forward (docs/formulas.md#comm-traffic, Δ; Megatron context_parallel.md). GQA/MQA enter
     through n_kv.
     """
     c = np.asarray(cp, dtype=float)
@@ -341,7 +341,7 @@ def cp_kv_bytes_per_layer(b, s, n_kv, d_h, cp, dtype_bytes):
 
 def ep_dispatch_bytes(tokens, topk, h, dtype_bytes, ep):
     """Expert-parallel bytes one device sends in ONE token dispatch all-to-all: tokens*topk*h*(e-1)/e, uniform
-    routing (formulas.md 4.3, Δ). Combine moves the same, and forward and backward each do dispatch + combine: x4
+    routing (docs/formulas.md#comm-traffic, Δ). Combine moves the same, and forward and backward each do dispatch + combine: x4
     per MoE layer per micro-batch (Megatron moe/README.md alltoall dispatcher). `tokens` is the rank's local
     tokens (b*s); pass tokens*topk*h*dtype_bytes as `nbytes` to all_to_all_time_s."""
     e = np.asarray(ep, dtype=float)

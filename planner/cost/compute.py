@@ -15,14 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from planner.core.dtypes import BYTES_PER_ELEMENT
 from planner.core.hardware import Device
 from planner.core.model import Layer, Recompute
 
-DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-
 # Backward of a GEMM is two GEMMs of the same size (input grad and weight grad): 2x forward FLOPs
 # (Narayanan et al. 2021, Appendix). FlashAttention's backward does 2.5x its forward work, recomputing the
-# scores (FlashAttention benchmark convention, reference formulas.md 1.3).
+# scores (FlashAttention benchmark convention, docs/formulas.md#flops-causal).
 ATTENTION_BWD_FACTOR = 2.5
 # Memory-bound kernels per sublayer pass (norm, residual add, activation or rotary, dropout/bias):
 # counted for launch overhead. Backward launches about twice as many.
@@ -56,7 +55,7 @@ def gemm_time_s(m, n, k, device: Device, dtype: str, count=1):
     reading 2 and writing 1 byte per input element, and run at the device's fp8 matmul efficiency.
     """
     e = device.efficiency
-    nbytes = DTYPE_BYTES[dtype]
+    nbytes = BYTES_PER_ELEMENT[dtype]
     flops = 2.0 * m * n * k
     moved = nbytes * (m * k + k * n) + min(nbytes * 2, 4) * m * n  # fp8 GEMMs write bf16 outputs
     eff = e.matmul_fp8 if (dtype == "fp8" and e.matmul_fp8 is not None) else e.matmul

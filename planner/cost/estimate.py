@@ -5,34 +5,53 @@ plan's groups actually span (comm.py and Cluster.collective), the pipeline sched
 (pipeline.py) and memory per device (memory.py). Device ranks follow Megatron's order (tp fastest, then cp,
 then dp, then pp), so a tp group is contiguous and lands inside a node when tp <= devices per node.
 
-The pieces it assembles from live beside it: the chunk split and the structure read off it in
-estimate_structure.py, one layer's step in estimate_layer.py, memory per device in estimate_memory.py. Every
-name they define that other modules import from here stays importable from here.
+estimate() runs as named phases over one plan: checks -> setup (work item, bytes per element, links, stage
+layout, chunk structure) -> layer terms summed per chunk -> pipeline -> data-parallel sync -> optimizer ->
+memory -> outputs. The pieces it assembles from live beside it: the chunk split and the structure read off it
+in estimate_structure.py, one layer's step in estimate_layer.py, memory per device in estimate_memory.py, the
+explanation text in why.py; bytes per dtype in planner/core/dtypes.py. Every name they define that other
+modules import from here stays importable from here.
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost import attention_balance as ab
-from planner.cost import comm, pipeline
-from planner.cost.compute import DTYPE_BYTES
-from planner.cost.estimate_layer import EXPOSED_TAIL_FRACTION, _Ctx, _steps
-from planner.cost.estimate_memory import _memory, expert_data_parallel
-from planner.cost.estimate_structure import _BY_CLUSTER, _cache_for, _structure
+from planner.core import dtypes
 from planner.core.errors import BadInput, Infeasible
 from planner.core.hardware import Cluster
-from planner.cost.stages import boundary_p2p_s, stage_layout, stage_links
 from planner.core.model import ModelGraph
 from planner.core.plan import Estimate, ParallelPlan, Workload
+from planner.cost import attention_balance as ab
+from planner.cost import comm, pipeline, why
 
-# Re-exported, each the same object as in its module: planner/search/{ilp,partition,search}.py import
-# split_chunks, _policies and _layer_step from here; the rest keep every name this module had importable.
-from planner.cost.estimate_layer import _layer_step, _LayerStep, _overlapped_tp_s  # noqa: F401
-from planner.cost.estimate_structure import (  # noqa: F401
-    _BY_MODEL, _chunks, _partition_key, _policies, _split_chunks, _Structure, _topological, split_chunks,
+# Besides what estimate() uses, re-exported (each the same object as in its module): search/partition.py,
+# planners/ilp.py, app/viz.py and tests import split_chunks, _policies, _layer_step and the rest from here.
+from planner.cost.estimate_layer import (  # noqa: F401
+    EXPOSED_TAIL_FRACTION,
+    _Ctx,
+    _layer_step,
+    _LayerStep,
+    _overlapped_tp_s,
+    _steps,
 )
+from planner.cost.estimate_memory import _memory, expert_data_parallel
+from planner.cost.estimate_structure import (  # noqa: F401
+    _BY_CLUSTER,
+    _BY_MODEL,
+    _cache_for,
+    _chunks,
+    _partition_key,
+    _policies,
+    _split_chunks,
+    _Structure,
+    _structure,
+    _topological,
+    split_chunks,
+)
+from planner.cost.stages import boundary_p2p_s, stage_layout, stage_links
 
 
 def pipeline_p2p_s(cluster: Cluster, pp: int, stage_size: int, nbytes, p2p=None):
@@ -63,8 +82,6 @@ def _offload_time_s(cluster, plan: ParallelPlan, owned_params: float, e: int, g_
         return 0.0
     node = cluster.nodes[0]
     if node.host_link is None:
-        from planner.core.errors import Infeasible
-
         raise Infeasible(f"node type {node.node_type.name} has no host_link: optimizer offload needs one")
     host_bw = node.host_link.bytes_per_s
     upload = frac * owned_params * e / host_bw
@@ -198,6 +215,21 @@ def shard_copy_s(params_dev, e: int, g_bytes: int, zero, m, dev):
 
 
 def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan) -> Estimate:
+    """Step time, throughput, MFU, memory per device and the explanation of one plan, as named phases: the
+    checks, what every phase reads (_setup), layer terms summed per chunk, the pipeline, data-parallel sync,
+    the optimizer, memory, and the outputs."""
+    _check_plan(model, cluster, workload, plan)
+    one = _setup(model, cluster, workload, plan)
+    sums = _chunk_sums(one)
+    p2p_s, pipe = _pipeline(one, sums)
+    sync = _data_parallel_sync(one, sums, pipe)
+    opt_s, offload_s = _optimizer_s(one, sync)
+    mem = _stage_memory(one, pipe, sync)
+    return _outputs(one, sums, p2p_s, pipe, sync, opt_s, offload_s, mem)
+
+
+def _check_plan(model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan) -> None:
+    """Refuse (BadInput) a plan the cost model cannot price on this cluster, model and workload."""
     n = plan.devices
     if n != cluster.device_count:
         raise BadInput(f"plan uses dp*tp*pp*cp = {plan.dp}*{plan.tp}*{plan.pp}*{plan.cp} = {n} devices, "
@@ -208,40 +240,64 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     if workload.global_batch % (plan.mbs * plan.dp):
         raise BadInput(f"global batch {workload.global_batch} is not divisible by mbs*dp = "
                        f"{plan.mbs}*{plan.dp}")
+    _check_seq_chunks(model, plan, workload.seq_len)
+
+
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~5 us per estimate; read-only by convention
+class _OnePlan:
+    """What every phase of estimate() reads about one plan on one cluster: the inputs, the work item, bytes
+    per element, stage 0's device and links, the stage layout, the chunk structure and the layer context."""
+
+    model: ModelGraph
+    cluster: Cluster
+    workload: Workload
+    plan: ParallelPlan
+    microbatches: int  # m
+    items: int  # work items per step: m * seq_chunks
+    item_tokens: int  # tokens of one work item's sequences: seq_len / seq_chunks
+    act_bytes: int  # bytes per element of activations and of what the step sends (dtypes.activation_bytes)
+    weight_bytes: int  # bytes per parameter of the weights ZeRO gathers and offload uploads
+    grad_bytes: int  # bytes per parameter of the gradients reduced and offloaded
+    device: object  # stage 0's device: the cluster's first unless a stage layout places the stages
+    dp_link: object
+    ep_link: object
+    layout: object  # stages.StageLayout, or None for one device type and no placement
+    structure: _Structure
+    layer_ctx: _Ctx
+    factors: object  # attention_balance.AttentionFactors of the workload's documents, or None
+
+
+def _setup(model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan) -> _OnePlan:
+    """The work item, bytes per element, the groups' links (Megatron rank order: tp fastest, then cp, dp),
+    the stage layout, the chunk structure and the context every layer step reads."""
     dev = cluster.devices[0].device
     dtype = workload.dtype
-    e = DTYPE_BYTES[dtype] if dtype != "fp8" else 2  # fp8 GEMMs keep bf16 activations between kernels
-    b, s, m = plan.mbs, workload.seq_len, plan.microbatches(workload)
-    _check_seq_chunks(model, plan, s)
+    e = dtypes.activation_bytes(dtype)
+    b, m = plan.mbs, plan.microbatches(workload)
     # Sequence-chunked pipeline: every per-micro-batch term below is per work item, one chunk of s/n tokens
     # of the micro-batch's sequences, and a step runs m*n items (TeraPipe, Li et al. 2021 section 3).
-    s, items = s // plan.seq_chunks, m * plan.seq_chunks
+    s, items = workload.seq_len // plan.seq_chunks, m * plan.seq_chunks
     tp, cp = plan.tp, plan.cp
-    stage_size = tp * cp * plan.dp
-
     tp_link = _link(cluster, 0, 1, tp)
     cp_link = _link(cluster, 0, tp, cp)
     # Gradients are reduced, and ZeRO shards states, over dp x cp ranks: context-parallel ranks hold the
     # same weights (Megatron's data-parallel group "with cp").
-    grad_ranks = plan.dp * cp
-    dp_link = _link(cluster, 0, tp, grad_ranks)
+    dp_link = _link(cluster, 0, tp, plan.dp * cp)
     # Megatron lays the expert grid out as [expert-data][expert][expert-tensor] over the dp x cp x tp ranks
     # of a stage: the ranks of one expert-parallel group sit etp apart.
     ep_link = _link(cluster, 0, plan.etp or tp, plan.ep) if plan.ep > 1 else None
     # Several device types, or a plan that places its stages: each stage on its own devices and profile
-    # (planner/cost/stages.py); None keeps the homogeneous path below unchanged.
+    # (planner/cost/stages.py); None keeps the homogeneous path unchanged.
     layout = stage_layout(cluster, plan, dtype)
     if layout is not None:
         dev = layout.devices[0]
         tp_link, cp_link, dp_link, ep_link = stage_links(cluster, layout, 0, plan)
-
     st = _structure(model, plan)
-    chunks = st.chunks
     host = cluster.nodes[0].host_link
     ctx = _Ctx(b=b, s=s, tp=tp, cp=cp, e=e, dev=dev, dtype=dtype, plan=plan, tp_link=tp_link,
                cp_link=cp_link, ep_link=ep_link, moe_routing=(workload.moe_imbalance, workload.moe_capacity_factor),
                host_bytes_per_s=None if host is None else host.bytes_per_s,
-               e_act=2 if workload.dtype != "fp32" else 4, seq_chunks=plan.seq_chunks)
+               e_act=dtypes.activation_bytes(dtype), seq_chunks=plan.seq_chunks)
     factors = _attention_factors(workload, plan)
     if factors is not None:
         # documents: every replica's micro-batches run at the slowest replica's attention (they meet at the
@@ -249,133 +305,209 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
         ctx = dataclasses.replace(ctx, attention_scale=factors.pooled if plan.attention_pool else factors.straggler,
                                   attention_flops_scale=factors.mean)
     if plan.attention_pool:  # the pool spans every device of the plan
-        ctx = dataclasses.replace(ctx, pool_link=_link(cluster, 0, 1, n))
-    # Per chunk, the sums over its layers of each layer step's terms. cumsum adds along a row one element
-    # after the other, as the loop `f += one.fwd_s` over the chunk's layers did, so the sums are the same
-    # floats; the padding adds 0.0, which changes nothing.
-    vals = np.zeros((len(st.reps) + 1, 4 + len(_PARTS)))
-    for i, one in enumerate(_steps(model, cluster, st, ctx, () if layout is None else (layout.groups[0], dev.name))):
-        vals[i] = (one.fwd_s, one.bwd_s, *(one.parts[k] for k in _PARTS), one.flops_model, one.flops_hw)
+        ctx = dataclasses.replace(ctx, pool_link=_link(cluster, 0, 1, plan.devices))
+    return _OnePlan(model=model, cluster=cluster, workload=workload, plan=plan, microbatches=m, items=items,
+                    item_tokens=s, act_bytes=e, weight_bytes=dtypes.weight_bytes(dtype),
+                    grad_bytes=dtypes.gradient_bytes(workload.grad_dtype), device=dev, dp_link=dp_link,
+                    ep_link=ep_link, layout=layout, structure=st, layer_ctx=ctx, factors=factors)
+
+
+@dataclass(slots=True)
+class _ChunkSums:
+    """Per pipeline chunk, one work item's forward and backward seconds and its _PARTS; the FLOPs per device
+    of one item through every chunk."""
+
+    fwd_s: list
+    bwd_s: list
+    parts: list  # per chunk: {part name: seconds}
+    flops_model: float
+    flops_hw: float
+
+
+def _step_table(one: _OnePlan, ctx: _Ctx, where: tuple) -> np.ndarray:
+    """One row per distinct (layer shape, policy) of the structure, plus a zero row for padding: the layer
+    step's fwd_s, bwd_s, _PARTS, model FLOPs and hardware FLOPs."""
+    vals = np.zeros((len(one.structure.reps) + 1, 4 + len(_PARTS)))
+    for i, step in enumerate(_steps(one.model, one.cluster, one.structure, ctx, where)):
+        vals[i] = (step.fwd_s, step.bwd_s, *(step.parts[k] for k in _PARTS), step.flops_model, step.flops_hw)
+    return vals
+
+
+def _chunk_sums(one: _OnePlan) -> _ChunkSums:
+    """Layer terms -> chunk sums: each layer step's terms, on its stage's devices and links, summed per chunk."""
+    st, layout, plan = one.structure, one.layout, one.plan
+    vals = _step_table(one, one.layer_ctx, () if layout is None else (layout.groups[0], one.device.name))
     per_layer_vals = vals[st.idx]  # (chunks, longest chunk, 4 + parts)
     if layout is not None:  # the other stages' chunks on their own devices and links
         per_layer_vals = per_layer_vals.copy()
         for stage in range(1, plan.pp):
-            s_tp, s_cp, _, s_ep = stage_links(cluster, layout, stage, plan)
-            s_ctx = dataclasses.replace(ctx, dev=layout.devices[stage], tp_link=s_tp, cp_link=s_cp, ep_link=s_ep)
-            s_vals = np.zeros_like(vals)
-            key = (layout.groups[stage], layout.devices[stage].name)
-            for i, one in enumerate(_steps(model, cluster, st, s_ctx, key)):
-                s_vals[i] = (one.fwd_s, one.bwd_s, *(one.parts[k] for k in _PARTS), one.flops_model, one.flops_hw)
-            rows = [c for c in range(len(chunks)) if c % plan.pp == stage]
+            s_tp, s_cp, _, s_ep = stage_links(one.cluster, layout, stage, plan)
+            s_ctx = dataclasses.replace(one.layer_ctx, dev=layout.devices[stage], tp_link=s_tp, cp_link=s_cp,
+                                        ep_link=s_ep)
+            s_vals = _step_table(one, s_ctx, (layout.groups[stage], layout.devices[stage].name))
+            rows = [c for c in range(len(st.chunks)) if c % plan.pp == stage]
             per_layer_vals[rows] = s_vals[st.idx[rows]]
+    # cumsum adds along a row one element after the other, as the loop `f += one.fwd_s` over the chunk's
+    # layers did, so the sums are the same floats; the padding adds 0.0, which changes nothing.
     sums = np.cumsum(per_layer_vals, axis=1)[:, -1, :].tolist()
-    fwd_s = [row[0] for row in sums]
-    bwd_s = [row[1] for row in sums]
-    per_chunk = [dict(zip(_PARTS, row[2:2 + len(_PARTS)])) for row in sums]
     # FLOPs: one running sum over every layer of every chunk, in chunk order
-    chunk_flops_model = float(np.cumsum(per_layer_vals[:, :, -2].reshape(-1))[-1])
-    chunk_flops_hw = float(np.cumsum(per_layer_vals[:, :, -1].reshape(-1))[-1])
+    return _ChunkSums(fwd_s=[row[0] for row in sums], bwd_s=[row[1] for row in sums],
+                      parts=[dict(zip(_PARTS, row[2:2 + len(_PARTS)])) for row in sums],
+                      flops_model=float(np.cumsum(per_layer_vals[:, :, -2].reshape(-1))[-1]),
+                      flops_hw=float(np.cumsum(per_layer_vals[:, :, -1].reshape(-1))[-1]))
 
-    # Pipeline: activations cross each stage boundary once per micro-batch each way (Narayanan 2021 3.2);
-    # with sequence parallel (scatter/gather) each tp rank sends 1/tp of them.
+
+def _pipeline(one: _OnePlan, sums: _ChunkSums):
+    """(seconds of one stage-to-stage transfer, the schedule's timing) of the chunks through the pipeline."""
+    plan, cluster = one.plan, one.cluster
+    tp, cp = plan.tp, plan.cp
+    # Activations cross each stage boundary once per micro-batch each way (Narayanan 2021 3.2); with
+    # sequence parallel (scatter/gather) each tp rank sends 1/tp of them.
     p2p_s = 0.0
     if plan.pp > 1:
-        nbytes = b * s / cp * model.layers[0].hidden * e / (tp if plan.sp else 1)
-        if layout is None:
+        nbytes = plan.mbs * one.item_tokens / cp * one.model.layers[0].hidden * one.act_bytes / (tp if plan.sp else 1)
+        if one.layout is None:
+            stage_size = tp * cp * plan.dp
             p2p_s = float(pipeline_p2p_s(cluster, plan.pp, stage_size, nbytes, p2p=_p2p_cached(cluster)))
         else:  # every rank pair of each boundary at once, sharing NICs and island gateways
-            p2p_s = float(max(boundary_p2p_s(cluster, layout, k, nbytes, p2p=_p2p_cached(cluster))
+            p2p_s = float(max(boundary_p2p_s(cluster, one.layout, k, nbytes, p2p=_p2p_cached(cluster))
                               for k in range(plan.pp)))
-    # simulate_times: simulate's timing without its event list, equal field for field (estimate reads no
-    # events)
-    pipe = pipeline.simulate_times(plan.schedule, fwd_s, bwd_s, m, v=plan.vpp, p2p_s=p2p_s,
-                                   seq_chunks=plan.seq_chunks)
+    # simulate_times: simulate's timing without its event list, equal field for field (estimate reads no events)
+    pipe = pipeline.simulate_times(plan.schedule, sums.fwd_s, sums.bwd_s, one.microbatches, v=plan.vpp,
+                                   p2p_s=p2p_s, seq_chunks=plan.seq_chunks)
+    return p2p_s, pipe
 
-    # Data parallel gradient reduction and ZeRO traffic over the dp group. One collective per layer
-    # (Megatron and DDP reduce in buckets of about a layer's size), so the per-collective latency of a
-    # ring over many ranks counts as often as it is paid.
-    # Parameters per device of each trainable shape (layers with one shape_key hold the same), summed per
-    # stage over its trainable layers in chunk order, as sum() over the layers did.
-    sharded = [float(layer.params_per_device(tp=tp, ep=plan.ep, etp=plan.etp)) for layer in st.shapes]
-    stage_params = [sum(sharded[i] for i in ls) for ls in st.train_shape]
-    worst = int(np.argmax(stage_params))
-    if layout is not None:  # the busiest stage's gradient traffic, over its own dp group, on its device
-        dp_link = stage_links(cluster, layout, worst, plan)[2]
-        dev = layout.devices[worst]
-    per_layer = np.array([sharded[i] for i in st.train_shape[worst]] or [0.0])
-    params_dev = float(per_layer.sum())
-    g_bytes = 4 if workload.grad_dtype == "fp32" else 2
-    edp = expert_data_parallel(plan)
-    if plan.ep * (plan.etp or tp) != tp and layout is None:
+
+@dataclass(slots=True)
+class _DataParallelSync:
+    """The gradient reduction and ZeRO traffic of the stage with the most trainable parameters (`worst`)."""
+
+    stage_params: list  # trainable parameters per device of each stage
+    worst: int
+    params_dev: float  # the worst stage's trainable parameters per device
+    device: object  # the worst stage's device
+    stage_busy_s: float  # its busy seconds in the pipeline (the whole pipeline's step when pp = 1)
+    exposed_s: float  # what compute does not hide, plus the sharded framework's host copies
+
+
+def _gradient_sync_s(one: _OnePlan, per_layer, worst: int, dp_link, dev) -> float:
+    """dp_sync_s of the worst stage's layers: routed experts over their own expert-data-parallel group, the
+    rest over dp x cp."""
+    plan, st, tp = one.plan, one.structure, one.plan.tp
+    g_bytes, w_bytes, items = one.grad_bytes, one.weight_bytes, one.items
+    grad_ranks = plan.dp * plan.cp
+    if plan.ep * (plan.etp or tp) != tp and one.layout is None:
         # routed experts reduce (and, under ZeRO, gather) over their own expert-data-parallel group: the
         # ranks ep*etp apart in the stage (Megatron parallel_state.py), the rest over dp x cp
         routed = np.array([float(st.shapes[i].routed_params()) / (plan.ep * (plan.etp or tp))
                            for i in st.train_shape[worst]] or [0.0])
-        dp_s = dp_sync_s(per_layer - routed, g_bytes, e, plan.zero, items, dp_link, dev) if grad_ranks > 1 else 0.0
+        dp_s = dp_sync_s(per_layer - routed, g_bytes, w_bytes, plan.zero, items, dp_link, dev) if grad_ranks > 1 \
+            else 0.0
+        edp = expert_data_parallel(plan)
         if edp > 1:
-            dp_s += dp_sync_s(routed, g_bytes, e, plan.zero, items, _link(cluster, 0, plan.ep * (plan.etp or tp), edp),
-                              dev)
-    else:
-        dp_s = dp_sync_s(per_layer, g_bytes, e, plan.zero, items, dp_link, dev) if grad_ranks > 1 else 0.0
+            edp_link = _link(one.cluster, 0, plan.ep * (plan.etp or tp), edp)
+            dp_s += dp_sync_s(routed, g_bytes, w_bytes, plan.zero, items, edp_link, dev)
+        return dp_s
+    return dp_sync_s(per_layer, g_bytes, w_bytes, plan.zero, items, dp_link, dev) if grad_ranks > 1 else 0.0
+
+
+def _data_parallel_sync(one: _OnePlan, sums: _ChunkSums, pipe) -> _DataParallelSync:
+    """Data-parallel gradient reduction and ZeRO traffic over the dp group, and how much of it stays exposed.
+    One collective per layer (Megatron and DDP reduce in buckets of about a layer's size), so the
+    per-collective latency of a ring over many ranks counts as often as it is paid."""
+    plan, st, layout = one.plan, one.structure, one.layout
+    # Parameters per device of each trainable shape (layers with one shape_key hold the same), summed per
+    # stage over its trainable layers in chunk order, as sum() over the layers did.
+    sharded = [float(layer.params_per_device(tp=plan.tp, ep=plan.ep, etp=plan.etp)) for layer in st.shapes]
+    stage_params = [sum(sharded[i] for i in ls) for ls in st.train_shape]
+    worst = int(np.argmax(stage_params))
+    dp_link, dev = one.dp_link, one.device
+    if layout is not None:  # the busiest stage's gradient traffic, over its own dp group, on its device
+        dp_link = stage_links(one.cluster, layout, worst, plan)[2]
+        dev = layout.devices[worst]
+    per_layer = np.array([sharded[i] for i in st.train_shape[worst]] or [0.0])
+    params_dev = float(per_layer.sum())
+    dp_s = _gradient_sync_s(one, per_layer, worst, dp_link, dev)
     stage_busy = float(pipe.busy_s[worst]) if plan.pp > 1 else float(pipe.step_time_s)
     hide = dev.efficiency.comm_overlap
     if plan.zero == 3:
         # FSDP prefetches the next layer's gather during this layer's compute: only what compute cannot
         # cover, and the first gather and last reduce-scatter, stay exposed.
-        dp_exposed = max(dp_s - hide * stage_busy, EXPOSED_TAIL_FRACTION * dp_s)
+        exposed = max(dp_s - hide * stage_busy, EXPOSED_TAIL_FRACTION * dp_s)
     elif plan.overlap_grad_reduce:
-        last_bwd = sum(bwd_s[c] for c in range(len(chunks)) if c % plan.pp == worst)
-        dp_exposed = max(dp_s - hide * last_bwd, EXPOSED_TAIL_FRACTION * dp_s)
+        bwd_s = sums.bwd_s
+        last_bwd = sum(bwd_s[c] for c in range(len(st.chunks)) if c % plan.pp == worst)
+        exposed = max(dp_s - hide * last_bwd, EXPOSED_TAIL_FRACTION * dp_s)
     else:
-        dp_exposed = dp_s
-    if grad_ranks > 1:
-        dp_exposed += shard_copy_s(params_dev, e, g_bytes, plan.zero, items, dev)
+        exposed = dp_s
+    if plan.dp * plan.cp > 1:
+        exposed += shard_copy_s(params_dev, one.weight_bytes, one.grad_bytes, plan.zero, one.items, dev)
+    return _DataParallelSync(stage_params=stage_params, worst=worst, params_dev=params_dev, device=dev,
+                             stage_busy_s=stage_busy, exposed_s=exposed)
 
-    # Optimizer step: AdamW streams fp32 master weights, gradients and two moments (read and write).
-    owned = params_dev / (grad_ranks if plan.zero >= 1 else 1)
-    on_device = owned * (1 - plan.offload.optimizer)
-    opt_s = on_device * 32 / (dev.memory_bandwidth_bytes_per_s * dev.efficiency.memory)
-    if layout is not None:  # every stage steps its own optimizer at once: the slowest one counts
-        opt_s = max(p / (grad_ranks if plan.zero >= 1 else 1) * (1 - plan.offload.optimizer) * 32
+
+def _optimizer_s(one: _OnePlan, sync: _DataParallelSync) -> tuple[float, float]:
+    """(optimizer step, exposed offload) seconds. AdamW streams fp32 master weights, gradients and two moments,
+    read and written: 32 bytes per owned parameter (ZeRO section 3.1's 16 bytes of states, twice)."""
+    plan = one.plan
+    shards = plan.dp * plan.cp if plan.zero >= 1 else 1
+    owned = sync.params_dev / shards
+    if one.layout is None:
+        dev = sync.device
+        on_device = owned * (1 - plan.offload.optimizer)
+        opt_s = on_device * 32 / (dev.memory_bandwidth_bytes_per_s * dev.efficiency.memory)
+    else:  # every stage steps its own optimizer at once: the slowest one counts
+        opt_s = max(p / shards * (1 - plan.offload.optimizer) * 32
                     / (d.memory_bandwidth_bytes_per_s * d.efficiency.memory)
-                    for p, d in zip(stage_params, layout.devices))
-    offload_s = _offload_time_s(cluster, plan, owned, e, g_bytes, stage_busy)
+                    for p, d in zip(sync.stage_params, one.layout.devices))
+    offload_s = _offload_time_s(one.cluster, plan, owned, one.weight_bytes, one.grad_bytes, sync.stage_busy_s)
+    return opt_s, offload_s
 
-    step = pipe.step_time_s + dp_exposed + opt_s + offload_s
-    tokens = workload.global_batch * workload.seq_len
-    # FLOPs are per device of one pipeline chunk; a step runs m micro-batches (m*n items) on tp*cp*dp devices
-    # per stage.
-    flops_model = chunk_flops_model * items * tp * cp * plan.dp
-    flops_hw = chunk_flops_hw * items * tp * cp * plan.dp
-    peak = dev.peak_flops(dtype) * n
-    if layout is not None:
-        peak = sum(cluster.devices[i].device.peak_flops(dtype) for g in layout.groups for i in g)
-    mfu = flops_model / (step * peak)
-    hfu = flops_hw / (step * peak)
 
+def _stage_memory(one: _OnePlan, pipe, sync: _DataParallelSync) -> dict:
+    """Memory per device of every stage and of the worst one (estimate_memory._memory)."""
+    plan, st = one.plan, one.structure
     # routed-expert parameters per stage: their states shard over the expert-data-parallel ranks
-    expert = [float(layer.routed_params()) / (plan.ep * (plan.etp or tp)) for layer in st.shapes]
+    expert = [float(layer.routed_params()) / (plan.ep * (plan.etp or plan.tp)) for layer in st.shapes]
     stage_expert = [sum(expert[i] for i in ls) for ls in st.train_shape]
-    mem = _memory(model, st, workload, plan, pipe, params_dev, stage_params, dev, stage_expert)
-    # The breakdown describes the busiest pipeline stage: its per-micro-batch parts times m, plus the
-    # step-level terms. compute_s excludes recompute, which has its own line.
+    return _memory(one.model, st, one.workload, plan, pipe, sync.params_dev, sync.stage_params, sync.device,
+                   stage_expert)
+
+
+def _breakdown(one: _OnePlan, sums: _ChunkSums, p2p_s: float, pipe, sync: _DataParallelSync, opt_s: float,
+               offload_s: float) -> dict:
+    """Seconds per term of the busiest pipeline stage: its per-item parts times the items of a step, plus the
+    step-level terms. compute_s excludes recompute, which has its own line."""
+    plan, items = one.plan, one.items
     busiest = int(np.argmax(pipe.busy_s))
-    stage_parts = {k: items * sum(per_chunk[c][k] for c in range(len(chunks)) if c % plan.pp == busiest)
+    per_chunk = sums.parts
+    stage_parts = {k: items * sum(per_chunk[c][k] for c in range(len(per_chunk)) if c % plan.pp == busiest)
                    for k in per_chunk[0]}
-    breakdown_out = {
-        "compute_s": stage_parts["compute_s"],
-        "recompute_s": stage_parts["recompute_s"],
-        "tp_comm_s": stage_parts["tp_comm_s"],
-        "cp_comm_s": stage_parts["cp_comm_s"],
-        "ep_comm_s": stage_parts["ep_comm_s"],
-        "act_offload_s": stage_parts["act_offload_s"],
-        "attn_pool_s": stage_parts["attn_pool_s"],
+    return {
+        **{k: stage_parts[k] for k in _PARTS},
         "pp_comm_s": 2 * items * plan.vpp * p2p_s if plan.pp > 1 else 0.0,
         "pipeline_bubble_s": pipe.bubble_s,
-        "dp_comm_exposed_s": dp_exposed,
+        "dp_comm_exposed_s": sync.exposed_s,
         "optimizer_s": opt_s,
         "offload_s": offload_s,
     }
+
+
+def _outputs(one: _OnePlan, sums: _ChunkSums, p2p_s: float, pipe, sync: _DataParallelSync, opt_s: float,
+             offload_s: float, mem: dict) -> Estimate:
+    """Step time, throughput, model and hardware FLOPs utilisation, the breakdown, the fit against device
+    memory (per stage, the tightest reported, with a stage layout) and the explanation."""
+    plan, workload, layout, dtype = one.plan, one.workload, one.layout, one.workload.dtype
+    step = pipe.step_time_s + sync.exposed_s + opt_s + offload_s
+    # FLOPs are per device of one pipeline chunk; a step runs m micro-batches (m*n items) on tp*cp*dp devices
+    # per stage.
+    flops_model = sums.flops_model * one.items * plan.tp * plan.cp * plan.dp
+    flops_hw = sums.flops_hw * one.items * plan.tp * plan.cp * plan.dp
+    dev = one.device
+    peak = dev.peak_flops(dtype) * plan.devices
+    if layout is not None:
+        peak = sum(one.cluster.devices[i].device.peak_flops(dtype) for g in layout.groups for i in g)
+    breakdown = _breakdown(one, sums, p2p_s, pipe, sync, opt_s, offload_s)
     fits = mem["total_bytes"] <= dev.memory_bytes
     capacity = dev.memory_bytes
     if layout is not None:  # each stage against its own smallest device; report the tightest stage
@@ -383,56 +515,14 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
         fits = all(mem["stages"][i]["total_bytes"] <= layout.capacity_bytes[i] for i in range(plan.pp))
         mem = {**mem["stages"][tight], "stages": mem["stages"]}
         capacity, dev = layout.capacity_bytes[tight], layout.devices[tight]
-    why = _why(breakdown_out, step, fits, mem, dev)
-    if fits and cp > 1:
-        # why context parallel: each rank keeps s/cp tokens' activations and does 1/cp of the s^2 attention
-        why += (f"; cp {cp} ({'Ulysses all-to-all' if plan.cp_comm == 'a2a' else 'ring'}) gives each GPU "
-                f"{workload.seq_len // cp} of the {workload.seq_len} tokens: {mem['activations_bytes'] / 1e9:.1f} GB "
-                f"of activations, which "
-                f"cp 1 would multiply by {cp}, and 1/{cp} of the quadratic attention")
-    if fits and factors is not None:
-        # why (not) pool the attention: the slowest replica's documents against the balanced share
-        why += (f"; documents (mean {workload.documents.mean_tokens} tokens): attention runs at "
-                f"{factors.straggler / factors.mean:.2f}x the mean replica's work on the slowest of {plan.dp} "
-                f"replicas" + (f", {factors.pooled / factors.mean:.2f}x pooled (DistCA)" if plan.attention_pool
-                               else ""))
-    if fits and plan.seq_chunks > 1:
-        # why chunk the sequence: n times more, smaller work items fill and drain the pipeline (its bubble
-        # (p-1)/(m n + p-1) of the step), at the price of the K/V kept for later chunks
-        why += (f"; seq_chunks {plan.seq_chunks}: {m} micro-batch{'es' if m > 1 else ''} run as {items} chunks of "
-                f"{s} tokens through {plan.pp} stages (bubble {pipe.bubble_s / pipe.step_time_s:.0%} of the "
-                f"pipeline), {mem['seq_chunk_kv_bytes'] / 1e9:.1f} GB of K/V kept for later chunks")
-    if fits and plan.moe_dispatch == "tp_slice":
-        # why Pipeline MoE: its only MoE traffic is the TP group's all-reduce, usually inside a node
-        n_exp = max(layer.experts for layer in model.layers if layer.kind == "moe")
-        why += (f"; MoE tp_slice (Pipeline MoE): {n_exp // tp} of {n_exp} experts whole on each of the {tp} TP "
-                f"ranks, tokens picked by index and combined by the TP all-reduce, no expert all-to-all")
-    if fits and plan.moe_dispatch == "deepep" and ep_link is not None and ep_link.nodes > 1:
-        # why DeepEP: the fabric carries one copy per destination node, not one per expert (comm)
-        moe_l = max((layer for layer in model.layers if layer.kind == "moe"), key=lambda layer: layer.topk)
-        k = moe_l.topk
-        remote = comm.remote_nodes_per_token(k, ep_link.nodes, moe_l.route_groups, moe_l.route_topk_groups)
-        why += (f"; MoE deepep: each token crosses the fabric to {remote:.1f} "
-                f"of the {ep_link.nodes - 1} other node{'s' if ep_link.nodes > 2 else ''} of its expert group, "
-                f"where an all-to-all sends "
-                f"{k * (ep_link.nodes - 1) / ep_link.nodes:.1f} copies")
+    text = why.explain(breakdown, step, fits, mem, dev, model=one.model, workload=workload, plan=plan, pipe=pipe,
+                       microbatches=one.microbatches, item_tokens=one.item_tokens, factors=one.factors,
+                       ep_link=one.ep_link)
     return Estimate(
-        step_time_s=step, tokens_per_s=tokens / step, mfu=mfu, hfu=hfu,
+        step_time_s=step, tokens_per_s=workload.global_batch * workload.seq_len / step,
+        mfu=flops_model / (step * peak), hfu=flops_hw / (step * peak),
         peak_memory_bytes=mem["total_bytes"], memory_capacity_bytes=capacity, fits=fits,
-        breakdown=breakdown_out, memory={k: v for k, v in mem.items() if k != "stages"},
-        stages=[{"stage": i, "fwd_s": fwd_s[i], "bwd_s": bwd_s[i], **mem["stages"][i]}
-                for i in range(min(plan.pp, len(fwd_s)))],
-        why=why)
-
-
-def _why(bd: dict, step: float, fits: bool, mem: dict, dev) -> str:
-    if not fits:
-        return (f"does not fit: needs {mem['total_bytes'] / 1e9:.1f} GB per device, has "
-                f"{dev.memory_bytes / 1e9:.0f} GB")
-    top = max(bd.items(), key=lambda kv: kv[1])
-    names = {"compute_s": "compute", "pipeline_bubble_s": "pipeline bubble", "tp_comm_s": "TP communication",
-             "dp_comm_exposed_s": "exposed DP communication", "ep_comm_s": "expert all-to-all",
-             "cp_comm_s": "context-parallel communication", "optimizer_s": "optimizer step",
-             "recompute_s": "recomputation", "pp_comm_s": "pipeline transfers", "offload_s": "offload",
-             "act_offload_s": "activation offload", "attn_pool_s": "attention pool transfers"}
-    return f"limited by {names.get(top[0], top[0])} ({top[1] / step:.0%} of the step)"
+        breakdown=breakdown, memory={k: v for k, v in mem.items() if k != "stages"},
+        stages=[{"stage": i, "fwd_s": sums.fwd_s[i], "bwd_s": sums.bwd_s[i], **mem["stages"][i]}
+                for i in range(min(plan.pp, len(sums.fwd_s)))],
+        why=text)

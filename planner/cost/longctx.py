@@ -25,7 +25,7 @@ def ulysses_a2a_bytes(b, s, heads: int, kv_heads: int, head_dim: int, cp, tp, dt
 
 def offload_exposed_s(nbytes, host_bytes_per_s: float, overlap_s):
     """Exposed time of a host transfer that runs beside `overlap_s` of compute on its own copy engine:
-    max(0, bytes / B_host - overlap) (formulas.md 2.4, Δ; Megatron fine-grained activation offloading and
+    max(0, bytes / B_host - overlap) (docs/formulas.md#memory-offload, Δ; Megatron fine-grained activation offloading and
     SPPO overlap D2H / H2D with the layer's compute)."""
     t = np.asarray(nbytes, dtype=float) / host_bytes_per_s - np.asarray(overlap_s, dtype=float)
     out = np.maximum(t, 0.0)

@@ -1,6 +1,6 @@
 """Memory per device: model states (ZeRO / Megatron), GPT-layer activations (Korthikanti), the backward
 working set of one block, pipeline in-flight activations, allocator overhead. Pure functions
-(reference/formulas.md section 2).
+(docs/formulas.md#memory).
 
 Arguments may be numpy arrays where noted (params, dp, sizes) so the search can evaluate many plans at
 once; schedule names, ZeRO stage and optimizer are scalars.
@@ -50,7 +50,7 @@ def model_state_bytes(params, dp, zero: int, weight_dtype_bytes: int = 2, grad_d
     params: parameters this model-parallel rank owns (already divided by tp / pp / ep); dp: the
     data-parallel degree the states are sharded over. ZeRO stage (Rajbhandari et al. 2020, section 5):
     0 nothing sharded, 1 optimizer states (P_os), 2 + gradients (P_os+g), 3 + weights (P_os+g+p).
-    Megatron's distributed optimizer is stage 1 (formulas.md 2.1).
+    Megatron's distributed optimizer is stage 1 (docs/formulas.md#memory-states).
 
     Bytes per parameter, AdamW mixed precision (K = 12):
       2-byte grads (ZeRO paper): 16, 4 + 12/d, 2 + 14/d, 16/d for stages 0-3.
@@ -115,7 +115,7 @@ def activation_bytes_gpt_layer(s, b, h, a, t=1, sp: bool = False, recompute: str
       TP + SP + selective recompute  34 sbh / t                      (Table 2)
       full recompute                 2 sbh                           (Table 2)
     flash=True drops the 5as/h score term as selective recompute does ("we can drop this term ... if
-    we do flash attention", formulas.md 2.2). With full recompute and SP the stored layer input is
+    we do flash attention", docs/formulas.md#memory-activations). With full recompute and SP the stored layer input is
     the sequence-sharded tensor, 2sbh/t (Megatron; Table 2 prints only 2sbh; Δ).
     """
     if recompute not in ("none", "selective", "full"):
@@ -159,7 +159,7 @@ def pipeline_activation_bytes(per_microbatch_bytes, schedule: str, p: int, m: in
                               v: int = 1, offload_fraction: float = 0.0):
     """Peak activation bytes on one pipeline device: the activations of one micro-batch through all
     layers on that device (all v chunks) times the micro-batches in flight at its peak
-    (`inflight_microbatches`, formulas.md 2.3). offload_fraction: share moved to host memory
+    (`inflight_microbatches`, docs/formulas.md#memory-inflight). offload_fraction: share moved to host memory
     (ignores the prefetch buffer; Δ)."""
     if not 0.0 <= offload_fraction <= 1.0:
         raise ValueError(f"offload_fraction must be in [0, 1], got {offload_fraction}")

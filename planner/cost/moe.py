@@ -1,4 +1,4 @@
-"""MoE routing terms: expert capacity, token dropping and load imbalance (reference formulas.md section 6).
+"""MoE routing terms: expert capacity, token dropping and load imbalance (docs/formulas.md#moe-capacity).
 
 The busiest expert-parallel rank sets the MoE layer's time (every rank waits for it at the combine
 all-to-all), so the cost model scales the expert GEMMs and the dispatch/combine traffic of one rank by
@@ -20,7 +20,7 @@ def capacity_tokens(tokens, topk: int, experts: int, capacity_factor: float) -> 
 
 def expert_load(imbalance, capacity_factor: float | None = None):
     """The busiest expert's processed tokens over the mean, T*k/E. Dropless: the router's imbalance
-    gamma = max_e n_e / (T k / E) >= 1 (formulas.md section 6, Δ). With a capacity factor the expert
+    gamma = max_e n_e / (T k / E) >= 1 (docs/formulas.md#moe-capacity, Δ). With a capacity factor the expert
     processes at most CF x the mean and drops the rest (Switch section 2.2): min(gamma, CF)."""
     g = np.asarray(imbalance, dtype=float)
     if np.any(g < 1):

@@ -1,6 +1,6 @@
 """Pipeline schedules: an op-level dependency simulation and the published closed forms.
 
-Pure functions, no I/O (reference/formulas.md sections 2.3 and 3).
+Pure functions, no I/O (docs/formulas.md#memory-inflight and docs/formulas.md#pipeline-bubble).
 
 The simulation (`simulate`) takes per-stage forward and backward times of one micro-batch, builds the
 order in which every device runs its ops under the chosen schedule, and times the ops: an op starts
@@ -15,7 +15,8 @@ Dependencies (virtual stage k = chunk * p + device; p*v virtual stages in all):
   B(k, j) after B(k+1, j)          (+ p2p_s), and after F(k, j) on the last virtual stage
   W(k, j) after B(k, j)            (zb-h1 only; same device)
 
-The per-device orders of each schedule are in planner/cost/schedule_order.py.
+The per-device orders and closed forms of each schedule are in planner/cost/schedules/ (one module each);
+this module times them and dispatches the closed forms by schedule name.
 """
 from __future__ import annotations
 
@@ -29,9 +30,15 @@ from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
 
-from planner.cost.schedule_order import SCHEDULES
+from planner.core.dims import SCHEDULES
+from planner.cost.schedule_order import _check_args, order_arrays, schedule_order
+from planner.cost.schedules import get_schedule
 
-PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"]
+PipelineSchedule = Literal[SCHEDULES]
+
+__all__ = ["SCHEDULES", "PipelineEvent", "PipelineResult", "PipelineSchedule", "bubble_fraction_closed",
+           "bubble_time_closed", "inflight_microbatches", "schedule_order", "schedule_peaks", "simulate",
+           "simulate_times"]
 
 
 class PipelineEvent(NamedTuple):
@@ -57,7 +64,7 @@ class PipelineResult:
     bubble_s          step_time_s - max(busy_s): the idle time of the busiest device, i.e. what the
                       pipeline adds on top of the slowest device's own work. With equal stages this is
                       Narayanan's t_pb = (p-1)(t_f+t_b) (1F1B/GPipe).
-    bubble_fraction   bubble_s / step_time_s: the bubble as a share of the step (formulas.md section 3,
+    bubble_fraction   bubble_s / step_time_s: the bubble as a share of the step (docs/formulas.md#pipeline-bubble,
                       "as a share of step time"), e.g. (p-1)/(m+p-1) for 1F1B with equal stages.
     peak_inflight     per device, the most micro-batches whose forward has run and whose backward (B)
                       has not finished: activations held. Under interleaving the unit is one chunk's
@@ -83,13 +90,6 @@ class PipelineResult:
     peak_pending_w: tuple[int, ...]
     events: tuple[PipelineEvent, ...]
     seq_chunks: int = 1  # sequence chunks per micro-batch: m * seq_chunks work items ran
-
-
-# Per-device op orders live in schedule_order.py; its names stay importable from here.
-from planner.cost.schedule_order import (  # noqa: E402,F401
-    _backward_items, _check_args, _order_1f1b, _order_arrays, _order_gpipe, _order_interleaved, _order_zb_h1,
-    interleaved_warmup, schedule_order,
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,15 +134,16 @@ def _check_times(fwd: list, bwd: list, v: int, p2p_s: float) -> int:
 
 
 def backward_split(schedule: str, bwd: list, wgrad_s, n_stages: int) -> tuple[list, list | None]:
-    """(B op durations, W op durations or None) per stage: under zb-h1 the backward splits into the input
-    gradient (B) and the weight gradient (W, default half of it; Qi et al. 2023); otherwise B is all of it."""
-    if schedule == "zb-h1":
+    """(B op durations, W op durations or None) per stage: under a schedule that splits the backward (zb-h1)
+    it runs as the input gradient (B) and the weight gradient (W, default half of it; Qi et al. 2023);
+    otherwise B is all of it."""
+    if get_schedule(schedule).splits_backward:
         w = [x / 2 for x in bwd] if wgrad_s is None else [float(x) for x in wgrad_s]
         if len(w) != n_stages or any(x < 0 or x > b for x, b in zip(w, bwd)):
             raise ValueError("wgrad_s must have one entry per stage, each within [0, bwd_s]")
         return [b - x for b, x in zip(bwd, w)], w
     if wgrad_s is not None:
-        raise ValueError("wgrad_s only applies to schedule 'zb-h1'")
+        raise ValueError(f"wgrad_s only applies to schedule {' or '.join(map(repr, schedules_with_split()))}")
     return bwd, None
 
 
@@ -237,7 +238,7 @@ def _peaks(schedule: str, kind: np.ndarray, bounds: list) -> tuple[tuple[int, ..
     and the most deferred W's (B adds one under zb-h1, W takes one; counted after every F and W op, so a W
     run straight after its own B never counts as pending). kind: 0 F, 1 B, 2 W in device order."""
     held = np.where(kind == 0, 1, np.where(kind == 1, -1, 0))
-    wait = np.where(kind == 1, int(schedule == "zb-h1"), np.where(kind == 2, -1, 0))
+    wait = np.where(kind == 1, int(get_schedule(schedule).splits_backward), np.where(kind == 2, -1, 0))
     inflight, pending = [], []
     for lo, hi in bounds:
         kd = kind[lo:hi]
@@ -308,7 +309,7 @@ def _compiled(schedule: str, p: int, m: int, v: int, n: int = 1) -> _Compiled:
     n_stages = p * v
     total = m * n  # work items
     # every op in device order (op id g = d * per_dev + its place in device d's order)
-    kind, item, chunk, per_dev = _order_arrays(schedule, p, m, v, n)
+    kind, item, chunk, per_dev = order_arrays(schedule, p, m, v, n)
     n_ops = p * per_dev
     bounds = [(d * per_dev, (d + 1) * per_dev) for d in range(p)]
     dev = np.repeat(np.arange(p, dtype=np.int64), per_dev)
@@ -359,7 +360,7 @@ def simulate_times(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float]
     bwd = [float(x) for x in bwd_s]
     p = _check_times(fwd, bwd, v, p2p_s)
     _check_args(schedule, p, m, v, seq_chunks)
-    if schedule == "zb-h1":
+    if get_schedule(schedule).splits_backward:
         w = [x / 2 for x in bwd]
         dur = fwd + [b - x for b, x in zip(bwd, w)] + w
     else:
@@ -402,12 +403,7 @@ def bubble_time_closed(schedule: str, p: int, m: int, v: int = 1, tf: float = 1.
     bubble is larger.
     """
     _check_args(schedule, p, m, v)
-    if schedule in ("gpipe", "1f1b"):
-        return (p - 1) * (tf + tb)
-    if schedule == "interleaved-1f1b":
-        return (p - 1) * (tf + tb) / v
-    tw = tb / 2 if tw is None else tw
-    return (p - 1) * max(tf + (tb - tw) - tw, 0.0)
+    return get_schedule(schedule).bubble_time(p, m, v, tf, tb, tw)
 
 
 def bubble_fraction_closed(schedule: str, p: int, m: int, v: int = 1, tf: float = 1.0, tb: float = 2.0,
@@ -418,7 +414,7 @@ def bubble_fraction_closed(schedule: str, p: int, m: int, v: int = 1, tf: float 
     of="step" (default): bubble / step time, the share of the step spent idle; the same quantity as
     `PipelineResult.bubble_fraction`. GPipe/1F1B (p-1)/(m+p-1); interleaved (p-1)/(v*m+p-1);
     ZB-H1 (p-1)(T_F+T_B-T_W) / (m(T_F+T_B+T_W) + (p-1)(T_F+T_B-T_W)), which is (p-1)/(3m+p-1) for
-    T_F = T_B = T_W (formulas.md section 3; the step-time denominators are marked Δ there).
+    T_F = T_B = T_W (docs/formulas.md#pipeline-bubble; the step-time denominators are marked Δ there).
     of="ideal": bubble / ideal time m(t_f+t_b), Narayanan's t_pb/t_id: (p-1)/m, (1/v)(p-1)/m for
     interleaving. seq_chunks n (gpipe, 1f1b): tf, tb are one chunk's and m * n items fill the pipeline,
     (p-1)/(m n + p-1) (TeraPipe, Li et al. 2021 section 3; Seq1F1B, Sun et al. 2024).
@@ -434,7 +430,7 @@ def bubble_fraction_closed(schedule: str, p: int, m: int, v: int = 1, tf: float 
 
 
 def inflight_microbatches(schedule: str, p: int, m: int, stage: int = 0, v: int = 1, seq_chunks: int = 1) -> float:
-    """Micro-batches' worth of activations a device holds at its peak (formulas.md section 2.3).
+    """Micro-batches' worth of activations a device holds at its peak (docs/formulas.md#memory-inflight).
 
     The unit is one micro-batch's activations for *all* layers on the device (for interleaving, all
     v chunks), so peak activation memory = this x per-micro-batch activation of the device.
@@ -446,14 +442,14 @@ def inflight_microbatches(schedule: str, p: int, m: int, stage: int = 0, v: int 
     section 4.2.3).
     seq_chunks n > 1: in units of one chunk's activations; GPipe m n, 1F1B min(p - stage + n - 1, m n): a
     stage holds every chunk of the micro-batch whose backward (last chunk first) it waits for, plus the
-    warm-up (`_order_1f1b`).
+    warm-up (schedules/one_f_one_b.py).
     """
     _check_args(schedule, p, m, v, seq_chunks)
     if not 0 <= stage < p:
         raise ValueError(f"stage {stage} outside 0..{p - 1}")
-    n = seq_chunks
-    if schedule == "gpipe":
-        return float(m * n)
-    if schedule in ("1f1b", "zb-h1"):
-        return float(min(p - stage + n - 1, m * n))
-    return min(interleaved_warmup(p, stage, m, v) + 1, m * v) / v
+    return get_schedule(schedule).inflight_microbatches(p, m, stage, v, seq_chunks)
+
+
+def schedules_with_split() -> tuple[str, ...]:
+    """The schedules whose backward runs as separate B and W ops."""
+    return tuple(name for name in SCHEDULES if get_schedule(name).splits_backward)

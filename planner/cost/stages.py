@@ -125,7 +125,7 @@ def boundary_p2p_s(cluster: Cluster, layout: StageLayout, k: int, nbytes: float,
     Each pair gets its point-to-point bandwidth (Cluster.p2p), shared with the pairs that leave through the
     same NIC, the same island gateway (island link x ports per node x sending nodes of that island,
     as hardware.collective_link counts it) or the same shared medium (Wi-Fi: one channel for all, halved
-    when half-duplex). The alpha-beta time of the slowest pair is the boundary's (formulas.md 4.1).
+    when half-duplex). The alpha-beta time of the slowest pair is the boundary's (docs/formulas.md#comm-alpha-beta).
     """
     from planner.cost import comm
 

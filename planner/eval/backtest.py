@@ -17,6 +17,7 @@ from pathlib import Path
 from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
 from planner.catalog import load_cluster, stack_efficiency
 from planner.cost.estimate import estimate
+from planner.core.dtypes import train_dtype_or
 from planner.core.errors import BadInput, PlannerError
 from planner.files import read_input
 from planner.core.limits import MAX_GLOBAL_BATCH, MAX_MICROBATCHES, MAX_SEQ_LEN
@@ -50,12 +51,13 @@ def stack_key(row: dict) -> str:
     for a source's ZeRO-3 rows, which run a different data-parallel engine (NAR21's ZeRO-3 baseline is
     DeepSpeed, its 3D rows Megatron-LM) and so get their own collective efficiency."""
     src = str(row["source_code"])
-    zero = _num(row, "zero")
+    zero = row_value(row, "zero")
     return f"{src}/zero3" if zero is not None and int(zero) == 3 else src
 DEFAULT_VOCAB = 51200  # GPT-3-style runs that do not print one (NeMo GPT3 recipes pad 50257 to this)
 
 
-def _num(row, key, default=None):
+def row_value(row, key, default=None):
+    """The row's cell under `key`, or `default` where the table leaves it empty (missing, "", NaN)."""
     v = row.get(key)
     if v is None or (isinstance(v, float) and math.isnan(v)) or v == "":
         return default
@@ -292,8 +294,8 @@ def head_dim_correction(row: dict) -> dict:
     FLOPs. The source's printed model-FLOPs rate is its own count of the same model, so where it agrees
     within 3% with head_dim 128 or 256 and is >10% off the printed value, the printed value is the typo.
     """
-    hd = _num(row, "head_dim")
-    tflops, tokens = _num(row, "measured_tflops_per_device"), _num(row, "measured_tokens_per_s_per_device")
+    hd = row_value(row, "head_dim")
+    tflops, tokens = row_value(row, "measured_tflops_per_device"), row_value(row, "measured_tokens_per_s_per_device")
     if (hd is None or tflops is None or tokens is None or str(row.get("flops_convention")) != "model"
             or int(hd) * int(row["heads"]) != int(row["hidden"]) or str(row["arch"]).startswith("deepseek")):
         return {}
@@ -312,29 +314,29 @@ def _build_row_model(row: dict):
     arch = str(row["arch"])
     gpt = arch == "gpt"
     hidden, heads = int(row["hidden"]), int(row["heads"])
-    kv = int(_num(row, "kv_heads", heads))
-    head_dim = _num(row, "head_dim")
+    kv = int(row_value(row, "kv_heads", heads))
+    head_dim = row_value(row, "head_dim")
     moe = None
     mla = None
-    experts = _num(row, "moe_experts")
+    experts = row_value(row, "moe_experts")
     if experts:
-        moe = MoEConfig(experts=int(experts), topk=int(_num(row, "moe_topk", 2)),
-                        ffn_hidden=int(_num(row, "moe_ffn_hidden", row["ffn_hidden"])),
-                        shared_experts=int(_num(row, "moe_shared_experts", 0)),
-                        shared_ffn_hidden=int(_num(row, "moe_ffn_hidden", 0)) * int(
-                            _num(row, "moe_shared_experts", 0) > 0),
-                        dense_layers_first=int(_num(row, "dense_layers_first", 0)))
+        moe = MoEConfig(experts=int(experts), topk=int(row_value(row, "moe_topk", 2)),
+                        ffn_hidden=int(row_value(row, "moe_ffn_hidden", row["ffn_hidden"])),
+                        shared_experts=int(row_value(row, "moe_shared_experts", 0)),
+                        shared_ffn_hidden=int(row_value(row, "moe_ffn_hidden", 0)) * int(
+                            row_value(row, "moe_shared_experts", 0) > 0),
+                        dense_layers_first=int(row_value(row, "dense_layers_first", 0)))
     if arch.startswith("deepseek"):
         # DeepSeek-V3's MLA dimensions (DeepSeek-V3 technical report section 4.2)
         mla = MLA(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                   v_head_dim=128)
         kv = heads
-    gated = bool(int(_num(row, "gated_mlp", 0 if gpt else 1)))
+    gated = bool(int(row_value(row, "gated_mlp", 0 if gpt else 1)))
     cfg = TransformerConfig(
         name=str(row.get("model") or row["id"]), source=f"row {row['id']} of a runs table",
         layers=int(row["layers"]), hidden=hidden, heads=heads, kv_heads=kv,
         head_dim=int(head_dim) if head_dim and not mla else None,
-        ffn_hidden=int(row["ffn_hidden"]), vocab=int(_num(row, "vocab", DEFAULT_VOCAB)), gated_mlp=gated,
+        ffn_hidden=int(row["ffn_hidden"]), vocab=int(row_value(row, "vocab", DEFAULT_VOCAB)), gated_mlp=gated,
         norm="layernorm" if gpt else "rmsnorm", position="learned" if gpt else "rope",
         max_seq=int(row["seq_len"]), bias=gpt, dropout=gpt and str(row["source_code"]) in ("NAR21", "KOR22"),
         moe=moe, mla=mla)
@@ -351,25 +353,25 @@ def token_drop(row: dict) -> bool:
 def _candidates(row: dict, n_devices: int):
     """Plans for the row, as ParallelPlan fields: printed values fixed, unprinted ones enumerated (a field
     combination the plan refuses is the caller's to skip)."""
-    tp = int(_num(row, "tp", 1))
-    pp = int(_num(row, "pp", 1))
-    cp = int(_num(row, "cp", 1))
-    dp = int(_num(row, "dp", n_devices // (tp * pp * cp)))
-    vpp = int(_num(row, "vpp", 1))
-    ep = int(_num(row, "ep", 1))
-    etp_printed = _num(row, "etp")
+    tp = int(row_value(row, "tp", 1))
+    pp = int(row_value(row, "pp", 1))
+    cp = int(row_value(row, "cp", 1))
+    dp = int(row_value(row, "dp", n_devices // (tp * pp * cp)))
+    vpp = int(row_value(row, "vpp", 1))
+    ep = int(row_value(row, "ep", 1))
+    etp_printed = row_value(row, "etp")
     # Unprinted expert-tensor parallelism: Megatron's default (= tp) or none (1, the MoE-folding recipes);
     # the search keeps whichever is valid and faster.
     etp_opts = [int(etp_printed)] if etp_printed else sorted({tp, 1}) if ep > 1 else [None]
     gbs = int(row["global_batch"])
-    mbs_printed = _num(row, "micro_batch")
+    mbs_printed = row_value(row, "micro_batch")
     mbs_opts = [int(mbs_printed)] if mbs_printed else [
         x for x in (1, 2, 4, 8) if gbs % (x * dp) == 0 and gbs // (x * dp) <= MAX_MICROBATCHES]
-    rec = str(_num(row, "recompute", "unknown"))
+    rec = str(row_value(row, "recompute", "unknown"))
     rec_opts = [rec] if rec in ("none", "selective", "full") else ["none", "selective", "full"]
-    zero_printed = _num(row, "zero")
+    zero_printed = row_value(row, "zero")
     zero_opts = [int(zero_printed)] if zero_printed is not None else [0, 1]
-    sp_printed = _num(row, "sp")
+    sp_printed = row_value(row, "sp")
     sp_opts = [bool(int(sp_printed))] if sp_printed is not None else [tp > 1]
     stack = SOFTWARE_STACKS.get(str(row["source_code"]), MODERN_STACK)
     # Unprinted MoE token exchange: the all-to-all, or DeepEP's (dropless routing only, estimate._check_deepep)
@@ -414,7 +416,7 @@ def _peak_tflops(row) -> float:
     from planner.catalog import device
 
     dev = device(str(row["device"]))
-    dtype = str(_num(row, "precision", "bf16"))
+    dtype = str(row_value(row, "precision", "bf16"))
     return dev.peak_flops("bf16" if dtype in ("unknown", "fp8") else dtype) / 1e12
 
 
@@ -464,7 +466,7 @@ def _predict(row: dict, res: RowResult, return_plan: bool) -> None:
     model = row_model(row)
     res.assumed.update(head_dim_correction(row))
     n_devices = int(row["device_count"])
-    per_node = int(_num(row, "gpus_per_node", 8))
+    per_node = int(row_value(row, "gpus_per_node", 8))
     cluster = load_cluster(str(row["cluster"]), nodes=max(1, n_devices // per_node),
                            devices=n_devices if n_devices < per_node else None)
     # A source whose software stack was fitted on its own (planner.eval.fit --stack) uses that fit.
@@ -472,9 +474,9 @@ def _predict(row: dict, res: RowResult, return_plan: bool) -> None:
     if cluster.device_count != n_devices:
         raise BadInput(f"cluster {row['cluster']} x {n_devices // per_node} nodes has "
                        f"{cluster.device_count} devices, row says {n_devices}")
-    precision = str(_num(row, "precision", "bf16"))
+    precision = str(row_value(row, "precision", "bf16"))
     workload = Workload(global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]),
-                        dtype=precision if precision in ("bf16", "fp16", "fp8", "fp32") else "bf16",
+                        dtype=train_dtype_or(precision, "bf16"),
                         moe_capacity_factor=1.0 if token_drop(row) else None)
     best, last_error = None, None
     for fields, assumed in _candidates(row, n_devices):

@@ -22,13 +22,14 @@ import numpy as np
 from planner.eval.backtest import TARGETS, backtest_row, predicted_value, read_runs, row_model, stack_key
 from planner.catalog import load_cluster, stack_efficiency
 from planner.cost.estimate import estimate
+from planner.core.dtypes import train_dtype_or
 from planner.core.errors import BadInput
 from planner.files import write_atomic
 from planner.core.plan import ParallelPlan, Workload
 
 PARAMS = ("matmul", "matmul_fp8", "attention", "gemm_half_dim")
 # Upper bounds are what a device can do at best, not fitting slack: the best measured dense matmul
-# (MAMF) fractions are 70-87% BF16 and 70-76% FP8 (reference clusters.md section 10); GEMM tiles are
+# (MAMF) fractions are 70-87% BF16 and 70-76% FP8 (docs/formulas.md#efficiency-measured); GEMM tiles are
 # 128-256 wide, so a shape curve that halves efficiency beyond a 512-wide GEMM is not a tile effect.
 BOUNDS = {"dp_collective": (0.02, 1.0), "matmul": (0.2, 0.9), "matmul_fp8": (0.15, 0.8), "attention": (0.1, 0.9),
           "host_dispatch_us": (0.0, 300.0), "memory": (0.3, 0.95), "gemm_half_dim": (0.0, 512.0)}
@@ -52,7 +53,7 @@ class _Case:
         self.cluster = self.cluster.with_efficiency(**stack_efficiency(self.stack, str(row["device"])))
         precision = str(row.get("precision") or "bf16")
         self.workload = Workload(global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]),
-                                 dtype=precision if precision in ("bf16", "fp16", "fp8", "fp32") else "bf16")
+                                 dtype=train_dtype_or(precision, "bf16"))
         self.measured = float(row[TARGETS[str(row["target"])]])
         self.device = str(row["device"])
         self.fp8 = self.workload.dtype == "fp8"

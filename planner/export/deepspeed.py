@@ -1,6 +1,6 @@
 """DeepSpeed: the ds_config JSON passed to `deepspeed.initialize(config=...)`.
 
-Key spellings from ../shared/reference/conventions.md part 2 (DeepSpeed master @ edaa7221, 0.19.6: keys in
+Key spellings from docs/launchers.md (DeepSpeed master @ edaa7221, 0.19.6: keys in
 deepspeed/runtime/constants.py and the pydantic models zero/config.py, zero/offload_config.py,
 precision_config.py, tensor_parallel/config.py, activation_checkpointing/config.py). tests/test_export.py
 feeds every export to DeepSpeed's own `deepspeed.runtime.config.DeepSpeedConfig` when DeepSpeed is installed.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 from planner.core.errors import BadInput
-from planner.export import ExportContext, LauncherSettings, Unsupported, check_common
+from planner.export.common import ExportContext, LauncherSettings, Unsupported, check_common
 
 LAUNCHER = "DeepSpeed"
 
@@ -23,7 +23,7 @@ def _check(ctx: ExportContext) -> None:
     p, w = ctx.plan, ctx.workload
     check_common(ctx, LAUNCHER)
     if p.cp > 1:
-        # conventions.md 2.1 "Context parallel size": DeepSpeed's sequence parallelism is Ulysses (all-to-all
+        # docs/launchers.md#degrees: DeepSpeed's sequence parallelism is Ulysses (all-to-all
         # over heads), not the ring context parallelism the plan was costed with.
         raise Unsupported(LAUNCHER, "cp", "DeepSpeed has Ulysses sequence parallelism (all-to-all over heads), "
                           "not ring context parallelism; export --to megatron or torchtitan")
@@ -43,7 +43,7 @@ def _check(ctx: ExportContext) -> None:
         raise Unsupported(LAUNCHER, "schedule", f"DeepSpeed's TrainSchedule is synchronous 1F1B only, not "
                           f"'{sched}'")
     if p.pp > 1 and p.zero >= 2:
-        # conventions.md 2.1 "Pipeline parallel size": assert in runtime/pipe/engine.py.
+        # docs/launchers.md#degrees: assert in runtime/pipe/engine.py.
         raise Unsupported(LAUNCHER, "zero", f"DeepSpeed pipeline parallelism refuses ZeRO stage {p.zero} (>= 2)")
     if p.pp > 1 and len(set(ctx.stage_layers())) > 1:
         raise Unsupported(LAUNCHER, "partition", "PipelineModule balances by parameters or layer count "
@@ -68,7 +68,7 @@ def _check(ctx: ExportContext) -> None:
 def to_deepspeed(ctx: ExportContext) -> str:
     _check(ctx)
     p, w = ctx.plan, ctx.workload
-    # conventions.md 2.1 "Micro batch size" / "Global batch size": train_batch_size = micro x accumulation x
+    # docs/launchers.md#batch / "Global batch size": train_batch_size = micro x accumulation x
     # DP world size, asserted by DeepSpeedConfig._batch_assertion.
     cfg: dict = {
         "train_batch_size": w.global_batch,

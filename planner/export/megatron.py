@@ -1,6 +1,6 @@
 """Megatron-LM: a launch script with the arguments of pretrain_gpt.py.
 
-Flag spellings are those of megatron/training/arguments.py as listed in ../shared/reference/conventions.md
+Flag spellings are those of megatron/training/arguments.py as listed in docs/launchers.md
 section 2.1 (main @ d98e8a64dd, cross-checked against core_v0.15.0); the section 2.0 rule (TransformerConfig
 field `x_y` -> `--x-y`) gives the few model-shape flags that table does not list, each marked below.
 The script keeps Megatron's example layout (examples/gpt3/train_gpt3_175b_distributed.sh): node counts as
@@ -12,30 +12,35 @@ import re
 import shlex
 
 from planner.core.errors import BadInput
-from planner.export import ExportContext, LauncherSettings, Unsupported, check_common, header_lines
+from planner.export.common import ExportContext, LauncherSettings, Unsupported, check_common, header_lines
 
 LAUNCHER = "Megatron-LM"
+
+
+# docs/launchers.md#schedule: the schedules Megatron-LM runs (pp > 1: 1F1B, or interleaved with
+# --num-layers-per-virtual-pipeline-stage); every other one is refused
+_SCHEDULES = ("1f1b", "interleaved-1f1b")
 
 
 def _check(ctx: ExportContext) -> None:
     p = ctx.plan
     check_common(ctx, LAUNCHER)
     sched = ctx.schedule()
-    # conventions.md 2.1 "Pipeline schedule": PP > 1 runs 1F1B, or interleaved 1F1B with virtual stages;
+    # docs/launchers.md#schedule: PP > 1 runs 1F1B, or interleaved 1F1B with virtual stages;
     # no GPipe or zero-bubble flag at HEAD.
-    if sched in ("gpipe", "zb-h1"):
+    if sched is not None and sched not in _SCHEDULES:
         raise Unsupported(LAUNCHER, "schedule", f"'{sched}' has no Megatron flag (pp > 1 runs 1F1B, or "
                           "interleaved 1F1B with virtual stages); use 1f1b or interleaved-1f1b, or export "
                           "--to torchtitan" + (" (GPipe)" if sched == "gpipe" else ""))
     if p.vpp > 1 and p.pp == 1:
         raise Unsupported(LAUNCHER, "vpp", "virtual pipeline stages need pipeline parallelism (pp > 1)")
-    # conventions.md 2.1 "Sequence parallel flag": required by --tp-comm-overlap.
+    # docs/launchers.md#sequence-parallel: required by --tp-comm-overlap.
     if p.overlap_tp_comm and not p.sp:
         raise Unsupported(LAUNCHER, "overlap_tp_comm", "--tp-comm-overlap requires --sequence-parallel (sp)")
 
 
 def _layout(stage_layers: tuple[int, ...]) -> str:
-    """--pipeline-model-parallel-layout (conventions.md 2.1 "Uneven PP"): E = embedding, t = decoder layer,
+    """--pipeline-model-parallel-layout (docs/launchers.md#uneven-pp): E = embedding, t = decoder layer,
     L = loss, `|` between stages, listed chunk by chunk (virtual stage v of rank r at index v*pp + r, as in
     Megatron's docs/.../pipeline_parallel_layout.md table)."""
     stages = ["t" * n for n in stage_layers]
@@ -52,25 +57,25 @@ def _pipeline_args(ctx: ExportContext) -> list[tuple[str, object]]:
     out: list[tuple[str, object]] = []
     if len(set(counts)) == 1:
         if p.vpp > 1:
-            # conventions.md 2.1 "Layers per virtual stage": VPP = num_layers / PP / L.
+            # docs/launchers.md#virtual-pipeline: VPP = num_layers / PP / L.
             out.append(("--num-layers-per-virtual-pipeline-stage", counts[0]))
         return out
     middle = counts[1:-1]
     if p.vpp == 1 and len(set(middle)) <= 1:
-        # conventions.md 2.1 "Uneven PP: first/last stage layers": explicit transformer-layer counts.
+        # docs/launchers.md#uneven-pp: explicit transformer-layer counts.
         if counts[0] != (middle[0] if middle else None):
             out.append(("--decoder-first-pipeline-num-layers", counts[0]))
         if counts[-1] != (middle[0] if middle else None):
             out.append(("--decoder-last-pipeline-num-layers", counts[-1]))
         return out
     # Anything else (uneven middle stages, uneven chunks with VPP) needs the free-form layout; it also sets
-    # VPP, and at most one of the VPP flags may be given (conventions.md 2.1 "Virtual pipeline").
+    # VPP, and at most one of the VPP flags may be given (docs/launchers.md#virtual-pipeline).
     out.append(("--pipeline-model-parallel-layout", _layout(counts)))
     return out
 
 
 def _model_args(ctx: ExportContext) -> list[tuple[str, object]]:
-    """Model shape from the transformer blocks (conventions.md 2.1 "Layer counts"; * = section 2.0 rule)."""
+    """Model shape from the transformer blocks (docs/launchers.md#layer-counts; * = section 2.0 rule)."""
     blocks = [layer for layer in ctx.model.layers if layer.block is not None and layer.trainable]
     attn = next((layer for layer in blocks if layer.kind == "attention"), None)
     mlp = next((layer for layer in blocks if layer.kind == "mlp"), None)
@@ -102,7 +107,7 @@ def to_megatron(ctx: ExportContext) -> str:
     _check(ctx)
     p, w = ctx.plan, ctx.workload
     par: list[tuple[str, object]] = [
-        # conventions.md 2.1 rows "Tensor parallel size" .. "Expert tensor parallel size"
+        # docs/launchers.md#degrees .. "Expert tensor parallel size"
         ("--tensor-model-parallel-size", p.tp),
         ("--pipeline-model-parallel-size", p.pp),
         *_pipeline_args(ctx),
@@ -146,7 +151,7 @@ def to_megatron(ctx: ExportContext) -> str:
     batch = [("--micro-batch-size", p.mbs), ("--global-batch-size", w.global_batch), ("--seq-length", w.seq_len),
              ("--max-position-embeddings", max(w.seq_len, ctx.model.default_seq or 0))]
     # "Precision": --bf16 / --fp16; FP8 is --fp8-format on bf16 params (hybrid: e4m3 forward, e5m2 grads,
-    # the format of Megatron-Bridge's fp8 presets, conventions.md 2.2). fp32 is Megatron's default.
+    # the format of Megatron-Bridge's fp8 presets, docs/launchers.md#megatron-bridge). fp32 is Megatron's default.
     prec = {"bf16": [("--bf16", None)], "fp16": [("--fp16", None)], "fp32": [],
             "fp8": [("--bf16", None), ("--fp8-format", "hybrid")]}[w.dtype]
 

@@ -1,13 +1,13 @@
 """torchtitan: a TOML job config for the 0.2.x releases and a Python config for the releases after them.
 
 TOML (`--to torchtitan`): section/key spellings of torchtitan v0.2.2 `torchtitan/config/job_config.py`, the
-last release with TOML job configs (../shared/reference/conventions.md part 2, "torchtitan v0.2.2" column).
+last release with TOML job configs (docs/launchers.md, "torchtitan v0.2.2" column).
 Run with `--job.config_file FILE`.
 
 Python (`--to torchtitan-py`): a module with one function returning `Trainer.Config`, chosen with
-`--module` and `--config` (conventions.md 2.3). Field names are those of the released torchtitan 0.3.0
+`--module` and `--config` (docs/launchers.md#torchtitan-head). Field names are those of the released torchtitan 0.3.0
 wheel (`torchtitan/config/configs.py`): it still spells the batch as `training.local_batch_size`,
-`global_batch_size`, `seq_len` and `parallelism.pipeline_parallel_microbatch_size`. conventions.md 2.3 reads
+`global_batch_size`, `seq_len` and `parallelism.pipeline_parallel_microbatch_size`. docs/launchers.md#torchtitan-head reads
 main @ b5bcd76c6, where token-based names (`num_tokens_per_microbatch_per_dp_rank`, `num_pp_microbatches`,
 `max_context_length`) replace them; the release a user can install is the target here.
 """
@@ -17,12 +17,12 @@ import ast
 import tomllib
 
 from planner.core.errors import BadInput
-from planner.export import ExportContext, LauncherSettings, Unsupported, check_common, header_lines, one_line
+from planner.export.common import ExportContext, LauncherSettings, Unsupported, check_common, header_lines, one_line
 
 LAUNCHER_TOML = "torchtitan 0.2.x (TOML)"
 LAUNCHER_PY = "torchtitan >= 0.3 (Python config)"
 
-# conventions.md 2.1 "Pipeline schedule": names resolved by torch.distributed.pipelining get_schedule_class.
+# docs/launchers.md#schedule: names resolved by torch.distributed.pipelining get_schedule_class.
 _SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved-1f1b": "Interleaved1F1B"}
 _SCHEDULES_BACK = {v.lower(): k for k, v in _SCHEDULES.items()}
 
@@ -39,13 +39,13 @@ def _check(ctx: ExportContext, launcher: str) -> None:
     p, w = ctx.plan, ctx.workload
     check_common(ctx, launcher)
     sched = ctx.schedule()
-    if sched == "zb-h1":
+    if sched is not None and sched not in _SCHEDULES:
         raise Unsupported(launcher, "schedule", "torchtitan has GPipe, 1F1B, Interleaved1F1B and the zero-bubble "
-                          "variants InterleavedZeroBubble and ZBVZeroBubble, but nothing named ZB-H1")
+                          f"variants InterleavedZeroBubble and ZBVZeroBubble, but nothing named {sched.upper()}")
     if p.vpp > 1 and p.pp == 1:
         raise Unsupported(launcher, "vpp", "virtual pipeline stages need pipeline parallelism (pp > 1)")
     if p.zero == 1 and p.dp > 1:
-        # conventions.md 2.1 "Distributed optimizer / ZeRO / FSDP": FSDP2 only, no ZeRO-stage key.
+        # docs/launchers.md#zero-fsdp: FSDP2 only, no ZeRO-stage key.
         raise Unsupported(launcher, "zero", "torchtitan is FSDP2 (ZeRO-3, or ZeRO-2 with "
                           "fsdp_reshard_after_forward = \"never\") or DDP (ZeRO-0); it has no ZeRO-1")
     if w.dtype == "fp16":
@@ -72,7 +72,7 @@ def _check(ctx: ExportContext, launcher: str) -> None:
 
 
 def _fqns(stage_layers: tuple[int, ...]) -> list[list[str]]:
-    """module_fqns_per_model_part (conventions.md 2.1 "Uneven PP"): FQNs tok_embeddings, layers.<i>, norm,
+    """module_fqns_per_model_part (docs/launchers.md#uneven-pp): FQNs tok_embeddings, layers.<i>, norm,
     output; model part c runs on pipeline rank c % pp for the looped schedules."""
     out, start = [], 0
     for n in stage_layers:
@@ -85,7 +85,7 @@ def _fqns(stage_layers: tuple[int, ...]) -> list[list[str]]:
 
 def _degrees(ctx: ExportContext) -> dict:
     p = ctx.plan
-    # conventions.md 2.1 "Distributed optimizer / ZeRO / FSDP": data_parallel_shard_degree shards (FSDP2,
+    # docs/launchers.md#zero-fsdp: data_parallel_shard_degree shards (FSDP2,
     # ZeRO-3); replicate with shard = 1 is DDP (ZeRO-0). reshard_after_forward "never" keeps the gathered
     # parameters from forward to backward, FSDP's ZeRO-2 (SHARD_GRAD_OP) behaviour.
     sharded = p.zero >= 2
@@ -107,7 +107,7 @@ def _degrees(ctx: ExportContext) -> dict:
 
 def _training(ctx: ExportContext) -> dict:
     p, w = ctx.plan, ctx.workload
-    # conventions.md 2.1 "Micro batch size" / "Global batch size": local_batch_size is the per-rank batch of
+    # docs/launchers.md#batch / "Global batch size": local_batch_size is the per-rank batch of
     # one gradient-accumulation step; with PP it is split into pipeline micro-batches of
     # pipeline_parallel_microbatch_size, so one step holds all of a rank's micro-batches.
     local = p.mbs * ctx.microbatches() if p.pp > 1 else p.mbs
@@ -155,7 +155,7 @@ def to_toml(ctx: ExportContext) -> str:
     _check(ctx, launcher)
     p, w = ctx.plan, ctx.workload
     if p.tp > 1 and not p.sp:
-        # conventions.md 2.1 "Sequence parallel flag": no key at v0.2.2, apply_tp always shards the norms.
+        # docs/launchers.md#sequence-parallel: no key at v0.2.2, apply_tp always shards the norms.
         raise Unsupported(launcher, "sp", "v0.2.2 always applies sequence parallelism with TP (no key); "
                           "export --to torchtitan-py (enable_sequence_parallel) or set sp")
     if ctx.is_moe and p.tp > 1 and ctx.etp not in (1, p.tp):
@@ -263,7 +263,7 @@ def to_python(ctx: ExportContext) -> str:
         raise Unsupported(launcher, "dtype", "FP8 is a converter given to model_registry(flavor, converters=["
                           "Float8LinearConverter.Config(...)]) when the model spec is built; export bf16 and add it")
     if ctx.is_moe and p.ep > 1 and p.tp > 1 and ctx.etp != 1:
-        # conventions.md 2.3 "Expert TP": removed; the mesh is dp_shard*cp*tp = efsdp*ep.
+        # docs/launchers.md#torchtitan-head: removed; the mesh is dp_shard*cp*tp = efsdp*ep.
         raise Unsupported(launcher, "etp", "expert tensor parallelism was removed after v0.2.2 (experts are "
                           "not tensor-parallel); set etp 1 or export --to torchtitan (0.2.x)")
     flavor = _FLAVORS.get(ctx.pf.model)
@@ -285,16 +285,16 @@ def to_python(ctx: ExportContext) -> str:
                   f"    raise NotImplementedError({'planner export: no torchtitan recipe for ' + ctx.pf.model!r})"]
     lines += ["", "", "def planner_plan() -> Trainer.Config:", "    config = _base()"]
     par = _degrees(ctx)
-    # conventions.md 2.3 "Sequence parallel": enable_sequence_parallel (default True).
+    # docs/launchers.md#torchtitan-head: enable_sequence_parallel (default True).
     par["enable_sequence_parallel"] = bool(p.sp) if p.tp > 1 else True
     for k, v in par.items():
         lines.append(f"    config.parallelism.{k} = {v!r}")
     for k, v in _training(ctx).items():
         lines.append(f"    config.training.{k} = {v!r}")
     if p.overlap_tp_comm:
-        # conventions.md 2.3 "Async TP": moved to config.compile, and needs compile of "model".
+        # docs/launchers.md#torchtitan-head: moved to config.compile, and needs compile of "model".
         lines += ["    config.compile.enable = True", "    config.compile.enable_async_tensor_parallel = True"]
-    # conventions.md 2.3 "Activation checkpointing": a config object, or None for no checkpointing.
+    # docs/launchers.md#torchtitan-head: a config object, or None for no checkpointing.
     lines.append(f"    config.activation_checkpoint = {_AC_CLASS[p.recompute]}")
     lines += ["    return config", ""]
     return "\n".join(lines)

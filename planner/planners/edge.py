@@ -31,6 +31,7 @@ import numpy as np
 from planner.cost import comm, memory, pipeline
 from planner.cost.compute import layer_time
 from planner.core.errors import BadInput, Infeasible
+from planner.core.dtypes import activation_bytes
 from planner.core.hardware import Cluster, Device
 from planner.core.model import Layer, ModelGraph
 from planner.core.plan import Workload
@@ -150,7 +151,7 @@ def sublayers(model: ModelGraph, phone: Phone, b: int, s: int, dtype: str, block
     for layer in model.layers:
         if layer.kind in ("attention", "mlp", "head") and layer.kind not in by_kind:
             by_kind[layer.kind] = layer
-    e = 2 if dtype != "fp32" else 4
+    e = activation_bytes(dtype)
     bw = min(phone.cpu.memory_bandwidth_bytes_per_s * phone.cpu.efficiency.memory,
              phone.gpu.memory_bandwidth_bytes_per_s * phone.gpu.efficiency.memory)
     out = []
@@ -237,7 +238,7 @@ def plan_edge(model: ModelGraph, cluster: Cluster, workload: Workload, mbs: int 
     params = np.zeros(n)
     acts = np.zeros(n)
     pos = {blk: i for i, blk in enumerate(blocks)}
-    e_act = 2 if dtype != "fp32" else 4
+    e_act = activation_bytes(dtype)
     extra_pre = extra_post = 0.0
     act_pre = act_post = 0.0
     seen_block = False

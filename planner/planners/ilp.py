@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.cost import comm
-from planner.cost.compute import DTYPE_BYTES
+from planner.core import dtypes
 from planner.cost.estimate import dp_sync_s, estimate, split_chunks
 from planner.core.errors import BadInput, Infeasible
 from planner.core.hardware import Cluster
@@ -223,8 +223,8 @@ def build_problem(model: ModelGraph, cluster: Cluster, workload: Workload, plan:
     islands = sorted({n.island for n in cluster.nodes})
     isl_of = tuple(islands.index(n.island) for n in cluster.nodes)
     m = plan.microbatches(workload)
-    e = DTYPE_BYTES[workload.dtype] if workload.dtype != "fp8" else 2
-    g_bytes = 4 if workload.grad_dtype == "fp32" else 2
+    e = dtypes.activation_bytes(workload.dtype)
+    g_bytes = dtypes.gradient_bytes(workload.grad_dtype)
     # z: estimate() of the plan in rank order gives every stage's forward + backward per micro-batch
     base = estimate(model, cluster, workload, plan.model_copy(update={"partition": plan.partition}))
     z = max(st["fwd_s"] + st["bwd_s"] for st in base.stages)

@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from planner.cost import memory, moe, pipeline
-from planner.cost.compute import DTYPE_BYTES
+from planner.core import dtypes
 from planner.cost.estimate import _Ctx, _group, _layer_step, _policies, estimate, split_chunks
 from planner.core.errors import BadInput, Infeasible
 from planner.core.hardware import Cluster
@@ -125,14 +125,10 @@ class Partition:
 
 def _dtype_bytes(workload: Workload) -> tuple[int, int, int, int]:
     """(activation bytes in _Ctx, weight bytes, saved-activation bytes, gradient bytes) as estimate() uses
-    them. estimate.estimate and estimate._memory set these inline, so they are mirrored here; a shared
-    helper in estimate.py would remove the copy."""
+    them: planner/core/dtypes.py declares them for every module."""
     dtype = workload.dtype
-    e_ctx = DTYPE_BYTES[dtype] if dtype != "fp8" else 2  # fp8 GEMMs keep bf16 activations (estimate)
-    e_w = 2 if dtype in ("bf16", "fp16", "fp8") else 4  # estimate._memory
-    e_act = 2 if dtype != "fp32" else 4  # estimate._memory
-    g = 4 if workload.grad_dtype == "fp32" else 2  # estimate._memory
-    return e_ctx, e_w, e_act, g
+    e_act = dtypes.activation_bytes(dtype)
+    return e_act, dtypes.weight_bytes(dtype), e_act, dtypes.gradient_bytes(workload.grad_dtype)
 
 
 def _context(cluster: Cluster, workload: Workload, plan: ParallelPlan) -> _Ctx:

@@ -1,7 +1,7 @@
 """Run the search: enumerate the space, prune by memory, cost the rest in vectorized blocks (best first, with
 a step-time lower bound that stops early), keep the top K that fit, refine their stage partitions, rank.
 
-The search is a client of the cost model (DESIGN.md section 1): every number it ranks by comes from
+The search is a client of the cost model (docs/ARCHITECTURE.md#data-flow): every number it ranks by comes from
 planner.cost.batch.estimate_batch (held equal to estimate() by tests/test_batch.py) or estimate() itself.
 Its two bounds are built from the same functions, never from a copy of a formula:
 
@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from planner.cost.batch import SCHEDULES, PlanArrays, estimate_batch
-from planner.cost.batch_ids import _row_ids
-from planner.cost.estimate import estimate, split_chunks
 from planner.core.errors import BadInput, Infeasible
 from planner.core.hardware import Cluster
 from planner.core.model import ModelGraph
 from planner.core.plan import Estimate, ParallelPlan, Workload
+from planner.cost.batch import SCHEDULES, PlanArrays, estimate_batch
+from planner.cost.batch_ids import _row_ids
+from planner.cost.estimate import estimate, split_chunks
 from planner.search.space import Constraints, default_max_cp, enumerate_space, memory_lower_bound
 
 # Relative slack on both bounds: they are sums of the same terms in another order, so they may exceed the
@@ -79,7 +79,7 @@ class RankedPlan:
         return " ".join(parts)
 
     def as_dict(self, model: ModelGraph) -> dict:
-        """The plan entry of `plan --json` (DESIGN.md section 3), plus etp, recompute_num_layers, why."""
+        """The plan entry of `plan --json` (docs/ARCHITECTURE.md#contracts), plus etp, recompute_num_layers, why."""
         p = self.plan
         return {
             "tp": p.tp, "pp": p.pp, "dp": p.dp, "vpp": p.vpp, "cp": p.cp, "ep": p.ep, "etp": p.etp or p.tp,
@@ -426,52 +426,4 @@ def _suggestions(model, cluster, workload, constraints) -> list[str]:
             continue
         if _fits_somewhere(model, cluster, workload, Constraints(**{**constraints.__dict__, **change})):
             out.append(flag)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# against a published configuration
-
-
-def search_row(row: dict, top_k: int = 1) -> dict:
-    """Search the setting of one published run (a row of a runs table: model from its columns, cluster,
-    device count, global batch, sequence, precision) and compare the best plan's predicted tokens/s with
-    that of the published configuration (planner.eval.backtest's reading of the row, unprinted settings at their
-    fastest). The search uses the published plan's software stack (flash attention, overlapped gradient
-    reduction and TP communication) and a space that contains the published plan, so it can only match or
-    beat it when that plan fits."""
-    from planner.eval import backtest
-    from planner.catalog import load_cluster, stack_efficiency
-
-    pub = backtest.backtest_row(row, return_plan=True)
-    out = {"id": str(row["id"]), "source_code": str(row["source_code"]), "status": pub.status,
-           "reason": pub.reason}
-    if pub.status != "ok" or pub.plan is None:
-        return out
-    model = backtest.row_model(row)
-    n = int(row["device_count"])
-    per_node = int(backtest._num(row, "gpus_per_node", 8))
-    cluster = load_cluster(str(row["cluster"]), nodes=max(1, n // per_node), devices=n if n < per_node else None)
-    key = backtest.stack_key(row) if hasattr(backtest, "stack_key") else str(row["source_code"])
-    cluster = cluster.with_efficiency(**stack_efficiency(key, str(row["device"])))
-    precision = str(backtest._num(row, "precision", "bf16"))
-    workload = Workload(global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]),
-                        dtype=precision if precision in ("bf16", "fp16", "fp8", "fp32") else "bf16")
-    p = pub.plan
-    published = estimate(model, cluster, workload, p)
-    c = Constraints(allow_cross_node_tp=p.tp > cluster.devices_per_node, partial_recompute=True,
-                    max_vpp=max(8, p.vpp), max_cp=max(default_max_cp(workload.seq_len), p.cp), max_mbs=max(16, p.mbs),
-                    flash_attention=p.flash_attention, overlap_grad_reduce=p.overlap_grad_reduce,
-                    overlap_tp_comm=getattr(p, "overlap_tp_comm", False))
-    try:
-        res = search(model, cluster, workload, c, top_k=top_k)
-    except Infeasible as e:
-        out.update(status="infeasible", reason=str(e), published_tokens_per_s=published.tokens_per_s,
-                   published_fits=published.fits)
-        return out
-    best = res.plans[0]
-    out.update(published_plan=RankedPlan(p, published).label(), published_tokens_per_s=published.tokens_per_s,
-               published_fits=published.fits, best_plan=best.label(), best_tokens_per_s=best.estimate.tokens_per_s,
-               gain=best.estimate.tokens_per_s / published.tokens_per_s - 1, devices=n,
-               evaluated=res.evaluated, wall_s=res.wall_s)
     return out

@@ -6,7 +6,7 @@ a cross join with each further dimension and a vectorized filter after each, so 
 costs milliseconds. Every filter has a name; when one leaves nothing, `EmptySpace` says which (and with
 what the user asked for), so an impossible request is one readable line.
 
-The rules (DESIGN.md section 2; Megatron-LM's argument checks):
+The rules (docs/ARCHITECTURE.md#concepts; Megatron-LM's argument checks):
   dp * tp * pp * cp = devices; tp within a node (devices per node divisible by tp) unless allowed across
   nodes; tp divides every attention layer's heads and kv_heads; pp * vpp <= blocks; cp > 1 needs
   seq % (2 cp) == 0 (load-balanced causal ring attention); ep divides the experts and ep * etp divides
@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from planner.core.dims import (SCHEDULE_INDEX, microbatches_fit_schedule, schedules_with, seq_chunks_fit_schedule,
+                               vpp_fits_schedule)
+from planner.core import dtypes
 from planner.cost import memory, moe
 from planner.cost.batch import POLICIES, SCHEDULES, PlanArrays
 from planner.cost.batch_ids import _row_ids
@@ -112,8 +115,10 @@ class Constraints:
             raise BadInput(f"--recompute must be one of {', '.join(POLICIES)}, got {self.recompute!r}")
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise BadInput(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.vpp is not None and self.vpp > 1 and self.schedule not in (None, "interleaved-1f1b"):
-            raise BadInput(f"--vpp {self.vpp} needs --schedule interleaved-1f1b, got {self.schedule}")
+        if self.vpp is not None and self.schedule is not None and not vpp_fits_schedule(
+                SCHEDULE_INDEX[self.schedule], self.vpp):
+            raise BadInput(f"--vpp {self.vpp} needs --schedule {' or '.join(schedules_with('virtual_stages'))}, "
+                           f"got {self.schedule}")
         if self.sp and self.tp == 1:
             raise BadInput("--sp needs tp > 1 (sequence parallel splits along the tensor-parallel group)")
         for f in self.offload_optimizer:
@@ -307,13 +312,13 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
     m = gbs // (t.cols["mbs"] * t.cols["dp"])
 
     # --- schedule and vpp ---------------------------------------------------------------------------------
-    inter = SCHEDULES.index("interleaved-1f1b")
+    virtual = schedules_with("virtual_stages")
     rows = []
     scheds = [c.schedule] if c.schedule else list(SCHEDULES)
     max_vpp = c.max_vpp or blocks
     for s in scheds:
         si = SCHEDULES.index(s)
-        if si == inter:
+        if s in virtual:  # vpp 1 there runs the plain schedule's order, enumerated under its own name
             vpps = [c.vpp] if c.vpp is not None else list(range(2, min(max_vpp, blocks) + 1))
             rows += [(si, v) for v in vpps]
         elif c.vpp in (None, 1):
@@ -327,7 +332,7 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
         t.keep((pp > 1) | (sched == SCHEDULES.index("1f1b")), "one schedule when pp = 1")
         sched, vpp, pp = t.cols["schedule"], t.cols["vpp"], t.cols["pp"]
     t.keep(pp * vpp <= blocks, f"pp*vpp <= {blocks} blocks")
-    t.keep((t.cols["schedule"] != inter) | (t.cols["m"] % t.cols["pp"] == 0),
+    t.keep(microbatches_fit_schedule(t.cols["schedule"], t.cols["m"], t.cols["pp"]),
            "interleaving with micro-batches a multiple of pp")
 
     # --- ZeRO, sequence parallel, recompute, offload ------------------------------------------------------
@@ -348,9 +353,9 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
     t.join("seq_chunks", np.array(sorted(set(c.seq_chunks)), dtype=np.int64))
     if (t.cols["seq_chunks"] > 1).any():
         nck = t.cols["seq_chunks"]
-        ok = (t.cols["pp"] > 1) & c.flash_attention & facts["causal"] & (
-            (t.cols["schedule"] == SCHEDULES.index("gpipe")) | (t.cols["schedule"] == SCHEDULES.index("1f1b")))
-        t.keep((nck == 1) | ok, "seq_chunks > 1 with pp > 1, gpipe or 1f1b, flash and causal attention")
+        ok = (t.cols["pp"] > 1) & c.flash_attention & facts["causal"] & seq_chunks_fit_schedule(t.cols["schedule"], nck)
+        t.keep((nck == 1) | ok, f"seq_chunks > 1 with pp > 1, {' or '.join(schedules_with('sequence_chunks'))}, "
+                                "flash and causal attention")
         nck = t.cols["seq_chunks"]
         t.keep(seq % (nck * np.where(t.cols["cp"] > 1, 2 * t.cols["cp"], 1)) == 0,
                f"seq {seq} divisible by seq_chunks (times 2*cp)")
@@ -420,9 +425,9 @@ def memory_lower_bound(model: ModelGraph, workload: Workload, pa: PlanArrays) ->
     mean stage 1/pp of it: it sits on one stage).
     tests/test_search.py holds the bound below estimate()'s peak.
     """
-    e_w = 2 if workload.dtype in ("bf16", "fp16", "fp8") else 4  # estimate._memory's dtype sizes
-    e_act = 2 if workload.dtype != "fp32" else 4
-    g_bytes = 4 if workload.grad_dtype == "fp32" else 2
+    e_w = dtypes.weight_bytes(workload.dtype)  # estimate._memory's dtype sizes
+    e_act = dtypes.activation_bytes(workload.dtype)
+    g_bytes = dtypes.gradient_bytes(workload.grad_dtype)
     s = workload.seq_len
     P = len(pa)
     etp = np.where(pa.etp > 0, pa.etp, pa.tp)

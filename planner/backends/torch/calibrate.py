@@ -1,5 +1,5 @@
 """`calibrate --backend torch`: measure this machine and write it into the user's data folder as the cluster
-preset `local` (DESIGN.md section 3): a device profile for one rank (one CPU core running one torch thread, or
+preset `local` (docs/ARCHITECTURE.md#contracts): a device profile for one rank (one CPU core running one torch thread, or
 one GPU), a link profile for the collectives between local processes, and a node type `local` holding one
 device per core (per GPU with CUDA), so that `plan --cluster local` and `estimate --cluster local` predict
 runs of this machine. Every number is `provenance: measured`, with the date and the machine.
@@ -39,7 +39,7 @@ What is measured, and which profile field it sets:
   per parameter at the memory bandwidth), not fitted.
 
 Every device figure is measured in a process started the way the runner starts a rank (spawned, one
-thread, the runner's malloc settings: runner._child_env), so the profile describes the stack the plans run
+thread, the runner's malloc settings: launch._child_env), so the profile describes the stack the plans run
 on, not the parent CLI process.
 
 The profile is written to {devices,links,nodes}/local.yaml and calibration.json (this whole record: date,

@@ -314,10 +314,11 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps:
 
 def _spawned(fn, nprocs: int, args: tuple, result: str, what: str):
     """Run fn(rank, *args, outdir) on `nprocs` spawned processes started as the runner starts its ranks
-    (runner._child_env: one thread, its malloc settings) and return the JSON they left in `result`."""
+    (launch._child_env: one thread, its malloc settings) and return the JSON they left in `result`."""
     import torch.multiprocessing as mp
 
-    from planner.backends.torch.runner import RunFailed, RunOptions, _child_env
+    from planner.backends.torch.launch import _child_env
+    from planner.backends.torch.runner import RunFailed, RunOptions
 
     with tempfile.TemporaryDirectory(prefix="planner-calibrate-") as outdir:
         with _child_env(RunOptions(threads=1)):
@@ -335,7 +336,7 @@ def _spawned(fn, nprocs: int, args: tuple, result: str, what: str):
 def measure_collectives(nproc: int, quick: bool, tp_block: bool = False, t0: float | None = None) -> dict:
     """{"rows": per message size, "tp_block": _tp_block_times or None, "step": calibrate_step's} from `nproc`
     local gloo processes; t0 (the calibration's start) turns on the progress lines."""
-    from planner.backends.torch.runner import _free_port
+    from planner.backends.torch.launch import _free_port
 
     sizes = collective_sizes(quick)
     progress = (t0, quick) if t0 is not None else None

@@ -346,17 +346,3 @@ def _pipeline_schedule(modules, chunk_ids, n_chunks, plan, workload, spec, mesh,
         return ScheduleInterleaved1F1B(stages, m_micro, loss_fn=loss_fn)
     cls = ScheduleGPipe if plan.schedule == "gpipe" else Schedule1F1B
     return cls(stages[0], m_micro, loss_fn=loss_fn)
-
-
-# Process launching lives in launch.py, which imports this module; its names stay importable from here,
-# resolved on first use so that neither module needs the other half-initialised.
-_LAUNCH_NAMES = frozenset({"_child_env", "_free_port", "_one_line", "_preload", "_worker", "_write_json",
-                           "choose_device", "launch", "summarize"})
-
-
-def __getattr__(name: str):
-    if name in _LAUNCH_NAMES:
-        from planner.backends.torch import launch as _launch
-
-        return getattr(_launch, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 
 from planner import catalog
-from planner.backends.torch.runner import Job, RunOptions, choose_device, executed_dtype, launch
+from planner.backends.torch.launch import choose_device, launch
+from planner.backends.torch.runner import Job, RunOptions, executed_dtype
 from planner.core.errors import BadInput, Infeasible
 from planner.core.plan import PlanFile
 
