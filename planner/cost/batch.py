@@ -333,7 +333,24 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     fh = per_cu["fh"][cu_of] * scale
     peak = dev.peak_flops(dtype) * n_dev
 
-    # ---- memory: distinct (problem, zero, offload fractions), in blocks of one (pp, zero) -----------------
+    peak_mem = _peak_memory(pa, workload, ctx, cg, pg_keys, pr_of, pr_pg, pr_cg, pr_u, etp, e_w, g_bytes)
+    out = {
+        "step_time_s": step, "tokens_per_s": tokens / step, "mfu": fm / (step * peak), "hfu": fh / (step * peak),
+        "peak_memory_bytes": peak_mem, "fits": peak_mem <= dev.memory_bytes, "pipeline_s": pipe_s,
+        "pp_comm_s": np.where(pa.pp > 1, 2 * items * pa.vpp * p2p_s, 0.0), "dp_comm_exposed_s": dp_exposed,
+        "optimizer_s": opt_s, "offload_s": offload_s,
+    }
+    tm["step+memory"] += time.perf_counter() - t0
+    return out
+
+
+def _peak_memory(pa: PlanArrays, workload: Workload, ctx, cg: list, pg_keys, pr_of, pr_pg, pr_cg, pr_u, etp,
+                 e_w: int, g_bytes: int) -> np.ndarray:
+    """Peak bytes per plan (its worst stage), over the distinct (pipeline problem, ZeRO stage, offload
+    fractions) of the batch, evaluated in blocks of one (pp, ZeRO stage)."""
+    dp = pa.dp
+    G = len(ctx.tuples)
+    NPG = len(pg_keys)
     oa_first, oa_of = _row_ids([_float_ids(pa.offload_activations), _float_ids(pa.offload_optimizer)])
     me_first, me_of = _row_ids([pr_of, pa.zero, oa_of])
     me_pr = pr_of[me_first]
@@ -395,12 +412,4 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
         # in floating point, so it is applied to the largest subtotal only
         top = subtotal.max(axis=1)
         mem_me[idx] = top + memory.allocator_overhead_bytes(top)
-    peak_mem = mem_me[me_of]
-    out = {
-        "step_time_s": step, "tokens_per_s": tokens / step, "mfu": fm / (step * peak), "hfu": fh / (step * peak),
-        "peak_memory_bytes": peak_mem, "fits": peak_mem <= dev.memory_bytes, "pipeline_s": pipe_s,
-        "pp_comm_s": np.where(pa.pp > 1, 2 * items * pa.vpp * p2p_s, 0.0), "dp_comm_exposed_s": dp_exposed,
-        "optimizer_s": opt_s, "offload_s": offload_s,
-    }
-    tm["step+memory"] += time.perf_counter() - t0
-    return out
+    return mem_me[me_of]
