@@ -218,10 +218,12 @@ def innermost_planner_frame(tb) -> str:
 
 
 def _first_call(tb) -> str:
-    """The first planner frame below planner/app/cli.py: what the command was doing."""
+    """The first planner frame below the command line (planner/app/cli.py and the command modules under
+    planner/app/commands/): what the command was doing."""
     planner_dir = str(ROOT / "planner") + os.sep
+    command_line = (str(ROOT / "planner" / "app" / "cli.py"), str(ROOT / "planner" / "app" / "commands") + os.sep)
     frames = [fr for fr in traceback.extract_tb(tb) if fr.filename.startswith(planner_dir)]
-    below = [fr for fr in frames if not fr.filename.endswith(os.sep + "cli.py")]
+    below = [fr for fr in frames if not fr.filename.startswith(command_line)]
     fr = (below or frames or [None])[0]
     return f"{Path(fr.filename).relative_to(ROOT)}:{fr.name}:{fr.lineno}" if fr else ""
 

@@ -1,9 +1,9 @@
 """Caps on what the cost model can mean: sizes past these are typing mistakes or attacks, never a cluster or
 a training run, and left through they make numpy overflow or the planner allocate gigabytes (issue 16).
 
-One place for every cap, checked where the flags are read (planner/app/cli.py, planner/app/sweep.py), where the
+One place for every cap, checked where the flags are read (planner/app/commands/, planner/app/sweep.py), where the
 search takes its inputs (planner/search/search.py) and where a cluster is resolved (planner/catalog.py); a
-Workload read from a plan file is held to the same numbers (planner/core/plan.py). Each refusal is one line that
+Workload read from a plan file is held to the same numbers (planner/planfile.py). Each refusal is one line that
 names the cap and the flag or field.
 """
 from __future__ import annotations

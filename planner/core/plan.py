@@ -9,12 +9,15 @@ from typing import Literal
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
                       model_validator)
 
-from planner.core.dims import (SCHEDULE_INDEX, SCHEDULES, quoted_names, seq_chunks_fit_schedule,
-                               vpp_fits_schedule)
+from planner.core.dims import (COLUMN, CP_COMMS, MOE_DISPATCHES, RECOMPUTE_POLICIES, SCHEDULE_INDEX, SCHEDULES,
+                               ZERO_STAGES, deepep_fits_ep, quoted_names, recompute_layers_fit_policy,
+                               seq_chunks_fit_attention, seq_chunks_fit_schedule, sp_fits_tp, tp_slice_fits_degrees,
+                               ulysses_fits_cp, vpp_fits_schedule)
 from planner.core.errors import BadInput
 
-Schedule = Literal[SCHEDULES]  # planner/core/dims.py declares them and their rules
-RecomputePolicy = Literal["none", "selective", "full"]
+# planner/core/dims.py declares the choices and their rules
+Schedule = Literal[SCHEDULES]
+RecomputePolicy = Literal[RECOMPUTE_POLICIES]
 TrainDtype = Literal["bf16", "fp16", "fp8", "fp32"]
 Optimizer = Literal["adamw", "adam", "sgd"]
 
@@ -99,7 +102,7 @@ class ParallelPlan(BaseModel):
     ep: PositiveInt = 1
     etp: PositiveInt | None = None  # expert tensor parallel; None: same as tp
     sp: bool = False
-    zero: Literal[0, 1, 2, 3] = 0
+    zero: Literal[ZERO_STAGES] = 0
     mbs: PositiveInt = 1
     num_microbatches: PositiveInt | None = None  # None: global_batch / (mbs * dp)
     recompute: RecomputePolicy = "none"
@@ -116,7 +119,7 @@ class ParallelPlan(BaseModel):
     # How context parallel exchanges attention inputs: "ring" passes K/V blocks round the cp ring under the
     # attention core (Liu et al. 2023; Megatron); "a2a" re-shards sequence <-> heads with all-to-alls
     # (DeepSpeed-Ulysses, Jacobs et al. 2023), needing cp | heads/tp.
-    cp_comm: Literal["ring", "a2a"] = "ring"
+    cp_comm: Literal[CP_COMMS] = "ring"
     # How MoE layers reach their experts: "a2a" dispatches and combines tokens with all-to-alls over the ep
     # group (Megatron, DeepSpeed-MoE); "tp_slice" is Pipeline MoE's (Chen et al. 2023, arXiv 2304.11414,
     # section 3): E/tp whole experts on each TP rank, each rank picks its experts' tokens from the replicated
@@ -124,7 +127,7 @@ class ParallelPlan(BaseModel):
     # "deepep" is DeepEP's node-deduplicated exchange (DeepSeek-V3 report section 3.2.2; Megatron's flex
     # dispatcher): a token crosses the fabric once per destination node, not once per expert. Needs ep > 1
     # and dropless routing (Workload.moe_capacity_factor None: Megatron's DeepEP path does not drop tokens).
-    moe_dispatch: Literal["a2a", "tp_slice", "deepep"] = "a2a"
+    moe_dispatch: Literal[MOE_DISPATCHES] = "a2a"
     # Sequence-chunked pipeline (TeraPipe, Li et al. 2021; Seq1F1B, Sun et al. 2024; SPPO, Chen et al. 2025):
     # each micro-batch's sequences split into seq_chunks chunks that flow through the pipeline as separate
     # work items, backward last chunk first (causal attention: chunk i reads the K/V of chunks <= i).
@@ -144,27 +147,27 @@ class ParallelPlan(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ParallelPlan:
+        # the rules are planner/core/dims.py's predicates, shared with the batch path and the search
         schedule = SCHEDULE_INDEX[self.schedule]
         if not vpp_fits_schedule(schedule, self.vpp):
             raise ValueError(f"vpp={self.vpp} needs schedule {quoted_names('virtual_stages')}, got '{self.schedule}'")
-        if self.recompute_num_layers is not None and self.recompute != "full":
+        if not recompute_layers_fit_policy(COLUMN["recompute_num_layers"].encode(self.recompute_num_layers),
+                                           COLUMN["recompute"].encode(self.recompute)):
             raise ValueError("recompute_num_layers needs recompute 'full' (Megatron's block method)")
-        if self.cp_comm == "a2a" and self.cp == 1:
+        if not ulysses_fits_cp(COLUMN["cp_a2a"].encode(self.cp_comm), self.cp):
             raise ValueError("cp_comm 'a2a' (Ulysses) needs cp > 1")
-        if self.sp and self.tp == 1:
+        if not sp_fits_tp(self.sp, self.tp):
             raise ValueError("sequence parallel (sp) needs tp > 1")
-        chunked_ok = (seq_chunks_fit_schedule(schedule, self.seq_chunks)
-                      and (self.seq_chunks == 1 or self.flash_attention))
-        if not chunked_ok:
-            # the chunk orders exist for some schedules (planner/core/dims.py); an unfused core's
-            # score tensor against a growing prefix is not modelled
+        if not (seq_chunks_fit_schedule(schedule, self.seq_chunks)
+                and seq_chunks_fit_attention(self.seq_chunks, self.flash_attention)):
             raise ValueError(f"seq_chunks={self.seq_chunks} needs schedule {quoted_names('sequence_chunks')} and "
                              f"flash attention, got '{self.schedule}', flash_attention={self.flash_attention}")
-        if self.moe_dispatch == "tp_slice" and (self.tp == 1 or self.ep != self.tp or self.etp != 1):
+        if not tp_slice_fits_degrees(COLUMN["moe_tp_slice"].encode(self.moe_dispatch), self.tp, self.ep,
+                                     COLUMN["etp"].encode(self.etp)):
             raise ValueError(f"moe_dispatch 'tp_slice' (Pipeline MoE) puts E/tp whole experts on each tensor-parallel "
                              f"rank: it needs tp > 1, ep = tp and etp = 1; got tp={self.tp}, ep={self.ep}, "
                              f"etp={self.etp}")
-        if self.moe_dispatch == "deepep" and self.ep == 1:
+        if not deepep_fits_ep(COLUMN["moe_deepep"].encode(self.moe_dispatch), self.ep):
             raise ValueError("moe_dispatch 'deepep' exchanges tokens over the expert-parallel group: it needs ep > 1")
         if self.partition is not None and len(self.partition) != self.pp * self.vpp:
             raise ValueError(f"partition has {len(self.partition)} stages, expected pp*vpp = "

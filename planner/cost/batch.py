@@ -1,11 +1,12 @@
 """estimate_batch: the formulas of estimate() evaluated for many plans at once, with numpy arrays over plans.
 
-docs/ARCHITECTURE.md#data-flow "A vectorized form of the same formulas may evaluate many plans at once, but a test holds it equal
-to the scalar form" (tests/test_batch.py holds every output equal to `estimate` within rel 1e-9, `fits`
-exactly). Nothing here re-derives a cost formula: per-layer costs call compute.py / comm.py / memory.py with
-arrays, and the logic that estimate.py (and estimate_layer.py, estimate_memory.py) writes inline is mirrored
-line by line, each block citing the function it mirrors. When they change, the equality test fails until these
-files (batch*.py) follow.
+docs/ARCHITECTURE.md#data-flow "A vectorized form of the same formulas may evaluate many plans at once, but a
+test holds it equal to the scalar form" (tests/test_batch.py holds every output equal to `estimate` within
+rel 1e-9, `fits` exactly). Nothing here re-derives a cost formula: the layer terms come from layer_terms.py,
+the step terms (DP sync and its exposure, the optimizer step, step time, throughput, MFU / HFU, pp_comm)
+from step_terms.py and memory from memory_phase.py, the same functions the scalar estimate calls, here with
+arrays. What remains this path's own is how plans share work (below) and the sums over layer counts that
+replace the scalar estimate's loops over layers (batch_context.py), each citing the phase it sums for.
 
 How the work is shared between plans (the scalar estimate redoes all of it per plan):
 
@@ -25,7 +26,7 @@ How the work is shared between plans (the scalar estimate redoes all of it per p
      with arrays over problems -- the same float operations, in the same order, as simulate.
      Peak in-flight micro-batches per stage are the same for every plan of a group: taken from the one
      simulate call that also yields the levels.
-  4. Per plan: DP exposure, optimizer step and the outputs, vectorized over plans. Memory per distinct
+  4. Per plan: DP exposure, optimizer step and the outputs (step_terms.py), vectorized over plans. Memory per distinct
      (problem, ZeRO stage, offload fractions), in one block per (pp, ZeRO stage): (rows x stages) arrays
      gathered from the count groups' per-stage tables stacked together, one model_state_parts call each.
   5. Between calls (_Ctx, per model, cluster, seq_len, dtype, grad_dtype): layer values per layer tuple,
@@ -45,33 +46,55 @@ batch_dag.py, the row-id helpers in batch_ids.py; this module checks the plans a
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost import memory
-from planner.cost.batch_context import _PER_COLUMN, _PIPE_MEMO_MAX, _ctx, _group_entry
-from planner.cost.batch_dag import _dag, _inflight, _makespan
-from planner.cost.batch_ids import _float_ids, _ranges, _row_ids
-from planner.cost.batch_plans import SCHEDULES, PlanArrays
-from planner.cost.schedules import get_schedule
 from planner.core import dtypes
-from planner.cost.estimate import (
-    EXPOSED_TAIL_FRACTION, _check_deepep, _check_expert_parallel, _check_seq_chunks, estimate, shard_copy_s,
-)
 from planner.core.dims import microbatches_fit_schedule, quoted_names, seq_chunks_fit_schedule, vpp_fits_schedule
 from planner.core.errors import BadInput
 from planner.core.hardware import Cluster
-from planner.cost.stages import _homogeneous
 from planner.core.model import ModelGraph
 from planner.core.plan import ParallelPlan, Workload
+from planner.cost import memory_phase
 
 # Re-exported, each the same object as in its module: the search, tests and benchmarks import POLICIES from
 # here, and benchmarks/bench_batch.py clears the caches (_LINKS, _CHUNKS, _COUNTS, _LEVELS, _CTX, _INFL, _dag)
 # through this module.
-from planner.cost.batch_context import _CHUNKS, _COUNTS, _CTX, _IDS_MAX, _Ctx, _counts, _split  # noqa: F401
-from planner.cost.batch_dag import _INFL, _LEVELS, _Dag, _levels  # noqa: F401
+from planner.cost.batch_context import (  # noqa: F401
+    _CHUNKS,
+    _COUNTS,
+    _CTX,
+    _IDS_MAX,
+    _PER_COLUMN,
+    _PIPE_MEMO_MAX,
+    _counts,
+    _Ctx,
+    _ctx,
+    _group_entry,
+    _split,
+)
+from planner.cost.batch_dag import _INFL, _LEVELS, _Dag, _dag, _inflight, _levels, _makespan  # noqa: F401
+from planner.cost.batch_ids import _float_ids, _ranges, _row_ids
 from planner.cost.batch_layers import _LINKS, _collective, _layer_values, _links, _p2p  # noqa: F401
-from planner.cost.batch_plans import POLICIES  # noqa: F401
+from planner.cost.batch_plans import (
+    POLICIES,  # noqa: F401
+    SCHEDULES,
+    PlanArrays,
+)
+from planner.cost.estimate import _check_deepep, _check_expert_parallel, _check_seq_chunks, estimate
+from planner.cost.schedules import get_schedule
+from planner.cost.stages import _homogeneous
+from planner.cost.step_terms import (
+    exposed_sync_s,
+    optimizer_step_s,
+    pp_comm_s,
+    state_shards,
+    step_time_s,
+    tokens_per_s,
+    utilisation,
+    zero_sync_s,
+)
 
 OUTPUTS = ("step_time_s", "tokens_per_s", "mfu", "hfu", "peak_memory_bytes", "fits", "pipeline_s",
            "pp_comm_s", "dp_comm_exposed_s", "optimizer_s", "offload_s")
@@ -147,7 +170,7 @@ def estimate_batch(model: ModelGraph, cluster: Cluster, workload: Workload,
 
 
 def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGraph, m: np.ndarray) -> None:
-    """The refusals of estimate.estimate, split_chunks, ParallelPlan and pipeline._check_args."""
+    """The refusals of estimate._check_plan, split_chunks, ParallelPlan and pipeline._check_args."""
     n = pa.dp * pa.tp * pa.pp * pa.cp
 
     def first(mask, msg):
@@ -201,215 +224,240 @@ def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGra
     first((pa.zero < 0) | (pa.zero > 3), lambda i: "zero must be 0-3")
 
 
+@dataclass(slots=True)
+class _Batch:
+    """What the phases of one _estimate_arrays call share: the plans, columns derived from them, the ids that
+    group them, and what each phase adds for the next (read-only once set)."""
+
+    pa: PlanArrays
+    ctx: _Ctx
+    device: object  # every plan's device (the batch path serves one device type only)
+    items: np.ndarray  # work items per step: micro-batches * seq_chunks
+    etp: np.ndarray  # expert tensor-parallel degree, tp where the plan leaves it 0
+    act_bytes: int  # bytes per element of activations and of what the step sends
+    weight_bytes: int
+    grad_bytes: int
+    tuples: np.ndarray  # the batch's distinct layer tuples, one row each
+    column_of: np.ndarray  # every plan's row in `tuples`; after _layers, its column of ctx
+    cg_keys: np.ndarray  # distinct count groups (pp, vpp, recompute, recompute_num_layers)
+    cg_of: np.ndarray
+    pg_keys: np.ndarray  # distinct pipeline groups (schedule, pp, vpp, micro-batches, seq_chunks)
+    pg_of: np.ndarray
+    groups: list | None = None  # _chunk_sums: batch_context._group_entry of every count group
+    cu_of: np.ndarray | None = None  # _chunk_sums: every plan's distinct (count group, column)
+    cu_cg: np.ndarray | None = None
+    cu_u: np.ndarray | None = None
+    per_cu: dict | None = None  # _chunk_sums: _PER_COLUMN values per (count group, column)
+    pr_of: np.ndarray | None = None  # _pipeline_makespans: every plan's pipeline problem
+    pr_pg: np.ndarray | None = None
+    pr_cg: np.ndarray | None = None
+    pr_u: np.ndarray | None = None
+    p2p_pr: np.ndarray | None = None  # per problem: one stage-to-stage transfer, seconds
+    pipe_pr: np.ndarray | None = None  # per problem: the pipeline's makespan, seconds
+
+
 def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict:
+    """estimate()'s phases on columns of plans: prepare -> layers -> chunk sums -> pipeline makespans -> step
+    -> memory -> outputs; tm receives seconds per phase."""
     t0 = time.perf_counter()
-    P = len(pa)
-    n_dev = cluster.device_count
-    dev = cluster.devices[0].device
-    dtype = workload.dtype
-    # estimate.estimate: e, b, s, m
-    e = dtypes.activation_bytes(dtype)
-    s = workload.seq_len
+    b = _prepare(model, cluster, workload, pa)
+    t1 = time.perf_counter()
+    _layers(b, cluster, workload)
+    t2 = time.perf_counter()
+    _chunk_sums(b, cluster, workload)
+    t3 = time.perf_counter()
+    _pipeline_makespans(b)
+    t4 = time.perf_counter()
+    step = _step(b)
+    peak_mem = _peak_memory(pa, workload, b.ctx, b.groups, b.pg_keys, b.pr_of, b.pr_pg, b.pr_cg, b.pr_u, b.etp,
+                            b.weight_bytes, b.grad_bytes)
+    out = _outputs(b, workload, step, peak_mem, cluster.device_count)
+    t5 = time.perf_counter()
+    for k, dt in (("prepare", t1 - t0), ("layers", t2 - t1), ("chunks", t3 - t2), ("pipeline", t4 - t3),
+                  ("step+memory", t5 - t4)):
+        tm[k] += dt
+    return out
+
+
+def _prepare(model, cluster, workload, pa: PlanArrays) -> _Batch:
+    """The checks, micro-batches and work items (as ParallelPlan.microbatches and estimate._setup), bytes per
+    element, and the ids that group the plans: distinct layer tuples (what the layer terms depend on), count
+    groups (which layers each chunk holds) and pipeline groups (one op DAG each)."""
     m = np.where(pa.num_microbatches > 0, pa.num_microbatches,
                  np.maximum(1, workload.global_batch // (pa.mbs * pa.dp)))
     _check(pa, cluster, workload, model, m)
-    items = m * pa.seq_chunks  # estimate.estimate: work items per step (ParallelPlan.seq_chunks)
-    # estimate._memory: dtype sizes
-    e_w = dtypes.weight_bytes(workload.dtype)
-    e_act = dtypes.activation_bytes(workload.dtype)
-    g_bytes = dtypes.gradient_bytes(workload.grad_dtype)
-    ctx = _ctx(model, cluster, workload)
-
-    # distinct layer tuples -> columns of ctx (u_of: every plan's column), count groups cg, pipeline groups pg
     etp = np.where(pa.etp > 0, pa.etp, pa.tp)
     lt_cols = [pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.ep, etp, pa.overlap_tp_comm, pa.cp_a2a,
                pa.moe_tp_slice, pa.seq_chunks, pa.moe_deepep]
     u_first, u_of = _row_ids(lt_cols)
-    tuples_b = np.stack([np.asarray(c, dtype=np.int64)[u_first] for c in lt_cols], axis=1)
     cg_first, cg_of = _row_ids([pa.pp, pa.vpp, pa.recompute, pa.recompute_num_layers + 1])
-    cg_keys = np.stack([pa.pp[cg_first], pa.vpp[cg_first], pa.recompute[cg_first],
-                        pa.recompute_num_layers[cg_first]], axis=1)
     pg_first, pg_of = _row_ids([pa.schedule, pa.pp, pa.vpp, m, pa.seq_chunks])
-    pg_keys = np.stack([pa.schedule[pg_first], pa.pp[pg_first], pa.vpp[pg_first], m[pg_first],
-                        pa.seq_chunks[pg_first]], axis=1)
-    NPG = len(pg_keys)
-    tm["prepare"] += time.perf_counter() - t0
+    return _Batch(
+        pa=pa, ctx=_ctx(model, cluster, workload), device=cluster.devices[0].device, items=m * pa.seq_chunks,
+        etp=etp, act_bytes=dtypes.activation_bytes(workload.dtype), weight_bytes=dtypes.weight_bytes(workload.dtype),
+        grad_bytes=dtypes.gradient_bytes(workload.grad_dtype),
+        tuples=np.stack([np.asarray(c, dtype=np.int64)[u_first] for c in lt_cols], axis=1), column_of=u_of,
+        cg_keys=np.stack([pa.pp[cg_first], pa.vpp[cg_first], pa.recompute[cg_first],
+                          pa.recompute_num_layers[cg_first]], axis=1), cg_of=cg_of,
+        pg_keys=np.stack([pa.schedule[pg_first], pa.pp[pg_first], pa.vpp[pg_first], m[pg_first],
+                          pa.seq_chunks[pg_first]], axis=1), pg_of=pg_of)
 
-    t0 = time.perf_counter()
-    u_of = ctx.columns(tuples_b, (cluster, dev, dtype, e, e_act, e_w, s,
-                                  (workload.moe_imbalance, workload.moe_capacity_factor)))[u_of]
-    G = len(ctx.tuples)
-    tm["layers"] += time.perf_counter() - t0
 
-    # ---- per count group, for every column: chunk and stage sums, DP traffic, p2p ------------------------
-    t0 = time.perf_counter()
-    cg = [_group_entry(ctx, pp, vpp, rc, rnl, n_dev, e, g_bytes, s) for pp, vpp, rc, rnl in cg_keys.tolist()]
-    # distinct (count group, column) pairs
-    cu_first, cu_of = _row_ids([cg_of, u_of])
-    cu_cg, cu_u = cg_of[cu_first], u_of[cu_first]
-    flat = cu_cg * G + cu_u
-    per_cu = {k: np.stack([x[k] for x in cg]).ravel()[flat] for k in _PER_COLUMN}
-    tm["chunks"] += time.perf_counter() - t0
+def _layers(b: _Batch, cluster: Cluster, workload: Workload) -> None:
+    """Layer terms: each plan's column of ctx, evaluating the layer values of tuples new to it."""
+    layer_args = (cluster, b.device, workload.dtype, b.act_bytes, b.act_bytes, b.weight_bytes, workload.seq_len,
+                  (workload.moe_imbalance, workload.moe_capacity_factor))
+    b.column_of = b.ctx.columns(b.tuples, layer_args)[b.column_of]
 
-    # ---- pipeline: distinct problems (pipeline group, count group, column) --------------------------------
-    t0 = time.perf_counter()
-    pr_first, pr_of = _row_ids([pg_of, cu_of])
-    pr_pg, pr_cu = pg_of[pr_first], cu_of[pr_first]
-    pr_cg, pr_u = cu_cg[pr_cu], cu_u[pr_cu]
-    NPR = len(pr_first)
-    p2p_pr = per_cu["p2p"][pr_cu]
-    # A problem's makespan is fixed by its (pipeline group, count group, column) once the model, the cluster,
-    # seq_len and dtype are: reuse what an earlier call on them computed (a search calls estimate_batch again
-    # and again on one cluster; most of its pipeline problems repeat). Keys: the three ids packed in an int64.
-    key = (ctx.ids(ctx.pg_id, pg_keys)[pr_pg] << 42) | (ctx.ids(ctx.cg_id, cg_keys)[pr_cg] << 21) | pr_u
-    pipe_pr = np.full(NPR, np.nan)
-    miss = np.ones(NPR, dtype=bool)
+
+def _chunk_sums(b: _Batch, cluster: Cluster, workload: Workload) -> None:
+    """Chunk sums: per count group, for every column, the chunk and stage sums, DP traffic and p2p time
+    (batch_context._group_entry); gathered per distinct (count group, column) the plans use."""
+    ctx, G = b.ctx, len(b.ctx.tuples)
+    b.groups = [_group_entry(ctx, pp, vpp, rc, rnl, cluster.device_count, b.act_bytes, b.weight_bytes, b.grad_bytes,
+                             workload.seq_len) for pp, vpp, rc, rnl in b.cg_keys.tolist()]
+    cu_first, b.cu_of = _row_ids([b.cg_of, b.column_of])
+    b.cu_cg, b.cu_u = b.cg_of[cu_first], b.column_of[cu_first]
+    flat = b.cu_cg * G + b.cu_u
+    b.per_cu = {k: np.stack([x[k] for x in b.groups]).ravel()[flat] for k in _PER_COLUMN}
+
+
+def _pipeline_makespans(b: _Batch) -> None:
+    """Pipeline: the makespan of every distinct problem (pipeline group, count group, column). A problem's
+    makespan is fixed by those three once the model, the cluster, seq_len and dtype are: what an earlier call
+    on them computed is reused (a search calls estimate_batch again and again on one cluster; most of its
+    pipeline problems repeat). Keys: the three ids packed in an int64."""
+    ctx = b.ctx
+    pr_first, b.pr_of = _row_ids([b.pg_of, b.cu_of])
+    b.pr_pg, pr_cu = b.pg_of[pr_first], b.cu_of[pr_first]
+    b.pr_cg, b.pr_u = b.cu_cg[pr_cu], b.cu_u[pr_cu]
+    b.p2p_pr = b.per_cu["p2p"][pr_cu]
+    key = (ctx.ids(ctx.pg_id, b.pg_keys)[b.pr_pg] << 42) | (ctx.ids(ctx.cg_id, b.cg_keys)[b.pr_cg] << 21) | b.pr_u
+    b.pipe_pr = np.full(len(pr_first), np.nan)
+    miss = np.ones(len(pr_first), dtype=bool)
     if len(ctx.pipe_keys):
         at = np.minimum(np.searchsorted(ctx.pipe_keys, key), len(ctx.pipe_keys) - 1)
         hit = ctx.pipe_keys[at] == key
-        pipe_pr[hit] = ctx.pipe_vals[at[hit]]
+        b.pipe_pr[hit] = ctx.pipe_vals[at[hit]]
         miss = ~hit
-    if miss.any():
-        pr_ranges = _ranges(pr_pg, NPG)
-        for gk, (sch, pp, vpp, mm, nc) in enumerate(pg_keys.tolist()):
-            a, b = pr_ranges[gk]
-            rows = a + np.flatnonzero(miss[a:b])
-            if not len(rows):
-                continue
-            schedule = SCHEDULES[sch]
-            dag = _dag(schedule, pp, vpp, mm, nc)
-            n_st = pp * vpp
-            D = np.zeros((len(rows), 3 * n_st))
-            cgs, us = pr_cg[rows], pr_u[rows]
-            for gi in np.unique(cgs).tolist():
-                sel = cgs == gi
-                F = cg[gi]["Fc"][:, us[sel]].T
-                B = cg[gi]["Bc"][:, us[sel]].T
-                D[sel, :n_st] = F
-                if get_schedule(schedule).splits_backward:
-                    # pipeline.simulate: w = bwd / 2, B op = bwd - w, W op = w
-                    w = B / 2
-                    D[sel, n_st:2 * n_st] = B - w
-                    D[sel, 2 * n_st:] = w
-                else:
-                    D[sel, n_st:2 * n_st] = B
-            pipe_pr[rows] = _makespan(dag, D, p2p_pr[rows])
-        if len(ctx.pipe_keys) + int(miss.sum()) > _PIPE_MEMO_MAX:
-            ctx.pipe_keys, ctx.pipe_vals = ctx.pipe_keys[:0], ctx.pipe_vals[:0]
-        keys = np.concatenate([ctx.pipe_keys, key[miss]])
-        order = np.argsort(keys, kind="stable")
-        ctx.pipe_keys, ctx.pipe_vals = keys[order], np.concatenate([ctx.pipe_vals, pipe_pr[miss]])[order]
-    tm["pipeline"] += time.perf_counter() - t0
+    if not miss.any():
+        return
+    _time_problems(b, miss)
+    if len(ctx.pipe_keys) + int(miss.sum()) > _PIPE_MEMO_MAX:
+        ctx.pipe_keys, ctx.pipe_vals = ctx.pipe_keys[:0], ctx.pipe_vals[:0]
+    keys = np.concatenate([ctx.pipe_keys, key[miss]])
+    order = np.argsort(keys, kind="stable")
+    ctx.pipe_keys, ctx.pipe_vals = keys[order], np.concatenate([ctx.pipe_vals, b.pipe_pr[miss]])[order]
 
-    # ---- step time, per plan --------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    dp = pa.dp
-    pipe_s = pipe_pr[pr_of]
-    p2p_s = p2p_pr[pr_of]
-    ar, rs, ag = per_cu["ar"][cu_of], per_cu["rs"][cu_of], per_cu["ag"][cu_of]
-    dp_s = np.where(pa.zero == 0, ar, rs + np.where(pa.zero < 3, ag, 2 * items * ag))
-    # estimate: grad_ranks > 1, or routed experts syncing over their own EDP group
-    dp_s = np.where((dp * pa.cp > 1) | (pa.ep * etp != pa.tp), dp_s, 0.0) / dev.efficiency.dp_collective
-    busy = per_cu["busy_worst"][cu_of]
-    last_bwd = per_cu["last_bwd"][cu_of]
+
+def _time_problems(b: _Batch, todo: np.ndarray) -> None:
+    """Makespans of the problems marked in `todo`, one pipeline group's DAG at a time (batch_dag._makespan)."""
+    pr_ranges = _ranges(b.pr_pg, len(b.pg_keys))
+    for gk, (sch, pp, vpp, mm, nc) in enumerate(b.pg_keys.tolist()):
+        lo, hi = pr_ranges[gk]
+        rows = lo + np.flatnonzero(todo[lo:hi])
+        if not len(rows):
+            continue
+        schedule = SCHEDULES[sch]
+        durations = _op_durations(b, rows, pp * vpp, get_schedule(schedule).splits_backward)
+        b.pipe_pr[rows] = _makespan(_dag(schedule, pp, vpp, mm, nc), durations, b.p2p_pr[rows])
+
+
+def _op_durations(b: _Batch, rows: np.ndarray, n_chunks: int, splits_backward: bool) -> np.ndarray:
+    """Per problem in `rows`, the duration row batch_dag._makespan reads: [F per chunk, B per chunk, W per
+    chunk]; a schedule that splits the backward gives half of it to W (pipeline.simulate: w = bwd / 2,
+    B op = bwd - w), the others have no W."""
+    durations = np.zeros((len(rows), 3 * n_chunks))
+    cgs, us = b.pr_cg[rows], b.pr_u[rows]
+    for gi in np.unique(cgs).tolist():
+        sel = cgs == gi
+        fwd = b.groups[gi]["Fc"][:, us[sel]].T
+        bwd = b.groups[gi]["Bc"][:, us[sel]].T
+        durations[sel, :n_chunks] = fwd
+        if splits_backward:
+            w = bwd / 2
+            durations[sel, n_chunks:2 * n_chunks] = bwd - w
+            durations[sel, 2 * n_chunks:] = w
+        else:
+            durations[sel, n_chunks:2 * n_chunks] = bwd
+    return durations
+
+
+def _step(b: _Batch) -> dict:
+    """Step: the data-parallel sync and its exposed part, the optimizer step and the step time per plan
+    (planner/cost/step_terms.py, as estimate._data_parallel_sync and estimate._optimizer_s call it). Offload
+    is 0: plans with optimizer offload went to the scalar estimate."""
+    pa, dev, items, per_cu, cu_of = b.pa, b.device, b.items, b.per_cu, b.cu_of
+    replicas = pa.dp * pa.cp
+    pipe_s = b.pipe_pr[b.pr_of]
+    # columns whose worst stage syncs over no rank carry 0 seconds of traffic (batch_context._dp_collective_sums)
+    sync_s = zero_sync_s(per_cu["ar"][cu_of], per_cu["rs"][cu_of], per_cu["ag"][cu_of], pa.zero, items, dev)
     params_dev = per_cu["params_dev"][cu_of]
-    stage_busy = np.where(pa.pp > 1, items * busy, pipe_s)
-    hide = dev.efficiency.comm_overlap
-    dp_exposed = np.where(
-        pa.zero == 3, np.maximum(dp_s - hide * stage_busy, EXPOSED_TAIL_FRACTION * dp_s),
-        np.where(pa.overlap_grad_reduce, np.maximum(dp_s - hide * last_bwd, EXPOSED_TAIL_FRACTION * dp_s), dp_s))
-    if dev.efficiency.shard_copy_ns_per_byte:
-        dp_exposed = dp_exposed + np.where(dp * pa.cp > 1, shard_copy_s(params_dev, e, g_bytes, pa.zero, items, dev),
-                                           0.0)
-    # optimizer step (offload_s is 0: plans with optimizer offload went to the scalar estimate)
-    owned = params_dev / np.where(pa.zero >= 1, dp * pa.cp, 1)
-    on_device = owned * (1 - pa.offload_optimizer)
-    opt_s = on_device * 32 / (dev.memory_bandwidth_bytes_per_s * dev.efficiency.memory)
-    offload_s = np.zeros(P)
-    step = pipe_s + dp_exposed + opt_s + offload_s
-    tokens = workload.global_batch * workload.seq_len
-    scale = items * pa.tp * pa.cp * dp
-    fm = per_cu["fm"][cu_of] * scale
-    fh = per_cu["fh"][cu_of] * scale
-    peak = dev.peak_flops(dtype) * n_dev
+    stage_busy = np.where(pa.pp > 1, items * per_cu["busy_worst"][cu_of], pipe_s)
+    dp_exposed = exposed_sync_s(sync_s, pa.zero, pa.overlap_grad_reduce, stage_busy, per_cu["last_bwd"][cu_of], dev,
+                                params_dev=params_dev, weight_bytes=b.weight_bytes, grad_bytes=b.grad_bytes,
+                                items=items, replicas=replicas)
+    opt_s = optimizer_step_s(params_dev, state_shards(pa.zero, replicas), pa.offload_optimizer, dev)
+    offload_s = np.zeros(len(pa))
+    return {"pipeline_s": pipe_s, "dp_comm_exposed_s": dp_exposed, "optimizer_s": opt_s, "offload_s": offload_s,
+            "step_time_s": step_time_s(pipe_s, dp_exposed, opt_s, offload_s)}
 
-    peak_mem = _peak_memory(pa, workload, ctx, cg, pg_keys, pr_of, pr_pg, pr_cg, pr_u, etp, e_w, g_bytes)
-    out = {
-        "step_time_s": step, "tokens_per_s": tokens / step, "mfu": fm / (step * peak), "hfu": fh / (step * peak),
-        "peak_memory_bytes": peak_mem, "fits": peak_mem <= dev.memory_bytes, "pipeline_s": pipe_s,
-        "pp_comm_s": np.where(pa.pp > 1, 2 * items * pa.vpp * p2p_s, 0.0), "dp_comm_exposed_s": dp_exposed,
-        "optimizer_s": opt_s, "offload_s": offload_s,
-    }
-    tm["step+memory"] += time.perf_counter() - t0
-    return out
+
+def _outputs(b: _Batch, workload: Workload, step: dict, peak_mem: np.ndarray, n_dev: int) -> dict:
+    """Outputs per plan: throughput, MFU / HFU, the fit and pp_comm_s beside the step terms of _step."""
+    pa, dev, items = b.pa, b.device, b.items
+    step_s = step["step_time_s"]
+    mfu, hfu = utilisation(b.per_cu["fm"][b.cu_of], b.per_cu["fh"][b.cu_of], items, pa.tp, pa.cp, pa.dp, step_s,
+                           dev.peak_flops(workload.dtype) * n_dev)
+    return {**step, "tokens_per_s": tokens_per_s(workload.global_batch, workload.seq_len, step_s), "mfu": mfu,
+            "hfu": hfu, "peak_memory_bytes": peak_mem, "fits": peak_mem <= dev.memory_bytes,
+            "pp_comm_s": pp_comm_s(pa.pp, pa.vpp, items, b.p2p_pr[b.pr_of])}
 
 
 def _peak_memory(pa: PlanArrays, workload: Workload, ctx, cg: list, pg_keys, pr_of, pr_pg, pr_cg, pr_u, etp,
                  e_w: int, g_bytes: int) -> np.ndarray:
-    """Peak bytes per plan (its worst stage), over the distinct (pipeline problem, ZeRO stage, offload
-    fractions) of the batch, evaluated in blocks of one (pp, ZeRO stage)."""
-    dp = pa.dp
+    """Peak bytes per plan (its worst stage): the memory phase (memory_phase.stage_memory) over the distinct
+    (pipeline problem, ZeRO stage, offload fractions) of the batch, in blocks of one (pp, ZeRO stage)."""
     G = len(ctx.tuples)
     NPG = len(pg_keys)
     oa_first, oa_of = _row_ids([_float_ids(pa.offload_activations), _float_ids(pa.offload_optimizer)])
     me_first, me_of = _row_ids([pr_of, pa.zero, oa_of])
     me_pr = pr_of[me_first]
     me_zero = pa.zero[me_first]
-    me_dp = (dp * pa.cp)[me_first]  # ZeRO shards over dp x cp (estimate._memory)
+    me_dp = (pa.dp * pa.cp)[me_first]  # ZeRO shards over dp x cp
+    me_edp = memory_phase.expert_data_parallel(pa.dp, pa.cp, pa.tp, pa.ep, etp)[me_first]
     me_oact = pa.offload_activations[me_first]
     me_oopt = pa.offload_optimizer[me_first]
-    oact_any, oopt_any = bool(me_oact.any()), bool(me_oopt.any())  # x * (1 - 0) is x: skipped when all 0
     me_pg = pr_pg[me_pr]
     par_t, froz_t, act_t, parx_t, work_t, logit_t, kvf_t, kva_t, ring_t = ctx.stage_tables()
     me_nc = pa.seq_chunks[me_first]
-    # estimate.expert_data_parallel: the ranks sharing the same experts
-    me_edp = (dp * pa.cp * pa.tp // (pa.ep * etp))[me_first]
     me_row = np.array([x["row"] for x in cg], dtype=np.int64)[pr_cg[me_pr]]
     me_u = pr_u[me_pr]
     me_pp = pg_keys[me_pg, 1]
     max_pp = int(pg_keys[:, 1].max())
-    infl_t = np.zeros((NPG, max_pp))
+    infl_t = np.zeros((NPG, max_pp))  # the pipeline's in-flight work items per stage, per chunk
     for gk, (sch, pp, vpp, mm, nc) in enumerate(pg_keys.tolist()):
-        infl_t[gk, :pp] = _inflight(SCHEDULES[sch], pp, vpp, mm, nc)  # mirrors estimate._memory
+        infl_t[gk, :pp] = _inflight(SCHEDULES[sch], pp, vpp, mm, nc)
     infl_t = infl_t.ravel()
     order = np.lexsort((me_zero, me_pp))
     o_pp, o_zero = me_pp[order], me_zero[order]
     cut = np.flatnonzero((o_pp[1:] != o_pp[:-1]) | (o_zero[1:] != o_zero[:-1])) + 1
     mem_me = np.empty(len(me_first))
+    no_kv = np.zeros((1, 1))  # sequence-chunk K/V are read only where some row runs chunks
     for a, b in zip([0, *cut.tolist()], [*cut.tolist(), len(order)]):
         idx = order[a:b]
         pp, zz = int(o_pp[a]), int(o_zero[a])
         st = np.arange(pp)
         at = (me_row[idx][:, None] + st) * G + me_u[idx][:, None]  # (plans, stages) in the stacked tables
-        # --- mirrors estimate._memory ---
-        weights, grads, optim = memory.model_state_parts(par_t.take(at), me_dp[idx][:, None], zz,
-                                                         weight_dtype_bytes=e_w, grad_dtype_bytes=g_bytes,
-                                                         optimizer=workload.optimizer)
-        parx = parx_t.take(at)
-        split = (parx > 0) & (me_edp[idx] != me_dp[idx])[:, None]
-        if split.any():  # estimate._memory: dense states over dp x cp, routed experts over EDP
-            dense = memory.model_state_parts(par_t.take(at) - parx, me_dp[idx][:, None], zz, weight_dtype_bytes=e_w,
-                                             grad_dtype_bytes=g_bytes, optimizer=workload.optimizer)
-            routed = memory.model_state_parts(parx, me_edp[idx][:, None], zz, weight_dtype_bytes=e_w,
-                                              grad_dtype_bytes=g_bytes, optimizer=workload.optimizer)
-            weights, grads, optim = (np.where(split, d + r, x) for d, r, x in
-                                     zip(dense, routed, (weights, grads, optim)))
-        infl = infl_t.take(me_pg[idx][:, None] * max_pp + st)
-        acts = act_t.take(at) * infl
-        if oact_any:
-            acts = acts * (1 - me_oact[idx])[:, None]
-        if oopt_any:
-            optim = optim * (1 - me_oopt[idx])[:, None]
-        work = work_t.take(at)
-        subtotal = weights + grads + optim + froz_t.take(at) + acts + work + logit_t.take(at)
-        ring = ring_t.take(at)
-        if (ring > 0).any():  # estimate._memory: ring buffers beyond the backward working set
-            subtotal = subtotal + np.maximum(0.0, ring - work)
         nc = me_nc[idx][:, None]
-        if (nc > 1).any():  # estimate._memory: chunked sequences' K/V (longctx.seq_chunk_kv_bytes)
-            subtotal = subtotal + np.where(nc > 1, kvf_t.take(at) * infl + kva_t.take(at) * (nc - 1), 0.0)
-        # the worst stage's total: allocator_overhead_bytes (x + (0.07 x + c)) is nondecreasing in x, also
-        # in floating point, so it is applied to the largest subtotal only
-        top = subtotal.max(axis=1)
-        mem_me[idx] = top + memory.allocator_overhead_bytes(top)
+        chunked = bool((nc > 1).any())
+        kv_full = kvf_t.take(at) if chunked else no_kv
+        inputs = memory_phase.StageInputs(
+            params_count=par_t.take(at), expert_params_count=parx_t.take(at), frozen_bytes=froz_t.take(at),
+            activation_bytes=act_t.take(at), inflight_items=infl_t.take(me_pg[idx][:, None] * max_pp + st),
+            working_bytes=work_t.take(at), logits_bytes=logit_t.take(at), ring_bytes=ring_t.take(at),
+            kv_full_bytes=kv_full, kv_rest_bytes=kva_t.take(at) - kv_full if chunked else no_kv,
+            dp_cp=me_dp[idx][:, None], edp=me_edp[idx][:, None], seq_chunks=nc,
+            offload_activations=me_oact[idx][:, None], offload_optimizer=me_oopt[idx][:, None])
+        mem_me[idx] = memory_phase.stage_memory(inputs, zz, e_w, g_bytes, workload.optimizer).peak_bytes()
     return mem_me[me_of]

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.cost import comm, memory
+from planner.core.hardware import Cluster
+from planner.core.model import ModelGraph
+from planner.core.plan import ParallelPlan, Workload
+from planner.cost import memory
 from planner.cost.batch_layers import _collective, _layer_values, _p2p
 from planner.cost.batch_plans import POLICIES
 from planner.cost.estimate import pipeline_p2p_s
 from planner.cost.estimate_structure import _policies, split_chunks
-from planner.core.hardware import Cluster
-from planner.core.model import ModelGraph
-from planner.core.plan import ParallelPlan, Workload
-
+from planner.cost.step_terms import layer_sync_sums_s
 
 _CHUNKS: dict[tuple[int, int], tuple[ModelGraph, list]] = {}
 
@@ -57,7 +57,7 @@ class _Ctx:
 
     def __init__(self, model: ModelGraph, cluster: Cluster):
         self.model, self.cluster = model, cluster
-        self.shape_of: dict = {}  # distinct shapes (estimate.estimate memoizes by shape_key)
+        self.shape_of: dict = {}  # distinct shapes (the scalar estimate memoizes by shape_key)
         self.shapes: list = []
         for layer in model.layers:
             if layer.shape_key not in self.shape_of:
@@ -123,7 +123,7 @@ _COUNTS: dict = {}
 
 
 def _counts(model: ModelGraph, shape_of: dict, pp: int, vpp: int, rc: int, rnl: int):
-    """Layer counts of a count group: per chunk (chunk, shape x policy) and per stage (estimate.estimate:
+    """Layer counts of a count group: per chunk (chunk, shape x policy) and per stage (estimate._chunk_sums:
     chunk c runs on stage c % pp; estimate._policies gives each layer's policy; trainable layers count
     toward stage_params, frozen ones toward estimate._memory's `frozen`)."""
     key = (id(model), pp, vpp, rc, rnl)
@@ -167,26 +167,38 @@ def _counts(model: ModelGraph, shape_of: dict, pp: int, vpp: int, rc: int, rnl: 
     return res
 
 
-def _group_entry(ctx: _Ctx, pp: int, vpp: int, rc: int, rnl: int, n_dev: int, e: int, g_bytes: int, s: int) -> dict:
-    """A count group's sums for every column of ctx (cached in ctx.groups until new columns appear): per chunk
-    forward / backward time, per stage params / frozen / activation bytes; the worst stage's params, busy time
-    and last backward; model and hardware FLOPs; the DP gradient reduction and ZeRO traffic over the dp
-    group (dp = n / (tp cp pp), so the group and column fix every DP term); the pipeline p2p time."""
+def _group_entry(ctx: _Ctx, pp: int, vpp: int, rc: int, rnl: int, n_dev: int, e: int, w_bytes: int, g_bytes: int,
+                 s: int) -> dict:
+    """A count group's sums for every column of ctx (cached in ctx.groups until new columns appear): the chunk
+    and stage sums (_chunk_stage_sums), the worst stage's DP gradient reduction and ZeRO traffic
+    (_dp_collective_sums) and the pipeline p2p time (_p2p_column_s). e: activation bytes per element, w_bytes
+    and g_bytes: bytes per weight and per gradient."""
     key = (pp, vpp, rc, rnl)
     ent = ctx.groups.get(key)
     if ent is not None:
         return ent
-    model, cluster, lv, tuples = ctx.model, ctx.cluster, ctx.lv, ctx.tuples
-    S, G = len(ctx.shapes), len(tuples)
-    k = _counts(model, ctx.shape_of, pp, vpp, rc, rnl)
-    Fc = k["K"] @ lv["fwd"].reshape(S * 3, G)  # (C, G): estimate.estimate's fwd_s per chunk
+    k = _counts(ctx.model, ctx.shape_of, pp, vpp, rc, rnl)
+    ent = _chunk_stage_sums(ctx, k, pp, vpp)
+    ar, rs, ag = _dp_collective_sums(ctx, k["Tst"][ent["worst"]].T, pp, n_dev, w_bytes, g_bytes)
+    ent.update(ar=ar, rs=rs, ag=ag, p2p=_p2p_column_s(ctx, pp, n_dev, e, s))
+    ctx.groups[key] = ent
+    ctx.stages = None
+    return ent
+
+
+def _chunk_stage_sums(ctx: _Ctx, k: dict, pp: int, vpp: int) -> dict:
+    """Per chunk forward / backward time, per stage params / frozen / activation / memory-table bytes; the
+    worst stage, its params, busy time and last backward; model and hardware FLOPs: for every column, from the
+    count group's layer counts `k` (_counts) by matmul."""
+    lv, S, G = ctx.lv, len(ctx.shapes), len(ctx.tuples)
+    Fc = k["K"] @ lv["fwd"].reshape(S * 3, G)  # (C, G): estimate._chunk_sums's fwd_s per chunk
     Bc = k["K"] @ lv["bwd"].reshape(S * 3, G)
     par_st = k["Tst"] @ lv["par"]  # (pp, G): stage_params
-    # estimate.estimate: worst = argmax(stage_params); exact ties (equal stages) go to the first,
+    # estimate._data_parallel_sync: worst = argmax(stage_params); exact ties (equal stages) go to the first,
     # robust to last-bit differences between a matmul and a sequential sum.
     near = par_st >= par_st.max(axis=0) * (1 - 1e-12)
     worst = np.argmax(near, axis=0)
-    # the worst stage's chunks (c % pp == worst) summed in chunk order, as estimate.estimate sums them;
+    # the worst stage's chunks (c % pp == worst) summed in chunk order, as the scalar estimate sums them;
     # gathering just those rows is cheaper than a (pp x C) one-hot matmul, which OpenBLAS threads
     # slowly on a busy machine
     cols = np.arange(G)
@@ -200,17 +212,24 @@ def _group_entry(ctx: _Ctx, pp: int, vpp: int, rc: int, rnl: int, n_dev: int, e:
             full = np.stack([lv["act"][si, 0] for si, _ in sig])
             kept = np.stack([lv["act"][si, pi] for si, pi in sig])
             work_st[st_] = np.maximum(work_st[st_], memory.backward_working_bytes(full, kept))
-    ent = dict(Fc=Fc, Bc=Bc, par_st=par_st, froz_st=k["Fst"] @ lv["froz"], parx_st=k["Tst"] @ lv["parx"],
-               work_st=work_st, logit_st=k["Lst"] @ lv["logit"], kvf_st=k["Kst"] @ lv["kvf"].reshape(S * 3, G),
-               kva_st=k["Lst"] @ lv["kv"],
-               # estimate._memory: the largest ring forward buffers of a layer on the stage
-               ring_st=np.max(np.where(k["Lst"][:, :, None] > 0, lv["ring"][None, :, :], 0.0), axis=1),
-               act_st=k["Kst"] @ lv["act"].reshape(S * 3, G), params_dev=par_st[worst, cols], last_bwd=Bw,
-               busy_worst=Fw + Bw, fm=k["Kall"] @ lv["fmodel"], fh=k["Ktot"] @ lv["fhw"].reshape(S * 3, G))
-    # --- mirrors estimate.estimate: DP gradient reduction and ZeRO traffic over the dp group, per layer ---
-    # gradients reduce over dp x cp ranks with stride tp (estimate.estimate: grad_ranks)
-    cnt_worst = k["Tst"][worst].T  # (S, G) layers of each shape on the worst stage
-    tp_c, cp_c = tuples[:, 1], tuples[:, 2]
+    return dict(Fc=Fc, Bc=Bc, par_st=par_st, froz_st=k["Fst"] @ lv["froz"], parx_st=k["Tst"] @ lv["parx"],
+                work_st=work_st, logit_st=k["Lst"] @ lv["logit"], kvf_st=k["Kst"] @ lv["kvf"].reshape(S * 3, G),
+                kva_st=k["Lst"] @ lv["kv"],
+                # estimate._memory: the largest ring forward buffers of a layer on the stage
+                ring_st=np.max(np.where(k["Lst"][:, :, None] > 0, lv["ring"][None, :, :], 0.0), axis=1),
+                act_st=k["Kst"] @ lv["act"].reshape(S * 3, G), worst=worst, params_dev=par_st[worst, cols],
+                last_bwd=Bw, busy_worst=Fw + Bw, fm=k["Kall"] @ lv["fmodel"],
+                fh=k["Ktot"] @ lv["fhw"].reshape(S * 3, G))
+
+
+def _dp_collective_sums(ctx: _Ctx, cnt_worst: np.ndarray, pp: int, n_dev: int, w_bytes: int, g_bytes: int):
+    """(all-reduce, reduce-scatter, all-gather) seconds per column of the worst stage's layers
+    (step_terms.layer_sync_sums_s, as estimate._gradient_sync_s sums them): gradients over the dp x cp ranks
+    with stride tp (dp x cp = n / (tp pp), so the count group and column fix it); with ep*etp != tp the routed
+    experts over their EDP = n / (pp ep etp) ranks ep*etp apart. cnt_worst: (shapes, columns) layer counts."""
+    cluster, lv, tuples = ctx.cluster, ctx.lv, ctx.tuples
+    G = len(tuples)
+    tp_c, ep_c, etp_c = tuples[:, 1], tuples[:, 5], tuples[:, 6]
     ar, rs, ag = np.zeros(G), np.zeros(G), np.zeros(G)
     for t in np.unique(tp_c).tolist():
         dp = n_dev // (t * pp)
@@ -218,47 +237,44 @@ def _group_entry(ctx: _Ctx, pp: int, vpp: int, rc: int, rnl: int, n_dev: int, e:
             continue
         mk = tp_c == t
         link = _collective(cluster, 0, t, dp)
-        pl, cw = lv["par"][:, mk], cnt_worst[:, mk]
-        ar[mk] = np.sum(cw * comm.all_reduce_time_s(pl * g_bytes, link), axis=0)
-        rs[mk] = np.sum(cw * comm.reduce_scatter_time_s(pl * g_bytes, link), axis=0)
-        ag[mk] = np.sum(cw * comm.all_gather_time_s(pl * e, link), axis=0)
-    # estimate.estimate: with ep*etp != tp the routed experts sync over EDP = n/(pp ep etp) ranks ep*etp apart
-    ep_c, etp_c = tuples[:, 5], tuples[:, 6]
+        ar[mk], rs[mk], ag[mk] = layer_sync_sums_s(lv["par"][:, mk], g_bytes, w_bytes, link, cnt_worst[:, mk])
     for t, x, y in {(int(a), int(b), int(c)) for a, b, c in zip(tp_c, ep_c, etp_c) if b * c != a}:
         mk = (tp_c == t) & (ep_c == x) & (etp_c == y)
         dp = n_dev // (t * pp)
         edp = n_dev // (pp * x * y)
         px, cw = lv["parx"][:, mk], cnt_worst[:, mk]
-        pl = lv["par"][:, mk] - px
         ar[mk] = rs[mk] = ag[mk] = 0.0  # columns whose degrees fit no plan of this pp keep 0
         if dp > 1:
             link = _collective(cluster, 0, t, dp)
-            ar[mk] = np.sum(cw * comm.all_reduce_time_s(pl * g_bytes, link), axis=0)
-            rs[mk] = np.sum(cw * comm.reduce_scatter_time_s(pl * g_bytes, link), axis=0)
-            ag[mk] = np.sum(cw * comm.all_gather_time_s(pl * e, link), axis=0)
+            ar[mk], rs[mk], ag[mk] = layer_sync_sums_s(lv["par"][:, mk] - px, g_bytes, w_bytes, link, cw)
         if edp > 1 and n_dev % (pp * x * y) == 0:
             link = _collective(cluster, 0, x * y, edp)
-            ar[mk] += np.sum(cw * comm.all_reduce_time_s(px * g_bytes, link), axis=0)
-            rs[mk] += np.sum(cw * comm.reduce_scatter_time_s(px * g_bytes, link), axis=0)
-            ag[mk] += np.sum(cw * comm.all_gather_time_s(px * e, link), axis=0)
-    # --- estimate.pipeline_p2p_s, the same function the scalar estimate calls (columns whose tp * cp does
-    # not fit this pp on the cluster belong to no plan: nan) ---
-    p2p = np.zeros(G)
-    if pp > 1:
-        ok = n_dev % (tp_c * cp_c * pp) == 0
-        ss = tp_c * cp_c * (n_dev // (tp_c * cp_c * pp))  # stage_size = tp * cp * dp
-        p2p[~ok] = np.nan
-        hidden = model.layers[0].hidden
-        for x in np.unique(ss[ok]).tolist():
-            mk = ok & (ss == x)
-            b, cp, tp = tuples[mk, 0].astype(float), cp_c[mk].astype(float), tp_c[mk].astype(float)
-            # estimate.estimate: one work item's activations, s/n tokens (ParallelPlan.seq_chunks)
-            nbytes = b * (s // tuples[mk, 10]) / cp * hidden * e / np.where(tuples[mk, 3] > 0, tp, 1)
-            p2p[mk] = pipeline_p2p_s(cluster, pp, x, nbytes, p2p=lambda a, c: _p2p(cluster, a, c))
-    ent.update(ar=ar, rs=rs, ag=ag, p2p=p2p)
-    ctx.groups[key] = ent
-    ctx.stages = None
-    return ent
+            routed = layer_sync_sums_s(px, g_bytes, w_bytes, link, cw)
+            ar[mk] += routed[0]
+            rs[mk] += routed[1]
+            ag[mk] += routed[2]
+    return ar, rs, ag
+
+
+def _p2p_column_s(ctx: _Ctx, pp: int, n_dev: int, e: int, s: int) -> np.ndarray:
+    """estimate.pipeline_p2p_s per column, the same function the scalar estimate calls, on one work item's
+    activations (s / seq_chunks tokens, 1/tp of them with sequence parallel); columns whose tp * cp does not
+    fit this pp on the cluster belong to no plan: nan. 0 without a pipeline."""
+    cluster, tuples = ctx.cluster, ctx.tuples
+    p2p = np.zeros(len(tuples))
+    if pp == 1:
+        return p2p
+    tp_c, cp_c = tuples[:, 1], tuples[:, 2]
+    ok = n_dev % (tp_c * cp_c * pp) == 0
+    ss = tp_c * cp_c * (n_dev // (tp_c * cp_c * pp))  # stage_size = tp * cp * dp
+    p2p[~ok] = np.nan
+    hidden = ctx.model.layers[0].hidden
+    for x in np.unique(ss[ok]).tolist():
+        mk = ok & (ss == x)
+        b, cp, tp = tuples[mk, 0].astype(float), cp_c[mk].astype(float), tp_c[mk].astype(float)
+        nbytes = b * (s // tuples[mk, 10]) / cp * hidden * e / np.where(tuples[mk, 3] > 0, tp, 1)
+        p2p[mk] = pipeline_p2p_s(cluster, pp, x, nbytes, p2p=lambda a, c: _p2p(cluster, a, c))
+    return p2p
 
 
 _PER_COLUMN = ("params_dev", "last_bwd", "busy_worst", "fm", "fh", "ar", "rs", "ag", "p2p")

@@ -8,9 +8,10 @@ then dp, then pp), so a tp group is contiguous and lands inside a node when tp <
 estimate() runs as named phases over one plan: checks -> setup (work item, bytes per element, links, stage
 layout, chunk structure) -> layer terms summed per chunk -> pipeline -> data-parallel sync -> optimizer ->
 memory -> outputs. The pieces it assembles from live beside it: the chunk split and the structure read off it
-in estimate_structure.py, one layer's step in estimate_layer.py, memory per device in estimate_memory.py, the
-explanation text in why.py; bytes per dtype in planner/core/dtypes.py. Every name they define that other
-modules import from here stays importable from here.
+in estimate_structure.py, one layer's step in estimate_layer.py, the step terms after the pipeline (DP sync,
+optimizer, step time, MFU) in step_terms.py, shared with estimate_batch, memory per device in
+estimate_memory.py, the explanation text in why.py; bytes per dtype in planner/core/dtypes.py. Every name
+they define that other modules import from here stays importable from here.
 """
 from __future__ import annotations
 
@@ -52,6 +53,19 @@ from planner.cost.estimate_structure import (  # noqa: F401
     split_chunks,
 )
 from planner.cost.stages import boundary_p2p_s, stage_layout, stage_links
+from planner.cost.step_terms import (  # dp_sync_s and shard_copy_s: re-exported for planners/ilp.py and tests
+    dp_sync_s,  # noqa: F401
+    exposed_sync_s,
+    layer_sync_sums_s,
+    optimizer_step_s,
+    pp_comm_s,
+    shard_copy_s,  # noqa: F401
+    state_shards,
+    step_time_s,
+    tokens_per_s,
+    utilisation,
+    zero_sync_s,
+)
 
 
 def pipeline_p2p_s(cluster: Cluster, pp: int, stage_size: int, nbytes, p2p=None):
@@ -186,32 +200,6 @@ def _p2p_cached(cluster: Cluster):
             hit = memo[(a, c)] = cluster.p2p(a, c)
         return hit
     return p2p
-
-
-def dp_sync_s(per_layer_params, g_bytes: int, e: int, zero: int, m: int, dp_link, dev) -> float:
-    """Seconds of data-parallel gradient reduction and ZeRO traffic per step over `dp_link`, one collective per
-    layer (Megatron and DDP reduce in buckets of about a layer's size). per_layer_params: array of the
-    stage's trainable parameters per device, by layer."""
-    if zero == 0:
-        dp_s = float(np.sum(comm.all_reduce_time_s(per_layer_params * g_bytes, dp_link)))
-    else:
-        dp_s = float(np.sum(comm.reduce_scatter_time_s(per_layer_params * g_bytes, dp_link)))
-        if zero < 3:
-            dp_s += float(np.sum(comm.all_gather_time_s(per_layer_params * e, dp_link)))
-        else:
-            # ZeRO-3 / FSDP gathers each layer's weights for every micro-batch's forward and again
-            # for its backward (ZeRO section 7.2.2; FSDP reshard_after_forward=True).
-            dp_s += 2 * m * float(np.sum(comm.all_gather_time_s(per_layer_params * e, dp_link)))
-    return dp_s / dev.efficiency.dp_collective
-
-
-def shard_copy_s(params_dev, e: int, g_bytes: int, zero, m, dev):
-    """Host copies around a sharded-data-parallel framework's collectives (Efficiency.shard_copy_ns_per_byte):
-    every gathered weight byte and every reduce-scattered gradient byte, with dp_sync_s's gather count
-    (ZeRO-3: 2 per micro-batch, ZeRO-2: 1 per step), not overlapped. 0 below ZeRO-2."""
-    gathers = np.where(zero == 3, 2 * m, 1)
-    copied = params_dev * (gathers * e + g_bytes)
-    return np.where(zero >= 2, copied * dev.efficiency.shard_copy_ns_per_byte * 1e-9, 0.0)
 
 
 def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan) -> Estimate:
@@ -391,24 +379,27 @@ class _DataParallelSync:
 
 
 def _gradient_sync_s(one: _OnePlan, per_layer, worst: int, dp_link, dev) -> float:
-    """dp_sync_s of the worst stage's layers: routed experts over their own expert-data-parallel group, the
-    rest over dp x cp."""
+    """step_terms.zero_sync_s of the worst stage's layers: routed experts over their own expert-data-parallel
+    group, the rest over dp x cp."""
     plan, st, tp = one.plan, one.structure, one.plan.tp
-    g_bytes, w_bytes, items = one.grad_bytes, one.weight_bytes, one.items
+    g_bytes, w_bytes, zero = one.grad_bytes, one.weight_bytes, plan.zero
     grad_ranks = plan.dp * plan.cp
+    sums = (0.0, 0.0, 0.0)
     if plan.ep * (plan.etp or tp) != tp and one.layout is None:
         # routed experts reduce (and, under ZeRO, gather) over their own expert-data-parallel group: the
         # ranks ep*etp apart in the stage (Megatron parallel_state.py), the rest over dp x cp
         routed = np.array([float(st.shapes[i].routed_params()) / (plan.ep * (plan.etp or tp))
                            for i in st.train_shape[worst]] or [0.0])
-        dp_s = dp_sync_s(per_layer - routed, g_bytes, w_bytes, plan.zero, items, dp_link, dev) if grad_ranks > 1 \
-            else 0.0
+        if grad_ranks > 1:
+            sums = layer_sync_sums_s(per_layer - routed, g_bytes, w_bytes, dp_link, zero=zero)
         edp = expert_data_parallel(plan)
         if edp > 1:
             edp_link = _link(one.cluster, 0, plan.ep * (plan.etp or tp), edp)
-            dp_s += dp_sync_s(routed, g_bytes, w_bytes, plan.zero, items, edp_link, dev)
-        return dp_s
-    return dp_sync_s(per_layer, g_bytes, w_bytes, plan.zero, items, dp_link, dev) if grad_ranks > 1 else 0.0
+            routed_sums = layer_sync_sums_s(routed, g_bytes, w_bytes, edp_link, zero=zero)
+            sums = tuple(d + r for d, r in zip(sums, routed_sums))
+    elif grad_ranks > 1:
+        sums = layer_sync_sums_s(per_layer, g_bytes, w_bytes, dp_link, zero=zero)
+    return float(zero_sync_s(*sums, zero, one.items, dev))
 
 
 def _data_parallel_sync(one: _OnePlan, sums: _ChunkSums, pipe) -> _DataParallelSync:
@@ -429,36 +420,25 @@ def _data_parallel_sync(one: _OnePlan, sums: _ChunkSums, pipe) -> _DataParallelS
     params_dev = float(per_layer.sum())
     dp_s = _gradient_sync_s(one, per_layer, worst, dp_link, dev)
     stage_busy = float(pipe.busy_s[worst]) if plan.pp > 1 else float(pipe.step_time_s)
-    hide = dev.efficiency.comm_overlap
-    if plan.zero == 3:
-        # FSDP prefetches the next layer's gather during this layer's compute: only what compute cannot
-        # cover, and the first gather and last reduce-scatter, stay exposed.
-        exposed = max(dp_s - hide * stage_busy, EXPOSED_TAIL_FRACTION * dp_s)
-    elif plan.overlap_grad_reduce:
-        bwd_s = sums.bwd_s
-        last_bwd = sum(bwd_s[c] for c in range(len(st.chunks)) if c % plan.pp == worst)
-        exposed = max(dp_s - hide * last_bwd, EXPOSED_TAIL_FRACTION * dp_s)
-    else:
-        exposed = dp_s
-    if plan.dp * plan.cp > 1:
-        exposed += shard_copy_s(params_dev, one.weight_bytes, one.grad_bytes, plan.zero, one.items, dev)
+    # the worst stage's backward of the last micro-batch: what an overlapped gradient reduction hides behind
+    last_bwd = sum(sums.bwd_s[c] for c in range(len(st.chunks)) if c % plan.pp == worst) \
+        if plan.overlap_grad_reduce else 0.0
+    exposed = exposed_sync_s(dp_s, plan.zero, plan.overlap_grad_reduce, stage_busy, last_bwd, dev,
+                             params_dev=params_dev, weight_bytes=one.weight_bytes, grad_bytes=one.grad_bytes,
+                             items=one.items, replicas=plan.dp * plan.cp)
     return _DataParallelSync(stage_params=stage_params, worst=worst, params_dev=params_dev, device=dev,
-                             stage_busy_s=stage_busy, exposed_s=exposed)
+                             stage_busy_s=stage_busy, exposed_s=float(exposed))
 
 
 def _optimizer_s(one: _OnePlan, sync: _DataParallelSync) -> tuple[float, float]:
-    """(optimizer step, exposed offload) seconds. AdamW streams fp32 master weights, gradients and two moments,
-    read and written: 32 bytes per owned parameter (ZeRO section 3.1's 16 bytes of states, twice)."""
+    """(optimizer step, exposed offload) seconds (step_terms.optimizer_step_s; offload: _offload_time_s)."""
     plan = one.plan
-    shards = plan.dp * plan.cp if plan.zero >= 1 else 1
+    shards = int(state_shards(plan.zero, plan.dp * plan.cp))
     owned = sync.params_dev / shards
     if one.layout is None:
-        dev = sync.device
-        on_device = owned * (1 - plan.offload.optimizer)
-        opt_s = on_device * 32 / (dev.memory_bandwidth_bytes_per_s * dev.efficiency.memory)
+        opt_s = float(optimizer_step_s(sync.params_dev, shards, plan.offload.optimizer, sync.device))
     else:  # every stage steps its own optimizer at once: the slowest one counts
-        opt_s = max(p / shards * (1 - plan.offload.optimizer) * 32
-                    / (d.memory_bandwidth_bytes_per_s * d.efficiency.memory)
+        opt_s = max(float(optimizer_step_s(p, shards, plan.offload.optimizer, d))
                     for p, d in zip(sync.stage_params, one.layout.devices))
     offload_s = _offload_time_s(one.cluster, plan, owned, one.weight_bytes, one.grad_bytes, sync.stage_busy_s)
     return opt_s, offload_s
@@ -485,7 +465,7 @@ def _breakdown(one: _OnePlan, sums: _ChunkSums, p2p_s: float, pipe, sync: _DataP
                    for k in per_chunk[0]}
     return {
         **{k: stage_parts[k] for k in _PARTS},
-        "pp_comm_s": 2 * items * plan.vpp * p2p_s if plan.pp > 1 else 0.0,
+        "pp_comm_s": float(pp_comm_s(plan.pp, plan.vpp, items, p2p_s)),
         "pipeline_bubble_s": pipe.bubble_s,
         "dp_comm_exposed_s": sync.exposed_s,
         "optimizer_s": opt_s,
@@ -498,11 +478,7 @@ def _outputs(one: _OnePlan, sums: _ChunkSums, p2p_s: float, pipe, sync: _DataPar
     """Step time, throughput, model and hardware FLOPs utilisation, the breakdown, the fit against device
     memory (per stage, the tightest reported, with a stage layout) and the explanation."""
     plan, workload, layout, dtype = one.plan, one.workload, one.layout, one.workload.dtype
-    step = pipe.step_time_s + sync.exposed_s + opt_s + offload_s
-    # FLOPs are per device of one pipeline chunk; a step runs m micro-batches (m*n items) on tp*cp*dp devices
-    # per stage.
-    flops_model = sums.flops_model * one.items * plan.tp * plan.cp * plan.dp
-    flops_hw = sums.flops_hw * one.items * plan.tp * plan.cp * plan.dp
+    step = step_time_s(pipe.step_time_s, sync.exposed_s, opt_s, offload_s)
     dev = one.device
     peak = dev.peak_flops(dtype) * plan.devices
     if layout is not None:
@@ -515,12 +491,13 @@ def _outputs(one: _OnePlan, sums: _ChunkSums, p2p_s: float, pipe, sync: _DataPar
         fits = all(mem["stages"][i]["total_bytes"] <= layout.capacity_bytes[i] for i in range(plan.pp))
         mem = {**mem["stages"][tight], "stages": mem["stages"]}
         capacity, dev = layout.capacity_bytes[tight], layout.devices[tight]
+    mfu, hfu = utilisation(sums.flops_model, sums.flops_hw, one.items, plan.tp, plan.cp, plan.dp, step, peak)
     text = why.explain(breakdown, step, fits, mem, dev, model=one.model, workload=workload, plan=plan, pipe=pipe,
                        microbatches=one.microbatches, item_tokens=one.item_tokens, factors=one.factors,
                        ep_link=one.ep_link)
     return Estimate(
-        step_time_s=step, tokens_per_s=workload.global_batch * workload.seq_len / step,
-        mfu=flops_model / (step * peak), hfu=flops_hw / (step * peak),
+        step_time_s=step, tokens_per_s=tokens_per_s(workload.global_batch, workload.seq_len, step),
+        mfu=mfu, hfu=hfu,
         peak_memory_bytes=mem["total_bytes"], memory_capacity_bytes=capacity, fits=fits,
         breakdown=breakdown, memory={k: v for k, v in mem.items() if k != "stages"},
         stages=[{"stage": i, "fwd_s": sums.fwd_s[i], "bwd_s": sums.bwd_s[i], **mem["stages"][i]}

@@ -1,21 +1,23 @@
-"""Memory per device of a plan (_memory): model states, frozen weights, activations in flight, the backward
-working set, logits, chunked-sequence K/V and ring buffers, per stage, and the worst stage.
+"""Memory per device of one plan (_memory), per stage and of the worst stage: the per-stage sums of its
+layers' bytes (_LayerBytes over the plan's _Structure), handed as one row to the memory phase that the batch
+path runs too (planner/cost/memory_phase.py), and that row's parts as the estimate's per-stage breakdown.
 
 Separate from planner/cost/estimate.py, which times the step: memory reads the same _Structure and the
-pipeline's in-flight micro-batches but none of the timing, and planner/cost/memory.py's formulas per piece.
+pipeline's in-flight micro-batches but none of the timing.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from planner.core import dtypes
 from planner.core.plan import ParallelPlan
-from planner.cost import longctx, memory, moe
-from planner.cost.estimate_structure import _BY_MODEL, _cache_for, _Structure
+from planner.cost import longctx, memory, memory_phase, moe
+from planner.cost.estimate_structure import _BY_MODEL, _cache_for, _partition_key, _Structure
 
 
 def expert_data_parallel(plan: ParallelPlan) -> int:
-    """EDP = dp*cp*tp / (ep*etp): the ranks that hold the same experts (Megatron parallel_state.py; MoE
-    Parallel Folding, docs/formulas.md#moe-folding)."""
-    return plan.dp * plan.cp * plan.tp // (plan.ep * (plan.etp or plan.tp))
+    """The plan's expert-data-parallel degree (memory_phase.expert_data_parallel)."""
+    return memory_phase.expert_data_parallel(plan.dp, plan.cp, plan.tp, plan.ep, plan.etp or plan.tp)
 
 
 class _LayerBytes:
@@ -67,74 +69,92 @@ class _LayerBytes:
         return self._ring[k]
 
 
-def _model_states(workload, plan, params: float, expert_params: float | None, e_w: int, g: int) -> dict:
-    """Weights, gradients and optimizer states per device of one stage: dense parameters shard over dp x cp,
-    routed experts over EDP (Megatron's expert-data group)."""
-    states = memory.model_state_bytes(params, plan.dp * plan.cp, plan.zero, weight_dtype_bytes=e_w,
-                                      grad_dtype_bytes=g, optimizer=workload.optimizer)
-    edp = expert_data_parallel(plan)
-    if expert_params is not None and expert_params > 0 and edp != plan.dp * plan.cp:
-        dense = memory.model_state_bytes(params - expert_params, plan.dp * plan.cp,
-                                         plan.zero, weight_dtype_bytes=e_w, grad_dtype_bytes=g,
-                                         optimizer=workload.optimizer)
-        routed = memory.model_state_bytes(expert_params, edp, plan.zero, weight_dtype_bytes=e_w,
-                                          grad_dtype_bytes=g, optimizer=workload.optimizer)
-        states = {k: dense[k] + routed[k] for k in ("weights", "gradients", "optimizer")}
-    return states
 
 
-def _stage_transients(st: _Structure, plan, stage: int, sizes: _LayerBytes, inflight: float) -> tuple:
-    """(chunked-sequence K/V, backward working set, ring buffers, loss logits) bytes of one stage."""
-    # chunked sequences: K/V later chunks read and dK/dV earlier ones wait for (longctx.seq_chunk_kv_bytes)
-    kv = 0.0
-    if plan.seq_chunks > 1:
-        for k in st.acts[stage]:
-            share = 1.0 if st.reps[k][1] == "full" else plan.offload.activations
-            kv += longctx.seq_chunk_kv_bytes(sizes.kv_of[k], inflight, plan.seq_chunks, share)
-    # the block in backward, once per stage, on the device whatever is offloaded
-    working = 0.0
-    working_of = sizes.working_of
-    for blk in st.blocks[stage]:
-        working = max(working, working_of[blk])
-    # ring context parallelism: one attention forward's retained K/V, partial outputs and LSEs
-    # (longctx.ring_forward_buffers_bytes), freed before the backward's working set is built: only what
-    # exceeds that working set adds to the peak
-    ring = 0.0
-    for k in (st.acts[stage] if plan.cp > 1 and plan.cp_comm == "ring" else ()):
-        ring = max(ring, sizes.ring(k))
-    ring = max(0.0, ring - working)
-    # the loss's 16-bit logits copy beside the saved fp32 ones, one micro-batch (Layer.logits_transient_bytes)
-    logits = 0.0
-    for layer in st.heads[stage]:
-        logits += float(layer.logits_transient_bytes(plan.mbs, sizes.s_item, plan.tp, plan.cp, sizes.e_act))
-    return kv, working, ring, logits
+def _stage_sums(st: _Structure, plan, sizes: _LayerBytes, e_w: int) -> np.ndarray:
+    """(frozen, one micro-batch's activations, working set, logits, ring buffers, full-recompute K/V, other
+    K/V) bytes of every stage, (7, 1, stages): its layers' bytes summed, or their largest where one at a time is
+    live."""
+    rows = []
+    act_of, working_of, kv_of, reps = sizes.act_of, sizes.working_of, sizes.kv_of, st.reps
+    ring_on = plan.cp > 1 and plan.cp_comm == "ring"
+    for stage in range(plan.pp):
+        acts = st.acts[stage]
+        frozen = 0
+        for layer in st.frozen[stage]:
+            frozen += float(layer.params_per_device(tp=plan.tp)) * e_w
+        act_one = 0.0
+        for k in acts:
+            act_one += act_of[k]
+        # the block in backward, once per stage, on the device whatever is offloaded
+        working = 0.0
+        for blk in st.blocks[stage]:
+            working = max(working, working_of[blk])
+        # the loss's 16-bit logits copy beside the saved fp32 ones, one micro-batch
+        logits = 0.0
+        for layer in st.heads[stage]:
+            logits += float(layer.logits_transient_bytes(plan.mbs, sizes.s_item, plan.tp, plan.cp, sizes.e_act))
+        # ring context parallelism: the largest attention forward's retained K/V, partial outputs and LSEs
+        ring = 0.0
+        for k in (acts if ring_on else ()):
+            ring = max(ring, sizes.ring(k))
+        # chunked sequences: a chunk's K/V, by whether its layer's saved activations hold it (not under "full")
+        kv_full = kv_rest = 0.0
+        for k in (acts if plan.seq_chunks > 1 else ()):
+            if reps[k][1] == "full":
+                kv_full += kv_of[k]
+            else:
+                kv_rest += kv_of[k]
+        rows.append((frozen, act_one, working, logits, ring, kv_full, kv_rest))
+    return np.array(rows).T[:, None, :]
+
+
+def _stage_sums_of(model, st: _Structure, workload, plan) -> np.ndarray:
+    """_stage_sums, cached per model: they depend on the structure (its own cache key's fields) and the
+    per-layer byte arguments only, which many plans of a search share (ZeRO stage, schedule, batch, dp and
+    offload do not enter)."""
+    cache = _cache_for(_BY_MODEL, model)
+    key = ("stage_sums", plan.pp, plan.vpp, _partition_key(plan), plan.recompute, plan.recompute_num_layers,
+           plan.mbs, plan.tp, plan.cp, plan.sp, plan.flash_attention, plan.moe_dispatch, plan.seq_chunks,
+           plan.cp_comm, workload.seq_len, workload.dtype)
+    sums = cache.get(key)
+    if sums is None:
+        sizes = _LayerBytes(model, st, workload, plan, dtypes.activation_bytes(workload.dtype))
+        sums = cache[key] = _stage_sums(st, plan, sizes, dtypes.weight_bytes(workload.dtype))
+        sums.flags.writeable = False  # shared by every plan with this key
+    return sums
+
+
+_PARTS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "backward_working_bytes",
+          "logits_transient_bytes", "seq_chunk_kv_bytes", "cp_ring_buffers_bytes", "overhead_bytes", "total_bytes")
 
 
 def _memory(model, st: _Structure, workload, plan, pipe, params_dev, stage_params, dev, stage_expert=None) -> dict:
     """Bytes per device of every stage (model states, frozen weights, activations in flight, transients,
     allocator overhead) and of the worst one: {**worst stage, "stages": [...]}."""
-    e_w = dtypes.weight_bytes(workload.dtype)
-    g = dtypes.gradient_bytes(workload.grad_dtype)
-    sizes = _LayerBytes(model, st, workload, plan, dtypes.activation_bytes(workload.dtype))
-    stages = []
-    for stage in range(plan.pp):
-        states = _model_states(workload, plan, stage_params[stage],
-                               None if stage_expert is None else stage_expert[stage], e_w, g)
-        frozen = sum(float(layer.params_per_device(tp=plan.tp)) * e_w for layer in st.frozen[stage])
-        act_one = 0.0
-        act_of = sizes.act_of
-        for k in st.acts[stage]:
-            act_one += act_of[k]
-        inflight = pipe.peak_inflight[stage] / plan.vpp if plan.vpp > 1 else pipe.peak_inflight[stage]
-        acts = act_one * inflight * (1 - plan.offload.activations)
-        kv, working, ring, logits = _stage_transients(st, plan, stage, sizes, inflight)
-        opt = states["optimizer"] * (1 - plan.offload.optimizer)
-        subtotal = states["weights"] + states["gradients"] + opt + frozen + acts + working + logits + kv + ring
-        overhead = memory.allocator_overhead_bytes(subtotal)
-        stages.append({"weights_bytes": states["weights"] + frozen, "gradients_bytes": states["gradients"],
-                       "optimizer_bytes": opt, "activations_bytes": acts, "backward_working_bytes": working,
-                       "logits_transient_bytes": logits, "seq_chunk_kv_bytes": kv, "cp_ring_buffers_bytes": ring,
-                       "overhead_bytes": overhead,
-                       "total_bytes": subtotal + overhead})
-    worst = max(stages, key=lambda d: d["total_bytes"])
+    # one row: per-stage inputs and the plan's columns, built as one array each
+    expert = [0.0] * plan.pp if stage_expert is None else stage_expert[:plan.pp]
+    inflight = pipe.peak_inflight[:plan.pp]  # the pipeline's in-flight micro-batches per stage, per chunk
+    per_stage = np.array([stage_params[:plan.pp], expert, inflight], dtype=float)[:, None, :]
+    if plan.vpp > 1:
+        per_stage[2] /= plan.vpp
+    sums = _stage_sums_of(model, st, workload, plan)
+    columns = [plan.dp * plan.cp, expert_data_parallel(plan), plan.seq_chunks, plan.offload.activations,
+               plan.offload.optimizer]
+    dp_cp, edp, seq_chunks, off_act, off_opt = np.array(columns, dtype=float)[:, None, None]
+    inputs = memory_phase.StageInputs(
+        params_count=per_stage[0], expert_params_count=per_stage[1], frozen_bytes=sums[0],
+        activation_bytes=sums[1], inflight_items=per_stage[2], working_bytes=sums[2], logits_bytes=sums[3],
+        ring_bytes=sums[4], kv_full_bytes=sums[5], kv_rest_bytes=sums[6], dp_cp=dp_cp, edp=edp,
+        seq_chunks=seq_chunks, offload_activations=off_act, offload_optimizer=off_opt)
+    mem = memory_phase.stage_memory(inputs, plan.zero, dtypes.weight_bytes(workload.dtype),
+                                    dtypes.gradient_bytes(workload.grad_dtype), workload.optimizer)
+    overhead = mem.overhead_bytes()
+    # the rows of _PARTS, stage by stage
+    table = np.concatenate([mem.weights_bytes + mem.frozen_bytes, mem.gradients_bytes, mem.optimizer_bytes,
+                            mem.activations_bytes, mem.backward_working_bytes, mem.logits_transient_bytes,
+                            mem.seq_chunk_kv_bytes, mem.cp_ring_buffers_bytes, overhead, mem.subtotal_bytes + overhead])
+    stages = [dict(zip(_PARTS, row)) for row in table.T.tolist()]
+    totals = [d["total_bytes"] for d in stages]
+    worst = stages[totals.index(max(totals))]  # the first of equal stages, as max() picks
     return {**worst, "stages": stages}

@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from planner.core.dims import (SCHEDULE_INDEX, microbatches_fit_schedule, schedules_with, seq_chunks_fit_schedule,
+from planner.core.dims import (COLUMN, SCHEDULE_INDEX, ZERO_STAGES, deepep_fits_ep, experts_fold_into_ranks,
+                               experts_nest_in_dp, expert_tp,
+                               microbatches_fit_schedule, schedules_with, seq_chunks_fit_attention,
+                               seq_chunks_fit_schedule, sp_fits_tp, tp_slice_fits_degrees, ulysses_fits_cp,
                                vpp_fits_schedule)
 from planner.core import dtypes
 from planner.cost import memory, moe
@@ -255,29 +258,28 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
         t.keep(g % t.cols["ep"] == 0, f"ep dividing the {g} experts")
         # etp sentinel 0 = same as tp (PlanArrays); 1 = experts not tensor-split (MoE parallel folding)
         t.join("etp", np.array([0, 1] if c.etp is None else [c.etp]))
-        etp_eff = np.where(t.cols["etp"] > 0, t.cols["etp"], t.cols["tp"])
         t.keep((t.cols["etp"] != 1) | (t.cols["tp"] > 1) | (c.etp == 1), "distinct etp")  # tp=1: 0 and 1 equal
-        etp_eff = np.where(t.cols["etp"] > 0, t.cols["etp"], t.cols["tp"])
+        etp_eff = expert_tp(t.cols["etp"], t.cols["tp"])
         t.cols["etp"] = np.where(etp_eff == t.cols["tp"], 0, etp_eff)
-        ranks = t.cols["dp"] * t.cols["cp"] * t.cols["tp"]
         # MoE Parallel Folding (Liu et al. 2025; Megatron parallel_state.py): the MoE layers' etp x ep x edp
         # grid covers the same dp*cp*tp ranks of a stage as attention's tp x cp x dp, so ep*etp | dp*cp*tp
         # is the only rule; estimate() places the expert group at stride etp (with etp = 1, inside the tp
         # and cp ranks: ep may exceed dp*cp).
-        t.keep(ranks % (t.cols["ep"] * etp_eff) == 0, "ep*etp dividing dp*cp*tp")
+        t.keep(experts_fold_into_ranks(t.cols["ep"], t.cols["etp"], t.cols["dp"], t.cols["cp"], t.cols["tp"]),
+               "ep*etp dividing dp*cp*tp")
         # Pipeline MoE (moe_dispatch tp_slice; Chen et al. 2023 section 3): E/tp whole experts on each TP rank,
         # which is ep = tp with etp = 1 over the TP group (ep | experts then makes tp divide them too)
-        t.join("moe_tp_slice", np.array(sorted({k == "tp_slice" for k in c.moe_dispatch})))
-        ts = t.cols["moe_tp_slice"]
-        etp_eff = np.where(t.cols["etp"] > 0, t.cols["etp"], t.cols["tp"])
-        t.keep(~ts | ((t.cols["tp"] > 1) & (t.cols["ep"] == t.cols["tp"]) & (etp_eff == 1)),
+        tp_slice = COLUMN["moe_tp_slice"]
+        t.join(tp_slice.name, np.array(sorted({tp_slice.encode(k) for k in c.moe_dispatch})))
+        t.keep(tp_slice_fits_degrees(t.cols["moe_tp_slice"], t.cols["tp"], t.cols["ep"], t.cols["etp"]),
                "tp_slice (Pipeline MoE) with tp > 1, ep = tp and etp = 1")
         # DeepEP (moe_dispatch deepep; comm.deduplicated_dispatch_time_s): only where the expert group spans
         # nodes (inside one it is the all-to-all) and routing is dropless (estimate._check_deepep)
         deepep_ok = "deepep" in c.moe_dispatch and workload.moe_capacity_factor is None
         t.join("moe_deepep", np.array(sorted({False} | ({True} if deepep_ok else set()))))
-        etp_eff = np.where(t.cols["etp"] > 0, t.cols["etp"], t.cols["tp"])
-        spans = ~t.cols["moe_tp_slice"] & (t.cols["ep"] * etp_eff > per_node)  # an all-to-all group off the node
+        # an all-to-all group off the node (with ep = 1 there is no exchange: DeepEP needs ep > 1)
+        spans = (~t.cols["moe_tp_slice"] & (t.cols["ep"] * expert_tp(t.cols["etp"], t.cols["tp"]) > per_node)
+                 & deepep_fits_ep(True, t.cols["ep"]))
         # where DeepEP is offered the all-to-all is never faster (same memory, no more bytes off the node:
         # tests/test_moe_deepep.py), so those plans would only crowd the space
         t.keep(np.where(t.cols["moe_deepep"], spans, ~(spans & deepep_ok)),
@@ -291,7 +293,7 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
             # without folding Megatron nests the expert group in the data-parallel group: etp = tp, ep | dp*cp.
             # tp_slice is Pipeline MoE's own layout (experts over the TP group, no all-to-all), kept apart.
             t.keep(t.cols["moe_tp_slice"] | (t.cols["etp"] == 0), "etp = tp (folding disabled)")
-            t.keep(t.cols["moe_tp_slice"] | ((t.cols["dp"] * t.cols["cp"]) % t.cols["ep"] == 0),
+            t.keep(t.cols["moe_tp_slice"] | experts_nest_in_dp(t.cols["ep"], t.cols["dp"], t.cols["cp"]),
                    "ep dividing dp*cp (folding disabled)")
     else:
         if c.ep not in (None, 1):
@@ -336,9 +338,9 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
            "interleaving with micro-batches a multiple of pp")
 
     # --- ZeRO, sequence parallel, recompute, offload ------------------------------------------------------
-    t.join("zero", np.array(fixed_or([0, 1, 2, 3], c.zero)))
+    t.join("zero", np.array(fixed_or(list(ZERO_STAGES), c.zero)))
     t.join("sp", np.array(fixed_or([False, True], c.sp)))
-    t.keep(~t.cols["sp"] | (t.cols["tp"] > 1), "sp only with tp > 1")
+    t.keep(sp_fits_tp(t.cols["sp"], t.cols["tp"]), "sp only with tp > 1")
     rec_rows = [(POLICIES.index(r), -1) for r in fixed_or(list(POLICIES), c.recompute)]
     if c.partial_recompute and c.recompute in (None, "full"):
         rec_rows += [(POLICIES.index("full"), k) for k in PARTIAL_RECOMPUTE_LAYERS if k < blocks]
@@ -353,7 +355,8 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
     t.join("seq_chunks", np.array(sorted(set(c.seq_chunks)), dtype=np.int64))
     if (t.cols["seq_chunks"] > 1).any():
         nck = t.cols["seq_chunks"]
-        ok = (t.cols["pp"] > 1) & c.flash_attention & facts["causal"] & seq_chunks_fit_schedule(t.cols["schedule"], nck)
+        ok = ((t.cols["pp"] > 1) & facts["causal"] & seq_chunks_fit_schedule(t.cols["schedule"], nck)
+              & seq_chunks_fit_attention(nck, c.flash_attention))
         t.keep((nck == 1) | ok, f"seq_chunks > 1 with pp > 1, {' or '.join(schedules_with('sequence_chunks'))}, "
                                 "flash and causal attention")
         nck = t.cols["seq_chunks"]
@@ -366,23 +369,17 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
     t.join("attention_pool", np.array(sorted(set(c.attention_pool)), dtype=bool))
     t.keep(~t.cols["attention_pool"] | (workload.documents is not None), "attention_pool with documents")
     # context-parallel exchange: the ring, or Ulysses all-to-all where tp*cp divides every head count
-    t.join("cp_a2a", np.array(sorted({k == "a2a" for k in c.cp_comm})))
-    ok = t.cols["cp"] > 1
+    a2a = COLUMN["cp_a2a"]
+    t.join(a2a.name, np.array(sorted({a2a.encode(k) for k in c.cp_comm})))
+    ok = ulysses_fits_cp(t.cols["cp_a2a"], t.cols["cp"])
     for a in facts["heads"]:
-        ok = ok & (a % (t.cols["tp"] * t.cols["cp"]) == 0)
-    t.keep(~t.cols["cp_a2a"] | ok, "Ulysses (cp_comm a2a) with cp > 1 and tp*cp dividing the heads")
+        ok = ok & (~t.cols["cp_a2a"] | (a % (t.cols["tp"] * t.cols["cp"]) == 0))
+    t.keep(ok, "Ulysses (cp_comm a2a) with cp > 1 and tp*cp dividing the heads")
 
-    cols = t.cols
-    P = len(t)
-    plans = PlanArrays(
-        dp=cols["dp"], tp=cols["tp"], pp=cols["pp"], vpp=cols["vpp"], cp=cols["cp"], ep=cols["ep"],
-        etp=cols["etp"], sp=cols["sp"], zero=cols["zero"], mbs=cols["mbs"],
-        num_microbatches=np.zeros(P, dtype=np.int64), recompute=cols["recompute"],
-        recompute_num_layers=cols["recompute_num_layers"], schedule=cols["schedule"],
-        flash_attention=np.full(P, c.flash_attention), overlap_grad_reduce=np.full(P, c.overlap_grad_reduce),
-        offload_optimizer=cols["offload_optimizer"], offload_activations=cols["offload_activations"],
-        overlap_tp_comm=np.full(P, c.overlap_tp_comm), cp_a2a=cols["cp_a2a"], moe_tp_slice=cols["moe_tp_slice"],
-        moe_deepep=cols["moe_deepep"], seq_chunks=cols["seq_chunks"], attention_pool=cols["attention_pool"])
+    # what the search does not choose: the software stack's flags, the micro-batch count (from the batch)
+    stack = {"num_microbatches": COLUMN["num_microbatches"].encode(None), "flash_attention": c.flash_attention,
+             "overlap_grad_reduce": c.overlap_grad_reduce, "overlap_tp_comm": c.overlap_tp_comm}
+    plans = PlanArrays(**{name: col for name, col in t.cols.items() if name in COLUMN}, **stack)
     return Space(plans=plans, filters=t.log)
 
 

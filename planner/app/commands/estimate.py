@@ -1,0 +1,143 @@
+"""`planner estimate`: step time, throughput, MFU and memory of one plan, given by flags or a plan file."""
+from __future__ import annotations
+
+from planner import catalog
+from planner.app.commands.flags import parse_documents
+from planner.app.commands.output import emit
+from planner.core import dtypes
+from planner.core.dims import SCHEDULES
+from planner.core.errors import BadInput
+
+
+def _plan_from_args(args, cluster):
+    from pydantic import ValidationError
+
+    from planner.core.limits import MAX_DEVICES, MAX_GLOBAL_BATCH, MAX_SEQ_LEN, check_int
+    from planner.core.plan import ParallelPlan
+
+    tp, pp, cp = args.tp, args.pp, args.cp
+    # degrees (and vpp, chunks per device) count devices; mbs is at most the global batch
+    for flag, v, cap in (("--tp", tp, MAX_DEVICES), ("--pp", pp, MAX_DEVICES), ("--cp", cp, MAX_DEVICES),
+                         ("--dp", args.dp, MAX_DEVICES), ("--ep", args.ep, MAX_DEVICES),
+                         ("--vpp", args.vpp, MAX_DEVICES), ("--mbs", args.mbs, MAX_GLOBAL_BATCH),
+                         ("--gbs", args.gbs, MAX_GLOBAL_BATCH), ("--seq", args.seq, MAX_SEQ_LEN)):
+        check_int(flag, v, cap)
+    if args.seq_chunks > MAX_SEQ_LEN:  # below 1: the plan's own check (seq_chunks) says so
+        check_int("--seq-chunks", args.seq_chunks, MAX_SEQ_LEN)
+    if args.recompute_num_layers is not None and not 0 <= args.recompute_num_layers <= MAX_DEVICES:
+        raise BadInput(f"--recompute-num-layers must be between 0 and the blocks of a pipeline chunk, "
+                       f"got {args.recompute_num_layers}")
+    dp = args.dp
+    if dp is None:
+        if cluster.device_count % (tp * pp * cp):
+            raise BadInput(f"{cluster.device_count} devices are not divisible by tp*pp*cp = {tp * pp * cp}; "
+                           "change --tp/--pp/--cp or --nodes")
+        dp = cluster.device_count // (tp * pp * cp)
+    schedule = args.schedule or ("interleaved-1f1b" if args.vpp > 1 else "1f1b")
+    # tp_slice places E/tp whole experts on each TP rank: ep = tp and etp = 1 unless --ep says otherwise
+    ep, etp = args.ep, None
+    if args.moe_dispatch == "tp_slice":
+        ep, etp = (tp if args.ep == 1 else args.ep), 1
+    try:
+        return ParallelPlan(dp=dp, tp=tp, pp=pp, vpp=args.vpp, cp=cp, ep=ep, etp=etp, zero=args.zero, sp=args.sp,
+                            mbs=args.mbs, recompute=args.recompute, schedule=schedule,
+                            recompute_num_layers=args.recompute_num_layers, moe_dispatch=args.moe_dispatch,
+                            seq_chunks=args.seq_chunks, attention_pool=args.attention_pool,
+                            offload={"activations": args.offload_activations})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        raise BadInput("plan: " + (f"{where}: " if where else "") + err["msg"].removeprefix("Value error, ")) \
+            from None
+
+
+def read_plan_file(path: str):
+    """A PlanFile from disk, checked as every command needs it (planner.planfile.load_plan_file: safe read, strict
+    parsing, names resolved, the rules `estimate` applies); BadInput or Infeasible in one line otherwise."""
+    from planner.planfile import load_plan_file
+
+    return load_plan_file(path).pf
+
+
+def cmd_estimate(args) -> None:
+    from planner.core.plan import Workload
+    from planner.cost.estimate import estimate
+    from planner.importers import load_model
+
+    if args.plan:
+        # Everything comes from the plan file (what `plan --save` wrote); the flags that pick a plan are
+        # refused rather than silently ignored.
+        given = [f for f in ("model", "cluster", "nodes", "mbs", "gbs", "seq") if getattr(args, f) is not None]
+        if given:
+            raise BadInput(f"--plan {args.plan} fixes the model, cluster and plan; drop --{given[0]}")
+        pf = read_plan_file(args.plan)
+        from planner.core.limits import check_plan_file
+
+        check_plan_file(pf, args.plan)
+        model = load_model(pf.model)
+        cluster = catalog.load_cluster(pf.cluster, pf.nodes)
+        plan, workload = pf.plan, pf.workload
+    else:
+        missing = [f"--{f}" for f in ("model", "cluster", "mbs", "gbs", "seq") if getattr(args, f) is None]
+        if missing:
+            raise BadInput(f"planner estimate: the following arguments are required: {', '.join(missing)} "
+                           "(or --plan PLAN.json)")
+        model = load_model(args.model)
+        cluster = catalog.load_cluster(args.cluster, args.nodes)
+        plan = _plan_from_args(args, cluster)
+        workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype,
+                            documents=parse_documents(args.documents))
+        if plan.attention_pool and workload.documents is None:
+            raise BadInput("--attention-pool balances variable-length documents: give --documents MEAN[:MAX] too")
+        from planner.core.limits import check_microbatches
+
+        check_microbatches(args.gbs, cluster.device_count, mbs=plan.mbs, dp=plan.dp)
+    est = estimate(model, cluster, workload, plan)
+    out = est.model_dump()
+    out["plan"] = plan.model_dump()
+    text = (f"step {est.step_time_s:.3f} s   {est.tokens_per_s:,.0f} tokens/s   MFU {est.mfu:.1%}   "
+            f"HFU {est.hfu:.1%}\n"
+            f"memory {est.peak_memory_bytes / 1e9:.1f} / {est.memory_capacity_bytes / 1e9:.0f} GB per device "
+            f"({'fits' if est.fits else 'DOES NOT FIT'})\n{est.why}\n" +
+            "\n".join(f"  {k:<22} {v:10.4f} s" for k, v in est.breakdown.items()) + "\n" +
+            "\n".join(f"  {k:<22} {v / 1e9:10.2f} GB" for k, v in est.memory.items()))
+    emit(out, args.json, text)
+
+
+def register(sub) -> None:
+    """Adds `estimate`: a plan by flags (--model ... --seq) or by --plan FILE."""
+    est = sub.add_parser("estimate", help="predict step time, throughput, MFU and memory of one plan")
+    est.add_argument("--plan", help="a plan file (plan --save): model, cluster, workload and plan from it")
+    est.add_argument("--model", help="catalog name, config.json or model file")
+    est.add_argument("--cluster", help="catalog name or cluster file")
+    est.add_argument("--nodes", type=int)
+    est.add_argument("--tp", type=int, default=1)
+    est.add_argument("--pp", type=int, default=1)
+    est.add_argument("--dp", type=int)
+    est.add_argument("--vpp", type=int, default=1)
+    est.add_argument("--cp", type=int, default=1)
+    est.add_argument("--ep", type=int, default=1)
+    est.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0)
+    est.add_argument("--sp", action="store_true")
+    est.add_argument("--mbs", type=int)
+    est.add_argument("--gbs", type=int)
+    est.add_argument("--seq", type=int)
+    est.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    est.add_argument("--recompute-num-layers", type=int,
+                     help="with --recompute full: blocks per pipeline chunk recomputed (Megatron block method)")
+    est.add_argument("--schedule", choices=SCHEDULES)
+    est.add_argument("--dtype", choices=dtypes.TRAIN_DTYPES, default="bf16")
+    est.add_argument("--moe-dispatch", choices=["a2a", "tp_slice", "deepep"], default="a2a",
+                     help="MoE token exchange: a2a (all-to-all over ep), tp_slice (Pipeline MoE: E/tp experts per "
+                          "TP rank, index slicing + TP all-reduce; sets ep = tp, etp = 1) or deepep (DeepEP: one "
+                          "copy per destination node)")
+    est.add_argument("--seq-chunks", type=int, default=1,
+                     help="run each sequence as N chunks through the pipeline (TeraPipe / Seq1F1B / SPPO)")
+    est.add_argument("--offload-activations", type=float, default=0.0, metavar="F",
+                     help="share of saved activations kept in host memory (0-1)")
+    est.add_argument("--documents", metavar="MEAN[:MAX]",
+                     help="sequences packed with variable-length documents (tokens), each its own causal mask")
+    est.add_argument("--attention-pool", action="store_true",
+                     help="core attention disaggregated to a balanced pool of all devices (DistCA)")
+    est.add_argument("--json", action="store_true")
+    est.set_defaults(func=cmd_estimate)

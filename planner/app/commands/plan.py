@@ -1,0 +1,147 @@
+"""`planner plan`: search for the fastest plans that fit; mixed devices, NIC islands and phones go to their
+own planners (planner/app/hetero_plan.py)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from planner import catalog
+from planner.app.commands.flags import parse_documents, parse_int_list
+from planner.app.commands.output import emit
+from planner.core import dtypes
+from planner.core.dims import SCHEDULES
+from planner.core.errors import BadInput
+from planner.files import write_atomic
+
+
+def _constraints_from_args(args):
+    from planner.core.limits import MAX_DEVICES, MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_TOP, check_int
+    from planner.search.search import check_constraints
+    from planner.search.space import Constraints
+
+    caps = {"tp": MAX_DEVICES, "pp": MAX_DEVICES, "dp": MAX_DEVICES, "cp": MAX_DEVICES, "ep": MAX_DEVICES,
+            "vpp": MAX_DEVICES, "max_tp": MAX_DEVICES, "max_pp": MAX_DEVICES, "max_cp": MAX_DEVICES,
+            "nodes": MAX_DEVICES, "mbs": MAX_GLOBAL_BATCH, "gbs": MAX_GLOBAL_BATCH, "seq": MAX_SEQ_LEN,
+            "top": MAX_TOP}
+    for flag, cap in caps.items():
+        check_int(f"--{flag.replace('_', '-')}", getattr(args, flag), cap)
+    c = Constraints(tp=args.tp, pp=args.pp, dp=args.dp, cp=args.cp, ep=args.ep, vpp=args.vpp, zero=args.zero,
+                    mbs=args.mbs, recompute=args.recompute, schedule=args.schedule, sp=args.sp,
+                    max_tp=args.max_tp, max_pp=args.max_pp, max_cp=args.max_cp,
+                    allow_cross_node_tp=args.allow_cross_node_tp,
+                    partial_recompute=args.partial_recompute,
+                    offload_optimizer=(0.0, 1.0) if args.offload else (0.0,),
+                    overlap_tp_comm=args.overlap_tp_comm,
+                    moe_dispatch=(args.moe_dispatch,) if args.moe_dispatch else ("a2a", "tp_slice", "deepep"),
+                    offload_activations=(0.0, 0.5, 0.75, 1.0) if args.offload_activations else (0.0,),
+                    seq_chunks=parse_int_list("--seq-chunks", args.seq_chunks, MAX_SEQ_LEN),
+                    attention_pool=(False, True) if args.attention_pool else (False,))
+    c.check()
+    check_constraints(c)
+    return c
+
+
+def cmd_plan(args) -> None:
+    from planner.core.limits import MAX_HETERO_MICROBATCHES, MAX_MICROBATCHES, check_microbatches
+    from planner.core.plan import PlanFile, Workload
+    from planner.files import check_output
+    from planner.importers import load_model
+    from planner.search.search import search
+
+    save = Path(args.save) if args.save is not None else None
+    if save is not None:  # refuse before searching, not after ('' too: it is not "no file")
+        check_output(args.save, args.force, "--save")
+    constraints = _constraints_from_args(args)
+    documents = parse_documents(args.documents)
+    model = load_model(args.model)
+    cluster = catalog.load_cluster(args.cluster, args.nodes)
+    workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype, documents=documents)
+    if args.attention_pool and workload.documents is None:
+        raise BadInput("--attention-pool balances variable-length documents: give --documents MEAN[:MAX] too")
+    from planner.app import hetero_plan as hetero_cli  # mixed devices, islands, phones: planners of their own
+
+    kind = hetero_cli.route(cluster)
+    # the hetero and phone planners run pipelines of a single replica (dp 1), micro-batches of up to 4 and 1
+    routed = kind in ("edge", "hetero")
+    check_microbatches(args.gbs, cluster.device_count, mbs=args.mbs or {"edge": 1, "hetero": 4}.get(kind),
+                       dp=args.dp or (1 if routed else None),
+                       cap=MAX_HETERO_MICROBATCHES if kind == "hetero" else MAX_MICROBATCHES)
+    if kind is not None:
+        return hetero_cli.cmd_plan(args, model, cluster, workload, kind, save, emit, write_atomic)
+    res = search(model, cluster, workload, constraints, top_k=args.top)
+    if save is not None:
+        best = res.plans[0]
+        pf = PlanFile(model=args.model, cluster=args.cluster, nodes=args.nodes, workload=workload, plan=best.plan,
+                      estimate=best.estimate)
+        write_atomic(save, pf.model_dump_json(indent=2) + "\n")
+    out = {"plans": [rp.as_dict(model) for rp in res.plans], "search": res.summary()}
+    lines = [f"{model.name} on {cluster.name} ({cluster.device_count} devices), global batch {workload.global_batch}, "
+             f"seq {workload.seq_len}, {workload.dtype}",
+             f"{'#':>2} {'tp':>3} {'pp':>3} {'dp':>5} {'vpp':>3} {'cp':>3} {'ep':>3} {'zero':>4} {'sp':>3} {'mbs':>3} "
+             f"{'moe':<8} {'recompute':<9} {'schedule':<16} {'step s':>9} {'tokens/s':>12} {'MFU':>6} "
+             f"{'mem GB':>7}  why"]
+    for i, rp in enumerate(res.plans, 1):
+        p, e = rp.plan, rp.estimate
+        rec = p.recompute if p.recompute_num_layers is None else f"full:{p.recompute_num_layers}"
+        # what the columns do not show: sequence chunks, activation offload, the attention pool
+        sched = (p.schedule + ("*" if p.partition is not None else "")
+                 + (f" c{p.seq_chunks}" if p.seq_chunks > 1 else "")
+                 + (f" off{p.offload.activations:g}" if p.offload.activations else "")
+                 + (" pool" if p.attention_pool else ""))
+        moe_col = p.moe_dispatch if any(layer.kind == "moe" for layer in model.layers) else "-"
+        lines.append(f"{i:>2} {p.tp:>3} {p.pp:>3} {p.dp:>5} {p.vpp:>3} {p.cp:>3} {p.ep:>3} {p.zero:>4} "
+                     f"{'y' if p.sp else '-':>3} {p.mbs:>3} {moe_col:<8} {rec:<9} {sched:<16} {e.step_time_s:9.3f} "
+                     f"{e.tokens_per_s:12,.0f} {e.mfu:6.1%} {e.peak_memory_bytes / 1e9:7.1f}  {e.why}")
+    lines.append(f"searched {res.enumerated:,} plans: {res.pruned_memory:,} pruned by memory, {res.pruned_bound:,} "
+                 f"by the step-time bound, {res.evaluated:,} costed, in {res.wall_s:.2f} s"
+                 + (" (* uneven stage partition)" if any(rp.plan.partition for rp in res.plans) else "")
+                 + ("; schedule cN: N sequence chunks, offF: share of activations offloaded, pool: attention pool"
+                    if any(rp.plan.seq_chunks > 1 or rp.plan.offload.activations or rp.plan.attention_pool
+                           for rp in res.plans) else ""))
+    if save is not None:
+        lines.append(f"best plan written to {save}")
+    emit(out, args.json, "\n".join(lines))
+
+
+def register(sub) -> None:
+    """Adds `plan`: the search's flags (fix a dimension, widen the space) and --save."""
+    pl = sub.add_parser("plan", help="search for the fastest plans that fit (top K, best first)")
+    pl.add_argument("--model", required=True, help="catalog name, config.json or model file")
+    pl.add_argument("--cluster", required=True, help="catalog name or cluster file")
+    pl.add_argument("--nodes", type=int)
+    pl.add_argument("--gbs", type=int, required=True)
+    pl.add_argument("--seq", type=int, required=True)
+    pl.add_argument("--dtype", choices=dtypes.TRAIN_DTYPES, default="bf16")
+    pl.add_argument("--top", type=int, default=5, help="plans to show (default 5, at most 1000)")
+    for flag in ("tp", "pp", "dp", "cp", "ep", "vpp", "mbs"):
+        pl.add_argument(f"--{flag}", type=int, help=f"fix {flag}")
+    pl.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="fix the ZeRO stage")
+    pl.add_argument("--recompute", choices=["none", "selective", "full"], help="fix the recompute policy")
+    pl.add_argument("--schedule", choices=SCHEDULES)
+    pl.add_argument("--max-tp", type=int)
+    pl.add_argument("--max-pp", type=int)
+    pl.add_argument("--max-cp", type=int, help="largest context-parallel degree to try (default 16, or "
+                    "seq/32768 for longer sequences)")
+    pl.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
+                    help="fix sequence parallel on (--sp) or off (--no-sp)")
+    pl.add_argument("--allow-cross-node-tp", action="store_true", help="let tp span nodes")
+    pl.add_argument("--partial-recompute", action="store_true",
+                    help="also search Megatron's partial recompute (--recompute-num-layers)")
+    pl.add_argument("--offload", action="store_true", help="also search optimizer offload to the host")
+    pl.add_argument("--overlap-tp-comm", action="store_true",
+                    help="the stack overlaps TP communication with GEMMs (Megatron --tp-comm-overlap)")
+    pl.add_argument("--moe-dispatch", choices=["a2a", "tp_slice", "deepep"],
+                    help="fix the MoE token exchange (default: search all three; tp_slice is Pipeline MoE's, deepep "
+                         "DeepEP's node-deduplicated dispatch)")
+    pl.add_argument("--offload-activations", action="store_true",
+                    help="also search activation offload to the host (0.5, 0.75 and all of the saved activations)")
+    pl.add_argument("--seq-chunks", default="1", metavar="N[,N...]",
+                    help="sequence chunks per micro-batch to try with pp > 1 (e.g. 1,2,4,8; default 1)")
+    pl.add_argument("--documents", metavar="MEAN[:MAX]",
+                    help="sequences packed with variable-length documents (tokens), each its own causal mask")
+    pl.add_argument("--attention-pool", action="store_true",
+                    help="with --documents: also search core attention disaggregated to a balanced pool (DistCA)")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--save", metavar="PLAN.json", help="write the best plan as a plan file")
+    pl.add_argument("--force", action="store_true", help="with --save: overwrite an existing file")
+    pl.set_defaults(func=cmd_plan)

@@ -1,0 +1,118 @@
+"""The step-level terms that follow the pipeline: data-parallel gradient sync and the part of it compute does
+not hide, the sharded framework's host copies, the optimizer step, and the step's outputs (step time,
+throughput, MFU / HFU, pipeline p2p seconds).
+
+One implementation for both callers: estimate() calls each function with one plan's Python numbers,
+estimate_batch with numpy columns over plans (a column may mix ZeRO stages, so a branch on a plan field is an
+np.where, evaluated on both sides). On Python numbers the functions return numpy scalars; estimate() turns
+them into floats.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from planner.cost import comm
+from planner.cost.layer_terms import EXPOSED_TAIL_FRACTION
+
+# AdamW streams fp32 master weights, gradients and two moments, read and written: 32 bytes per owned
+# parameter (ZeRO section 3.1's 16 bytes of states, twice; docs/formulas.md#memory-states).
+OPTIMIZER_BYTES_PER_PARAM = 32
+
+
+def layer_sync_sums_s(layer_params, grad_bytes: int, weight_bytes: int, link, layer_counts=None, zero=None):
+    """(all-reduce, reduce-scatter, all-gather) seconds over `link`, one collective per layer (Megatron and DDP
+    reduce in buckets of about a layer's size), summed over the layers.
+
+    layer_params: trainable parameters per device of each layer (1-D), or of each layer shape with
+    `layer_counts` layers of that shape (shapes x columns). zero: the plan's ZeRO stage, to time only the
+    collectives that stage runs (the others are 0.0); None times all three (a column mixing stages)."""
+    def summed(collective, nbytes):
+        t = collective(nbytes, link)
+        return np.sum(t if layer_counts is None else layer_counts * t, axis=0)
+
+    reduce_only = zero is None or zero == 0
+    sharded = zero is None or zero != 0
+    all_reduce = summed(comm.all_reduce_time_s, layer_params * grad_bytes) if reduce_only else 0.0
+    reduce_scatter = summed(comm.reduce_scatter_time_s, layer_params * grad_bytes) if sharded else 0.0
+    all_gather = summed(comm.all_gather_time_s, layer_params * weight_bytes) if sharded else 0.0
+    return all_reduce, reduce_scatter, all_gather
+
+
+def zero_sync_s(all_reduce_s, reduce_scatter_s, all_gather_s, zero, items, dev):
+    """Seconds of gradient reduction and ZeRO traffic per step from layer_sync_sums_s: ZeRO-0 all-reduces the
+    gradients; ZeRO-1/2 reduce-scatter them and gather the updated weights once (ZeRO section 7.1-7.2.1);
+    ZeRO-3 / FSDP gathers each layer's weights for every work item's forward and again for its backward
+    (ZeRO section 7.2.2; FSDP reshard_after_forward=True)."""
+    sharded = reduce_scatter_s + np.where(zero < 3, all_gather_s, 2 * items * all_gather_s)
+    return np.where(zero == 0, all_reduce_s, sharded) / dev.efficiency.dp_collective
+
+
+def dp_sync_s(per_layer_params, g_bytes: int, e: int, zero: int, m: int, dp_link, dev) -> float:
+    """Seconds of data-parallel gradient reduction and ZeRO traffic per step over `dp_link` for one plan:
+    per_layer_params are the stage's trainable parameters per device, by layer; e the weight bytes."""
+    sums = layer_sync_sums_s(per_layer_params, g_bytes, e, dp_link, zero=zero)
+    return float(zero_sync_s(*sums, zero, m, dev))
+
+
+def shard_copy_s(params_dev, e: int, g_bytes: int, zero, m, dev):
+    """Host copies around a sharded-data-parallel framework's collectives (Efficiency.shard_copy_ns_per_byte):
+    every gathered weight byte and every reduce-scattered gradient byte, with zero_sync_s's gather count
+    (ZeRO-3: 2 per micro-batch, ZeRO-2: 1 per step), not overlapped. 0 below ZeRO-2."""
+    gathers = np.where(zero == 3, 2 * m, 1)
+    copied = params_dev * (gathers * e + g_bytes)
+    return np.where(zero >= 2, copied * dev.efficiency.shard_copy_ns_per_byte * 1e-9, 0.0)
+
+
+def exposed_sync_s(sync_s, zero, overlap_grad_reduce, stage_busy_s, last_backward_s, dev, *, params_dev,
+                   weight_bytes: int, grad_bytes: int, items, replicas):
+    """The data-parallel seconds compute does not hide, plus the host copies of a sharded framework.
+
+    ZeRO-3 / FSDP prefetches the next layer's gather during this layer's compute (the stage's busy time); an
+    overlapped gradient reduction runs during the last micro-batch's backward; either way the first gather or
+    the last bucket stays exposed (EXPOSED_TAIL_FRACTION, docs/formulas.md#comm-overlap). Without overlap
+    all of it is exposed (Megatron's default). replicas: dp x cp, the ranks the states shard over."""
+    hide = dev.efficiency.comm_overlap
+    tail = EXPOSED_TAIL_FRACTION * sync_s
+    exposed = np.where(zero == 3, np.maximum(sync_s - hide * stage_busy_s, tail),
+                       np.where(overlap_grad_reduce, np.maximum(sync_s - hide * last_backward_s, tail), sync_s))
+    if dev.efficiency.shard_copy_ns_per_byte:  # adds exactly 0.0 when the device measured no copy cost
+        copies = shard_copy_s(params_dev, weight_bytes, grad_bytes, zero, items, dev)
+        exposed = exposed + np.where(replicas > 1, copies, 0.0)
+    return exposed
+
+
+def state_shards(zero, replicas):
+    """Ranks the optimizer states shard over: dp x cp from ZeRO-1 on (ZeRO section 5.1), else 1."""
+    return np.where(zero >= 1, replicas, 1)
+
+
+def optimizer_step_s(params_dev, shards, offload_fraction, dev):
+    """Seconds of the optimizer step on the device: AdamW's states of the owned parameters streamed through
+    device memory once; the offloaded fraction steps on the host instead (estimate._offload_time_s)."""
+    on_device = params_dev / shards * (1 - offload_fraction)
+    return on_device * OPTIMIZER_BYTES_PER_PARAM / (dev.memory_bandwidth_bytes_per_s * dev.efficiency.memory)
+
+
+def step_time_s(pipeline_s, dp_exposed_s, optimizer_s, offload_s):
+    """The pipeline's makespan, then what follows it and does not overlap it."""
+    return pipeline_s + dp_exposed_s + optimizer_s + offload_s
+
+
+def tokens_per_s(global_batch: int, seq_len: int, step_s):
+    """Training throughput: the tokens of one global batch per step."""
+    return global_batch * seq_len / step_s
+
+
+def utilisation(flops_model_per_item, flops_hw_per_item, items, tp, cp, dp, step_s, peak_flops):
+    """(MFU, HFU): model FLOPs (no recompute) and hardware FLOPs (recompute included) per second over the peak
+    of every device (docs/formulas.md#mfu-hfu). FLOPs are per device of one work item through every chunk; a
+    step runs `items` work items on the tp x cp x dp devices of each stage."""
+    scale = items * tp * cp * dp
+    return (flops_model_per_item * scale / (step_s * peak_flops),
+            flops_hw_per_item * scale / (step_s * peak_flops))
+
+
+def pp_comm_s(pp, vpp, items, p2p_s):
+    """Seconds of stage-to-stage transfers per step: every work item crosses each of the vpp chunk
+    boundaries of a stage forward and back (Narayanan 2021 section 3.2); none without a pipeline."""
+    return np.where(pp > 1, 2 * items * vpp * p2p_s, 0.0)
