@@ -59,7 +59,7 @@ from planner.core.plan import ParallelPlan, Workload
 from planner.cost import memory_phase
 
 # Re-exported, each the same object as in its module: the search, tests and benchmarks import POLICIES from
-# here, and benchmarks/bench_batch.py clears the caches (_LINKS, _CHUNKS, _COUNTS, _LEVELS, _CTX, _INFL, _dag)
+# here, and benchmarks/bench_batch.py clears the caches (_CHUNKS, _COUNTS, _LEVELS, _CTX, _INFL, _dag)
 # through this module.
 from planner.cost.batch_context import (  # noqa: F401
     _CHUNKS,
@@ -76,7 +76,7 @@ from planner.cost.batch_context import (  # noqa: F401
 )
 from planner.cost.batch_dag import _INFL, _LEVELS, _Dag, _dag, _inflight, _levels, _makespan  # noqa: F401
 from planner.cost.batch_ids import _float_ids, _ranges, _row_ids
-from planner.cost.batch_layers import _LINKS, _collective, _layer_values, _links, _p2p  # noqa: F401
+from planner.cost.batch_layers import _layer_values  # noqa: F401
 from planner.cost.batch_plans import (
     POLICIES,  # noqa: F401
     SCHEDULES,

@@ -12,10 +12,10 @@ from planner.core.hardware import Cluster
 from planner.core.model import ModelGraph
 from planner.core.plan import ParallelPlan, Workload
 from planner.cost import memory
-from planner.cost.batch_layers import _collective, _layer_values, _p2p
+from planner.cost.batch_layers import _layer_values
 from planner.cost.batch_plans import POLICIES
-from planner.cost.estimate import pipeline_p2p_s
 from planner.cost.estimate_structure import _policies, split_chunks
+from planner.cost.links import cached_p2p, pipeline_p2p_s, strided_link
 from planner.cost.step_terms import layer_sync_sums_s
 
 _CHUNKS: dict[tuple[int, int], tuple[ModelGraph, list]] = {}
@@ -236,7 +236,7 @@ def _dp_collective_sums(ctx: _Ctx, cnt_worst: np.ndarray, pp: int, n_dev: int, w
         if dp <= 1:
             continue
         mk = tp_c == t
-        link = _collective(cluster, 0, t, dp)
+        link = strided_link(cluster, 0, t, dp)
         ar[mk], rs[mk], ag[mk] = layer_sync_sums_s(lv["par"][:, mk], g_bytes, w_bytes, link, cnt_worst[:, mk])
     for t, x, y in {(int(a), int(b), int(c)) for a, b, c in zip(tp_c, ep_c, etp_c) if b * c != a}:
         mk = (tp_c == t) & (ep_c == x) & (etp_c == y)
@@ -245,10 +245,10 @@ def _dp_collective_sums(ctx: _Ctx, cnt_worst: np.ndarray, pp: int, n_dev: int, w
         px, cw = lv["parx"][:, mk], cnt_worst[:, mk]
         ar[mk] = rs[mk] = ag[mk] = 0.0  # columns whose degrees fit no plan of this pp keep 0
         if dp > 1:
-            link = _collective(cluster, 0, t, dp)
+            link = strided_link(cluster, 0, t, dp)
             ar[mk], rs[mk], ag[mk] = layer_sync_sums_s(lv["par"][:, mk] - px, g_bytes, w_bytes, link, cw)
         if edp > 1 and n_dev % (pp * x * y) == 0:
-            link = _collective(cluster, 0, x * y, edp)
+            link = strided_link(cluster, 0, x * y, edp)
             routed = layer_sync_sums_s(px, g_bytes, w_bytes, link, cw)
             ar[mk] += routed[0]
             rs[mk] += routed[1]
@@ -257,7 +257,7 @@ def _dp_collective_sums(ctx: _Ctx, cnt_worst: np.ndarray, pp: int, n_dev: int, w
 
 
 def _p2p_column_s(ctx: _Ctx, pp: int, n_dev: int, e: int, s: int) -> np.ndarray:
-    """estimate.pipeline_p2p_s per column, the same function the scalar estimate calls, on one work item's
+    """links.pipeline_p2p_s per column, the same function the scalar estimate calls, on one work item's
     activations (s / seq_chunks tokens, 1/tp of them with sequence parallel); columns whose tp * cp does not
     fit this pp on the cluster belong to no plan: nan. 0 without a pipeline."""
     cluster, tuples = ctx.cluster, ctx.tuples
@@ -273,7 +273,7 @@ def _p2p_column_s(ctx: _Ctx, pp: int, n_dev: int, e: int, s: int) -> np.ndarray:
         mk = ok & (ss == x)
         b, cp, tp = tuples[mk, 0].astype(float), cp_c[mk].astype(float), tp_c[mk].astype(float)
         nbytes = b * (s // tuples[mk, 10]) / cp * hidden * e / np.where(tuples[mk, 3] > 0, tp, 1)
-        p2p[mk] = pipeline_p2p_s(cluster, pp, x, nbytes, p2p=lambda a, c: _p2p(cluster, a, c))
+        p2p[mk] = pipeline_p2p_s(cluster, pp, x, nbytes, p2p=cached_p2p(cluster))
     return p2p
 
 

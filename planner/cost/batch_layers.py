@@ -2,8 +2,8 @@
 
 _layer_values evaluates layer_terms (time, FLOPs: the same code estimate._layer_step runs on one plan) on
 columns of distinct layer tuples, with the activation sum of estimate._memory and the parameter counts: the
-one place estimate_batch evaluates compute.py / comm.py per layer. The link caches (_collective, _p2p) live
-here as the first thing these values need; the count-group sums (batch_context.py) read them too.
+one place estimate_batch evaluates compute.py / comm.py per layer. The links come from cost/links.py, the
+one link cache (carried by the cluster), as estimate()'s do.
 """
 from __future__ import annotations
 
@@ -14,43 +14,18 @@ import numpy as np
 from planner.core.hardware import Cluster
 from planner.cost import longctx
 from planner.cost.batch_plans import POLICIES
-from planner.cost.estimate import _group
-from planner.cost.estimate_structure import _cache_for
 from planner.cost.layer_terms import LayerRows, pass_terms, policy_terms
-
-_LINKS: dict[int, tuple[Cluster, dict]] = {}
-
-
-def _links(cluster: Cluster) -> dict:
-    return _cache_for(_LINKS, cluster)
-
-
-def _collective(cluster: Cluster, base: int, stride: int, size: int):
-    """cluster.collective(_group(base, stride, size)), cached per cluster (estimate.py builds its groups
-    with _group(0, ...): tp (0, 1, tp), cp (0, tp, cp), dp (0, tp*cp, dp), ep (0, tp, ep))."""
-    cache = _links(cluster)
-    key = ("c", base, stride, size)
-    if key not in cache:
-        cache[key] = cluster.collective(_group(base, stride, size))
-    return cache[key]
-
-
-def _p2p(cluster: Cluster, src: int, dst: int):
-    cache = _links(cluster)
-    key = ("p", src, dst)
-    if key not in cache:
-        cache[key] = cluster.p2p(src, dst)
-    return cache[key]
+from planner.cost.links import strided_link
 
 
 class _ClusterLinks:
-    """layer_terms.LinkSet for rows of layer tuples on one cluster: each row's groups are the ones estimate.py
-    builds with _group(0, ...): tp (0, 1, tp), cp (0, tp, cp), ep (0, etp, ep); no attention pool (plans with
-    one take the scalar path, batch.py)."""
+    """layer_terms.LinkSet for rows of layer tuples on one cluster: each row's groups are stage 0's of
+    RankLayout.strided, as estimate() links them: tp (first 0, stride 1, tp), cp (0, tp, cp), ep (0, etp, ep);
+    no attention pool (plans with one take the scalar path, batch.py)."""
 
     def __init__(self, cluster: Cluster, tp: np.ndarray, cp: np.ndarray, etp: np.ndarray, ep: int):
         self.cluster, self.ep = cluster, ep
-        # per role: the row columns that pick the group, and the group's (base, stride, size) from them
+        # per role: the row columns that pick the group, and the group's (first, stride, size) from them
         self.keys = {"tp": ((tp,), lambda t: (0, 1, t)), "cp": ((tp, cp), lambda t, c: (0, t, c)),
                      "ep": ((etp,), lambda t: (0, t, ep))}
 
@@ -65,7 +40,7 @@ class _ClusterLinks:
             sel = on.copy()
             for c, v in zip(cols, key):
                 sel &= c == v
-            out[sel] = time_s(_collective(self.cluster, *group(*key)), sel)
+            out[sel] = time_s(strided_link(self.cluster, *group(*key)), sel)
         return out
 
 

@@ -52,7 +52,15 @@ from planner.cost.estimate_structure import (  # noqa: F401
     _topological,
     split_chunks,
 )
-from planner.cost.stages import boundary_p2p_s, stage_layout, stage_links
+from planner.core.layout import RankLayout
+from planner.cost.links import (  # pipeline_p2p_s: re-exported for app/viz.py and batch_context.py
+    cached_p2p,
+    group_link,
+    pipeline_p2p_s,  # noqa: F401
+    stage_links,
+    strided_link,
+)
+from planner.cost.stages import boundary_p2p_s, stage_layout
 from planner.cost.step_terms import (  # dp_sync_s and shard_copy_s: re-exported for planners/ilp.py and tests
     dp_sync_s,  # noqa: F401
     exposed_sync_s,
@@ -66,18 +74,6 @@ from planner.cost.step_terms import (  # dp_sync_s and shard_copy_s: re-exported
     utilisation,
     zero_sync_s,
 )
-
-
-def pipeline_p2p_s(cluster: Cluster, pp: int, stage_size: int, nbytes, p2p=None):
-    """Time of one activation transfer between pipeline stages (nbytes may be an array).
-
-    The simulator takes one transfer time, so the slowest boundary (one that leaves a node) sets it;
-    interleaving also wraps the last stage back to the first. `p2p` replaces cluster.p2p (a cache).
-    """
-    p2p = p2p or cluster.p2p
-    pairs = [(k * stage_size, ((k + 1) % pp) * stage_size) for k in range(pp)]
-    links = {p2p(a, c) for a, c in pairs if a != c}
-    return np.max([comm.p2p_time_s(nbytes, bw, lat) for bw, lat in links], axis=0)
 
 
 # Host-side AdamW (ZeRO-Offload's CPU-Adam) streams the same 32 bytes per parameter through host DRAM.
@@ -172,34 +168,11 @@ def _attention_factors(workload: Workload, plan: ParallelPlan):
 
 
 def _group(base: int, stride: int, size: int) -> list[int]:
+    """Devices base, base + stride, ...: kept for search/partition.py (RankLayout.group builds the groups)."""
     return [base + stride * i for i in range(size)]
 
 
 _PARTS = ("compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s", "act_offload_s", "attn_pool_s")
-
-
-def _link(cluster: Cluster, base: int, stride: int, size: int):
-    """cluster.collective(_group(base, stride, size)), cached per cluster by (base, stride, size): a dp
-    group of 16k ranks is otherwise a 16k-element list and tuple hashed on every call."""
-    cache = _cache_for(_BY_CLUSTER, cluster)
-    key = ("collective", base, stride, size)
-    hit = cache.get(key)
-    if hit is None:
-        hit = cache[key] = cluster.collective(_group(base, stride, size))
-    return hit
-
-
-def _p2p_cached(cluster: Cluster):
-    """cluster.p2p with its answers remembered per cluster."""
-    cache = _cache_for(_BY_CLUSTER, cluster)
-    memo = cache.setdefault("p2p", {})
-
-    def p2p(a: int, c: int):
-        hit = memo.get((a, c))
-        if hit is None:
-            hit = memo[(a, c)] = cluster.p2p(a, c)
-        return hit
-    return p2p
 
 
 def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan) -> Estimate:
@@ -266,20 +239,15 @@ def _setup(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Parall
     # of the micro-batch's sequences, and a step runs m*n items (TeraPipe, Li et al. 2021 section 3).
     s, items = workload.seq_len // plan.seq_chunks, m * plan.seq_chunks
     tp, cp = plan.tp, plan.cp
-    tp_link = _link(cluster, 0, 1, tp)
-    cp_link = _link(cluster, 0, tp, cp)
-    # Gradients are reduced, and ZeRO shards states, over dp x cp ranks: context-parallel ranks hold the
-    # same weights (Megatron's data-parallel group "with cp").
-    dp_link = _link(cluster, 0, tp, plan.dp * cp)
-    # Megatron lays the expert grid out as [expert-data][expert][expert-tensor] over the dp x cp x tp ranks
-    # of a stage: the ranks of one expert-parallel group sit etp apart.
-    ep_link = _link(cluster, 0, plan.etp or tp, plan.ep) if plan.ep > 1 else None
     # Several device types, or a plan that places its stages: each stage on its own devices and profile
-    # (planner/cost/stages.py); None keeps the homogeneous path unchanged.
+    # (planner/cost/stages.py); None keeps the homogeneous path, rank r on device r.
     layout = stage_layout(cluster, plan, dtype)
+    ranks = RankLayout(tp=tp, cp=cp, dp=plan.dp, pp=plan.pp, ep=plan.ep, etp=plan.etp)
     if layout is not None:
-        dev = layout.devices[0]
-        tp_link, cp_link, dp_link, ep_link = stage_links(cluster, layout, 0, plan)
+        dev, ranks = layout.devices[0], layout.ranks
+    # Stage 0's groups (core/layout.py): gradients are reduced, and ZeRO shards states, over dp x cp ranks
+    # (context-parallel ranks hold the same weights); the ep group sits etp apart in Megatron's expert grid.
+    tp_link, cp_link, dp_link, ep_link = stage_links(cluster, ranks, 0)
     st = _structure(model, plan)
     host = cluster.nodes[0].host_link
     ctx = _Ctx(b=b, s=s, tp=tp, cp=cp, e=e, dev=dev, dtype=dtype, plan=plan, tp_link=tp_link,
@@ -293,7 +261,7 @@ def _setup(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Parall
         ctx = dataclasses.replace(ctx, attention_scale=factors.pooled if plan.attention_pool else factors.straggler,
                                   attention_flops_scale=factors.mean)
     if plan.attention_pool:  # the pool spans every device of the plan
-        ctx = dataclasses.replace(ctx, pool_link=_link(cluster, 0, 1, plan.devices))
+        ctx = dataclasses.replace(ctx, pool_link=strided_link(cluster, 0, 1, plan.devices))
     return _OnePlan(model=model, cluster=cluster, workload=workload, plan=plan, microbatches=m, items=items,
                     item_tokens=s, act_bytes=e, weight_bytes=dtypes.weight_bytes(dtype),
                     grad_bytes=dtypes.gradient_bytes(workload.grad_dtype), device=dev, dp_link=dp_link,
@@ -329,7 +297,7 @@ def _chunk_sums(one: _OnePlan) -> _ChunkSums:
     if layout is not None:  # the other stages' chunks on their own devices and links
         per_layer_vals = per_layer_vals.copy()
         for stage in range(1, plan.pp):
-            s_tp, s_cp, _, s_ep = stage_links(one.cluster, layout, stage, plan)
+            s_tp, s_cp, _, s_ep = stage_links(one.cluster, layout.ranks, stage)
             s_ctx = dataclasses.replace(one.layer_ctx, dev=layout.devices[stage], tp_link=s_tp, cp_link=s_cp,
                                         ep_link=s_ep)
             s_vals = _step_table(one, s_ctx, (layout.groups[stage], layout.devices[stage].name))
@@ -356,9 +324,9 @@ def _pipeline(one: _OnePlan, sums: _ChunkSums):
         nbytes = plan.mbs * one.item_tokens / cp * one.model.layers[0].hidden * one.act_bytes / (tp if plan.sp else 1)
         if one.layout is None:
             stage_size = tp * cp * plan.dp
-            p2p_s = float(pipeline_p2p_s(cluster, plan.pp, stage_size, nbytes, p2p=_p2p_cached(cluster)))
+            p2p_s = float(pipeline_p2p_s(cluster, plan.pp, stage_size, nbytes, p2p=cached_p2p(cluster)))
         else:  # every rank pair of each boundary at once, sharing NICs and island gateways
-            p2p_s = float(max(boundary_p2p_s(cluster, one.layout, k, nbytes, p2p=_p2p_cached(cluster))
+            p2p_s = float(max(boundary_p2p_s(cluster, one.layout, k, nbytes, p2p=cached_p2p(cluster))
                               for k in range(plan.pp)))
     # simulate_times: simulate's timing without its event list, equal field for field (estimate reads no events)
     pipe = pipeline.simulate_times(plan.schedule, sums.fwd_s, sums.bwd_s, one.microbatches, v=plan.vpp,
@@ -394,7 +362,8 @@ def _gradient_sync_s(one: _OnePlan, per_layer, worst: int, dp_link, dev) -> floa
             sums = layer_sync_sums_s(per_layer - routed, g_bytes, w_bytes, dp_link, zero=zero)
         edp = expert_data_parallel(plan)
         if edp > 1:
-            edp_link = _link(one.cluster, 0, plan.ep * (plan.etp or tp), edp)
+            ranks = RankLayout(tp=tp, cp=plan.cp, dp=plan.dp, pp=plan.pp, ep=plan.ep, etp=plan.etp)
+            edp_link = group_link(one.cluster, ranks, "edp")
             routed_sums = layer_sync_sums_s(routed, g_bytes, w_bytes, edp_link, zero=zero)
             sums = tuple(d + r for d, r in zip(sums, routed_sums))
     elif grad_ranks > 1:
@@ -414,7 +383,7 @@ def _data_parallel_sync(one: _OnePlan, sums: _ChunkSums, pipe) -> _DataParallelS
     worst = int(np.argmax(stage_params))
     dp_link, dev = one.dp_link, one.device
     if layout is not None:  # the busiest stage's gradient traffic, over its own dp group, on its device
-        dp_link = stage_links(one.cluster, layout, worst, plan)[2]
+        dp_link = group_link(one.cluster, layout.ranks, "dp_cp", worst)
         dev = layout.devices[worst]
     per_layer = np.array([sharded[i] for i in st.train_shape[worst]] or [0.0])
     params_dev = float(per_layer.sum())

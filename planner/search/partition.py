@@ -9,7 +9,7 @@ Llama 3 therefore trains 126 blocks on pp=16 as 7 + 14 x 8 + 7 (Llama 3 paper, s
 Three pieces:
   block_costs     per-block (and per head/tail extra) time, parameters, model-state and activation bytes,
                   every number taken from the cost model's own functions (estimate._layer_step,
-                  Layer.activation_bytes, Layer.params_per_device, memory.model_state_bytes).
+                  Layer.activation_bytes, Layer.params_per_device, memory_phase.stage_memory).
   partition_dp    an exact DP over contiguous splits of n blocks into k chunks: minimise the slowest
                   chunk's time per micro-batch, then (ties) its largest parameter count, then its peak
                   memory, subject to every chunk fitting in memory. O(k (n - k + 1)^2) numpy work over
@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from planner.cost import memory, moe, pipeline
+from planner.cost import memory, memory_phase, moe, pipeline
 from planner.core import dtypes
 from planner.cost.estimate import _Ctx, _group, _layer_step, _policies, estimate, split_chunks
 from planner.core.errors import BadInput, Infeasible
@@ -149,57 +149,99 @@ def _context(cluster: Cluster, workload: Workload, plan: ParallelPlan) -> _Ctx:
                 seq_chunks=plan.seq_chunks)
 
 
+class _LayerTerms:
+    """One plan's per-layer cost terms, memoised by layer shape: identical layers cost the same."""
+
+    def __init__(self, ctx: _Ctx, workload: Workload, plan: ParallelPlan):
+        self.ctx, self.workload, self.plan = ctx, workload, plan
+        _, self.e_w, self.e_act, _ = _dtype_bytes(workload)
+        self._step: dict = {}
+        self._act: dict = {}
+
+    def time_s(self, layer: Layer, policy: str) -> float:
+        """Forward + backward seconds of one micro-batch (estimate._layer_step)."""
+        key = (layer.shape_key, policy)
+        if key not in self._step:
+            one = _layer_step(layer, policy, self.ctx)
+            self._step[key] = one.fwd_s + one.bwd_s
+        return self._step[key]
+
+    def act_bytes(self, layer: Layer, policy: str) -> float:
+        """Saved activations of one micro-batch (one work item of a chunked sequence)."""
+        key = (layer.shape_key, policy)
+        if key not in self._act:
+            plan = self.plan
+            # estimate._memory: a tp_slice MoE layer keeps its activations without SP's split (moe.layer_sp)
+            sp = moe.layer_sp(layer.kind, plan.sp, plan.moe_dispatch == "tp_slice")
+            self._act[key] = float(layer.activation_bytes(plan.mbs, self.workload.seq_len // plan.seq_chunks,
+                                                          plan.tp, plan.cp, sp, policy, self.e_act,
+                                                          flash=plan.flash_attention))
+        return self._act[key]
+
+    def params(self, layer: Layer) -> float:
+        """Trainable parameters per device, as estimate() shards them."""
+        plan = self.plan
+        return float(layer.params_per_device(tp=plan.tp, ep=plan.ep, etp=plan.etp)) if layer.trainable else 0.0
+
+    def expert_params(self, layer: Layer) -> float:
+        """The routed experts' share of params(layer)."""
+        plan = self.plan
+        return float(layer.routed_params()) / (plan.ep * (plan.etp or plan.tp)) if layer.trainable else 0.0
+
+    def frozen_bytes(self, layer: Layer) -> float:
+        """Frozen weights: split tp ways, no gradients or optimizer states, not ZeRO-sharded (estimate._memory)."""
+        return 0.0 if layer.trainable else float(layer.params_per_device(tp=self.plan.tp)) * self.e_w
+
+    def working_bytes(self, layers: list[Layer], policy: str) -> float:
+        """A block's backward working set: its trainable layers, what they materialise vs what the policy
+        keeps (estimate._memory)."""
+        ls = [x for x in layers if x.trainable]
+        return float(memory.backward_working_bytes([self.act_bytes(x, "none") for x in ls],
+                                                   [self.act_bytes(x, policy) for x in ls]))
+
+
+def _state_bytes(workload: Workload, plan: ParallelPlan, params, expert_params, frozen) -> np.ndarray:
+    """Weights, gradients and the optimizer's on-device share (memory_phase.stage_memory's model-state parts,
+    routed experts sharded over EDP) plus frozen weights, of each entry. They are linear in the parameters,
+    so per-block states add up to a chunk's."""
+    _, e_w, _, g = _dtype_bytes(workload)
+    row = lambda a: np.asarray(a, dtype=float).reshape(1, -1)  # noqa: E731  one row, an entry per stage
+    one = lambda v: np.full((1, 1), v, dtype=float)  # noqa: E731  a plan column
+    none = one(0.0)
+    x = memory_phase.StageInputs(
+        params_count=row(params), expert_params_count=row(expert_params), frozen_bytes=row(frozen),
+        activation_bytes=none, inflight_items=none, working_bytes=none, logits_bytes=none, ring_bytes=none,
+        kv_full_bytes=none, kv_rest_bytes=none, dp_cp=one(plan.dp * plan.cp),
+        edp=one(memory_phase.expert_data_parallel(plan.dp, plan.cp, plan.tp, plan.ep, plan.etp or plan.tp)),
+        seq_chunks=one(1), offload_activations=none, offload_optimizer=one(plan.offload.optimizer))
+    mem = memory_phase.stage_memory(x, plan.zero, e_w, g, workload.optimizer)
+    return (mem.weights_bytes + mem.gradients_bytes + mem.optimizer_bytes + mem.frozen_bytes)[0]
+
+
+def _extras(terms: _LayerTerms, layers: list[Layer]) -> dict:
+    """The head or tail extra: the layers of a chunk outside every block, under their own policies."""
+    plan, workload = terms.plan, terms.workload
+    layers = [layer for layer in layers if layer.block is None]
+    pol = _policies(layers, plan)
+    p = sum(terms.params(x) for x in layers)
+    logit = 0.0
+    for x in layers:  # estimate._memory sums them in layer order
+        logit += float(x.logits_transient_bytes(plan.mbs, workload.seq_len, plan.tp, plan.cp, terms.e_act))
+    frozen = sum(terms.frozen_bytes(x) for x in layers)
+    return {"time_s": float(sum(terms.time_s(x, pol[x.name]) for x in layers)),
+            "act_bytes": float(sum(terms.act_bytes(x, pol[x.name]) for x in layers)),
+            "params": float(p), "state_bytes": float(_state_bytes(workload, plan, p, 0.0, frozen)[0]),
+            "logit_bytes": logit}
+
+
 def block_costs(model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan) -> BlockCosts:
     """Cost terms of every block and of the head/tail extras under `plan` (its partition is ignored)."""
     plan = plan.model_copy(update={"partition": None})
     chunks = split_chunks(model, plan)  # BadInput when the model has fewer blocks than pp*vpp chunks
-    ctx = _context(cluster, workload, plan)
-    _, e_w, e_act, g = _dtype_bytes(workload)
+    terms = _LayerTerms(_context(cluster, workload, plan), workload, plan)
     cut = plan.recompute_num_layers or 0
     early_policy = plan.layer_recompute(0)
     late_policy = plan.layer_recompute(cut)
-
-    step_memo: dict = {}
-    act_memo: dict = {}
-
-    def time_s(layer: Layer, policy: str) -> float:
-        key = (layer.shape_key, policy)
-        if key not in step_memo:
-            one = _layer_step(layer, policy, ctx)
-            step_memo[key] = one.fwd_s + one.bwd_s
-        return step_memo[key]
-
-    def act_bytes(layer: Layer, policy: str) -> float:
-        key = (layer.shape_key, policy)
-        if key not in act_memo:
-            # estimate._memory: a tp_slice MoE layer keeps its activations without SP's split (moe.layer_sp)
-            sp = moe.layer_sp(layer.kind, plan.sp, plan.moe_dispatch == "tp_slice")
-            act_memo[key] = float(layer.activation_bytes(plan.mbs, workload.seq_len // plan.seq_chunks, plan.tp,
-                                                         plan.cp, sp, policy, e_act, flash=plan.flash_attention))
-        return act_memo[key]
-
-    def params(layer: Layer) -> float:
-        # trainable parameters per device, as estimate() shards them
-        return float(layer.params_per_device(tp=plan.tp, ep=plan.ep, etp=plan.etp)) if layer.trainable else 0.0
-
-    def frozen_bytes(layer: Layer) -> float:
-        # frozen weights: split tp ways, no gradients or optimizer states, not ZeRO-sharded (estimate._memory)
-        return 0.0 if layer.trainable else float(layer.params_per_device(tp=plan.tp)) * e_w
-
-    edp = plan.dp * plan.cp * plan.tp // (plan.ep * (plan.etp or plan.tp))  # estimate.expert_data_parallel
-
-    def states(p, frozen, px=0.0):
-        # model_state_bytes is linear in params, so per-block states add up to a chunk's; routed experts
-        # (px of p) shard over the expert-data-parallel ranks (estimate._memory)
-        kw = dict(weight_dtype_bytes=e_w, grad_dtype_bytes=g, optimizer=workload.optimizer,
-                  offload_fraction=plan.offload.optimizer)
-        p, px = np.asarray(p, dtype=float), np.asarray(px, dtype=float)
-        if edp == plan.dp * plan.cp or not np.any(px > 0):
-            s = memory.model_state_bytes(p, plan.dp * plan.cp, plan.zero, **kw)["total"]
-        else:
-            s = (memory.model_state_bytes(p - px, plan.dp * plan.cp, plan.zero, **kw)["total"]
-                 + memory.model_state_bytes(px, edp, plan.zero, **kw)["total"])
-        return s + np.asarray(frozen, dtype=float)
 
     order = model.topological()
     block_ids = sorted({layer.block for layer in order if layer.block is not None})
@@ -212,42 +254,22 @@ def block_costs(model: ModelGraph, cluster: Cluster, workload: Workload, plan: P
             continue
         i = index[layer.block]
         in_block[i].append(layer)
-        late_t[i] += time_s(layer, late_policy)
-        early_t[i] += time_s(layer, early_policy)
-        late_a[i] += act_bytes(layer, late_policy)
-        early_a[i] += act_bytes(layer, early_policy)
-        par[i] += params(layer)
-        if layer.trainable:
-            parx[i] += float(layer.routed_params()) / (plan.ep * (plan.etp or plan.tp))
-        froz[i] += frozen_bytes(layer)
-
-    def work(layers: list[Layer], policy: str) -> float:
-        # estimate._memory: the block's trainable layers, what they materialise vs what the policy keeps
-        ls = [x for x in layers if x.trainable]
-        return float(memory.backward_working_bytes([act_bytes(x, "none") for x in ls],
-                                                   [act_bytes(x, policy) for x in ls]))
-
-    late_w = np.array([work(ls, late_policy) for ls in in_block])
-    early_w = np.array([work(ls, early_policy) for ls in in_block])
-
-    def extras(layers: list[Layer]) -> dict:
-        layers = [layer for layer in layers if layer.block is None]
-        pol = _policies(layers, plan)
-        p = sum(params(x) for x in layers)
-        logit = 0.0
-        for x in layers:  # estimate._memory sums them in layer order
-            logit += float(x.logits_transient_bytes(plan.mbs, workload.seq_len, plan.tp, plan.cp, e_act))
-        return {"time_s": float(sum(time_s(x, pol[x.name]) for x in layers)),
-                "act_bytes": float(sum(act_bytes(x, pol[x.name]) for x in layers)),
-                "params": float(p), "state_bytes": float(states(p, sum(frozen_bytes(x) for x in layers))),
-                "logit_bytes": logit}
+        late_t[i] += terms.time_s(layer, late_policy)
+        early_t[i] += terms.time_s(layer, early_policy)
+        late_a[i] += terms.act_bytes(layer, late_policy)
+        early_a[i] += terms.act_bytes(layer, early_policy)
+        par[i] += terms.params(layer)
+        parx[i] += terms.expert_params(layer)
+        froz[i] += terms.frozen_bytes(layer)
+    late_w = np.array([terms.working_bytes(ls, late_policy) for ls in in_block])
+    early_w = np.array([terms.working_bytes(ls, early_policy) for ls in in_block])
 
     # split_chunks puts what precedes the first block on chunk 0 and what follows the last on chunk k-1;
     # with one chunk both sit on it, and counting them all as head gives the same chunk totals.
-    head = extras(chunks[0])
-    tail = extras(chunks[-1]) if len(chunks) > 1 else extras([])
+    head = _extras(terms, chunks[0])
+    tail = _extras(terms, chunks[-1]) if len(chunks) > 1 else _extras(terms, [])
     return BlockCosts(time_s=late_t, act_bytes=late_a, early_time_s=early_t, early_act_bytes=early_a,
-                      params=par, state_bytes=states(par, froz, parx), recompute_cut=cut,
+                      params=par, state_bytes=_state_bytes(workload, plan, par, parx, froz), recompute_cut=cut,
                       work_bytes=late_w, early_work_bytes=early_w,
                       **{f"head_{k}": v for k, v in head.items()}, **{f"tail_{k}": v for k, v in tail.items()})
 

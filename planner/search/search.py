@@ -5,7 +5,7 @@ The search is a client of the cost model (docs/ARCHITECTURE.md#data-flow): every
 planner.cost.batch.estimate_batch (held equal to estimate() by tests/test_batch.py) or estimate() itself.
 Its two bounds are built from the same functions, never from a copy of a formula:
 
-  memory   space.memory_lower_bound: memory.py's functions on 1/pp of the model (the mean stage);
+  memory   space.memory_lower_bound: the memory phase (memory_phase.stage_memory) on bound stages;
   time     the pipeline's makespan is at least the busiest stage's busy time, m x (F + B) of that stage,
            which is at least the mean over the pp stages. The sum of F + B over all chunks is what
            estimate_batch reports as the makespan of the same plan with pp = 1 (one device runs every op in
@@ -151,36 +151,37 @@ def prefix_cluster(cluster: Cluster, count: int) -> Cluster:
                    island_ports_per_node=cluster.island_ports_per_node)
 
 
+# The columns the step-time bound's pp = 1 proxy fixes (1F1B, no virtual stages, ZeRO 0, no offload, no
+# partial recompute): a step time depends on them only through the pipeline and the states, which the bound
+# leaves out or keeps below. Every other column of core/dims.py's table is copied from the plan.
+_PROXY_FIXED = {"pp": 1, "vpp": 1, "zero": 0, "recompute_num_layers": -1, "schedule": SCHEDULES.index("1f1b"),
+                "overlap_grad_reduce": False, "offload_optimizer": 0.0, "offload_activations": 0.0}
+
+
+def _proxy_keys(pa: PlanArrays) -> dict[str, np.ndarray]:
+    """The columns a proxy copies, as int64 keys: partial recompute is bounded by no recompute
+    (recomputing never makes a layer faster; POLICIES[0] == "none"); pp picks the proxy's cluster."""
+    keys = {name: col for name, col in pa.columns().items() if name not in _PROXY_FIXED}
+    keys["recompute"] = np.where(pa.recompute_num_layers >= 0, 0, pa.recompute)
+    return {"pp": pa.pp, **keys}
+
+
 def step_lower_bound(model: ModelGraph, cluster: Cluster, workload: Workload, pa: PlanArrays,
                      proxies: dict | None = None) -> np.ndarray:
     """Seconds every plan's step time is at least: the mean stage's busy time (module docstring).
 
-    Per distinct (pp; dp, tp, cp, ep, etp, sp, mbs, flash, recompute, seq_chunks) one pp = 1 plan is costed on the first
-    n/pp devices; partial recompute is bounded by no recompute (recomputing never makes a layer faster).
+    Per distinct pp and proxy columns (_proxy_keys) one pp = 1 plan is costed on the first n/pp devices.
     """
     proxies = {} if proxies is None else proxies
-    rec = np.where(pa.recompute_num_layers >= 0, 0, pa.recompute)  # POLICIES[0] == "none"
-    keys = np.stack([pa.pp, pa.dp, pa.tp, pa.cp, pa.ep, pa.etp, pa.sp, pa.mbs, pa.flash_attention, rec,
-                     pa.num_microbatches, pa.overlap_tp_comm, pa.cp_a2a, pa.moe_tp_slice, pa.seq_chunks,
-                     pa.attention_pool, pa.moe_deepep],
-                    axis=1).astype(np.int64)
-    first, inv = _row_ids(list(keys.T))  # np.unique(axis=0)'s rows without its structured sort
-    uniq = keys[first]
-    out_u = np.empty(len(uniq))
-    for pp in np.unique(uniq[:, 0]).tolist():
-        rows = np.flatnonzero(uniq[:, 0] == pp)
-        u = uniq[rows]
-        k = len(u)
-        n_sub = cluster.device_count // pp
+    keys = _proxy_keys(pa)
+    first, inv = _row_ids(list(keys.values()))  # np.unique(axis=0)'s rows without its structured sort
+    uniq = {name: col[first] for name, col in keys.items()}
+    out_u = np.empty(len(first))
+    for pp in np.unique(uniq["pp"]).tolist():
+        rows = np.flatnonzero(uniq["pp"] == pp)
         if pp not in proxies:
-            proxies[pp] = prefix_cluster(cluster, n_sub)
-        proxy = PlanArrays(
-            dp=u[:, 1], tp=u[:, 2], pp=np.ones(k), vpp=np.ones(k), cp=u[:, 3], ep=u[:, 4], etp=u[:, 5],
-            sp=u[:, 6], zero=np.zeros(k), mbs=u[:, 7], num_microbatches=u[:, 10], recompute=u[:, 9],
-            recompute_num_layers=np.full(k, -1), schedule=np.full(k, SCHEDULES.index("1f1b")),
-            flash_attention=u[:, 8], overlap_grad_reduce=np.zeros(k), offload_optimizer=np.zeros(k),
-            offload_activations=np.zeros(k), overlap_tp_comm=u[:, 11], cp_a2a=u[:, 12], moe_tp_slice=u[:, 13],
-            seq_chunks=u[:, 14], attention_pool=u[:, 15], moe_deepep=u[:, 16])
+            proxies[pp] = prefix_cluster(cluster, cluster.device_count // pp)
+        proxy = PlanArrays(**{**{name: col[rows] for name, col in uniq.items()}, **_PROXY_FIXED})
         res = estimate_batch(model, proxies[pp], workload, proxy)
         out_u[rows] = res["pipeline_s"] / pp
     return out_u[inv]

@@ -31,7 +31,7 @@ from planner.core.dims import (COLUMN, SCHEDULE_INDEX, ZERO_STAGES, deepep_fits_
                                seq_chunks_fit_schedule, sp_fits_tp, tp_slice_fits_degrees, ulysses_fits_cp,
                                vpp_fits_schedule)
 from planner.core import dtypes
-from planner.cost import memory, moe
+from planner.cost import memory, memory_phase, moe
 from planner.cost.batch import POLICIES, SCHEDULES, PlanArrays
 from planner.cost.batch_ids import _row_ids
 from planner.cost.pipeline import inflight_microbatches
@@ -402,137 +402,210 @@ def _stage_inflight(schedule: str, p: int, m: int, v: int, n: int = 1) -> tuple[
     return per_stage[0], per_stage[-1], min(per_stage)
 
 
-def memory_lower_bound(model: ModelGraph, workload: Workload, pa: PlanArrays) -> np.ndarray:
-    """Bytes per device that estimate()'s peak memory is never below, for every plan of the space (no
-    explicit partition).
+# the regions of the model a bound stage holds: the layers before the first block, the blocks, those after
+_PRE, _BLOCKS, _POST = range(3)
+_SMALLEST_BLOCK = 3  # the column after them in the by-region tables
 
-    estimate._memory takes the worst pipeline stage: overhead(states + frozen + activations x in-flight),
-    with states = memory.model_state_bytes(stage params, dp*cp, zero); the overhead is affine and
-    increasing, every other term linear in the layers a stage holds. So the peak is at least each of:
-      - the mean stage: the same functions on 1/pp of the whole model, with the fewest micro-batches in
-        flight on any stage;
-      - the first stage: the layers before the first block (embedding, frozen encoders) plus the fewest
-        blocks split_chunks gives a stage (floor(blocks / (pp vpp)) per chunk, vpp chunks), each at the
-        smallest block's parameters and activations, with the first stage's micro-batches in flight;
-      - the last stage: the same with the layers after the last block (final norm, LM head: a 128k
-        vocabulary's fp32 logits) and the last stage's micro-batches in flight.
-    Partial recompute keeps, per layer, no less than the smaller of its full and no-recompute activations.
-    Each candidate adds the smallest block's backward working set (every stage runs some block's
-    backward; under partial recompute its gradients alone) and the loss logits copy of its layers (the
-    mean stage 1/pp of it: it sits on one stage).
-    tests/test_search.py holds the bound below estimate()'s peak.
-    """
-    e_w = dtypes.weight_bytes(workload.dtype)  # estimate._memory's dtype sizes
-    e_act = dtypes.activation_bytes(workload.dtype)
-    g_bytes = dtypes.gradient_bytes(workload.grad_dtype)
-    s = workload.seq_len
-    P = len(pa)
-    etp = np.where(pa.etp > 0, pa.etp, pa.tp)
-    # identical layers (shape_key) cost the same; where each layer sits: before, in, after the blocks
-    shape_ids: dict = {}
-    shapes = []
-    region = []  # per layer: (shape id, region 0 pre / 1 block / 2 post, block index)
+
+@dataclass
+class _LayerShapes:
+    """The model's layers by shape (identical layers, Layer.shape_key, cost the same): one representative
+    per shape, how many of each shape every region holds (count, (3, shapes)) and every block holds
+    (per_block, (blocks, shapes)), and each distinct block's list of shape ids (its backward working set;
+    405B's 126 blocks are one shape, and evaluating each took 9 of the 13 s an infeasible 8-GPU search
+    spent)."""
+    shapes: list
+    count: np.ndarray
+    per_block: np.ndarray
+    block_shapes: list
+    blocks: int
+
+    def values(self, fn) -> np.ndarray:
+        """fn of every shape's representative layer, as floats."""
+        return np.array([float(fn(layer)) for layer in self.shapes])
+
+    def by_region(self, per_shape: np.ndarray) -> list[float]:
+        """A per-shape value summed over each region, then over the smallest block: [pre, blocks, post,
+        smallest block]."""
+        return [*(self.count @ per_shape), (self.per_block @ per_shape).min()]
+
+
+def _layer_shapes(model: ModelGraph) -> _LayerShapes:
+    """The model's layers grouped by shape and region (see _LayerShapes)."""
+    ids: dict = {}
+    shapes: list = []
+    placed = []  # per layer: (shape id, region, block)
     seen_block = False
     for layer in model.topological():
-        sid = shape_ids.setdefault(layer.shape_key, len(shapes))
+        sid = ids.setdefault(layer.shape_key, len(shapes))
         if sid == len(shapes):
             shapes.append(layer)
-        if layer.block is not None:
-            seen_block = True
-        region.append((sid, 1 if layer.block is not None else (2 if seen_block else 0), layer.block))
-    S = len(shapes)
-    blocks = sorted({b for _, r, b in region if r == 1})
-    bpos = {b: i for i, b in enumerate(blocks)}
-    count = np.zeros((3, S))  # layers of each shape per region
-    per_block = np.zeros((max(len(blocks), 1), S))  # layers of each shape in each block
-    block_shapes: list = [[] for _ in blocks]  # each block's layers' shapes (the backward working set)
-    for sid, r, b in region:
+        seen_block = seen_block or layer.block is not None
+        region = _BLOCKS if layer.block is not None else (_POST if seen_block else _PRE)
+        placed.append((sid, region, layer.block))
+    blocks = sorted({b for _, r, b in placed if r == _BLOCKS})
+    at = {b: i for i, b in enumerate(blocks)}
+    count = np.zeros((3, len(shapes)))
+    per_block = np.zeros((max(len(blocks), 1), len(shapes)))
+    block_shapes: list = [[] for _ in blocks]
+    for sid, r, b in placed:
         count[r, sid] += 1
-        if r == 1:
-            per_block[bpos[b], sid] += 1
-            block_shapes[bpos[b]].append(sid)
-    # identical blocks list the same shapes: their working sets are equal, so one of each is enough
-    # (405B's 126 blocks are one shape; evaluating each took 9 of the 13 s an infeasible 8-GPU search spent)
-    block_shapes = [list(ids) for ids in sorted({tuple(ids) for ids in block_shapes})]
-    trainable = np.array([layer.trainable for layer in shapes], dtype=float)
+        if r == _BLOCKS:
+            per_block[at[b], sid] += 1
+            block_shapes[at[b]].append(sid)
+    distinct = [list(s) for s in sorted({tuple(s) for s in block_shapes})]  # equal lists: equal working sets
+    return _LayerShapes(shapes, count, per_block, distinct, len(blocks))
 
-    def shape_vals(fn) -> np.ndarray:
-        return np.array([float(fn(layer)) for layer in shapes])
 
-    # per plan: trainable params per device and frozen weight bytes by region; smallest block
-    # (each loop fills one row per group of equal inputs; the plans take their group's row by index)
+def _params_by_region(ls: _LayerShapes, pa: PlanArrays, etp: np.ndarray, e_w: int) -> tuple:
+    """By region ([pre, blocks, post, smallest block]): trainable parameters per device
+    (Layer.params_per_device over tp, ep, etp) and frozen weight bytes (split tp ways only, estimate._memory),
+    (groups, 4) each, one row per distinct (tp, ep, etp); and every plan's row."""
+    trainable = ls.values(lambda layer: layer.trainable)
     first, gid = _row_groups(pa.tp, pa.ep, etp)
-    par = np.empty((len(first), 4))  # pre, blocks total, post, smallest block
+    par = np.empty((len(first), 4))
     froz = np.empty((len(first), 4))
     for gi, r in enumerate(first.tolist()):
         tp_, ep_, etp_ = int(pa.tp[r]), int(pa.ep[r]), int(etp[r])
-        p = shape_vals(lambda layer: layer.params_per_device(tp=tp_, ep=ep_, etp=etp_)) * trainable
-        f = shape_vals(lambda layer: layer.params_per_device(tp=tp_)) * e_w * (1 - trainable)
-        par[gi] = [*(count @ p), (per_block @ p).min()]
-        froz[gi] = [*(count @ f), (per_block @ f).min()]
-    par, froz = par[gid], froz[gid]
+        par[gi] = ls.by_region(ls.values(lambda layer: layer.params_per_device(tp=tp_, ep=ep_, etp=etp_))
+                               * trainable)
+        froz[gi] = ls.by_region(ls.values(lambda layer: layer.params_per_device(tp=tp_)) * e_w * (1 - trainable))
+    return par, froz, gid
 
-    # per plan: activations of one micro-batch, by region and smallest block; the smallest block's backward
-    # working set (every stage runs at least one block's backward); the loss logits copy by region
+
+def _activations_by_region(ls: _LayerShapes, pa: PlanArrays, seq_len: int, e_act: int) -> tuple:
+    """One micro-batch's kept activations by region ((groups, 4), as _params_by_region), the smallest
+    block's backward working set (groups,) and the loss logits copy by region (groups, 3), one row per
+    distinct combination of their inputs; and every plan's row. Partial recompute keeps, per layer, no less
+    than the smaller of its full and no-recompute activations, and its working set is no less than a
+    block's gradients alone (the no-recompute one)."""
     partial = pa.recompute_num_layers >= 0
-    first, gid = _row_groups(pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.recompute, partial, pa.moe_tp_slice,
-                             pa.seq_chunks)
+    first, gid = _row_groups(pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.recompute, partial,
+                             pa.moe_tp_slice, pa.seq_chunks)
     act = np.empty((len(first), 4))
     work = np.zeros(len(first))
     logit = np.empty((len(first), 3))
     for gi, r in enumerate(first.tolist()):
         b, tp_, cp_, sp_ = int(pa.mbs[r]), int(pa.tp[r]), int(pa.cp[r]), bool(pa.sp[r])
-        s_ = s // int(pa.seq_chunks[r])  # estimate._memory: one work item's tokens (ParallelPlan.seq_chunks)
+        s_ = seq_len // int(pa.seq_chunks[r])  # estimate._memory: one work item's tokens (ParallelPlan.seq_chunks)
         flash, ts_ = bool(pa.flash_attention[r]), bool(pa.moe_tp_slice[r])
 
-        def one(policy):
+        def kept(policy):
             # estimate._memory: a tp_slice MoE layer keeps its activations without SP's split (moe.layer_sp)
-            return shape_vals(lambda layer: layer.activation_bytes(b, s_, tp_, cp_, moe.layer_sp(layer.kind, sp_, ts_),
-                                                                   policy, e_act, flash=flash))
+            return ls.values(lambda layer: layer.activation_bytes(b, s_, tp_, cp_, moe.layer_sp(layer.kind, sp_, ts_),
+                                                                  policy, e_act, flash=flash))
 
-        none = one("none")
+        none = kept("none")
         if partial[r]:
-            a = np.minimum(one("full"), none)
-            kept = none  # a block's working set is never below its gradients alone (the no-recompute one)
+            a, held = np.minimum(kept("full"), none), none
         else:
-            a = one(POLICIES[int(pa.recompute[r])])
-            kept = a
-        act[gi] = [*(count @ a), (per_block @ a).min()]
-        if block_shapes:
-            work[gi] = min(float(memory.backward_working_bytes(none[ids], kept[ids])) for ids in block_shapes)
-        lg = shape_vals(lambda layer: layer.logits_transient_bytes(b, s_, tp_, cp_, e_act))
-        logit[gi] = count @ lg
-    act, work, logit = act[gid], work[gid], logit[gid]
+            a = held = kept(POLICIES[int(pa.recompute[r])])
+        act[gi] = ls.by_region(a)
+        if ls.block_shapes:
+            work[gi] = min(float(memory.backward_working_bytes(none[ids], held[ids])) for ids in ls.block_shapes)
+        logit[gi] = ls.count @ ls.values(lambda layer: layer.logits_transient_bytes(b, s_, tp_, cp_, e_act))
+    return act, work, logit, gid
 
-    # micro-batches in flight: first stage, last stage, fewest on any stage
+
+def _inflight_bounds(pa: PlanArrays, workload: Workload) -> tuple:
+    """Micro-batches in flight on the mean, the first and the last bound stage ((groups, 3): the fewest on
+    any stage, the first stage's, the last stage's; _stage_inflight), one row per distinct pipeline; and
+    every plan's row."""
     m = np.where(pa.num_microbatches > 0, pa.num_microbatches,
                  np.maximum(1, workload.global_batch // (pa.mbs * pa.dp)))
     first, gid = _row_groups(pa.schedule, pa.pp, pa.vpp, m, pa.seq_chunks)
-    infl = np.array([_stage_inflight(SCHEDULES[int(pa.schedule[r])], int(pa.pp[r]), int(m[r]), int(pa.vpp[r]),
-                                     int(pa.seq_chunks[r])) for r in first.tolist()], dtype=float).reshape(-1, 3)[gid]
+    infl = [_stage_inflight(SCHEDULES[int(pa.schedule[r])], int(pa.pp[r]), int(m[r]), int(pa.vpp[r]),
+                            int(pa.seq_chunks[r])) for r in first.tolist()]
+    return np.array(infl, dtype=float).reshape(-1, 3)[:, [2, 0, 1]], gid
 
-    pp = pa.pp.astype(float)
-    nb = (len(blocks) // (pa.pp * pa.vpp)) * pa.vpp  # fewest blocks on a stage (split_chunks' even split)
-    total = par[:, 0] + par[:, 1] + par[:, 2]
-    candidates = [  # (params, frozen bytes, activation bytes of one micro-batch, in flight, logits copy)
-        (total / pp, (froz[:, 0] + froz[:, 1] + froz[:, 2]) / pp, (act[:, 0] + act[:, 1] + act[:, 2]) / pp,
-         infl[:, 2], (logit[:, 0] + logit[:, 1] + logit[:, 2]) / pp),
-        (par[:, 0] + nb * par[:, 3], froz[:, 0] + nb * froz[:, 3], act[:, 0] + nb * act[:, 3], infl[:, 0],
-         logit[:, 0]),
-        (par[:, 2] + nb * par[:, 3], froz[:, 2] + nb * froz[:, 3], act[:, 2] + nb * act[:, 3], infl[:, 1],
-         logit[:, 2]),
-    ]
-    best = np.zeros(P)
-    # estimate._memory shards dense states over dp*cp and routed experts over EDP = dp*cp*tp/(ep*etp): the
-    # larger of the two bounds both from below
-    shard = np.maximum(pa.dp * pa.cp, pa.dp * pa.cp * pa.tp // (pa.ep * etp))
-    for params, frozen, acts, inflight, logits in candidates:
-        states = np.empty(P)
-        for z in np.unique(pa.zero).tolist():
-            sel = pa.zero == z
-            st = memory.model_state_bytes(params[sel], shard[sel], z, weight_dtype_bytes=e_w,
-                                          grad_dtype_bytes=g_bytes, optimizer=workload.optimizer)
-            states[sel] = st["weights"] + st["gradients"] + st["optimizer"] * (1 - pa.offload_optimizer[sel])
-        subtotal = states + frozen + acts * inflight * (1 - pa.offload_activations) + work + logits
-        best = np.maximum(best, subtotal + memory.allocator_overhead_bytes(subtotal))
-    return best
+
+@dataclass
+class _BoundTables:
+    """What memory_lower_bound's stages are built from: per-group tables (by region, see
+    _params_by_region) with each plan's group, and the per-plan columns the stages scale them by."""
+    params: np.ndarray
+    frozen: np.ndarray
+    weights_group: np.ndarray
+    activations: np.ndarray
+    working: np.ndarray
+    logits: np.ndarray
+    activations_group: np.ndarray
+    inflight: np.ndarray
+    inflight_group: np.ndarray
+    pp: np.ndarray  # as floats
+    fewest_blocks: np.ndarray  # on a stage: split_chunks' even split, floor(blocks / (pp vpp)) x vpp
+    shard: np.ndarray
+
+
+def _bound_tables(ls: _LayerShapes, pa: PlanArrays, workload: Workload) -> _BoundTables:
+    """The tables of every plan (_BoundTables), in estimate._memory's dtype sizes."""
+    etp = expert_tp(pa.etp, pa.tp)
+    par, froz, by_w = _params_by_region(ls, pa, etp, dtypes.weight_bytes(workload.dtype))
+    act, work, logit, by_a = _activations_by_region(ls, pa, workload.seq_len, dtypes.activation_bytes(workload.dtype))
+    infl, by_i = _inflight_bounds(pa, workload)
+    # states of all parameters sharded over the larger of dp x cp (dense) and EDP (routed) are no more than
+    # memory_phase.model_states' split ones (a share falls as its group grows)
+    shard = np.maximum(pa.dp * pa.cp, memory_phase.expert_data_parallel(pa.dp, pa.cp, pa.tp, pa.ep, etp))
+    return _BoundTables(par, froz, by_w, act, work, logit, by_a, infl, by_i, pa.pp.astype(float),
+                        (ls.blocks // (pa.pp * pa.vpp)) * pa.vpp, shard)
+
+
+def _three_stages(table: np.ndarray, group: np.ndarray, pp: np.ndarray, blocks: np.ndarray | None) -> np.ndarray:
+    """(plans, 3): a by-region table's value on the mean stage (all regions / pp) and on the first and the
+    last stage (pre or post, plus `blocks` smallest blocks; None: no block, the logits copy)."""
+    out = np.empty((len(group), 3))
+    np.divide((table[:, _PRE] + table[:, _BLOCKS] + table[:, _POST])[group], pp, out=out[:, 0])
+    pre, post = table[group, _PRE], table[group, _POST]
+    if blocks is None:
+        out[:, 1], out[:, 2] = pre, post
+        return out
+    blocks = blocks * table[group, _SMALLEST_BLOCK]
+    np.add(pre, blocks, out=out[:, 1])
+    np.add(post, blocks, out=out[:, 2])
+    return out
+
+
+def _bound_stages(t: _BoundTables, rows, pa: PlanArrays) -> memory_phase.StageInputs:
+    """The memory phase's inputs of the plans `rows` (an index array or a slice) for three stages that no
+    real stage of theirs is below (memory_lower_bound): the mean, the lightest first, the lightest last."""
+    pp, nb = t.pp[rows], t.fewest_blocks[rows]
+    by_w, by_a = t.weights_group[rows], t.activations_group[rows]
+    none = np.zeros((1, 1))  # terms the bound leaves out: ring buffers, chunked K/V (both >= 0)
+    column = lambda a: a[rows][:, None]  # noqa: E731  a per-plan column, (plans, 1)
+    return memory_phase.StageInputs(
+        params_count=_three_stages(t.params, by_w, pp, nb), frozen_bytes=_three_stages(t.frozen, by_w, pp, nb),
+        activation_bytes=_three_stages(t.activations, by_a, pp, nb), working_bytes=t.working[by_a][:, None],
+        # the ends count their own extra layers' logits copy only (a block's, >= 0, is left out)
+        logits_bytes=_three_stages(t.logits, by_a, pp, None), inflight_items=t.inflight[t.inflight_group[rows]],
+        # expert_params 0: states of all parameters over `shard` (_BoundTables), model_states' first path
+        expert_params_count=none, dp_cp=column(t.shard), edp=column(t.shard),
+        ring_bytes=none, kv_full_bytes=none, kv_rest_bytes=none, seq_chunks=np.ones((1, 1)),
+        offload_activations=column(pa.offload_activations), offload_optimizer=column(pa.offload_optimizer))
+
+
+def memory_lower_bound(model: ModelGraph, workload: Workload, pa: PlanArrays) -> np.ndarray:
+    """Bytes per device that estimate()'s peak memory is never below, for every plan of the space (no
+    explicit partition).
+
+    The memory phase (memory_phase.stage_memory) takes the worst pipeline stage: overhead(states + frozen +
+    activations x in-flight + transients); the overhead is nondecreasing, every other term nondecreasing in
+    the layers a stage holds. So the peak is at least the phase's peak over three stages (_bound_stages):
+      - the mean stage: 1/pp of the whole model, with the fewest micro-batches in flight on any stage;
+      - the first stage: the layers before the first block (embedding, frozen encoders) plus the fewest
+        blocks split_chunks gives a stage (floor(blocks / (pp vpp)) per chunk, vpp chunks), each at the
+        smallest block's parameters and activations, with the first stage's micro-batches in flight;
+      - the last stage: the same with the layers after the last block (final norm, LM head: a 128k
+        vocabulary's fp32 logits) and the last stage's micro-batches in flight.
+    Each adds the smallest block's backward working set (every stage runs some block's backward) and the
+    loss logits copy of its layers (the mean stage 1/pp of it: it sits on one stage).
+    tests/test_search.py holds the bound below estimate()'s peak.
+    """
+    tables = _bound_tables(_layer_shapes(model), pa, workload)
+    e_w, g_bytes = dtypes.weight_bytes(workload.dtype), dtypes.gradient_bytes(workload.grad_dtype)
+    stages = np.unique(pa.zero).tolist()
+    peak = np.empty(len(pa))
+    for z in stages:  # the phase takes one ZeRO stage per call
+        rows = slice(None) if len(stages) == 1 else np.flatnonzero(pa.zero == z)
+        x = _bound_stages(tables, rows, pa)
+        peak[rows] = memory_phase.stage_memory(x, z, e_w, g_bytes, workload.optimizer).peak_bytes()
+    return peak
