@@ -29,11 +29,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from planner.catalog import load_cluster  # noqa: E402
+from planner.core.plan import Workload  # noqa: E402
 from planner.cost import batch as batch_mod  # noqa: E402
 from planner.cost.batch import PlanArrays, estimate_batch  # noqa: E402
 from planner.cost.estimate import estimate  # noqa: E402
 from planner.importers import load_model  # noqa: E402
-from planner.core.plan import Workload  # noqa: E402
 
 MODEL, CLUSTER, NODES = "llama3.1-405b", "dgx-h100", 2048
 WORKLOAD = Workload(global_batch=2048, seq_len=8192)

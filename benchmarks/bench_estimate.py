@@ -19,16 +19,15 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from planner.catalog import load_cluster  # noqa: E402
-from planner.cost.estimate import estimate  # noqa: E402
 from planner.core.hardware import Cluster  # noqa: E402
-from planner.importers import load_model  # noqa: E402
 from planner.core.plan import ParallelPlan, Workload  # noqa: E402
+from planner.cost.estimate import estimate  # noqa: E402
+from planner.importers import load_model  # noqa: E402
 
 TARGET_MS = 1.0
 MODEL, CLUSTER, NODES = "llama3.1-405b", "dgx-h100", 2048

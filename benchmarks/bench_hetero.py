@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from planner.catalog import load_cluster, resolve_cluster  # noqa: E402
-from planner.planners.edge import plan_edge  # noqa: E402
 from planner.core.hardware import ClusterSpec  # noqa: E402
-from planner.importers import load_model  # noqa: E402
 from planner.core.plan import Workload  # noqa: E402
+from planner.importers import load_model  # noqa: E402
+from planner.planners.edge import plan_edge  # noqa: E402
 from planner.planners.hetero import plan_hetero  # noqa: E402
 from planner.planners.ilp import plan_topology  # noqa: E402
 from planner.search.search import RankedPlan  # noqa: E402

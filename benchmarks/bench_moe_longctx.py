@@ -6,15 +6,14 @@ Prints, for each case, the planner's best plan, its predicted MFU / throughput /
 """
 from __future__ import annotations
 
-import sys
 import time
 
 from planner.app.api import load_cluster, load_model
 from planner.core.builders import TransformerConfig, build_transformer
-from planner.cost import attention_balance as ab
-from planner.cost.estimate import estimate
 from planner.core.errors import Infeasible
 from planner.core.plan import DocumentMix, ParallelPlan, Workload
+from planner.cost import attention_balance as ab
+from planner.cost.estimate import estimate
 from planner.search.search import search
 from planner.search.space import Constraints
 

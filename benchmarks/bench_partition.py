@@ -20,9 +20,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from planner.catalog import load_cluster  # noqa: E402
+from planner.core.plan import ParallelPlan, Workload  # noqa: E402
 from planner.cost.estimate import estimate  # noqa: E402
 from planner.importers import load_model  # noqa: E402
-from planner.core.plan import ParallelPlan, Workload  # noqa: E402
 from planner.search.partition import (  # noqa: E402
     BlockCosts,
     best_partition,

@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from planner.catalog import load_cluster  # noqa: E402
 from planner.core.errors import Infeasible  # noqa: E402
-from planner.importers import load_model  # noqa: E402
 from planner.core.plan import Workload  # noqa: E402
 from planner.eval.published import search_row  # noqa: E402
+from planner.importers import load_model  # noqa: E402
 from planner.search.search import search  # noqa: E402
 
 RUNS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "calibration_runs_clean.csv"
@@ -35,7 +35,7 @@ def speed(gpus: list[int], refine: bool) -> None:
     model = load_model("llama3.1-405b")
     wl = Workload(global_batch=2048, seq_len=8192)
     print(f"llama3.1-405b on dgx-h100, gbs 2048, seq 8192, top 5, partition refinement {'on' if refine else 'off'}\n")
-    print(f"| GPUs | plans in space | pruned by memory | pruned by step bound | costed | wall s | best plan | step s |")
+    print("| GPUs | plans in space | pruned by memory | pruned by step bound | costed | wall s | best plan | step s |")
     print("|---:|---:|---:|---:|---:|---:|---|---:|")
     for n in gpus:
         cluster = load_cluster("dgx-h100", nodes=n // 8)

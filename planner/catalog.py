@@ -23,10 +23,16 @@ from pydantic import BaseModel, ValidationError
 
 from planner import userdata
 from planner.core.errors import BadInput, did_you_mean
-from planner.files import path_exists
 from planner.core.hardware import (
-    Cluster, ClusterSpec, Device, DeviceRef, Link, NodeInstance, NodeType,
+    Cluster,
+    ClusterSpec,
+    Device,
+    DeviceRef,
+    Link,
+    NodeInstance,
+    NodeType,
 )
+from planner.files import path_exists
 
 T = TypeVar("T", bound=BaseModel)
 _REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -7,12 +7,12 @@ import json
 import pytest
 
 from planner.app import api
-from planner.catalog import load_cluster
 from planner.app.cli import main
-from planner.cost.estimate import estimate
+from planner.catalog import load_cluster
 from planner.core.errors import BadInput, Infeasible
-from planner.importers import load_model
 from planner.core.plan import Estimate, ParallelPlan, Workload
+from planner.cost.estimate import estimate
+from planner.importers import load_model
 
 KW = dict(gbs=32, seq=512)
 

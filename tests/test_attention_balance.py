@@ -9,12 +9,12 @@ import pytest
 
 from planner.app.api import load_cluster, load_model
 from planner.core.builders import TransformerConfig, build_transformer
+from planner.core.errors import BadInput
+from planner.core.plan import DocumentMix, ParallelPlan, Workload
 from planner.cost import attention_balance as ab
 from planner.cost.batch import estimate_batch
 from planner.cost.compute import ATTENTION_BWD_FACTOR, attention_core_time_s
 from planner.cost.estimate import estimate
-from planner.core.errors import BadInput
-from planner.core.plan import DocumentMix, ParallelPlan, Workload
 from planner.search.search import search
 from planner.search.space import Constraints, enumerate_space
 

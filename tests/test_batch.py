@@ -12,17 +12,17 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
+import batch_checks
 import numpy as np
 import pytest
-import batch_checks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planner.catalog import load_cluster
-from planner.cost.batch import OUTPUTS, PlanArrays, estimate_batch
 from planner.core.errors import BadInput
-from planner.importers import load_model
 from planner.core.plan import OffloadPolicy, ParallelPlan, StageAssignment, Workload
+from planner.cost.batch import OUTPUTS, PlanArrays, estimate_batch
+from planner.importers import load_model
 
 MODELS = ("tiny-llama-20m", "llama3-8b", "mixtral-8x7b")
 NODE_COUNTS = (1, 2)

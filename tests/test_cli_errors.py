@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import one_line
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cli_helpers import one_line
 from planner.app.cli import main
 
 TINY = {

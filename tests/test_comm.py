@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.cost import comm
 from planner.core.hardware import CollectiveLink
+from planner.cost import comm
 
 GB = 1e9
 

@@ -5,10 +5,10 @@ import itertools
 
 import pytest
 
-from planner.core.builders import TransformerConfig, build_transformer
 from planner.catalog import load_cluster
-from planner.planners.edge import Sublayer, phones_of, plan_edge, solve_split, split_time_s
+from planner.core.builders import TransformerConfig, build_transformer
 from planner.core.plan import Workload
+from planner.planners.edge import Sublayer, phones_of, plan_edge, solve_split, split_time_s
 
 LLAMA_3B = TransformerConfig(name="llama3.2-3b-like", source="Llama 3.2 3B config.json shape (test)", layers=28,
                              hidden=3072, heads=24, kv_heads=8, ffn_hidden=8192, vocab=128256, tied_embeddings=True)

@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from planner.catalog import load_cluster
-from planner.cost.compute import layer_time, recompute_time_s
-from planner.cost.estimate import estimate
 from planner.core.errors import BadInput
 from planner.core.hardware import Cluster
-from planner.importers import load_model
 from planner.core.plan import ParallelPlan, Workload
+from planner.cost.compute import layer_time, recompute_time_s
+from planner.cost.estimate import estimate
+from planner.importers import load_model
 
 MODELS = ("tiny-llama-20m", "llama3-8b", "mixtral-8x7b")
 NODE_COUNTS = (1, 2)  # dgx-h100 nodes: 8 or 16 GPUs

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from planner.app.cli import main
-from planner.export import (FORMATS, Unsupported, expected_settings, export_text, make_context, parse_text)
-from planner.importers import load_model
 from planner.core.plan import OffloadPolicy, ParallelPlan, PlanFile, StageAssignment, Workload
+from planner.export import FORMATS, Unsupported, expected_settings, export_text, make_context, parse_text
+from planner.importers import load_model
 
 MODELS = {name: load_model(name) for name in ("tiny-llama-20m", "moe-tiny", "llama3-8b")}
 CONVENTIONS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "conventions.md"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from planner.core.plan import ParallelPlan, PlanFile, Workload
 from planner.export import ExportContext, export_text
 from planner.importers import load_model
-from planner.core.plan import ParallelPlan, PlanFile, Workload
 from tests.cli_helpers import one_line, run
 
 ROOT = Path(__file__).resolve().parents[1]

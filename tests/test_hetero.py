@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planner.catalog import load_cluster
+from planner.core.errors import BadInput
+from planner.core.plan import ParallelPlan, StageAssignment, Workload
 from planner.cost.batch import estimate_batch
 from planner.cost.estimate import estimate
-from planner.core.errors import BadInput
 from planner.importers import load_model
-from planner.core.plan import ParallelPlan, StageAssignment, Workload
 from planner.planners.hetero import device_groups, hetero_partition, plan_hetero, subcluster
 from planner.search.partition import BlockCosts
 

@@ -26,6 +26,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from cli_helpers import one_line, run  # noqa: E402
+
 from planner import catalog  # noqa: E402
 from planner.core.errors import BadInput  # noqa: E402
 from planner.core.hardware import MAX_BANDWIDTH_GB_S, MAX_TFLOPS, Device, Link  # noqa: E402

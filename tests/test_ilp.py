@@ -10,12 +10,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planner.catalog import load_cluster, resolve_cluster
-from planner.cost.estimate import estimate
 from planner.core.hardware import ClusterSpec
-from planner.importers import load_model
 from planner.core.plan import ParallelPlan, Workload
+from planner.cost.estimate import estimate
+from planner.importers import load_model
 from planner.planners.ilp import (
-    PlacementProblem, brute_force, build_problem, objective_s, placed_plan, plan_topology, solve_ilp,
+    PlacementProblem,
+    brute_force,
+    build_problem,
+    objective_s,
+    placed_plan,
+    plan_topology,
+    solve_ilp,
 )
 
 

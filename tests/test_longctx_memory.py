@@ -9,10 +9,10 @@ import pytest
 
 from planner.app.api import load_cluster
 from planner.core.builders import TransformerConfig, build_transformer
+from planner.core.plan import ParallelPlan, Workload
 from planner.cost import longctx
 from planner.cost.batch import estimate_batch
 from planner.cost.estimate import estimate
-from planner.core.plan import ParallelPlan, Workload
 
 S_4M = 4 * 2**20
 

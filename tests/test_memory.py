@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from planner.core.model import Layer
 from planner.cost.memory import (
     GiB,
     activation_bytes_gpt_layer,
@@ -15,7 +16,6 @@ from planner.cost.memory import (
     optimizer_bytes_per_param,
     pipeline_activation_bytes,
 )
-from planner.core.model import Layer
 
 LLAMA3_8B = 8.03e9
 

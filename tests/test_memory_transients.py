@@ -13,10 +13,10 @@ import pytest
 
 from planner.app.api import load_cluster
 from planner.core.builders import TransformerConfig, build_transformer
+from planner.core.plan import OffloadPolicy, ParallelPlan, Workload
 from planner.cost import memory
 from planner.cost.batch import estimate_batch
 from planner.cost.estimate import estimate
-from planner.core.plan import OffloadPolicy, ParallelPlan, Workload
 from planner.search.partition import block_costs, partition_dp
 
 # 2 blocks, h 64, 4 heads of 16 (MHA), SwiGLU f 128, vocab 1000, no dropout; b 2 x s 32 = 64 tokens

@@ -10,13 +10,13 @@ from batch_checks import assert_batch_equals_scalar
 
 from planner.app.api import load_cluster
 from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
+from planner.core.errors import BadInput
+from planner.core.hardware import CollectiveLink
+from planner.core.plan import ParallelPlan, PlanFile, Workload
 from planner.cost import comm
 from planner.cost.batch import PlanArrays, estimate_batch
 from planner.cost.estimate import estimate
-from planner.core.errors import BadInput
 from planner.export import Unsupported, export_text, make_context
-from planner.core.hardware import CollectiveLink
-from planner.core.plan import ParallelPlan, PlanFile, Workload
 from planner.search.search import search, step_lower_bound
 from planner.search.space import Constraints, enumerate_space
 

@@ -9,12 +9,12 @@ import pytest
 
 from planner.app.api import load_cluster
 from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
+from planner.core.errors import BadInput
+from planner.core.plan import OffloadPolicy, ParallelPlan, Workload
 from planner.cost import attention_balance as ab
 from planner.cost import longctx, moe
 from planner.cost.batch import estimate_batch
 from planner.cost.estimate import estimate
-from planner.core.errors import BadInput
-from planner.core.plan import OffloadPolicy, ParallelPlan, Workload
 from planner.search.search import search
 from planner.search.space import Constraints, enumerate_space
 

@@ -14,12 +14,12 @@ from batch_checks import assert_batch_equals_scalar
 from planner import catalog
 from planner.app.api import load_cluster, with_link
 from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
+from planner.core.errors import BadInput
+from planner.core.plan import ParallelPlan, PlanFile, Workload
 from planner.cost import comm
 from planner.cost.batch import PlanArrays, estimate_batch
 from planner.cost.estimate import estimate
-from planner.core.errors import BadInput
 from planner.export import Unsupported, export_text, make_context
-from planner.core.plan import ParallelPlan, PlanFile, Workload
 from planner.search.search import RankedPlan, search, step_lower_bound
 from planner.search.space import Constraints, EmptySpace, enumerate_space, memory_lower_bound
 

@@ -17,12 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner.core.builders import TransformerConfig, build_transformer
 from planner.catalog import load_cluster
-from planner.cost.estimate import estimate
+from planner.core.builders import TransformerConfig, build_transformer
 from planner.core.errors import BadInput, Infeasible
-from planner.importers import load_model
 from planner.core.plan import ParallelPlan, Workload
+from planner.cost.estimate import estimate
+from planner.importers import load_model
 from planner.search.partition import (
     OBJECTIVES,
     BlockCosts,

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from planner.catalog import load_cluster
+from planner.core.plan import Workload
 from planner.cost import batch, memory, pipeline
 from planner.cost.pipeline import SCHEDULES, simulate, simulate_times
 from planner.importers import load_model
-from planner.core.plan import Workload
 
 
 def _cases(seed: int, count: int):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from cli_helpers import one_line, run
+
 from planner.core.plan import PlanFile
 
 TINY = ["--model", "tiny-llama-20m", "--cluster", "dgx-h100", "--gbs", "32", "--seq", "512"]

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from planner import catalog
-from planner.cost.estimate import estimate
 from planner.core.errors import BadInput, Infeasible
-from planner.importers import load_model
 from planner.core.plan import DocumentMix, OffloadPolicy, ParallelPlan, Workload, parse_plan_file
+from planner.cost.estimate import estimate
+from planner.importers import load_model
 from planner.planfile import load_plan_file, resolve_plan_file
 from tests.cli_helpers import one_line, run
 

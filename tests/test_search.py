@@ -13,14 +13,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
 from planner.catalog import load_cluster
+from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
+from planner.core.errors import BadInput
+from planner.core.plan import Workload
 from planner.cost.batch import POLICIES, SCHEDULES
 from planner.cost.estimate import estimate
-from planner.core.errors import BadInput
-from planner.importers import load_model
-from planner.core.plan import Workload
 from planner.eval.published import search_row
+from planner.importers import load_model
 from planner.search.search import NoPlanFits, search, step_lower_bound
 from planner.search.space import Constraints, enumerate_space, memory_lower_bound
 

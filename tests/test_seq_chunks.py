@@ -11,13 +11,13 @@ import pytest
 
 from planner.app.api import load_cluster, load_model
 from planner.core.builders import TransformerConfig, build_transformer
+from planner.core.errors import BadInput
+from planner.core.model import Layer
+from planner.core.plan import OffloadPolicy, ParallelPlan, Workload
 from planner.cost import longctx, pipeline
 from planner.cost.batch import estimate_batch
 from planner.cost.compute import chunk_attention_factor, layer_time
 from planner.cost.estimate import estimate
-from planner.core.errors import BadInput
-from planner.core.model import Layer
-from planner.core.plan import OffloadPolicy, ParallelPlan, Workload
 from planner.search.search import NoPlanFits, search
 from planner.search.space import Constraints, enumerate_space, memory_lower_bound
 

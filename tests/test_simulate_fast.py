@@ -12,10 +12,18 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner.cost import pipeline
-from planner.cost.pipeline import (SCHEDULES, PipelineEvent, PipelineResult, Sequence, _check_args,  # noqa: F401
-                                   schedule_order, schedule_peaks, simulate)
 from planner.core.plan import ParallelPlan, Workload
+from planner.cost import pipeline
+from planner.cost.pipeline import (  # noqa: F401
+    SCHEDULES,
+    PipelineEvent,
+    PipelineResult,
+    Sequence,
+    _check_args,
+    schedule_order,
+    schedule_peaks,
+    simulate,
+)
 from planner.search.partition import chunk_inflight
 
 

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner.catalog import load_cluster
+from planner.core.plan import ParallelPlan, Workload
 from planner.cost.batch import estimate_batch
 from planner.cost.estimate import estimate
 from planner.importers import load_model
-from planner.core.plan import ParallelPlan, Workload
 
 GRAPH = load_model("tiny-llama-20m")
 WORKLOAD = Workload(global_batch=16, seq_len=256)

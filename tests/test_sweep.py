@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-
 from cli_helpers import one_line, run
+
 from planner.app import api
-from planner.catalog import load_cluster
-from planner.importers import load_model
-from planner.core.plan import Workload
-from planner.search.search import search
 from planner.app.sweep import COLUMNS, sweep
+from planner.catalog import load_cluster
+from planner.core.plan import Workload
+from planner.importers import load_model
+from planner.search.search import search
 
 TINY = ["--model", "tiny-llama-20m", "--cluster", "dgx-h100", "--gbs", "32"]
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from planner.backends.torch.launch import launch
 from planner.backends.torch.model import Decoder, build_decoder, spec_from_graph, tiny_graph
 from planner.backends.torch.parallel import block_ranges, check_runnable
-from planner.backends.torch.launch import launch
 from planner.backends.torch.runner import Job, RunOptions, train_single
 from planner.core.errors import BadInput
-from planner.importers import load_model
 from planner.core.plan import DocumentMix, ParallelPlan, StageAssignment, Workload
+from planner.importers import load_model
 
 STEPS = 2
 WORKLOAD = Workload(global_batch=8, seq_len=16, dtype="fp32")

@@ -105,8 +105,8 @@ def test_gemm_fit_recovers_peak_and_half_dim():
 
 def test_link_fit_reproduces_the_planners_own_formulas():
     from planner.backends.torch.calibrate import fit_link
-    from planner.cost import comm
     from planner.core.hardware import CollectiveLink
+    from planner.cost import comm
 
     bw, lat = 2e9, 100e-6
     link = CollectiveLink(bus_bytes_per_s=bw, latency_s=lat, level="intra-node", ranks=2, nodes=1)
@@ -120,8 +120,8 @@ def test_link_fit_stays_in_range_when_bandwidth_is_not_identified():
     # --quick measures only small messages: every time is latency, so any large bandwidth fits; the fit
     # must stay within its search range rather than run off to infinity
     from planner.backends.torch.calibrate import fit_link
-    from planner.cost import comm
     from planner.core.hardware import CollectiveLink
+    from planner.cost import comm
 
     bw, lat = 5e9, 1e-3
     link = CollectiveLink(bus_bytes_per_s=bw, latency_s=lat, level="intra-node", ranks=2, nodes=1)

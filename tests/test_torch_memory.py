@@ -45,8 +45,8 @@ def test_live_tensor_bytes_counts_a_shared_storage_once_and_the_gradients():
 def test_a_run_reports_at_least_its_model_states(tmp_path):
     # one process, the tiny Llama: the profiled peak holds the weights, gradients and AdamW states the
     # runner counts exactly, plus activations; the method says which ledger was used
-    from planner.backends.torch.model import tiny_graph
     from planner.backends.torch.launch import launch
+    from planner.backends.torch.model import tiny_graph
     from planner.backends.torch.runner import Job, RunOptions
     from planner.core.plan import ParallelPlan, Workload
 

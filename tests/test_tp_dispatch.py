@@ -8,11 +8,11 @@ import math
 import pytest
 
 from planner.catalog import load_cluster
+from planner.core.plan import ParallelPlan, Workload
 from planner.cost.batch import estimate_batch
 from planner.cost.compute import layer_time
 from planner.cost.estimate import estimate
 from planner.importers import load_model
-from planner.core.plan import ParallelPlan, Workload
 
 TP_US, SP_US = 700.0, 1100.0
 
@@ -88,8 +88,8 @@ def _block_rows(a_tp, a_sp, ns, link, hidden=512, tp=2, noise=None):
     """Synthetic calibrate rows: a split block's time beyond the plain one, as the cost model charges it:
     the attention and MLP sublayers' dispatch (layer_time on the catalog H100 with the fields set, less
     without) plus four all-reduces of the activation on `link`."""
-    from planner.cost import comm
     from planner.core.model import Layer
+    from planner.cost import comm
 
     dev = load_cluster("dgx-h100", 1).devices[0].device
     slow = dev.model_copy(update={"efficiency": dev.efficiency.model_copy(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from cli_helpers import one_line, run
+
 from planner import catalog, userdata
 from planner.core.errors import BadInput
 

@@ -7,13 +7,13 @@ import json
 import os
 
 import pytest
-
 from cli_helpers import one_line, run
+
 from planner.app import viz
 from planner.catalog import load_cluster
+from planner.core.plan import ParallelPlan, PlanFile, Workload
 from planner.cost.estimate import estimate
 from planner.importers import load_model
-from planner.core.plan import ParallelPlan, PlanFile, Workload
 
 P, V, M = 4, 2, 8  # interleaved 1F1B: pp 4, vpp 2, 8 micro-batches
 INTERLEAVED = ParallelPlan(tp=2, pp=P, vpp=V, dp=1, mbs=1, sp=True, zero=1, recompute="selective",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -33,12 +32,12 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout that is not pip-instal
 
 from planner import catalog  # noqa: E402
 from planner.core.builders import TransformerConfig, build_transformer  # noqa: E402
-from planner.cost import comm  # noqa: E402
-from planner.cost.compute import ATTENTION_BWD_FACTOR, gemm_time_s  # noqa: E402
-from planner.cost.estimate import estimate  # noqa: E402
 from planner.core.errors import BadInput  # noqa: E402
 from planner.core.hardware import Device  # noqa: E402
 from planner.core.plan import ParallelPlan, Workload  # noqa: E402
+from planner.cost import comm  # noqa: E402
+from planner.cost.compute import ATTENTION_BWD_FACTOR, gemm_time_s  # noqa: E402
+from planner.cost.estimate import estimate  # noqa: E402
 
 GiB = 2**30
 # Sizes at or above this are out of every current L2 (H100 50 MB, B200 126 MB): the HBM bandwidth regime.

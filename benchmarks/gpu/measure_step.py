@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import math
 import os
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch

@@ -204,9 +204,9 @@ def phases(kinds: str, schedule: str = "1f1b") -> dict[str, int]:
 
 def timeline(model, cluster, workload: Workload, plan: ParallelPlan, est: Estimate | None = None) -> Timeline:
     """Simulate one step of `plan` and return its Timeline (BadInput when estimate() refuses the plan)."""
+    from planner.core.errors import BadInput
     from planner.cost import pipeline
     from planner.cost.estimate import estimate
-    from planner.core.errors import BadInput
 
     if est is None:
         est = estimate(model, cluster, workload, plan)

@@ -6,13 +6,35 @@ import math
 import numbers
 from typing import Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from planner.core.dims import (COLUMN, CP_COMMS, MOE_DISPATCHES, RECOMPUTE_POLICIES, SCHEDULE_INDEX, SCHEDULES,
-                               ZERO_STAGES, deepep_fits_ep, quoted_names, recompute_layers_fit_policy,
-                               seq_chunks_fit_attention, seq_chunks_fit_schedule, sp_fits_tp, tp_slice_fits_degrees,
-                               ulysses_fits_cp, vpp_fits_schedule)
+from planner.core.dims import (
+    COLUMN,
+    CP_COMMS,
+    MOE_DISPATCHES,
+    RECOMPUTE_POLICIES,
+    SCHEDULE_INDEX,
+    SCHEDULES,
+    ZERO_STAGES,
+    deepep_fits_ep,
+    quoted_names,
+    recompute_layers_fit_policy,
+    seq_chunks_fit_attention,
+    seq_chunks_fit_schedule,
+    sp_fits_tp,
+    tp_slice_fits_degrees,
+    ulysses_fits_cp,
+    vpp_fits_schedule,
+)
 from planner.core.errors import BadInput
 
 # planner/core/dims.py declares the choices and their rules

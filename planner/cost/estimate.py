@@ -23,10 +23,11 @@ import numpy as np
 from planner.core import dtypes
 from planner.core.errors import BadInput, Infeasible
 from planner.core.hardware import Cluster
+from planner.core.layout import RankLayout
 from planner.core.model import ModelGraph
 from planner.core.plan import Estimate, ParallelPlan, Workload
 from planner.cost import attention_balance as ab
-from planner.cost import comm, pipeline, why
+from planner.cost import pipeline, why
 
 # Besides what estimate() uses, re-exported (each the same object as in its module): search/partition.py,
 # planners/ilp.py, app/viz.py and tests import split_chunks, _policies, _layer_step and the rest from here.
@@ -52,7 +53,6 @@ from planner.cost.estimate_structure import (  # noqa: F401
     _topological,
     split_chunks,
 )
-from planner.core.layout import RankLayout
 from planner.cost.links import (  # pipeline_p2p_s: re-exported for app/viz.py and batch_context.py
     cached_p2p,
     group_link,
@@ -74,7 +74,6 @@ from planner.cost.step_terms import (  # dp_sync_s and shard_copy_s: re-exported
     utilisation,
     zero_sync_s,
 )
-
 
 # Host-side AdamW (ZeRO-Offload's CPU-Adam) streams the same 32 bytes per parameter through host DRAM.
 # ASSUMPTION: 100 GB/s of usable host memory bandwidth per GPU's share of a dual-socket server (8-channel

@@ -14,15 +14,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
 from planner.catalog import load_cluster, stack_efficiency
-from planner.cost.estimate import estimate
+from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
 from planner.core.dtypes import train_dtype_or
 from planner.core.errors import BadInput, PlannerError
-from planner.files import read_input
 from planner.core.limits import MAX_GLOBAL_BATCH, MAX_MICROBATCHES, MAX_SEQ_LEN
 from planner.core.model import MLA
 from planner.core.plan import Estimate, ParallelPlan, Workload
+from planner.cost.estimate import estimate
+from planner.files import read_input
 
 REQUIRED_COLUMNS = ["id", "source_code", "arch", "layers", "hidden", "heads", "ffn_hidden", "seq_len",
                     "device", "device_count", "cluster", "gpus_per_node", "tp", "pp", "global_batch",

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.eval.backtest import TARGETS, backtest_row, predicted_value, read_runs, row_model, stack_key
 from planner.catalog import load_cluster, stack_efficiency
-from planner.cost.estimate import estimate
 from planner.core.dtypes import train_dtype_or
 from planner.core.errors import BadInput
-from planner.files import write_atomic
 from planner.core.plan import ParallelPlan, Workload
+from planner.cost.estimate import estimate
+from planner.eval.backtest import TARGETS, backtest_row, predicted_value, read_runs, row_model, stack_key
+from planner.files import write_atomic
 
 PARAMS = ("matmul", "matmul_fp8", "attention", "gemm_half_dim")
 # Upper bounds are what a device can do at best, not fitting slack: the best measured dense matmul

@@ -5,8 +5,8 @@ calls, so the search itself never reads a runs table."""
 from __future__ import annotations
 
 from planner.catalog import load_cluster, stack_efficiency
-from planner.core.errors import Infeasible
 from planner.core.dtypes import train_dtype_or
+from planner.core.errors import Infeasible
 from planner.core.plan import Workload
 from planner.cost.estimate import estimate
 from planner.eval import backtest

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from planner.catalog import models_dir, parse_as, read_data_file
 from planner.core.errors import BadInput, did_you_mean
-from planner.files import path_exists
 from planner.core.model import ModelGraph
+from planner.files import path_exists
 
 _MODEL_SUFFIXES = (".yaml", ".yml", ".json")
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
 from planner.catalog import validation_message
+from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
 from planner.core.errors import BadInput
 from planner.core.model import MAX_SOFTCAP, MLA, SIZE_LIMITS, Layer, ModelGraph
 

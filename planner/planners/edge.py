@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from planner.cost import comm, memory, pipeline
-from planner.cost.compute import layer_time
-from planner.core.errors import BadInput, Infeasible
 from planner.core.dtypes import activation_bytes
+from planner.core.errors import BadInput, Infeasible
 from planner.core.hardware import Cluster, Device
 from planner.core.model import Layer, ModelGraph
 from planner.core.plan import Workload
+from planner.cost import comm, memory, pipeline
+from planner.cost.compute import layer_time
 
 MLP_COLUMN_CHUNKS = 16  # MLP and LM-head columns are split in sixteenths
 # AdamW mixed precision: 2-byte weights and gradients plus fp32 master weights and two moments

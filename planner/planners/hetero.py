@@ -28,15 +28,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from planner.cost.estimate import estimate
 from planner.core.errors import BadInput, Infeasible
 from planner.core.hardware import Cluster
-from planner.cost.stages import device_speed_key
 from planner.core.model import ModelGraph
 from planner.core.plan import Estimate, ParallelPlan, StageAssignment, Workload
-from planner.cost.pipeline import inflight_microbatches
-from planner.search.partition import _band, _extra_bytes, _minimax, _segments, block_costs
+from planner.cost.estimate import estimate
 from planner.cost.memory import allocator_overhead_bytes
+from planner.cost.pipeline import inflight_microbatches
+from planner.cost.stages import device_speed_key
+from planner.search.partition import _band, _extra_bytes, _minimax, _segments, block_costs
 
 _RTOL = 1e-9
 

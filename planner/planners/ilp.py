@@ -36,13 +36,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost import comm
 from planner.core import dtypes
-from planner.cost.estimate import dp_sync_s, estimate, split_chunks
 from planner.core.errors import BadInput, Infeasible
 from planner.core.hardware import Cluster
 from planner.core.model import ModelGraph
 from planner.core.plan import Estimate, ParallelPlan, StageAssignment, Workload
+from planner.cost import comm
+from planner.cost.estimate import dp_sync_s, estimate, split_chunks
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from planner.cost import memory, memory_phase, moe, pipeline
 from planner.core import dtypes
-from planner.cost.estimate import _Ctx, _group, _layer_step, _policies, estimate, split_chunks
 from planner.core.errors import BadInput, Infeasible
 from planner.core.hardware import Cluster
 from planner.core.model import Layer, ModelGraph
 from planner.core.plan import Estimate, ParallelPlan, Workload
+from planner.cost import memory, memory_phase, moe, pipeline
+from planner.cost.estimate import _Ctx, _group, _layer_step, _policies, estimate, split_chunks
 
 OBJECTIVES = ("time", "params", "memory")
 # Relative slack when a lexicographic pass keeps the optimum of the previous one: prefix-sum differences

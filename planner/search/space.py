@@ -25,21 +25,33 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from planner.core.dims import (COLUMN, SCHEDULE_INDEX, ZERO_STAGES, deepep_fits_ep, experts_fold_into_ranks,
-                               experts_nest_in_dp, expert_tp,
-                               microbatches_fit_schedule, schedules_with, seq_chunks_fit_attention,
-                               seq_chunks_fit_schedule, sp_fits_tp, tp_slice_fits_degrees, ulysses_fits_cp,
-                               vpp_fits_schedule)
 from planner.core import dtypes
-from planner.cost import memory, memory_phase, moe
-from planner.cost.batch import POLICIES, SCHEDULES, PlanArrays
-from planner.cost.batch_ids import _row_ids
-from planner.cost.pipeline import inflight_microbatches
+from planner.core.dims import (
+    COLUMN,
+    SCHEDULE_INDEX,
+    ZERO_STAGES,
+    deepep_fits_ep,
+    expert_tp,
+    experts_fold_into_ranks,
+    experts_nest_in_dp,
+    microbatches_fit_schedule,
+    schedules_with,
+    seq_chunks_fit_attention,
+    seq_chunks_fit_schedule,
+    sp_fits_tp,
+    tp_slice_fits_degrees,
+    ulysses_fits_cp,
+    vpp_fits_schedule,
+)
 from planner.core.errors import BadInput
 from planner.core.hardware import Cluster
 from planner.core.limits import MAX_MICROBATCHES
 from planner.core.model import ModelGraph
 from planner.core.plan import Workload
+from planner.cost import memory, memory_phase, moe
+from planner.cost.batch import POLICIES, SCHEDULES, PlanArrays
+from planner.cost.batch_ids import _row_ids
+from planner.cost.pipeline import inflight_microbatches
 
 # Megatron's block method (--recompute-num-layers N): the blocks of each chunk recomputed, when partial
 # recompute is searched. The same coarse grid planner.eval.backtest tries for runs that do not print it.

@@ -65,19 +65,36 @@ import torch
 
 from planner import userdata
 from planner.backends.torch import calibrate_progress
-from planner.backends.torch.calibrate_fit import (
-    fit_gemm, fit_layer_overhead_s, fit_link, fit_shard_copy, fit_tp_dispatch,
-)
-from planner.backends.torch.calibrate_measure import measure_collectives, measure_device
-from planner.core.errors import BadInput
 
 # Re-exported, each the same object as in its module: every name this module had stays importable from it.
-from planner.backends.torch.calibrate_fit import _one_device_cluster  # noqa: F401
-from planner.backends.torch.calibrate_measure import (  # noqa: F401
-    _collective_worker, _decoder_step_case, _device_worker, _gemm_row, _median_time_s, _spawned, _tp_block_times,
-    collective_sizes, gemm_shapes, measure_adamw, measure_attention, measure_decoder_step,
-    measure_dispatch, measure_gemm, measure_memory_bandwidth,
+from planner.backends.torch.calibrate_fit import (
+    _one_device_cluster,  # noqa: F401
+    fit_gemm,
+    fit_layer_overhead_s,
+    fit_link,
+    fit_shard_copy,
+    fit_tp_dispatch,
 )
+from planner.backends.torch.calibrate_measure import (  # noqa: F401
+    _collective_worker,
+    _decoder_step_case,
+    _device_worker,
+    _gemm_row,
+    _median_time_s,
+    _spawned,
+    _tp_block_times,
+    collective_sizes,
+    gemm_shapes,
+    measure_adamw,
+    measure_attention,
+    measure_collectives,
+    measure_decoder_step,
+    measure_device,
+    measure_dispatch,
+    measure_gemm,
+    measure_memory_bandwidth,
+)
+from planner.core.errors import BadInput
 
 DEVICE_NAME, GPU_DEVICE_NAME = userdata.LOCAL_DEVICES  # "local-cpu", "local-gpu"
 LINK_NAME = userdata.LOCAL_LINK  # "local-gloo"

@@ -39,8 +39,8 @@ def fit_link(rows: list[dict], nproc: int) -> tuple[float, float, float]:
     import numpy as np
     from scipy.optimize import minimize
 
-    from planner.cost import comm
     from planner.core.hardware import CollectiveLink
+    from planner.cost import comm
 
     def sq_err(bw: float, lat: float) -> float:
         link = CollectiveLink(bus_bytes_per_s=bw, latency_s=lat, level="intra-node", ranks=nproc, nodes=1)
@@ -73,8 +73,8 @@ def fit_layer_overhead_s(device_fields: dict, measured: float) -> dict:
     """Charge what the device profile does not explain of the decoder step's measured time (`measured`
     seconds, measure_decoder_step) to every layer's forward and backward passes (3 passes' worth per layer
     per micro-batch)."""
-    from planner.cost.estimate import estimate
     from planner.core.plan import ParallelPlan
+    from planner.cost.estimate import estimate
 
     graph, workload = _decoder_step_case()
     cluster = _one_device_cluster(device_fields, layer_overhead_us=0.0)
@@ -95,8 +95,8 @@ def fit_tp_dispatch(tp_block: dict, bytes_per_s: float, latency_s: float) -> dic
     Several sizes pin the split between a and b, which one size at each end of the range left to noise."""
     from scipy.optimize import nnls
 
-    from planner.cost import comm
     from planner.core.hardware import CollectiveLink
+    from planner.cost import comm
 
     link = CollectiveLink(bus_bytes_per_s=bytes_per_s, latency_s=latency_s, level="intra-node",
                           ranks=tp_block["tp"], nodes=1)
@@ -121,8 +121,8 @@ def fit_shard_copy(fsdp: dict, bytes_per_s: float, latency_s: float, nproc: int)
     time beyond the plain stack and its collectives on the fitted link (per block, a gather in forward and
     again in backward, a reduce-scatter of the gradients: estimate.dp_sync_s's ZeRO-3 count), over the
     bytes estimate.shard_copy_s charges for it (fp32: 2 gathers x 4 B + 4 B of gradient per parameter)."""
-    from planner.cost import comm
     from planner.core.hardware import CollectiveLink
+    from planner.cost import comm
 
     link = CollectiveLink(bus_bytes_per_s=bytes_per_s, latency_s=latency_s, level="intra-node", ranks=nproc,
                           nodes=1)

@@ -116,7 +116,11 @@ def apply_tp(module: Decoder, tp_mesh, sp: bool, loss_parallel: bool = False) ->
     compute it; otherwise they are gathered for a plain loss (a pipeline's last stage needs a plain tensor)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
-        ColwiseParallel, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel, SequenceParallel,
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
         parallelize_module,
     )
 

@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from planner.backends.torch import memory as mem
 from planner.core.errors import PlannerError
-from planner.files import write_atomic
 from planner.core.model import ModelGraph
 from planner.core.plan import ParallelPlan, Workload
-from planner.backends.torch import memory as mem
+from planner.files import write_atomic
 
 MMAP_THRESHOLD_BYTES = 65536
 
@@ -155,7 +155,11 @@ def run_job(job: Job, opts: RunOptions, device: torch.device) -> dict:
 
     from planner.backends.torch.model import spec_from_graph
     from planner.backends.torch.parallel import (
-        apply_dp, apply_tp, set_recompute, stage_modules, uses_zero_redundancy_optimizer,
+        apply_dp,
+        apply_tp,
+        set_recompute,
+        stage_modules,
+        uses_zero_redundancy_optimizer,
     )
 
     plan, workload = job.plan, job.workload
