@@ -11,10 +11,11 @@ sequence parallelism, sequence chunks and MoE dispatch, `simulate`, and `backtes
 tables (copied into --out so a clean clone has them). Each golden file holds its cases' specs and results,
 so the test recomputes from the file alone.
 
-Record from the commit that defines the behaviour, with its tree first on the path, e.g.
-    git worktree add /tmp/golden-base 7d6dee0
-    cd /tmp/golden-base && PYTHONPATH=/tmp/golden-base python /work/main/benchmarks/record_golden.py \\
-        --out /work/main/tests/golden
+Record from the commit that defines the behaviour, with its tree first on the path; from the checkout root:
+    repo=$(pwd) base=$(mktemp -d)/golden-base
+    git worktree add "$base" <commit>
+    (cd "$base" && PYTHONPATH="$base" python "$repo/benchmarks/record_golden.py" --out "$repo/tests/golden")
+    git worktree remove "$base"
 The script prints which planner it imported; check it is the tree you meant.
 """
 from __future__ import annotations

@@ -83,17 +83,3 @@ def check_workload(global_batch: int, seq_len: int, where: str = "workload") -> 
     """The Workload fields held to the caps (a plan file, the Python API), BadInput naming the field."""
     check_int(f"{where}.global_batch", global_batch, MAX_GLOBAL_BATCH, "sequences per step")
     check_int(f"{where}.seq_len", seq_len, MAX_SEQ_LEN, "tokens per sequence")
-
-
-def check_plan_file(pf, path: str) -> None:
-    """A plan file's sizes within the caps (the same as the flags'), BadInput naming the file and field."""
-    check_workload(pf.workload.global_batch, pf.workload.seq_len, f"{path}: workload")
-    if pf.nodes is not None:
-        check_int(f"{path}: nodes", pf.nodes, MAX_DEVICES)
-    p = pf.plan
-    for name in ("dp", "tp", "pp", "vpp", "cp", "ep", "mbs"):
-        check_int(f"{path}: plan.{name}", getattr(p, name), MAX_GLOBAL_BATCH if name == "mbs" else MAX_DEVICES)
-    m = p.microbatches(pf.workload)
-    if m > MAX_MICROBATCHES:
-        raise BadInput(f"{path}: plan: {m:,} micro-batches per step, past the cap of {MAX_MICROBATCHES:,}; "
-                       "re-create the plan with a smaller batch or a larger mbs")

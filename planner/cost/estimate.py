@@ -166,11 +166,6 @@ def _attention_factors(workload: Workload, plan: ParallelPlan):
                                 docs.seed)
 
 
-def _group(base: int, stride: int, size: int) -> list[int]:
-    """Devices base, base + stride, ...: kept for search/partition.py (RankLayout.group builds the groups)."""
-    return [base + stride * i for i in range(size)]
-
-
 _PARTS = ("compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s", "act_offload_s", "attn_pool_s")
 
 

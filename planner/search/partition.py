@@ -44,7 +44,8 @@ from planner.core.hardware import Cluster
 from planner.core.model import Layer, ModelGraph
 from planner.core.plan import Estimate, ParallelPlan, Workload
 from planner.cost import memory, memory_phase, moe, pipeline
-from planner.cost.estimate import _Ctx, _group, _layer_step, _policies, estimate, split_chunks
+from planner.cost.estimate import _Ctx, _layer_step, _policies, estimate, split_chunks
+from planner.cost.links import strided_link
 
 OBJECTIVES = ("time", "params", "memory")
 # Relative slack when a lexicographic pass keeps the optimum of the previous one: prefix-sum differences
@@ -136,9 +137,9 @@ def _context(cluster: Cluster, workload: Workload, plan: ParallelPlan) -> _Ctx:
     tp fastest, then cp; estimate.estimate)."""
     e_ctx = _dtype_bytes(workload)[0]
     tp, cp = plan.tp, plan.cp
-    tp_link = cluster.collective(_group(0, 1, tp))
-    cp_link = cluster.collective(_group(0, tp, cp))
-    ep_link = cluster.collective(_group(0, plan.etp or tp, plan.ep)) if plan.ep > 1 else None
+    tp_link = strided_link(cluster, 0, 1, tp)
+    cp_link = strided_link(cluster, 0, tp, cp)
+    ep_link = strided_link(cluster, 0, plan.etp or tp, plan.ep) if plan.ep > 1 else None
     host = cluster.nodes[0].host_link
     # estimate.estimate: one work item, s/n tokens of a chunked sequence (ParallelPlan.seq_chunks)
     return _Ctx(b=plan.mbs, s=workload.seq_len // plan.seq_chunks, tp=tp, cp=cp, e=e_ctx,
