@@ -78,8 +78,13 @@ def random_plans(count: int, n_devices: int, blocks: int, gbs: int, seed: int) -
 
 def clear_caches() -> None:
     batch_mod._dag.cache_clear()
-    batch_mod._CHUNKS.clear()
-    batch_mod._COUNTS.clear()
+    for name in ("_CHUNKS", "_COUNTS"):  # the per-model caches of the commit under test
+        getattr(batch_mod, name, {}).clear()
+    try:
+        from planner.cost import chunks
+        chunks._BY_MODEL.clear()
+    except ImportError:  # a commit before planner/cost/chunks.py
+        pass
     batch_mod._LEVELS.clear()
     batch_mod._CTX.clear()
     batch_mod._INFL.clear()

@@ -46,7 +46,7 @@ def test_shard_copy_spares_zero0_and_zero1_and_one_replica():
 def test_no_overlap_exposes_every_gather_of_zero3():
     # comm_overlap 0: the ZeRO-3 traffic adds to the step whole; 1 (GPU): it hides under compute but for
     # the exposed tail (estimate.EXPOSED_TAIL_FRACTION of it)
-    from planner.cost.estimate import EXPOSED_TAIL_FRACTION
+    from planner.cost.layer_terms import EXPOSED_TAIL_FRACTION
 
     plan = ParallelPlan(dp=8, zero=3, mbs=1)
     hidden = estimate(GRAPH, _cluster(), WORKLOAD, plan)

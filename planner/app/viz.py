@@ -155,35 +155,11 @@ class Timeline:
 
 def _chunk_times(model, cluster, workload: Workload, plan: ParallelPlan):
     """Per pipeline chunk: one micro-batch's forward and backward time and estimate()'s parts of them
-    (compute_s, recompute_s, tp/cp/ep_comm_s), and the stage-to-stage transfer time: the same values
-    estimate() hands to the pipeline simulation, computed by its own helpers."""
-    from planner.core import dtypes
-    from planner.core.layout import RankLayout
-    from planner.cost import estimate as E
-    from planner.cost.links import pipeline_p2p_s, stage_links
+    (compute_s, recompute_s, tp/cp/ep_comm_s), and the stage-to-stage transfer time: the values estimate()
+    hands to the pipeline simulation (planner.cost.estimate.chunk_times)."""
+    from planner.cost.estimate import chunk_times
 
-    dev = cluster.devices[0].device
-    dtype = workload.dtype
-    e = dtypes.activation_bytes(dtype)
-    tp, cp = plan.tp, plan.cp
-    s = workload.seq_len // plan.seq_chunks  # one work item's tokens (ParallelPlan.seq_chunks), as estimate()
-    ranks = RankLayout(tp=tp, cp=cp, dp=plan.dp, pp=plan.pp, ep=plan.ep, etp=plan.etp)  # rank r on device r
-    tp_link, cp_link, _, ep_link = stage_links(cluster, ranks, 0)
-    ctx = E._Ctx(b=plan.mbs, s=s, tp=tp, cp=cp, e=e, dev=dev, dtype=dtype, plan=plan,
-                 tp_link=tp_link, cp_link=cp_link, ep_link=ep_link, seq_chunks=plan.seq_chunks)
-    st = E._structure(model, plan)
-    vals = np.zeros((len(st.reps) + 1, 2 + len(E._PARTS)))
-    for i, one in enumerate(E._steps(model, cluster, st, ctx)):
-        vals[i] = (one.fwd_s, one.bwd_s, *(one.parts[k] for k in E._PARTS))
-    sums = np.cumsum(vals[st.idx], axis=1)[:, -1, :].tolist()  # estimate()'s summation order
-    fwd = [row[0] for row in sums]
-    bwd = [row[1] for row in sums]
-    parts = [dict(zip(E._PARTS, row[2:])) for row in sums]
-    p2p_s = 0.0
-    if plan.pp > 1:
-        nbytes = plan.mbs * s / cp * model.layers[0].hidden * e / (tp if plan.sp else 1)
-        p2p_s = float(pipeline_p2p_s(cluster, plan.pp, tp * cp * plan.dp, nbytes))
-    return fwd, bwd, parts, p2p_s
+    return chunk_times(model, cluster, workload, plan)
 
 
 def phases(kinds: str, schedule: str = "1f1b") -> dict[str, int]:

@@ -33,11 +33,9 @@ How the work is shared between plans (the scalar estimate redoes all of it per p
      count group sums over every tuple seen, makespans per pipeline problem (packed int64 keys, sorted). A
      later call evaluates only what is new to it (a search calls estimate_batch again and again).
 
-Falls back to calling the scalar `estimate` (one call per plan) for plans with an explicit
-`plan.partition` or with optimizer offload (`plan.offload.optimizer > 0`), and for every plan on a cluster of
-several device types (each stage timed on its own devices), for activation offload (its per-layer
-host-transfer time is modelled in estimate._layer_step only), and for workloads with documents of varying
-length and plans with the DistCA attention pool (estimate._attention_factors and the pool's all-to-all).
+Plans on a cluster of several device types, and plans that place their stages, go through estimate() one at
+a time: each of their stages has its own device and links, which estimate() reads per stage from the same
+columns. Explicit partitions (ParallelPlan.partition) are one more count-group key.
 
 Where the pieces live: the plan columns in batch_plans.py, the per-layer values and link caches in
 batch_layers.py, what is kept between calls and the count-group sums in batch_context.py, the pipeline DAG in
@@ -52,8 +50,9 @@ import numpy as np
 
 from planner.core import dtypes
 from planner.core.dims import microbatches_fit_schedule, quoted_names, seq_chunks_fit_schedule, vpp_fits_schedule
-from planner.core.errors import BadInput
+from planner.core.errors import BadInput, Infeasible
 from planner.core.hardware import Cluster
+from planner.core.layout import has_placement
 from planner.core.model import ModelGraph
 from planner.core.plan import ParallelPlan, Workload
 from planner.cost import memory_phase
@@ -62,31 +61,35 @@ from planner.cost import memory_phase
 # here, and benchmarks/bench_batch.py clears the caches (_CHUNKS, _COUNTS, _LEVELS, _CTX, _INFL, _dag)
 # through this module.
 from planner.cost.batch_context import (  # noqa: F401
-    _CHUNKS,
-    _COUNTS,
     _CTX,
     _IDS_MAX,
     _PER_COLUMN,
     _PIPE_MEMO_MAX,
-    _counts,
     _Ctx,
     _ctx,
     _group_entry,
-    _split,
 )
 from planner.cost.batch_dag import _INFL, _LEVELS, _Dag, _dag, _inflight, _levels, _makespan  # noqa: F401
 from planner.cost.batch_ids import _float_ids, _ranges, _row_ids
-from planner.cost.batch_layers import _layer_values  # noqa: F401
+from planner.cost.batch_layers import _layer_values, float_bits  # noqa: F401
 from planner.cost.batch_plans import (
     POLICIES,  # noqa: F401
     SCHEDULES,
     PlanArrays,
 )
-from planner.cost.estimate import _check_deepep, _check_expert_parallel, _check_seq_chunks, estimate
+from planner.cost.chunks import partition_key
+from planner.cost.estimate import (
+    _check_context_parallel,
+    _check_deepep,
+    _check_expert_parallel,
+    _check_seq_chunks,
+    estimate,
+)
 from planner.cost.schedules import get_schedule
 from planner.cost.stages import _homogeneous
 from planner.cost.step_terms import (
     exposed_sync_s,
+    offload_exposed_s,
     optimizer_step_s,
     pp_comm_s,
     state_shards,
@@ -110,63 +113,69 @@ def estimate_batch(model: ModelGraph, cluster: Cluster, workload: Workload,
 
     Returns {name: ndarray}: step_time_s, tokens_per_s, mfu, hfu, peak_memory_bytes, fits (bool), and from the
     breakdown pipeline_s (the pipeline's makespan), pp_comm_s, dp_comm_exposed_s, optimizer_s, offload_s.
-    Equal to estimate() within floating-point rounding (tests/test_batch.py: rel 1e-9, fits exactly).
+    The same phases as estimate(), on columns (tests/test_batch.py: equal within rel 1e-9, fits exactly).
 
-    Plans with an explicit partition or optimizer offload are handed to the scalar estimate, one call each.
+    On a cluster of several device types, and for plans that place their stages, every stage has its own
+    device and links (planner/cost/stages.py): those plans go through estimate() one at a time.
     Raises BadInput, as estimate() would, for the first plan whose degrees do not match the cluster or the
     batch. `timings`, when given, receives seconds per phase.
     """
     t_start = time.perf_counter()
     tm = timings if timings is not None else {}
-    for k in ("prepare", "layers", "chunks", "pipeline", "step+memory", "fallback"):
+    for k in ("prepare", "layers", "chunks", "pipeline", "step+memory", "one by one"):
         tm.setdefault(k, 0.0)
     n_all = len(plans)
-    # Several device types: every stage is timed on its own devices (planner/cost/stages.py), which only
-    # the scalar estimate does; every plan takes the scalar path there.
     mixed = not _homogeneous(cluster)
-    # Documents of varying length (Workload.documents) and the DistCA attention pool (plan.attention_pool) are
-    # modelled in estimate() only (attention_balance's per-replica work and the pool's all-to-all): every such
-    # plan takes the scalar path, one estimate() call each, which the search then pays for these workloads.
-    mixed = mixed or workload.documents is not None
     if isinstance(plans, PlanArrays):
-        # activation offload adds per-layer transfer time only estimate._layer_step models: scalar path
-        slow = np.flatnonzero((plans.offload_optimizer > 0) | (plans.offload_activations > 0) | plans.attention_pool
-                              | mixed)
+        slow = np.arange(n_all) if mixed else np.zeros(0, dtype=np.int64)
         slow_plans = [plans.plan(int(i)) for i in slow]
-        fast_rows = np.flatnonzero((plans.offload_optimizer <= 0) & (plans.offload_activations <= 0)
-                                   & ~plans.attention_pool & (not mixed))
-        pa = plans.take(fast_rows) if len(slow) else plans
+        fast_rows = np.zeros(0, dtype=np.int64) if mixed else np.arange(n_all)
+        pa = plans.take(fast_rows) if mixed else plans
+        part = np.zeros(len(pa), dtype=np.int64)
     else:
-        is_slow = [mixed or p.partition is not None or p.offload.optimizer > 0 or p.offload.activations > 0
-                   or p.attention_pool for p in plans]
-        slow = np.flatnonzero(np.array(is_slow, dtype=bool))
+        is_slow = np.array([mixed or has_placement(p) for p in plans], dtype=bool)
+        slow = np.flatnonzero(is_slow)
         slow_plans = [plans[int(i)] for i in slow]
-        fast_rows = np.flatnonzero(~np.array(is_slow, dtype=bool))
-        pa = PlanArrays.from_plans([plans[int(i)] for i in fast_rows])
+        fast_rows = np.flatnonzero(~is_slow)
+        fast = [plans[int(i)] for i in fast_rows]
+        pa = PlanArrays.from_plans(fast, partitions=True)
+        part = np.array([_partition_id(partition_key(p)) for p in fast], dtype=np.int64)
     out = {k: np.zeros(n_all, dtype=bool if k == "fits" else float) for k in OUTPUTS}
     tm["prepare"] += time.perf_counter() - t_start
 
     t0 = time.perf_counter()
     for i, plan in zip(slow.tolist(), slow_plans):
         est = estimate(model, cluster, workload, plan)
-        out["step_time_s"][i] = est.step_time_s
-        out["tokens_per_s"][i] = est.tokens_per_s
-        out["mfu"][i] = est.mfu
-        out["hfu"][i] = est.hfu
-        out["peak_memory_bytes"][i] = est.peak_memory_bytes
-        out["fits"][i] = est.fits
+        for k in ("step_time_s", "tokens_per_s", "mfu", "hfu", "peak_memory_bytes", "fits"):
+            out[k][i] = getattr(est, k)
         # not in Estimate: estimate() adds the exposed DP traffic, optimizer step and offload to the pipeline's
         # makespan; taken back off (to rounding), it stays usable for the search's step-time bound
         bd = est.breakdown
         out["pipeline_s"][i] = est.step_time_s - bd["dp_comm_exposed_s"] - bd["optimizer_s"] - bd["offload_s"]
         for k in ("pp_comm_s", "dp_comm_exposed_s", "optimizer_s", "offload_s"):
-            out[k][i] = est.breakdown[k]
-    tm["fallback"] += time.perf_counter() - t0
+            out[k][i] = bd[k]
+    tm["one by one"] += time.perf_counter() - t0
     if len(pa):
-        res = _estimate_arrays(model, cluster, workload, pa, tm)
+        res = _estimate_arrays(model, cluster, workload, pa, part, tm)
         for k in OUTPUTS:
             out[k][fast_rows] = res[k]
     return out
+
+
+# Explicit partitions (ParallelPlan.partition) get ids for the count-group keys, stable for the process:
+# the contexts' count-group and makespan tables are keyed by them (cleared together when the table grows).
+_PARTITIONS: dict = {None: 0}
+
+
+def _partition_id(key) -> int:
+    hit = _PARTITIONS.get(key)
+    if hit is None:
+        if len(_PARTITIONS) > 100_000:
+            _PARTITIONS.clear()
+            _PARTITIONS[None] = 0
+            _CTX.clear()
+        hit = _PARTITIONS[key] = len(_PARTITIONS)
+    return hit
 
 
 def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGraph, m: np.ndarray) -> None:
@@ -196,6 +205,18 @@ def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGra
                     f"chunks" + (f" of 2*cp = {2 * pa.cp[i]} parts" if pa.cp[i] > 1 else ""))
     if chunked.any():
         _check_seq_chunks(model, pa.plan(int(np.flatnonzero(chunked)[0])), workload.seq_len)
+        if workload.documents is not None:
+            first(chunked, lambda i: "seq_chunks > 1 with Workload.documents is not modelled (chunk costs assume one "
+                                     "causal document per sequence); use seq_chunks 1")
+    if cluster.nodes[0].host_link is None and ((pa.offload_optimizer > 0) | (pa.offload_activations > 0)).any():
+        raise Infeasible(f"node type {cluster.nodes[0].node_type.name} has no host_link: offload needs one")
+    # estimate._check_context_parallel, once per distinct (tp, cp) of the Ulysses plans
+    a2a = np.flatnonzero(pa.cp_a2a)
+    for i in a2a[_row_ids([pa.tp[a2a], pa.cp[a2a]])[0]]:
+        try:
+            _check_context_parallel(model, pa.plan(int(i)))
+        except BadInput as e:
+            raise BadInput(f"plan {int(i)}: {e}") from None
     # ParallelPlan._check: Pipeline MoE puts E/tp whole experts on each TP rank
     first(pa.moe_tp_slice & ((pa.tp == 1) | (pa.ep != pa.tp) | (pa.etp != 1)),
           lambda i: f"moe_dispatch 'tp_slice' needs tp > 1, ep = tp and etp = 1; got tp={pa.tp[i]}, ep={pa.ep[i]}, "
@@ -237,6 +258,7 @@ class _Batch:
     act_bytes: int  # bytes per element of activations and of what the step sends
     weight_bytes: int
     grad_bytes: int
+    host_bytes_per_s: float | None  # the host link (optimizer offload), None without one
     tuples: np.ndarray  # the batch's distinct layer tuples, one row each
     column_of: np.ndarray  # every plan's row in `tuples`; after _layers, its column of ctx
     cg_keys: np.ndarray  # distinct count groups (pp, vpp, recompute, recompute_num_layers)
@@ -256,13 +278,13 @@ class _Batch:
     pipe_pr: np.ndarray | None = None  # per problem: the pipeline's makespan, seconds
 
 
-def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict:
+def _estimate_arrays(model, cluster, workload, pa: PlanArrays, part: np.ndarray, tm: dict) -> dict:
     """estimate()'s phases on columns of plans: prepare -> layers -> chunk sums -> pipeline makespans -> step
     -> memory -> outputs; tm receives seconds per phase."""
     t0 = time.perf_counter()
-    b = _prepare(model, cluster, workload, pa)
+    b = _prepare(model, cluster, workload, pa, part)
     t1 = time.perf_counter()
-    _layers(b, cluster, workload)
+    _layers(b)
     t2 = time.perf_counter()
     _chunk_sums(b, cluster, workload)
     t3 = time.perf_counter()
@@ -279,7 +301,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, tm: dict) -> dict
     return out
 
 
-def _prepare(model, cluster, workload, pa: PlanArrays) -> _Batch:
+def _prepare(model, cluster, workload, pa: PlanArrays, part: np.ndarray) -> _Batch:
     """The checks, micro-batches and work items (as ParallelPlan.microbatches and estimate._setup), bytes per
     element, and the ids that group the plans: distinct layer tuples (what the layer terms depend on), count
     groups (which layers each chunk holds) and pipeline groups (one op DAG each)."""
@@ -287,35 +309,37 @@ def _prepare(model, cluster, workload, pa: PlanArrays) -> _Batch:
                  np.maximum(1, workload.global_batch // (pa.mbs * pa.dp)))
     _check(pa, cluster, workload, model, m)
     etp = np.where(pa.etp > 0, pa.etp, pa.tp)
+    # the layer tuple (batch_layers.TUPLE)
     lt_cols = [pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.ep, etp, pa.overlap_tp_comm, pa.cp_a2a,
-               pa.moe_tp_slice, pa.seq_chunks, pa.moe_deepep]
+               pa.moe_tp_slice, pa.seq_chunks, pa.moe_deepep, float_bits(pa.offload_activations),
+               pa.dp if workload.documents is not None else np.zeros(len(pa), dtype=np.int64), pa.attention_pool]
     u_first, u_of = _row_ids(lt_cols)
-    cg_first, cg_of = _row_ids([pa.pp, pa.vpp, pa.recompute, pa.recompute_num_layers + 1])
+    cg_first, cg_of = _row_ids([pa.pp, pa.vpp, pa.recompute, pa.recompute_num_layers + 1, part])
     pg_first, pg_of = _row_ids([pa.schedule, pa.pp, pa.vpp, m, pa.seq_chunks])
     return _Batch(
         pa=pa, ctx=_ctx(model, cluster, workload), device=cluster.devices[0].device, items=m * pa.seq_chunks,
         etp=etp, act_bytes=dtypes.activation_bytes(workload.dtype), weight_bytes=dtypes.weight_bytes(workload.dtype),
         grad_bytes=dtypes.gradient_bytes(workload.grad_dtype),
+        host_bytes_per_s=None if cluster.nodes[0].host_link is None else cluster.nodes[0].host_link.bytes_per_s,
         tuples=np.stack([np.asarray(c, dtype=np.int64)[u_first] for c in lt_cols], axis=1), column_of=u_of,
         cg_keys=np.stack([pa.pp[cg_first], pa.vpp[cg_first], pa.recompute[cg_first],
-                          pa.recompute_num_layers[cg_first]], axis=1), cg_of=cg_of,
+                          pa.recompute_num_layers[cg_first], part[cg_first]], axis=1), cg_of=cg_of,
         pg_keys=np.stack([pa.schedule[pg_first], pa.pp[pg_first], pa.vpp[pg_first], m[pg_first],
                           pa.seq_chunks[pg_first]], axis=1), pg_of=pg_of)
 
 
-def _layers(b: _Batch, cluster: Cluster, workload: Workload) -> None:
+def _layers(b: _Batch) -> None:
     """Layer terms: each plan's column of ctx, evaluating the layer values of tuples new to it."""
-    layer_args = (cluster, b.device, workload.dtype, b.act_bytes, b.act_bytes, b.weight_bytes, workload.seq_len,
-                  (workload.moe_imbalance, workload.moe_capacity_factor))
-    b.column_of = b.ctx.columns(b.tuples, layer_args)[b.column_of]
+    b.column_of = b.ctx.columns(b.tuples)[b.column_of]
 
 
 def _chunk_sums(b: _Batch, cluster: Cluster, workload: Workload) -> None:
     """Chunk sums: per count group, for every column, the chunk and stage sums, DP traffic and p2p time
     (batch_context._group_entry); gathered per distinct (count group, column) the plans use."""
     ctx, G = b.ctx, len(b.ctx.tuples)
+    parts = {i: k for k, i in _PARTITIONS.items()}
     b.groups = [_group_entry(ctx, pp, vpp, rc, rnl, cluster.device_count, b.act_bytes, b.weight_bytes, b.grad_bytes,
-                             workload.seq_len) for pp, vpp, rc, rnl in b.cg_keys.tolist()]
+                             workload.seq_len, parts[pid]) for pp, vpp, rc, rnl, pid in b.cg_keys.tolist()]
     cu_first, b.cu_of = _row_ids([b.cg_of, b.column_of])
     b.cu_cg, b.cu_u = b.cg_of[cu_first], b.column_of[cu_first]
     flat = b.cu_cg * G + b.cu_u
@@ -385,8 +409,7 @@ def _op_durations(b: _Batch, rows: np.ndarray, n_chunks: int, splits_backward: b
 
 def _step(b: _Batch) -> dict:
     """Step: the data-parallel sync and its exposed part, the optimizer step and the step time per plan
-    (planner/cost/step_terms.py, as estimate._data_parallel_sync and estimate._optimizer_s call it). Offload
-    is 0: plans with optimizer offload went to the scalar estimate."""
+    (planner/cost/step_terms.py, as estimate._data_parallel_sync and estimate._optimizer_s call it)."""
     pa, dev, items, per_cu, cu_of = b.pa, b.device, b.items, b.per_cu, b.cu_of
     replicas = pa.dp * pa.cp
     pipe_s = b.pipe_pr[b.pr_of]
@@ -397,8 +420,10 @@ def _step(b: _Batch) -> dict:
     dp_exposed = exposed_sync_s(sync_s, pa.zero, pa.overlap_grad_reduce, stage_busy, per_cu["last_bwd"][cu_of], dev,
                                 params_dev=params_dev, weight_bytes=b.weight_bytes, grad_bytes=b.grad_bytes,
                                 items=items, replicas=replicas)
-    opt_s = optimizer_step_s(params_dev, state_shards(pa.zero, replicas), pa.offload_optimizer, dev)
-    offload_s = np.zeros(len(pa))
+    shards = state_shards(pa.zero, replicas)
+    opt_s = optimizer_step_s(params_dev, shards, pa.offload_optimizer, dev)
+    offload_s = offload_exposed_s(pa.offload_optimizer, params_dev / shards, b.weight_bytes, b.grad_bytes, stage_busy,
+                                  b.host_bytes_per_s)
     return {"pipeline_s": pipe_s, "dp_comm_exposed_s": dp_exposed, "optimizer_s": opt_s, "offload_s": offload_s,
             "step_time_s": step_time_s(pipe_s, dp_exposed, opt_s, offload_s)}
 

@@ -1,70 +1,59 @@
 """What estimate_batch keeps between calls (_Ctx) and the per count group sums it builds from it.
 
 A count group is (pp, vpp, recompute, recompute_num_layers): it fixes which layers each chunk and stage holds
-(_counts) and so, for every layer-tuple column of _Ctx, the chunk times, stage memory tables, DP traffic and
+(chunks.layer_counts) and so, for every layer-tuple column of _Ctx, the chunk times, stage memory tables, DP traffic and
 p2p time (_group_entry). Separate from planner/cost/batch.py, which only gathers these per plan.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from planner.core import dtypes
 from planner.core.hardware import Cluster
 from planner.core.model import ModelGraph
-from planner.core.plan import ParallelPlan, Workload
+from planner.core.plan import Workload
 from planner.cost import memory
-from planner.cost.batch_layers import _layer_values
-from planner.cost.batch_plans import POLICIES
-from planner.cost.estimate_structure import _policies, split_chunks
+from planner.cost.batch_layers import TUPLE, _layer_values
+from planner.cost.chunks import layer_counts, shape_index
 from planner.cost.links import cached_p2p, pipeline_p2p_s, strided_link
 from planner.cost.step_terms import layer_sync_sums_s
 
-_CHUNKS: dict[tuple[int, int], tuple[ModelGraph, list]] = {}
-
-
-def _split(model: ModelGraph, chunks_n: int) -> list:
-    """split_chunks for pp * vpp = chunks_n and no explicit partition (it depends on nothing else)."""
-    key = (id(model), chunks_n)
-    hit = _CHUNKS.get(key)
-    if hit is None or hit[0] is not model:
-        if len(_CHUNKS) > 256:
-            _CHUNKS.clear()
-        hit = _CHUNKS[key] = (model, split_chunks(model, ParallelPlan.model_construct(pp=chunks_n, vpp=1,
-                                                                                       partition=None)))
-    return hit[1]
-
-
-# What estimate_batch keeps between calls, per (model, cluster, seq_len, dtype, grad_dtype): see _Ctx.
+# What the estimate keeps between calls, per (model, cluster, workload terms, stage): see _Ctx.
 _CTX: dict = {}
 _PIPE_MEMO_MAX = 500_000
 _IDS_MAX = 1 << 20  # columns, pipeline groups and count groups get ids below 2**21: packed in one int64
 
 
 class _Ctx:
-    """What estimate_batch computed for one (model, cluster, seq_len, dtype, grad_dtype) that a later call on
-    them reuses; each piece is fixed by its key once those five are.
+    """What the estimate computed for one (model, cluster, workload terms) -- and, for a stage of a stage
+    layout, that stage's device and links -- that a later call on them reuses; each piece is fixed by its key.
 
-    - columns: one per distinct layer tuple seen (`col`, `tuples`), holding _layer_values' per-shape values
-      for it (`lv`, arrays whose last axis is the column). A column's values are computed from its tuple
-      alone (elementwise), so they do not depend on which other tuples a batch holds.
-    - count groups (`groups`): per (pp, vpp, recompute, recompute_num_layers) its chunk and stage sums, worst
-      stage, DP traffic and p2p time for every column (_group_entry). New columns drop them all (they are
-      recomputed over every column when next needed), and any new entry drops `stages`, the per-stage tables
-      of all entries stacked for the memory phase.
+    - columns: one per distinct layer tuple seen (`col`, `tuples`, batch_layers.TUPLE), holding
+      _layer_values' per-shape values for it (`lv`, arrays whose last axis is the column). A column's values
+      are computed from its tuple alone (elementwise), so they do not depend on which other tuples a batch holds.
+    - count groups (`groups`): per (pp, vpp, recompute, recompute_num_layers, partition) its chunk and stage
+      sums, worst stage, DP traffic and p2p time for every column (_group_entry). New columns drop them all
+      (they are recomputed over every column when next needed), and any new entry drops `stages`, the
+      per-stage tables of all entries stacked for the memory phase.
     - makespans per pipeline problem (pipeline group, count group, column): a sorted array of packed int64
       keys (`pipe_keys`) and their values; pipeline and count groups get small ids (`pg_id`, `cg_id`).
 
     Held by identity: it keeps its model and cluster alive, so their id() cannot be reused while cached."""
 
-    def __init__(self, model: ModelGraph, cluster: Cluster):
+    def __init__(self, model: ModelGraph, cluster: Cluster, workload: Workload, dev=None, links=None):
         self.model, self.cluster = model, cluster
-        self.shape_of: dict = {}  # distinct shapes (the scalar estimate memoizes by shape_key)
-        self.shapes: list = []
-        for layer in model.layers:
-            if layer.shape_key not in self.shape_of:
-                self.shape_of[layer.shape_key] = len(self.shapes)
-                self.shapes.append(layer)
+        self.shape_of, self.shapes = shape_index(model)
+        host = cluster.nodes[0].host_link
+        e = dtypes.activation_bytes(workload.dtype)
+        docs = None if workload.documents is None else (workload.global_batch, workload.documents)
+        # _layer_values' arguments after (shapes, tuples): the stage's device (the cluster's first unless a
+        # stage layout places it) and links (None: the cluster's strided groups)
+        self.layer_args = (cluster, dev or cluster.devices[0].device, workload.dtype, e, e,
+                           dtypes.weight_bytes(workload.dtype), workload.seq_len,
+                           (workload.moe_imbalance, workload.moe_capacity_factor),
+                           None if host is None else host.bytes_per_s, docs, links)
         self.col: dict = {}
-        self.tuples = np.zeros((0, 12), dtype=np.int64)
+        self.tuples = np.zeros((0, len(TUPLE)), dtype=np.int64)
         self.lv: dict | None = None
         self.groups: dict = {}
         self.stages = None
@@ -73,13 +62,13 @@ class _Ctx:
         self.pipe_keys = np.zeros(0, dtype=np.int64)
         self.pipe_vals = np.zeros(0)
 
-    def columns(self, tuples: np.ndarray, layer_args: tuple) -> np.ndarray:
+    def columns(self, tuples: np.ndarray) -> np.ndarray:
         """The column of each layer tuple (rows of `tuples`), evaluating the layer values of new ones."""
         ids = [self.col.get(t) for t in map(tuple, tuples.tolist())]
         new = [i for i, c in enumerate(ids) if c is None]
         if new:
             nt = tuples[new]
-            vals = _layer_values(self.shapes, nt, *layer_args)
+            vals = _layer_values(self.shapes, nt, *self.layer_args)
             self.lv = vals if self.lv is None else {k: np.concatenate([self.lv[k], v], axis=-1)
                                                      for k, v in vals.items()}
             for i, t in zip(new, map(tuple, nt.tolist())):
@@ -93,91 +82,47 @@ class _Ctx:
         return np.array([table.setdefault(k, len(table)) for k in map(tuple, keys.tolist())], dtype=np.int64)
 
     def stage_tables(self):
-        """(row offset of each count group entry, per-stage params, frozen bytes, activation bytes, routed
-        params, backward working bytes and logits bytes of every entry stacked as flat arrays: entry row
-        r + stage, column c at (r + stage) * columns + c)."""
+        """(per-stage params, frozen bytes, activation bytes, routed params, backward working bytes, logits
+        bytes, full-recompute K/V, all K/V, ring buffers) of every entry stacked as flat arrays: entry row
+        r + stage (r: the entry's "row"), column c at (r + stage) * columns + c."""
         if self.stages is None:
             ents = list(self.groups.values())
             rows = np.cumsum([0] + [len(x["par_st"]) for x in ents])
             for x, r in zip(ents, rows.tolist()):
                 x["row"] = r
-            self.stages = tuple(np.concatenate([x[k] for x in ents]).ravel()
-                                for k in ("par_st", "froz_st", "act_st", "parx_st", "work_st", "logit_st", "kvf_st",
-                                          "kva_st", "ring_st"))
+            self.stages = tuple(np.concatenate([x[k] for x in ents]).ravel() for k in STAGE_TABLES)
         return self.stages
 
 
-def _ctx(model: ModelGraph, cluster: Cluster, workload: Workload) -> _Ctx:
+STAGE_TABLES = ("par_st", "froz_st", "act_st", "parx_st", "work_st", "logit_st", "kvf_st", "kva_st", "ring_st")
+
+
+def _ctx(model: ModelGraph, cluster: Cluster, workload: Workload, stage_key=None, dev=None, links=None) -> _Ctx:
+    """The cached _Ctx of (model, cluster, the workload's terms); stage_key names a stage of a stage layout
+    (its device and groups), whose dev and links the context then uses."""
+    docs = None if workload.documents is None else (workload.global_batch, workload.documents)
     key = (id(model), id(cluster), workload.seq_len, workload.dtype, workload.grad_dtype, workload.moe_imbalance,
-           workload.moe_capacity_factor)
+           workload.moe_capacity_factor, docs, stage_key)
     hit = _CTX.get(key)
     if (hit is None or hit.model is not model or hit.cluster is not cluster
             or max(len(hit.col), len(hit.pg_id), len(hit.cg_id)) > _IDS_MAX):
-        if len(_CTX) > 16:
+        if len(_CTX) > 64:
             _CTX.clear()
-        hit = _CTX[key] = _Ctx(model, cluster)
+        hit = _CTX[key] = _Ctx(model, cluster, workload, dev, links)
     return hit
 
 
-_COUNTS: dict = {}
-
-
-def _counts(model: ModelGraph, shape_of: dict, pp: int, vpp: int, rc: int, rnl: int):
-    """Layer counts of a count group: per chunk (chunk, shape x policy) and per stage (estimate._chunk_sums:
-    chunk c runs on stage c % pp; estimate._policies gives each layer's policy; trainable layers count
-    toward stage_params, frozen ones toward estimate._memory's `frozen`)."""
-    key = (id(model), pp, vpp, rc, rnl)
-    hit = _COUNTS.get(key)
-    if hit is not None and hit[0] is model:
-        return hit[1]
-    S = len(shape_of)
-    chunks = _split(model, pp * vpp)
-    C = len(chunks)
-    mode_plan = ParallelPlan.model_construct(recompute=POLICIES[rc], recompute_num_layers=None if rnl < 0 else rnl)
-    K = np.zeros((C, S, 3))
-    T = np.zeros((C, S))
-    Fz = np.zeros((C, S))
-    # estimate._memory's backward working set: per stage, the distinct blocks (their trainable layers'
-    # (shape, policy) in layer order), of which the largest counts
-    sigs: list = [[] for _ in range(pp)]
-    for c, layers in enumerate(chunks):
-        pol = _policies(layers, mode_plan)
-        blocks: dict = {}
-        for layer in layers:
-            si = shape_of[layer.shape_key]
-            K[c, si, POLICIES.index(pol[layer.name])] += 1
-            if layer.trainable:
-                T[c, si] += 1
-                if layer.block is not None:
-                    blocks.setdefault(layer.block, []).append((si, POLICIES.index(pol[layer.name])))
-            else:
-                Fz[c, si] += 1
-        for sig in map(tuple, blocks.values()):
-            if sig not in sigs[c % pp]:
-                sigs[c % pp].append(sig)
-    stage_of = np.arange(C) % pp
-    onehot = np.zeros((pp, C))
-    onehot[stage_of, np.arange(C)] = 1.0
-    Kf = K.reshape(C, S * 3)
-    res = dict(C=C, K=Kf, Kst=onehot @ Kf, Tst=onehot @ T, Fst=onehot @ Fz, onehot=onehot,
-               Kall=K.sum(axis=(0, 2)), Ktot=Kf.sum(axis=0), Lst=onehot @ K.sum(axis=2), sigs=sigs)
-    if len(_COUNTS) > 4096:
-        _COUNTS.clear()
-    _COUNTS[key] = (model, res)
-    return res
-
-
 def _group_entry(ctx: _Ctx, pp: int, vpp: int, rc: int, rnl: int, n_dev: int, e: int, w_bytes: int, g_bytes: int,
-                 s: int) -> dict:
+                 s: int, partition=None) -> dict:
     """A count group's sums for every column of ctx (cached in ctx.groups until new columns appear): the chunk
     and stage sums (_chunk_stage_sums), the worst stage's DP gradient reduction and ZeRO traffic
     (_dp_collective_sums) and the pipeline p2p time (_p2p_column_s). e: activation bytes per element, w_bytes
     and g_bytes: bytes per weight and per gradient."""
-    key = (pp, vpp, rc, rnl)
+    key = (pp, vpp, rc, rnl, partition)
     ent = ctx.groups.get(key)
     if ent is not None:
         return ent
-    k = _counts(ctx.model, ctx.shape_of, pp, vpp, rc, rnl)
+    k = layer_counts(ctx.model, pp, vpp, rc, rnl, partition)
     ent = _chunk_stage_sums(ctx, k, pp, vpp)
     ar, rs, ag = _dp_collective_sums(ctx, k["Tst"][ent["worst"]].T, pp, n_dev, w_bytes, g_bytes)
     ent.update(ar=ar, rs=rs, ag=ag, p2p=_p2p_column_s(ctx, pp, n_dev, e, s))
@@ -189,7 +134,7 @@ def _group_entry(ctx: _Ctx, pp: int, vpp: int, rc: int, rnl: int, n_dev: int, e:
 def _chunk_stage_sums(ctx: _Ctx, k: dict, pp: int, vpp: int) -> dict:
     """Per chunk forward / backward time, per stage params / frozen / activation / memory-table bytes; the
     worst stage, its params, busy time and last backward; model and hardware FLOPs: for every column, from the
-    count group's layer counts `k` (_counts) by matmul."""
+    count group's layer counts `k` (chunks.layer_counts) by matmul."""
     lv, S, G = ctx.lv, len(ctx.shapes), len(ctx.tuples)
     Fc = k["K"] @ lv["fwd"].reshape(S * 3, G)  # (C, G): estimate._chunk_sums's fwd_s per chunk
     Bc = k["K"] @ lv["bwd"].reshape(S * 3, G)

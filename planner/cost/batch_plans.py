@@ -58,8 +58,10 @@ class PlanArrays:
         return {name: getattr(self, name) for name in COLUMN}
 
     @classmethod
-    def from_plans(cls, plans: list[ParallelPlan]) -> PlanArrays:
-        if any(p.partition is not None for p in plans):
+    def from_plans(cls, plans: list[ParallelPlan], partitions: bool = False) -> PlanArrays:
+        """The plans' columns; partitions=True leaves their explicit partitions out (the caller keeps them)
+        instead of refusing them."""
+        if not partitions and any(p.partition is not None for p in plans):
             raise BadInput("PlanArrays cannot hold an explicit partition; pass the ParallelPlan list instead")
         cols = {}
         for col in COLUMNS:

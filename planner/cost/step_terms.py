@@ -88,9 +88,29 @@ def state_shards(zero, replicas):
 
 def optimizer_step_s(params_dev, shards, offload_fraction, dev):
     """Seconds of the optimizer step on the device: AdamW's states of the owned parameters streamed through
-    device memory once; the offloaded fraction steps on the host instead (estimate._offload_time_s)."""
+    device memory once; the offloaded fraction steps on the host instead (offload_exposed_s)."""
     on_device = params_dev / shards * (1 - offload_fraction)
     return on_device * OPTIMIZER_BYTES_PER_PARAM / (dev.memory_bandwidth_bytes_per_s * dev.efficiency.memory)
+
+
+# Host-side AdamW (ZeRO-Offload's CPU-Adam) streams the same 32 bytes per parameter through host DRAM.
+# ASSUMPTION: 100 GB/s of usable host memory bandwidth per GPU's share of a dual-socket server (8-channel
+# DDR4-3200 is 205 GB/s per socket by spec); replace with a measured figure from `calibrate`.
+HOST_MEMORY_BYTES_PER_S = 100e9
+
+
+def offload_exposed_s(fraction, owned_params, weight_bytes: int, grad_bytes: int, stage_busy_s, host_bytes_per_s):
+    """Exposed time of optimizer offload: gradients go down and updated weights come back over the host link
+    (4 bytes per parameter at 16-bit, ZeRO-Offload section 3.3-3.5), and the CPU runs the update. The
+    gradient copy overlaps backward (ZeRO-Offload section 4.1); the update and the upload do not. 0 where
+    nothing is offloaded; host_bytes_per_s None (no host link) only where nothing is."""
+    if host_bytes_per_s is None:
+        return np.zeros(np.shape(fraction)) if np.ndim(fraction) else 0.0
+    owned = fraction * owned_params
+    upload = owned * weight_bytes / host_bytes_per_s
+    cpu_step = owned * OPTIMIZER_BYTES_PER_PARAM / HOST_MEMORY_BYTES_PER_S
+    download = owned * grad_bytes / host_bytes_per_s
+    return np.where(fraction > 0, upload + cpu_step + np.maximum(0.0, download - stage_busy_s), 0.0)
 
 
 def step_time_s(pipeline_s, dp_exposed_s, optimizer_s, offload_s):

@@ -8,7 +8,7 @@ Llama 3 therefore trains 126 blocks on pp=16 as 7 + 14 x 8 + 7 (Llama 3 paper, s
 
 Three pieces:
   block_costs     per-block (and per head/tail extra) time, parameters, model-state and activation bytes,
-                  every number taken from the cost model's own functions (estimate._layer_step,
+                  every number taken from the cost model's own functions (the estimate's per-layer column,
                   Layer.activation_bytes, Layer.params_per_device, memory_phase.stage_memory).
   partition_dp    an exact DP over contiguous splits of n blocks into k chunks: minimise the slowest
                   chunk's time per micro-batch, then (ties) its largest parameter count, then its peak
@@ -39,13 +39,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 from planner.core import dtypes
+from planner.core.dims import RECOMPUTE_POLICIES as POLICIES
 from planner.core.errors import BadInput, Infeasible
 from planner.core.hardware import Cluster
 from planner.core.model import Layer, ModelGraph
 from planner.core.plan import Estimate, ParallelPlan, Workload
-from planner.cost import memory, memory_phase, moe, pipeline
-from planner.cost.estimate import _Ctx, _layer_step, _policies, estimate, split_chunks
-from planner.cost.links import strided_link
+from planner.cost import memory, memory_phase, pipeline
+from planner.cost.batch_context import _ctx
+from planner.cost.chunks import policies as _policies
+from planner.cost.chunks import split_chunks
+from planner.cost.estimate import estimate, layer_tuple
 
 OBJECTIVES = ("time", "params", "memory")
 # Relative slack when a lexicographic pass keeps the optimum of the previous one: prefix-sum differences
@@ -132,66 +135,40 @@ def _dtype_bytes(workload: Workload) -> tuple[int, int, int, int]:
     return e_act, dtypes.weight_bytes(dtype), e_act, dtypes.gradient_bytes(workload.grad_dtype)
 
 
-def _context(cluster: Cluster, workload: Workload, plan: ParallelPlan) -> _Ctx:
-    """The per-layer context estimate() builds: the same groups on the same links (Megatron rank order,
-    tp fastest, then cp; estimate.estimate)."""
-    e_ctx = _dtype_bytes(workload)[0]
-    tp, cp = plan.tp, plan.cp
-    tp_link = strided_link(cluster, 0, 1, tp)
-    cp_link = strided_link(cluster, 0, tp, cp)
-    ep_link = strided_link(cluster, 0, plan.etp or tp, plan.ep) if plan.ep > 1 else None
-    host = cluster.nodes[0].host_link
-    # estimate.estimate: one work item, s/n tokens of a chunked sequence (ParallelPlan.seq_chunks)
-    return _Ctx(b=plan.mbs, s=workload.seq_len // plan.seq_chunks, tp=tp, cp=cp, e=e_ctx,
-                dev=cluster.devices[0].device, dtype=workload.dtype, plan=plan, tp_link=tp_link, cp_link=cp_link,
-                ep_link=ep_link,
-                moe_routing=(workload.moe_imbalance, workload.moe_capacity_factor),
-                host_bytes_per_s=None if host is None else host.bytes_per_s, e_act=_dtype_bytes(workload)[2],
-                seq_chunks=plan.seq_chunks)
-
-
 class _LayerTerms:
-    """One plan's per-layer cost terms, memoised by layer shape: identical layers cost the same."""
+    """One plan's per-layer cost terms, read from the estimate's own column of per-layer values
+    (batch_context._Ctx.columns: the same numbers estimate() sums), by layer shape."""
 
-    def __init__(self, ctx: _Ctx, workload: Workload, plan: ParallelPlan):
-        self.ctx, self.workload, self.plan = ctx, workload, plan
+    def __init__(self, model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan):
+        self.workload, self.plan = workload, plan
         _, self.e_w, self.e_act, _ = _dtype_bytes(workload)
-        self._step: dict = {}
-        self._act: dict = {}
+        self.ctx = _ctx(model, cluster, workload)
+        self.col = int(self.ctx.columns(layer_tuple(plan, workload))[0])
+
+    def _at(self, name: str, layer: Layer, policy: str | None = None) -> float:
+        si = self.ctx.shape_of[layer.shape_key]
+        lv = self.ctx.lv[name]
+        return float(lv[si, self.col] if policy is None else lv[si, POLICIES.index(policy), self.col])
 
     def time_s(self, layer: Layer, policy: str) -> float:
-        """Forward + backward seconds of one micro-batch (estimate._layer_step)."""
-        key = (layer.shape_key, policy)
-        if key not in self._step:
-            one = _layer_step(layer, policy, self.ctx)
-            self._step[key] = one.fwd_s + one.bwd_s
-        return self._step[key]
+        """Forward + backward seconds of one micro-batch."""
+        return self._at("fwd", layer, policy) + self._at("bwd", layer, policy)
 
     def act_bytes(self, layer: Layer, policy: str) -> float:
         """Saved activations of one micro-batch (one work item of a chunked sequence)."""
-        key = (layer.shape_key, policy)
-        if key not in self._act:
-            plan = self.plan
-            # estimate._memory: a tp_slice MoE layer keeps its activations without SP's split (moe.layer_sp)
-            sp = moe.layer_sp(layer.kind, plan.sp, plan.moe_dispatch == "tp_slice")
-            self._act[key] = float(layer.activation_bytes(plan.mbs, self.workload.seq_len // plan.seq_chunks,
-                                                          plan.tp, plan.cp, sp, policy, self.e_act,
-                                                          flash=plan.flash_attention))
-        return self._act[key]
+        return self._at("act", layer, policy)
 
     def params(self, layer: Layer) -> float:
         """Trainable parameters per device, as estimate() shards them."""
-        plan = self.plan
-        return float(layer.params_per_device(tp=plan.tp, ep=plan.ep, etp=plan.etp)) if layer.trainable else 0.0
+        return self._at("par", layer)
 
     def expert_params(self, layer: Layer) -> float:
         """The routed experts' share of params(layer)."""
-        plan = self.plan
-        return float(layer.routed_params()) / (plan.ep * (plan.etp or plan.tp)) if layer.trainable else 0.0
+        return self._at("parx", layer)
 
     def frozen_bytes(self, layer: Layer) -> float:
-        """Frozen weights: split tp ways, no gradients or optimizer states, not ZeRO-sharded (estimate._memory)."""
-        return 0.0 if layer.trainable else float(layer.params_per_device(tp=self.plan.tp)) * self.e_w
+        """Frozen weights: split tp ways, no gradients or optimizer states, not ZeRO-sharded."""
+        return self._at("froz", layer)
 
     def working_bytes(self, layers: list[Layer], policy: str) -> float:
         """A block's backward working set: its trainable layers, what they materialise vs what the policy
@@ -239,7 +216,7 @@ def block_costs(model: ModelGraph, cluster: Cluster, workload: Workload, plan: P
     """Cost terms of every block and of the head/tail extras under `plan` (its partition is ignored)."""
     plan = plan.model_copy(update={"partition": None})
     chunks = split_chunks(model, plan)  # BadInput when the model has fewer blocks than pp*vpp chunks
-    terms = _LayerTerms(_context(cluster, workload, plan), workload, plan)
+    terms = _LayerTerms(model, cluster, workload, plan)
     cut = plan.recompute_num_layers or 0
     early_policy = plan.layer_recompute(0)
     late_policy = plan.layer_recompute(cut)
