@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from planner.catalog import load_cluster  # noqa: E402
 from planner.core.plan import Workload  # noqa: E402
-from planner.cost import batch as batch_mod  # noqa: E402
 from planner.cost.batch import PlanArrays, estimate_batch  # noqa: E402
+from planner.cost.batch_plans import SCHEDULES  # noqa: E402
 from planner.cost.estimate import estimate  # noqa: E402
 from planner.importers import load_model  # noqa: E402
 
@@ -54,8 +54,8 @@ def random_plans(count: int, n_devices: int, blocks: int, gbs: int, seed: int) -
         pp = rng.choice(pps, k)
         dp = n_devices // (tp * cp * pp)
         mbs = rng.choice([1, 2, 4], k)
-        schedule = rng.integers(0, 4, k)  # batch_mod.SCHEDULES order
-        inter = schedule == batch_mod.SCHEDULES.index("interleaved-1f1b")
+        schedule = rng.integers(0, 4, k)  # SCHEDULES order
+        inter = schedule == SCHEDULES.index("interleaved-1f1b")
         vpp = np.where(inter, rng.integers(1, 4, k), 1)
         m = gbs // np.maximum(mbs * dp, 1)
         recompute = rng.integers(0, 3, k)
@@ -77,17 +77,20 @@ def random_plans(count: int, n_devices: int, blocks: int, gbs: int, seed: int) -
 
 
 def clear_caches() -> None:
-    batch_mod._dag.cache_clear()
-    for name in ("_CHUNKS", "_COUNTS"):  # the per-model caches of the commit under test
-        getattr(batch_mod, name, {}).clear()
-    try:
-        from planner.cost import chunks
-        chunks._BY_MODEL.clear()
-    except ImportError:  # a commit before planner/cost/chunks.py
-        pass
-    batch_mod._LEVELS.clear()
-    batch_mod._CTX.clear()
-    batch_mod._INFL.clear()
+    """Empty every cache the batch path keeps, under the names of the commit under test (the benchmark runs
+    side by side on an older commit too, whose caches lived in planner.cost.batch)."""
+    import importlib
+
+    for mod_name in ("batch", "batch_context", "batch_dag", "chunks"):
+        try:
+            mod = importlib.import_module(f"planner.cost.{mod_name}")
+        except ImportError:
+            continue
+        for name in ("_CHUNKS", "_COUNTS", "_LEVELS", "_CTX", "_INFL", "_BY_MODEL"):
+            getattr(mod, name, {}).clear()
+        for name in ("_dag", "dag_of"):
+            if hasattr(getattr(mod, name, None), "cache_clear"):
+                getattr(mod, name).cache_clear()
 
 
 def run(model, cluster, plans: PlanArrays) -> tuple[float, dict, dict]:

@@ -35,7 +35,7 @@ from planner.core.hardware import (
 from planner.files import path_exists
 
 T = TypeVar("T", bound=BaseModel)
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent
 _REINSTALL = "reinstall it: pip install --force-reinstall parallel-planner (or pip install -e . in a checkout)"
 
 
@@ -46,7 +46,7 @@ def _data_dir(checkout_name: str, package_dir: str, pattern: str) -> Path:
     importlib.resources on the data folders themselves: those have no __init__.py, so resources gives a
     namespace MultiplexedPath, whose str() is no path (the empty catalog of issue 16). Shipping them as
     packages instead would put __init__.py files into the checkout's data folders."""
-    local = _REPO_ROOT / checkout_name
+    local = REPO_ROOT / checkout_name
     if local.is_dir():
         return local
     installed = resources.files("planner") / package_dir

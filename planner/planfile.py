@@ -15,7 +15,7 @@ from planner.core.hardware import Cluster
 from planner.core.model import ModelGraph
 from planner.core.plan import Estimate, PlanFile, parse_plan_file, short_repr
 from planner.cost.estimate import estimate
-from planner.cost.schedule_order import _check_args
+from planner.cost.schedule_order import check_schedule_args
 from planner.files import read_input
 from planner.importers import load_model
 
@@ -93,7 +93,7 @@ def _check_sizes(pf: PlanFile, where: str) -> None:
 
 def _schedule_rules(schedule: str, pp: int, m: int, vpp: int, seq_chunks: int) -> None:
     try:
-        _check_args(schedule, pp, m, vpp, seq_chunks)
+        check_schedule_args(schedule, pp, m, vpp, seq_chunks)
     except ValueError as e:
         raise BadInput(str(e)) from None
 

@@ -246,7 +246,7 @@ def _no_launch():
     saved = []
     targets = [(tmp, "start_processes"), (tmp, "spawn"), (multiprocessing.Process, "start"),
                (lau, "launch"), (val, "launch"), (cal, "measure_device"), (cal, "measure_collectives"),
-               (calm, "measure_device"), (calm, "measure_collectives"), (calm, "_spawned"), (cal, "_spawned")]
+               (calm, "measure_device"), (calm, "measure_collectives"), (calm, "spawned"), (cal, "spawned")]
     for obj, name in targets:
         if hasattr(obj, name):
             saved.append((obj, name, getattr(obj, name)))

@@ -1,4 +1,4 @@
-"""batch_dag._dag, read from pipeline._compiled, equals the DAG its first version recovered from a unit-time
+"""batch_dag.dag_of, read from pipeline._compiled, equals the DAG its first version recovered from a unit-time
 pipeline.simulate's events, array for array (dtypes included): same op order, levels, dependencies, p2p flags,
 duration columns, last ops and in-flight peaks; and the DAG's makespans equal simulate's step times.
 
@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planner.cost import pipeline
-from planner.cost.batch_dag import _Dag, _dag, _inflight, _makespan, _unit_ends
+from planner.cost.batch_dag import Dag, dag_of, inflight_items, makespans, unit_ends
 
 
-def _dag_by_simulate(schedule: str, p: int, v: int, m: int, nc: int = 1) -> _Dag:
-    """The first _dag: levels are the end times of a unit-time simulate, ops and dependencies its events."""
+def _dag_by_simulate(schedule: str, p: int, v: int, m: int, nc: int = 1) -> Dag:
+    """The first dag_of: levels are the end times of a unit-time simulate, ops and dependencies its events."""
     n = p * v
     zb = schedule == "zb-h1"
     res = pipeline.simulate(schedule, [1.0] * n, [2.0 if zb else 1.0] * n, m, v=v, p2p_s=0.0, seq_chunks=nc)
@@ -57,12 +57,12 @@ def _dag_by_simulate(schedule: str, p: int, v: int, m: int, nc: int = 1) -> _Dag
     starts = np.concatenate([[0], edges])
     stops = np.concatenate([edges, [n_ops]])
     last_old = np.flatnonzero(np.append(dev[1:] != dev[:-1], True))
-    return _Dag(n_ops=n_ops, bounds=tuple(zip(starts.tolist(), stops.tolist())), prev=prev, dep=dep,
+    return Dag(n_ops=n_ops, bounds=tuple(zip(starts.tolist(), stops.tolist())), prev=prev, dep=dep,
                 cross=cross[order], durcol=(kind * n + k)[order], last=new[last_old],
                 peak_inflight=res.peak_inflight)
 
 
-def _assert_same(got: _Dag, want: _Dag, case) -> None:
+def _assert_same(got: Dag, want: Dag, case) -> None:
     assert got.n_ops == want.n_ops, case
     assert got.bounds == want.bounds, case
     assert got.peak_inflight == want.peak_inflight, case
@@ -88,7 +88,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES)
 def test_dag_equals_the_simulate_built_dag(case):
-    _assert_same(_dag.__wrapped__(*case), _dag_by_simulate(*case), case)
+    _assert_same(dag_of.__wrapped__(*case), _dag_by_simulate(*case), case)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -102,7 +102,7 @@ def test_dag_equals_the_simulate_built_dag_random(schedule, p, v, m, nc):
     if schedule not in ("gpipe", "1f1b"):
         nc = 1
     case = (schedule, p, v, m, nc)
-    _assert_same(_dag.__wrapped__(*case), _dag_by_simulate(*case), case)
+    _assert_same(dag_of.__wrapped__(*case), _dag_by_simulate(*case), case)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[1] * c[3] <= 64])
@@ -116,14 +116,14 @@ def test_makespan_and_inflight_equal_simulate(case):
     p2p[0] = 0.0
     cols = [fwd, bwd - bwd / 2, bwd / 2] if schedule == "zb-h1" else [fwd, bwd, np.zeros((6, n))]
     rows = np.concatenate(cols, axis=1)
-    dag = _dag.__wrapped__(*case)
-    got = _makespan(dag, rows, p2p)
+    dag = dag_of.__wrapped__(*case)
+    got = makespans(dag, rows, p2p)
     for r in range(6):
         res = pipeline.simulate(schedule, fwd[r].tolist(), bwd[r].tolist(), m, v=v, p2p_s=float(p2p[r]),
                                 seq_chunks=nc)
         assert got[r] == res.step_time_s, (case, r)
         want_infl = np.array(res.peak_inflight, dtype=float) / (v if v > 1 else 1)
-        assert np.array_equal(_inflight(schedule, p, v, m, nc), want_infl), case
+        assert np.array_equal(inflight_items(schedule, p, v, m, nc), want_infl), case
 
 
 def test_dag_refuses_what_simulate_refuses():
@@ -131,13 +131,13 @@ def test_dag_refuses_what_simulate_refuses():
         with pytest.raises(ValueError):
             _dag_by_simulate(*args)
         with pytest.raises(ValueError):
-            _dag.__wrapped__(*args)
+            dag_of.__wrapped__(*args)
 
 
 def test_unit_ends_is_the_longest_path():
     # two devices: device 0 runs ops 0, 1, 2; device 1 runs 3, 4; op 1 waits for op 4, op 3 for op 0
     dep = np.array([5, 4, 5, 0, 5])
-    ends = _unit_ends(dep, [(0, 3), (3, 5)])
+    ends = unit_ends(dep, [(0, 3), (3, 5)])
     assert ends.tolist() == [1, 4, 5, 2, 3]
 
 

@@ -17,7 +17,7 @@ from planner.catalog import load_cluster
 from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
 from planner.core.errors import BadInput
 from planner.core.plan import Workload
-from planner.cost.batch import POLICIES, SCHEDULES
+from planner.cost.batch_plans import POLICIES, SCHEDULES
 from planner.cost.estimate import estimate
 from planner.eval.published import search_row
 from planner.importers import load_model

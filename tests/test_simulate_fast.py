@@ -19,7 +19,7 @@ from planner.cost.pipeline import (  # noqa: F401
     PipelineEvent,
     PipelineResult,
     Sequence,
-    _check_args,
+    check_schedule_args,
     schedule_order,
     schedule_peaks,
     simulate,
@@ -33,7 +33,7 @@ def simulate_reference(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[fl
     fwd = [float(x) for x in fwd_s]
     bwd = [float(x) for x in bwd_s]
     p = pipeline._check_times(fwd, bwd, v, p2p_s)  # the argument checks did not change
-    _check_args(schedule, p, m, v, seq_chunks)
+    check_schedule_args(schedule, p, m, v, seq_chunks)
     n_stages = p * v
 
     b_dur, w = pipeline.backward_split(schedule, bwd, wgrad_s, n_stages)  # unchanged checks and split

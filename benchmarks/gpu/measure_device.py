@@ -460,7 +460,7 @@ def measure_attention(device, timer: Timer, quick: bool) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------
 # NCCL
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -473,7 +473,7 @@ def measure_nccl(device, quick: bool) -> list[dict]:
         print("nccl: torch.distributed has no NCCL, skipped", file=sys.stderr)
         return []
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", rank=0, world_size=1)
     rows = []

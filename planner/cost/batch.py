@@ -29,7 +29,7 @@ How the work is shared between plans (the scalar estimate redoes all of it per p
   4. Per plan: DP exposure, optimizer step and the outputs (step_terms.py), vectorized over plans. Memory per distinct
      (problem, ZeRO stage, offload fractions), in one block per (pp, ZeRO stage): (rows x stages) arrays
      gathered from the count groups' per-stage tables stacked together, one model_state_parts call each.
-  5. Between calls (_Ctx, per model, cluster, seq_len, dtype, grad_dtype): layer values per layer tuple,
+  5. Between calls (CostContext, per model, cluster, seq_len, dtype, grad_dtype): layer values per layer tuple,
      count group sums over every tuple seen, makespans per pipeline problem (packed int64 keys, sorted). A
      later call evaluates only what is new to it (a search calls estimate_batch again and again).
 
@@ -52,41 +52,19 @@ from planner.core import dtypes
 from planner.core.dims import microbatches_fit_schedule, quoted_names, seq_chunks_fit_schedule, vpp_fits_schedule
 from planner.core.errors import BadInput, Infeasible
 from planner.core.hardware import Cluster
-from planner.core.layout import has_placement
+from planner.core.layout import has_placement, one_device_type
 from planner.core.model import ModelGraph
 from planner.core.plan import ParallelPlan, Workload
-from planner.cost import memory_phase
-
-# Re-exported, each the same object as in its module: the search, tests and benchmarks import POLICIES from
-# here, and benchmarks/bench_batch.py clears the caches (_CHUNKS, _COUNTS, _LEVELS, _CTX, _INFL, _dag)
-# through this module.
-from planner.cost.batch_context import (  # noqa: F401
-    _CTX,
-    _IDS_MAX,
-    _PER_COLUMN,
-    _PIPE_MEMO_MAX,
-    _Ctx,
-    _ctx,
-    _group_entry,
-)
-from planner.cost.batch_dag import _INFL, _LEVELS, _Dag, _dag, _inflight, _levels, _makespan  # noqa: F401
-from planner.cost.batch_ids import _float_ids, _ranges, _row_ids
-from planner.cost.batch_layers import _layer_values, float_bits  # noqa: F401
-from planner.cost.batch_plans import (
-    POLICIES,  # noqa: F401
-    SCHEDULES,
-    PlanArrays,
-)
+from planner.cost import batch_context, memory_phase
+from planner.cost.batch_context import PER_COLUMN, PIPE_MEMO_MAX, cost_context, group_sums
+from planner.cost.batch_dag import dag_of, inflight_items, makespans
+from planner.cost.batch_ids import float_ids, group_ranges, row_ids
+from planner.cost.batch_layers import float_bits
+from planner.cost.batch_plans import SCHEDULES, PlanArrays
+from planner.cost.checks import check_context_parallel, check_deepep, check_expert_parallel, check_seq_chunks
 from planner.cost.chunks import partition_key
-from planner.cost.estimate import (
-    _check_context_parallel,
-    _check_deepep,
-    _check_expert_parallel,
-    _check_seq_chunks,
-    estimate,
-)
+from planner.cost.estimate import estimate
 from planner.cost.schedules import get_schedule
-from planner.cost.stages import _homogeneous
 from planner.cost.step_terms import (
     exposed_sync_s,
     offload_exposed_s,
@@ -125,7 +103,7 @@ def estimate_batch(model: ModelGraph, cluster: Cluster, workload: Workload,
     for k in ("prepare", "layers", "chunks", "pipeline", "step+memory", "one by one"):
         tm.setdefault(k, 0.0)
     n_all = len(plans)
-    mixed = not _homogeneous(cluster)
+    mixed = not one_device_type(cluster)
     if isinstance(plans, PlanArrays):
         slow = np.arange(n_all) if mixed else np.zeros(0, dtype=np.int64)
         slow_plans = [plans.plan(int(i)) for i in slow]
@@ -173,13 +151,13 @@ def _partition_id(key) -> int:
         if len(_PARTITIONS) > 100_000:
             _PARTITIONS.clear()
             _PARTITIONS[None] = 0
-            _CTX.clear()
+            batch_context.clear()
         hit = _PARTITIONS[key] = len(_PARTITIONS)
     return hit
 
 
 def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGraph, m: np.ndarray) -> None:
-    """The refusals of estimate._check_plan, split_chunks, ParallelPlan and pipeline._check_args."""
+    """The refusals of estimate._check_plan, split_chunks, ParallelPlan and pipeline.check_schedule_args."""
     n = pa.dp * pa.tp * pa.pp * pa.cp
 
     def first(mask, msg):
@@ -195,7 +173,7 @@ def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGra
     first(~vpp_fits_schedule(pa.schedule, pa.vpp),
           lambda i: f"vpp={pa.vpp[i]} needs schedule {quoted_names('virtual_stages')}")
     first(pa.sp & (pa.tp == 1), lambda i: "sequence parallel (sp) needs tp > 1")
-    # ParallelPlan._check and estimate._check_seq_chunks: chunked sequences
+    # ParallelPlan._check and estimate.check_seq_chunks: chunked sequences
     chunked = pa.seq_chunks > 1
     first(~seq_chunks_fit_schedule(pa.schedule, pa.seq_chunks) | (chunked & ~pa.flash_attention),
           lambda i: f"seq_chunks={pa.seq_chunks[i]} needs schedule {quoted_names('sequence_chunks')} and flash "
@@ -204,17 +182,17 @@ def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGra
           lambda i: f"seq_chunks {pa.seq_chunks[i]}: sequence {workload.seq_len} must divide into {pa.seq_chunks[i]} "
                     f"chunks" + (f" of 2*cp = {2 * pa.cp[i]} parts" if pa.cp[i] > 1 else ""))
     if chunked.any():
-        _check_seq_chunks(model, pa.plan(int(np.flatnonzero(chunked)[0])), workload.seq_len)
+        check_seq_chunks(model, pa.plan(int(np.flatnonzero(chunked)[0])), workload.seq_len)
         if workload.documents is not None:
             first(chunked, lambda i: "seq_chunks > 1 with Workload.documents is not modelled (chunk costs assume one "
                                      "causal document per sequence); use seq_chunks 1")
     if cluster.nodes[0].host_link is None and ((pa.offload_optimizer > 0) | (pa.offload_activations > 0)).any():
         raise Infeasible(f"node type {cluster.nodes[0].node_type.name} has no host_link: offload needs one")
-    # estimate._check_context_parallel, once per distinct (tp, cp) of the Ulysses plans
+    # estimate.check_context_parallel, once per distinct (tp, cp) of the Ulysses plans
     a2a = np.flatnonzero(pa.cp_a2a)
-    for i in a2a[_row_ids([pa.tp[a2a], pa.cp[a2a]])[0]]:
+    for i in a2a[row_ids([pa.tp[a2a], pa.cp[a2a]])[0]]:
         try:
-            _check_context_parallel(model, pa.plan(int(i)))
+            check_context_parallel(model, pa.plan(int(i)))
         except BadInput as e:
             raise BadInput(f"plan {int(i)}: {e}") from None
     # ParallelPlan._check: Pipeline MoE puts E/tp whole experts on each TP rank
@@ -222,16 +200,16 @@ def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGra
           lambda i: f"moe_dispatch 'tp_slice' needs tp > 1, ep = tp and etp = 1; got tp={pa.tp[i]}, ep={pa.ep[i]}, "
                     f"etp={pa.etp[i] or None}")
     first(pa.moe_deepep & (pa.ep == 1), lambda i: "moe_dispatch 'deepep' needs ep > 1")
-    _check_deepep(pa.moe_deepep, workload)
-    # estimate._check_expert_parallel, once per distinct (ep, etp, dp, cp, tp); it accepts ep = 1 without
-    # looking further, so only plans with ep > 1 are checked. _row_ids lists the distinct rows in the
+    check_deepep(pa.moe_deepep, workload)
+    # estimate.check_expert_parallel, once per distinct (ep, etp, dp, cp, tp); it accepts ep = 1 without
+    # looking further, so only plans with ep > 1 are checked. row_ids lists the distinct rows in the
     # lexicographic order np.unique(axis=...) would, without its argsort of a structured view (which took
     # most of a hot 100k-plan call).
     moe_rows = np.flatnonzero(pa.ep != 1)
-    firsts = _row_ids([pa.ep[moe_rows], pa.etp[moe_rows], pa.dp[moe_rows], pa.cp[moe_rows], pa.tp[moe_rows]])[0]
+    firsts = row_ids([pa.ep[moe_rows], pa.etp[moe_rows], pa.dp[moe_rows], pa.cp[moe_rows], pa.tp[moe_rows]])[0]
     for i in moe_rows[firsts]:
         try:
-            _check_expert_parallel(model, pa.plan(int(i)))
+            check_expert_parallel(model, pa.plan(int(i)))
         except BadInput as e:
             raise BadInput(f"plan {int(i)}: {e}") from None
     first(~microbatches_fit_schedule(pa.schedule, m, pa.pp),
@@ -251,7 +229,7 @@ class _Batch:
     group them, and what each phase adds for the next (read-only once set)."""
 
     pa: PlanArrays
-    ctx: _Ctx
+    ctx: CostContext
     device: object  # every plan's device (the batch path serves one device type only)
     items: np.ndarray  # work items per step: micro-batches * seq_chunks
     etp: np.ndarray  # expert tensor-parallel degree, tp where the plan leaves it 0
@@ -265,11 +243,11 @@ class _Batch:
     cg_of: np.ndarray
     pg_keys: np.ndarray  # distinct pipeline groups (schedule, pp, vpp, micro-batches, seq_chunks)
     pg_of: np.ndarray
-    groups: list | None = None  # _chunk_sums: batch_context._group_entry of every count group
+    groups: list | None = None  # _chunk_sums: batch_context.group_sums of every count group
     cu_of: np.ndarray | None = None  # _chunk_sums: every plan's distinct (count group, column)
     cu_cg: np.ndarray | None = None
     cu_u: np.ndarray | None = None
-    per_cu: dict | None = None  # _chunk_sums: _PER_COLUMN values per (count group, column)
+    per_cu: dict | None = None  # _chunk_sums: PER_COLUMN values per (count group, column)
     pr_of: np.ndarray | None = None  # _pipeline_makespans: every plan's pipeline problem
     pr_pg: np.ndarray | None = None
     pr_cg: np.ndarray | None = None
@@ -313,11 +291,11 @@ def _prepare(model, cluster, workload, pa: PlanArrays, part: np.ndarray) -> _Bat
     lt_cols = [pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.ep, etp, pa.overlap_tp_comm, pa.cp_a2a,
                pa.moe_tp_slice, pa.seq_chunks, pa.moe_deepep, float_bits(pa.offload_activations),
                pa.dp if workload.documents is not None else np.zeros(len(pa), dtype=np.int64), pa.attention_pool]
-    u_first, u_of = _row_ids(lt_cols)
-    cg_first, cg_of = _row_ids([pa.pp, pa.vpp, pa.recompute, pa.recompute_num_layers + 1, part])
-    pg_first, pg_of = _row_ids([pa.schedule, pa.pp, pa.vpp, m, pa.seq_chunks])
+    u_first, u_of = row_ids(lt_cols)
+    cg_first, cg_of = row_ids([pa.pp, pa.vpp, pa.recompute, pa.recompute_num_layers + 1, part])
+    pg_first, pg_of = row_ids([pa.schedule, pa.pp, pa.vpp, m, pa.seq_chunks])
     return _Batch(
-        pa=pa, ctx=_ctx(model, cluster, workload), device=cluster.devices[0].device, items=m * pa.seq_chunks,
+        pa=pa, ctx=cost_context(model, cluster, workload), device=cluster.devices[0].device, items=m * pa.seq_chunks,
         etp=etp, act_bytes=dtypes.activation_bytes(workload.dtype), weight_bytes=dtypes.weight_bytes(workload.dtype),
         grad_bytes=dtypes.gradient_bytes(workload.grad_dtype),
         host_bytes_per_s=None if cluster.nodes[0].host_link is None else cluster.nodes[0].host_link.bytes_per_s,
@@ -335,15 +313,15 @@ def _layers(b: _Batch) -> None:
 
 def _chunk_sums(b: _Batch, cluster: Cluster, workload: Workload) -> None:
     """Chunk sums: per count group, for every column, the chunk and stage sums, DP traffic and p2p time
-    (batch_context._group_entry); gathered per distinct (count group, column) the plans use."""
+    (batch_context.group_sums); gathered per distinct (count group, column) the plans use."""
     ctx, G = b.ctx, len(b.ctx.tuples)
     parts = {i: k for k, i in _PARTITIONS.items()}
-    b.groups = [_group_entry(ctx, pp, vpp, rc, rnl, cluster.device_count, b.act_bytes, b.weight_bytes, b.grad_bytes,
+    b.groups = [group_sums(ctx, pp, vpp, rc, rnl, cluster.device_count, b.act_bytes, b.weight_bytes, b.grad_bytes,
                              workload.seq_len, parts[pid]) for pp, vpp, rc, rnl, pid in b.cg_keys.tolist()]
-    cu_first, b.cu_of = _row_ids([b.cg_of, b.column_of])
+    cu_first, b.cu_of = row_ids([b.cg_of, b.column_of])
     b.cu_cg, b.cu_u = b.cg_of[cu_first], b.column_of[cu_first]
     flat = b.cu_cg * G + b.cu_u
-    b.per_cu = {k: np.stack([x[k] for x in b.groups]).ravel()[flat] for k in _PER_COLUMN}
+    b.per_cu = {k: np.stack([x[k] for x in b.groups]).ravel()[flat] for k in PER_COLUMN}
 
 
 def _pipeline_makespans(b: _Batch) -> None:
@@ -352,7 +330,7 @@ def _pipeline_makespans(b: _Batch) -> None:
     on them computed is reused (a search calls estimate_batch again and again on one cluster; most of its
     pipeline problems repeat). Keys: the three ids packed in an int64."""
     ctx = b.ctx
-    pr_first, b.pr_of = _row_ids([b.pg_of, b.cu_of])
+    pr_first, b.pr_of = row_ids([b.pg_of, b.cu_of])
     b.pr_pg, pr_cu = b.pg_of[pr_first], b.cu_of[pr_first]
     b.pr_cg, b.pr_u = b.cu_cg[pr_cu], b.cu_u[pr_cu]
     b.p2p_pr = b.per_cu["p2p"][pr_cu]
@@ -367,7 +345,7 @@ def _pipeline_makespans(b: _Batch) -> None:
     if not miss.any():
         return
     _time_problems(b, miss)
-    if len(ctx.pipe_keys) + int(miss.sum()) > _PIPE_MEMO_MAX:
+    if len(ctx.pipe_keys) + int(miss.sum()) > PIPE_MEMO_MAX:
         ctx.pipe_keys, ctx.pipe_vals = ctx.pipe_keys[:0], ctx.pipe_vals[:0]
     keys = np.concatenate([ctx.pipe_keys, key[miss]])
     order = np.argsort(keys, kind="stable")
@@ -375,8 +353,8 @@ def _pipeline_makespans(b: _Batch) -> None:
 
 
 def _time_problems(b: _Batch, todo: np.ndarray) -> None:
-    """Makespans of the problems marked in `todo`, one pipeline group's DAG at a time (batch_dag._makespan)."""
-    pr_ranges = _ranges(b.pr_pg, len(b.pg_keys))
+    """Makespans of the problems marked in `todo`, one pipeline group's DAG at a time (batch_dag.makespans)."""
+    pr_ranges = group_ranges(b.pr_pg, len(b.pg_keys))
     for gk, (sch, pp, vpp, mm, nc) in enumerate(b.pg_keys.tolist()):
         lo, hi = pr_ranges[gk]
         rows = lo + np.flatnonzero(todo[lo:hi])
@@ -384,11 +362,11 @@ def _time_problems(b: _Batch, todo: np.ndarray) -> None:
             continue
         schedule = SCHEDULES[sch]
         durations = _op_durations(b, rows, pp * vpp, get_schedule(schedule).splits_backward)
-        b.pipe_pr[rows] = _makespan(_dag(schedule, pp, vpp, mm, nc), durations, b.p2p_pr[rows])
+        b.pipe_pr[rows] = makespans(dag_of(schedule, pp, vpp, mm, nc), durations, b.p2p_pr[rows])
 
 
 def _op_durations(b: _Batch, rows: np.ndarray, n_chunks: int, splits_backward: bool) -> np.ndarray:
-    """Per problem in `rows`, the duration row batch_dag._makespan reads: [F per chunk, B per chunk, W per
+    """Per problem in `rows`, the duration row batch_dag.makespans reads: [F per chunk, B per chunk, W per
     chunk]; a schedule that splits the backward gives half of it to W (pipeline.simulate: w = bwd / 2,
     B op = bwd - w), the others have no W."""
     durations = np.zeros((len(rows), 3 * n_chunks))
@@ -445,8 +423,8 @@ def _peak_memory(pa: PlanArrays, workload: Workload, ctx, cg: list, pg_keys, pr_
     (pipeline problem, ZeRO stage, offload fractions) of the batch, in blocks of one (pp, ZeRO stage)."""
     G = len(ctx.tuples)
     NPG = len(pg_keys)
-    oa_first, oa_of = _row_ids([_float_ids(pa.offload_activations), _float_ids(pa.offload_optimizer)])
-    me_first, me_of = _row_ids([pr_of, pa.zero, oa_of])
+    oa_first, oa_of = row_ids([float_ids(pa.offload_activations), float_ids(pa.offload_optimizer)])
+    me_first, me_of = row_ids([pr_of, pa.zero, oa_of])
     me_pr = pr_of[me_first]
     me_zero = pa.zero[me_first]
     me_dp = (pa.dp * pa.cp)[me_first]  # ZeRO shards over dp x cp
@@ -462,7 +440,7 @@ def _peak_memory(pa: PlanArrays, workload: Workload, ctx, cg: list, pg_keys, pr_
     max_pp = int(pg_keys[:, 1].max())
     infl_t = np.zeros((NPG, max_pp))  # the pipeline's in-flight work items per stage, per chunk
     for gk, (sch, pp, vpp, mm, nc) in enumerate(pg_keys.tolist()):
-        infl_t[gk, :pp] = _inflight(SCHEDULES[sch], pp, vpp, mm, nc)
+        infl_t[gk, :pp] = inflight_items(SCHEDULES[sch], pp, vpp, mm, nc)
     infl_t = infl_t.ravel()
     order = np.lexsort((me_zero, me_pp))
     o_pp, o_zero = me_pp[order], me_zero[order]

@@ -1,8 +1,8 @@
-"""What estimate_batch keeps between calls (_Ctx) and the per count group sums it builds from it.
+"""What estimate_batch keeps between calls (CostContext) and the per count group sums it builds from it.
 
 A count group is (pp, vpp, recompute, recompute_num_layers): it fixes which layers each chunk and stage holds
-(chunks.layer_counts) and so, for every layer-tuple column of _Ctx, the chunk times, stage memory tables, DP traffic and
-p2p time (_group_entry). Separate from planner/cost/batch.py, which only gathers these per plan.
+(chunks.layer_counts) and so, for every layer-tuple column of CostContext, the chunk times, stage memory tables, DP traffic and
+p2p time (group_sums). Separate from planner/cost/batch.py, which only gathers these per plan.
 """
 from __future__ import annotations
 
@@ -13,26 +13,26 @@ from planner.core.hardware import Cluster
 from planner.core.model import ModelGraph
 from planner.core.plan import Workload
 from planner.cost import memory
-from planner.cost.batch_layers import TUPLE, _layer_values
+from planner.cost.batch_layers import TUPLE, layer_values
 from planner.cost.chunks import layer_counts, shape_index
 from planner.cost.links import cached_p2p, pipeline_p2p_s, strided_link
 from planner.cost.step_terms import layer_sync_sums_s
 
-# What the estimate keeps between calls, per (model, cluster, workload terms, stage): see _Ctx.
+# What the estimate keeps between calls, per (model, cluster, workload terms, stage): see CostContext.
 _CTX: dict = {}
-_PIPE_MEMO_MAX = 500_000
-_IDS_MAX = 1 << 20  # columns, pipeline groups and count groups get ids below 2**21: packed in one int64
+PIPE_MEMO_MAX = 500_000
+IDS_MAX = 1 << 20  # columns, pipeline groups and count groups get ids below 2**21: packed in one int64
 
 
-class _Ctx:
+class CostContext:
     """What the estimate computed for one (model, cluster, workload terms) -- and, for a stage of a stage
     layout, that stage's device and links -- that a later call on them reuses; each piece is fixed by its key.
 
     - columns: one per distinct layer tuple seen (`col`, `tuples`, batch_layers.TUPLE), holding
-      _layer_values' per-shape values for it (`lv`, arrays whose last axis is the column). A column's values
+      layer_values' per-shape values for it (`lv`, arrays whose last axis is the column). A column's values
       are computed from its tuple alone (elementwise), so they do not depend on which other tuples a batch holds.
     - count groups (`groups`): per (pp, vpp, recompute, recompute_num_layers, partition) its chunk and stage
-      sums, worst stage, DP traffic and p2p time for every column (_group_entry). New columns drop them all
+      sums, worst stage, DP traffic and p2p time for every column (group_sums). New columns drop them all
       (they are recomputed over every column when next needed), and any new entry drops `stages`, the
       per-stage tables of all entries stacked for the memory phase.
     - makespans per pipeline problem (pipeline group, count group, column): a sorted array of packed int64
@@ -46,7 +46,7 @@ class _Ctx:
         host = cluster.nodes[0].host_link
         e = dtypes.activation_bytes(workload.dtype)
         docs = None if workload.documents is None else (workload.global_batch, workload.documents)
-        # _layer_values' arguments after (shapes, tuples): the stage's device (the cluster's first unless a
+        # layer_values' arguments after (shapes, tuples): the stage's device (the cluster's first unless a
         # stage layout places it) and links (None: the cluster's strided groups)
         self.layer_args = (cluster, dev or cluster.devices[0].device, workload.dtype, e, e,
                            dtypes.weight_bytes(workload.dtype), workload.seq_len,
@@ -68,7 +68,7 @@ class _Ctx:
         new = [i for i, c in enumerate(ids) if c is None]
         if new:
             nt = tuples[new]
-            vals = _layer_values(self.shapes, nt, *self.layer_args)
+            vals = layer_values(self.shapes, nt, *self.layer_args)
             self.lv = vals if self.lv is None else {k: np.concatenate([self.lv[k], v], axis=-1)
                                                      for k, v in vals.items()}
             for i, t in zip(new, map(tuple, nt.tolist())):
@@ -97,22 +97,27 @@ class _Ctx:
 STAGE_TABLES = ("par_st", "froz_st", "act_st", "parx_st", "work_st", "logit_st", "kvf_st", "kva_st", "ring_st")
 
 
-def _ctx(model: ModelGraph, cluster: Cluster, workload: Workload, stage_key=None, dev=None, links=None) -> _Ctx:
-    """The cached _Ctx of (model, cluster, the workload's terms); stage_key names a stage of a stage layout
+def clear() -> None:
+    """Forget every context (the partition ids their keys hold are being reassigned)."""
+    _CTX.clear()
+
+
+def cost_context(model: ModelGraph, cluster: Cluster, workload: Workload, stage_key=None, dev=None, links=None) -> CostContext:
+    """The cached CostContext of (model, cluster, the workload's terms); stage_key names a stage of a stage layout
     (its device and groups), whose dev and links the context then uses."""
     docs = None if workload.documents is None else (workload.global_batch, workload.documents)
     key = (id(model), id(cluster), workload.seq_len, workload.dtype, workload.grad_dtype, workload.moe_imbalance,
            workload.moe_capacity_factor, docs, stage_key)
     hit = _CTX.get(key)
     if (hit is None or hit.model is not model or hit.cluster is not cluster
-            or max(len(hit.col), len(hit.pg_id), len(hit.cg_id)) > _IDS_MAX):
+            or max(len(hit.col), len(hit.pg_id), len(hit.cg_id)) > IDS_MAX):
         if len(_CTX) > 64:
             _CTX.clear()
-        hit = _CTX[key] = _Ctx(model, cluster, workload, dev, links)
+        hit = _CTX[key] = CostContext(model, cluster, workload, dev, links)
     return hit
 
 
-def _group_entry(ctx: _Ctx, pp: int, vpp: int, rc: int, rnl: int, n_dev: int, e: int, w_bytes: int, g_bytes: int,
+def group_sums(ctx: CostContext, pp: int, vpp: int, rc: int, rnl: int, n_dev: int, e: int, w_bytes: int, g_bytes: int,
                  s: int, partition=None) -> dict:
     """A count group's sums for every column of ctx (cached in ctx.groups until new columns appear): the chunk
     and stage sums (_chunk_stage_sums), the worst stage's DP gradient reduction and ZeRO traffic
@@ -131,7 +136,7 @@ def _group_entry(ctx: _Ctx, pp: int, vpp: int, rc: int, rnl: int, n_dev: int, e:
     return ent
 
 
-def _chunk_stage_sums(ctx: _Ctx, k: dict, pp: int, vpp: int) -> dict:
+def _chunk_stage_sums(ctx: CostContext, k: dict, pp: int, vpp: int) -> dict:
     """Per chunk forward / backward time, per stage params / frozen / activation / memory-table bytes; the
     worst stage, its params, busy time and last backward; model and hardware FLOPs: for every column, from the
     count group's layer counts `k` (chunks.layer_counts) by matmul."""
@@ -167,7 +172,7 @@ def _chunk_stage_sums(ctx: _Ctx, k: dict, pp: int, vpp: int) -> dict:
                 fh=k["Ktot"] @ lv["fhw"].reshape(S * 3, G))
 
 
-def _dp_collective_sums(ctx: _Ctx, cnt_worst: np.ndarray, pp: int, n_dev: int, w_bytes: int, g_bytes: int):
+def _dp_collective_sums(ctx: CostContext, cnt_worst: np.ndarray, pp: int, n_dev: int, w_bytes: int, g_bytes: int):
     """(all-reduce, reduce-scatter, all-gather) seconds per column of the worst stage's layers
     (step_terms.layer_sync_sums_s, as estimate._gradient_sync_s sums them): gradients over the dp x cp ranks
     with stride tp (dp x cp = n / (tp pp), so the count group and column fix it); with ep*etp != tp the routed
@@ -201,7 +206,7 @@ def _dp_collective_sums(ctx: _Ctx, cnt_worst: np.ndarray, pp: int, n_dev: int, w
     return ar, rs, ag
 
 
-def _p2p_column_s(ctx: _Ctx, pp: int, n_dev: int, e: int, s: int) -> np.ndarray:
+def _p2p_column_s(ctx: CostContext, pp: int, n_dev: int, e: int, s: int) -> np.ndarray:
     """links.pipeline_p2p_s per column, the same function the scalar estimate calls, on one work item's
     activations (s / seq_chunks tokens, 1/tp of them with sequence parallel); columns whose tp * cp does not
     fit this pp on the cluster belong to no plan: nan. 0 without a pipeline."""
@@ -222,4 +227,4 @@ def _p2p_column_s(ctx: _Ctx, pp: int, n_dev: int, e: int, s: int) -> np.ndarray:
     return p2p
 
 
-_PER_COLUMN = ("params_dev", "last_bwd", "busy_worst", "fm", "fh", "ar", "rs", "ag", "p2p")
+PER_COLUMN = ("params_dev", "last_bwd", "busy_worst", "fm", "fh", "ar", "rs", "ag", "p2p")

@@ -13,11 +13,11 @@ from functools import lru_cache
 import numpy as np
 
 from planner.cost import pipeline
-from planner.cost.pipeline import _unit_ends
+from planner.cost.pipeline import unit_ends
 
 
 @dataclass(frozen=True)
-class _Dag:
+class Dag:
     """A pipeline's op DAG with ops sorted by topological level. prev/dep index ops (n_ops: the zero
     sentinel); durcol indexes the duration row [F_0..F_{n-1}, B_0.., W_0..] of virtual stages."""
 
@@ -32,7 +32,7 @@ class _Dag:
 
 
 @lru_cache(maxsize=2048)
-def _dag(schedule: str, p: int, v: int, m: int, nc: int = 1) -> _Dag:
+def dag_of(schedule: str, p: int, v: int, m: int, nc: int = 1) -> Dag:
     """The op DAG of pipeline.simulate for (schedule, p, v, m, seq_chunks nc): m * nc work items.
 
     Read from pipeline._compiled, the op list simulate itself times: ops device by device in
@@ -54,7 +54,7 @@ def _dag(schedule: str, p: int, v: int, m: int, nc: int = 1) -> _Dag:
     dev = np.frombuffer(comp.e_dev, dtype=np.int32)
     stops = np.append(np.flatnonzero(dev[1:] != dev[:-1]) + 1, n_ops)
     starts = np.concatenate([[0], stops[:-1]])
-    level = _unit_ends(dep, list(zip(starts.tolist(), stops.tolist()))) - 1
+    level = unit_ends(dep, list(zip(starts.tolist(), stops.tolist()))) - 1
     prev = np.arange(n_ops, dtype=np.int64) - 1
     prev[starts] = n_ops
     # sort by level, device order within a level; remap indices (n_ops stays the sentinel)
@@ -66,12 +66,12 @@ def _dag(schedule: str, p: int, v: int, m: int, nc: int = 1) -> _Dag:
     edges = np.flatnonzero(np.diff(lv)) + 1
     lo = np.concatenate([[0], edges])
     hi = np.concatenate([edges, [n_ops]])
-    return _Dag(n_ops=n_ops, bounds=tuple(zip(lo.tolist(), hi.tolist())), prev=new[prev][order],
+    return Dag(n_ops=n_ops, bounds=tuple(zip(lo.tolist(), hi.tolist())), prev=new[prev][order],
                 dep=new[dep][order], cross=cross[order], durcol=durcol[order], last=new[stops - 1],
                 peak_inflight=comp.peak_inflight)
 
 
-def _levels(dag: _Dag) -> list:
+def dag_levels(dag: Dag) -> list:
     """Per level: (start, stop, prev ops, dependency ops, whether any op there waits on a p2p transfer)."""
     return [(lo, hi, dag.prev[lo:hi], dag.dep[lo:hi], bool(dag.cross[lo:hi].any())) for lo, hi in dag.bounds]
 
@@ -82,13 +82,13 @@ _LEVELS: dict = {}
 _INFL: dict = {}
 
 
-def _inflight(schedule: str, pp: int, vpp: int, m: int, nc: int = 1) -> np.ndarray:
+def inflight_items(schedule: str, pp: int, vpp: int, m: int, nc: int = 1) -> np.ndarray:
     """estimate._memory's in-flight micro-batches (work items) per stage: the DAG's simulate peak, over vpp
     chunks."""
     key = (schedule, pp, vpp, m, nc)
     hit = _INFL.get(key)
     if hit is None:
-        hit = np.array(_dag(schedule, pp, vpp, m, nc).peak_inflight, dtype=float)
+        hit = np.array(dag_of(schedule, pp, vpp, m, nc).peak_inflight, dtype=float)
         if vpp > 1:
             hit = hit / vpp
         if len(_INFL) > 4096:
@@ -97,14 +97,14 @@ def _inflight(schedule: str, pp: int, vpp: int, m: int, nc: int = 1) -> np.ndarr
     return hit
 
 
-def _makespan(dag: _Dag, dur_rows: np.ndarray, p2p: np.ndarray, block: int = 4_000_000) -> np.ndarray:
+def makespans(dag: Dag, dur_rows: np.ndarray, p2p: np.ndarray, block: int = 4_000_000) -> np.ndarray:
     """pipeline.simulate's step_time_s for every row of dur_rows (problems x 3n durations) and p2p:
     start = max(free, dep_end + p2p), stop = start + duration (simulate's loop), level by level."""
     levels = _LEVELS.get(id(dag))
     if levels is None or levels[0] is not dag:
         if len(_LEVELS) > 4096:
             _LEVELS.clear()
-        levels = _LEVELS[id(dag)] = (dag, _levels(dag))
+        levels = _LEVELS[id(dag)] = (dag, dag_levels(dag))
     levels = levels[1]
     out = np.empty(len(dur_rows))
     step = max(1, block // max(dag.n_ops, 1))

@@ -19,7 +19,7 @@ def _dense_rank(c: np.ndarray) -> np.ndarray:
     return np.unique(c, return_inverse=True)[1].reshape(-1)
 
 
-def _row_ids(cols: list) -> tuple[np.ndarray, np.ndarray]:
+def row_ids(cols: list) -> tuple[np.ndarray, np.ndarray]:
     """(first row of each distinct row, id of every row's distinct row) for integer columns >= 0, with the
     distinct rows in lexicographic order (the first column most significant)."""
     cols = [np.asarray(c, dtype=np.int64) for c in cols]
@@ -49,7 +49,7 @@ def _row_ids(cols: list) -> tuple[np.ndarray, np.ndarray]:
     return first, inv.reshape(-1)
 
 
-def _float_ids(a: np.ndarray) -> np.ndarray:
+def float_ids(a: np.ndarray) -> np.ndarray:
     """Id of each value among the distinct values of a float column (np.unique's inverse). A column that holds
     one value (offload fractions are usually all 0) skips np.unique's sort."""
     if len(a) == 0 or bool(np.all(a == a[0])):
@@ -57,7 +57,7 @@ def _float_ids(a: np.ndarray) -> np.ndarray:
     return np.unique(a, return_inverse=True)[1].reshape(-1)
 
 
-def _ranges(sorted_ids: np.ndarray, n: int) -> list[tuple[int, int]]:
+def group_ranges(sorted_ids: np.ndarray, n: int) -> list[tuple[int, int]]:
     """(start, stop) of each id 0..n-1 in an array of ids in ascending order."""
     edges = np.searchsorted(sorted_ids, np.arange(n + 1))
     return list(zip(edges[:-1].tolist(), edges[1:].tolist()))

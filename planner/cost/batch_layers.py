@@ -1,6 +1,6 @@
 """Per-layer values over columns of distinct layer tuples: the layers phase of the estimate.
 
-_layer_values evaluates layer_terms (time, its parts, FLOPs) on columns of distinct layer tuples, with the
+layer_values evaluates layer_terms (time, its parts, FLOPs) on columns of distinct layer tuples, with the
 activation, K/V and ring-buffer bytes the memory phase sums and the parameter counts: the one place the
 estimate evaluates compute.py / comm.py per layer, for one plan (estimate) or many (estimate_batch). The
 links come from cost/links.py, the one link cache (carried by the cluster).
@@ -80,7 +80,7 @@ class FixedLinks:
         return np.where(on, time_s(self.links[role], None), 0.0)
 
 
-def _layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, seq_len, routing=(1.0, None), host=None,
+def layer_values(shapes, tuples, cluster, dev, dtype, e, e_act, e_w, seq_len, routing=(1.0, None), host=None,
                   documents=None, links=None):
     """Per distinct shape (rows) and policy, with arrays over the distinct layer tuples (columns, TUPLE):
     forward and backward time of one work item and their PARTS, model and hardware FLOPs, activation bytes;

@@ -18,14 +18,15 @@ import numpy as np
 
 from planner.core import dtypes
 from planner.core.dims import RECOMPUTE_POLICIES
-from planner.core.errors import BadInput, Infeasible
+from planner.core.errors import BadInput
 from planner.core.hardware import Cluster
 from planner.core.model import ModelGraph
 from planner.core.plan import Estimate, ParallelPlan, Workload
 from planner.cost import attention_balance as ab
 from planner.cost import memory_phase, pipeline, why
-from planner.cost.batch_context import STAGE_TABLES, _ctx, _group_entry
+from planner.cost.batch_context import STAGE_TABLES, cost_context, group_sums
 from planner.cost.batch_layers import PARTS, FixedLinks, float_bits
+from planner.cost.checks import check_plan
 from planner.cost.chunks import layer_counts, partition_key, split_chunks  # noqa: F401  split_chunks: re-exported
 from planner.cost.links import cached_p2p, group_link, stage_links, strided_link
 from planner.cost.stages import boundary_p2p_s, stage_layout
@@ -58,60 +59,6 @@ def expert_data_parallel(plan: ParallelPlan) -> int:
     return memory_phase.expert_data_parallel(plan.dp, plan.cp, plan.tp, plan.ep, plan.etp or plan.tp)
 
 
-def _check_expert_parallel(model: ModelGraph, plan: ParallelPlan) -> None:
-    """ep must divide every MoE layer's experts and fold into the dp x cp x tp ranks (Megatron's
-    expert_tensor x expert x expert-data grid over the same devices); a dense model takes ep = 1.
-    moe_dispatch 'tp_slice' has ep = tp (ParallelPlan checks it), so tp divides the experts here."""
-    if plan.moe_dispatch == "tp_slice" and not any(layer.kind == "moe" for layer in model.layers):
-        raise BadInput(f"moe_dispatch tp_slice: model {model.name} has no MoE layers; use moe_dispatch a2a")
-    if plan.ep == 1:
-        return
-    experts = {layer.experts for layer in model.layers if layer.kind == "moe"}
-    if not experts:
-        raise BadInput(f"--ep {plan.ep}: model {model.name} has no MoE layers; use --ep 1")
-    for n_exp in sorted(experts):
-        if n_exp % plan.ep:
-            raise BadInput(f"--ep {plan.ep} does not divide the {n_exp} experts of model {model.name}")
-    etp = plan.etp or plan.tp
-    ranks = plan.dp * plan.cp * plan.tp
-    if ranks % (plan.ep * etp):
-        raise BadInput(f"ep*etp = {plan.ep}*{etp} must divide dp*cp*tp = {ranks}; change --ep")
-
-
-def _check_deepep(deepep, workload: Workload) -> None:
-    """DeepEP's dispatch (moe_dispatch 'deepep') runs dropless routing only (Megatron-Bridge's recipes turn
-    DeepEP off when they turn token dropping on)."""
-    if np.any(deepep) and workload.moe_capacity_factor is not None:
-        raise BadInput(f"moe_dispatch deepep needs dropless routing; the workload drops tokens at capacity factor "
-                       f"{workload.moe_capacity_factor}: use moe_dispatch a2a or drop the capacity factor")
-
-
-def _check_context_parallel(model: ModelGraph, plan: ParallelPlan) -> None:
-    """Ulysses (cp_comm 'a2a') gives each cp rank heads/(tp*cp) whole heads (Jacobs et al. 2023 section 3.2:
-    the degree must divide the heads)."""
-    if plan.cp_comm != "a2a":
-        return
-    for layer in model.layers:
-        if layer.kind == "attention" and layer.heads % (plan.tp * plan.cp):
-            raise BadInput(f"cp_comm a2a: tp*cp = {plan.tp}*{plan.cp} must divide the {layer.heads} heads of "
-                           f"model {model.name}; use the ring")
-
-
-def _check_seq_chunks(model: ModelGraph, plan: ParallelPlan, seq_len: int) -> None:
-    """seq_chunks n needs causal attention (a chunk may only read earlier chunks: TeraPipe section 3) and
-    chunks that split evenly, also over the 2*cp load-balanced halves of context parallelism (Megatron)."""
-    n = plan.seq_chunks
-    if n == 1:
-        return
-    if any(layer.kind in ("attention", "encoder") and layer.trainable and not layer.causal for layer in model.layers):
-        raise BadInput(f"seq_chunks {n}: model {model.name} has non-causal attention, whose chunks would read later "
-                       f"chunks; use seq_chunks 1")
-    unit = n * (2 * plan.cp if plan.cp > 1 else 1)
-    if seq_len % unit:
-        raise BadInput(f"seq_chunks {n}: sequence {seq_len} must divide into {n} chunks"
-                       + (f" of 2*cp = {2 * plan.cp} parts" if plan.cp > 1 else ""))
-
-
 def _attention_factors(workload: Workload, plan: ParallelPlan):
     """attention_balance.AttentionFactors of the workload's documents over the plan's dp replicas; None without
     documents. Chunked sequences are refused there: their chunk costs assume one causal document."""
@@ -130,7 +77,7 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     """Step time, throughput, MFU, memory per device and the explanation of one plan, as named phases: the
     checks, what every phase reads (_setup), chunk sums, the pipeline, data-parallel sync, the optimizer,
     memory, and the outputs."""
-    _check_plan(model, cluster, workload, plan)
+    check_plan(model, cluster, workload, plan)
     one = _setup(model, cluster, workload, plan)
     sums = _chunk_sums(one)
     p2p_s, pipe = _pipeline(one, sums)
@@ -140,27 +87,10 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     return _outputs(one, sums, p2p_s, pipe, sync, opt_s, offload_s, mem)
 
 
-def _check_plan(model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan) -> None:
-    """Refuse (BadInput) a plan the cost model cannot price on this cluster, model and workload."""
-    n = plan.devices
-    if n != cluster.device_count:
-        raise BadInput(f"plan uses dp*tp*pp*cp = {plan.dp}*{plan.tp}*{plan.pp}*{plan.cp} = {n} devices, "
-                       f"cluster {cluster.name} has {cluster.device_count}")
-    _check_expert_parallel(model, plan)
-    _check_context_parallel(model, plan)
-    _check_deepep(plan.moe_dispatch == "deepep", workload)
-    if workload.global_batch % (plan.mbs * plan.dp):
-        raise BadInput(f"global batch {workload.global_batch} is not divisible by mbs*dp = "
-                       f"{plan.mbs}*{plan.dp}")
-    _check_seq_chunks(model, plan, workload.seq_len)
-    if (plan.offload.optimizer > 0 or plan.offload.activations > 0) and cluster.nodes[0].host_link is None:
-        raise Infeasible(f"node type {cluster.nodes[0].node_type.name} has no host_link: offload needs one")
-
-
 @dataclass(slots=True)
 class _Stage:
     """One pipeline stage's view of the shared columns: its context (device, links, cached values), the
-    plan's column there and the chunk layout's sums (batch_context._group_entry)."""
+    plan's column there and the chunk layout's sums (batch_context.group_sums)."""
 
     ctx: object
     col: int
@@ -208,7 +138,7 @@ def _setup(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Parall
 
     def stage(ctx) -> _Stage:
         col = int(ctx.columns(row)[0])
-        return _Stage(ctx=ctx, col=col, entry=_group_entry(ctx, plan.pp, plan.vpp, rc, rnl, cluster.device_count, e,
+        return _Stage(ctx=ctx, col=col, entry=group_sums(ctx, plan.pp, plan.vpp, rc, rnl, cluster.device_count, e,
                                                            w_bytes, g_bytes, workload.seq_len, part))
 
     # Several device types, or a plan that places its stages: each stage on its own devices, profile and links
@@ -217,7 +147,7 @@ def _setup(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Parall
     if layout is None:
         dev = cluster.devices[0].device
         ep_link = strided_link(cluster, 0, plan.etp or plan.tp, plan.ep) if plan.ep > 1 else None
-        stages = [stage(_ctx(model, cluster, workload))] * plan.pp
+        stages = [stage(cost_context(model, cluster, workload))] * plan.pp
     else:
         dev, stages = layout.devices[0], []
         pool = strided_link(cluster, 0, 1, plan.devices) if plan.attention_pool else None
@@ -225,7 +155,7 @@ def _setup(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Parall
             tp_l, cp_l, _, ep_l = stage_links(cluster, layout.ranks, k)
             key = ("stage", layout.devices[k].name, layout.groups[k], plan.tp, plan.cp, plan.dp, plan.ep,
                    plan.etp, plan.attention_pool)
-            stages.append(stage(_ctx(model, cluster, workload, key, layout.devices[k],
+            stages.append(stage(cost_context(model, cluster, workload, key, layout.devices[k],
                                      FixedLinks(tp_l, cp_l, ep_l, pool))))
         ep_link = stage_links(cluster, layout.ranks, 0)[3]
     return _OnePlan(model=model, cluster=cluster, workload=workload, plan=plan, microbatches=m, items=items,
@@ -265,7 +195,7 @@ def _chunk_sums(one: _OnePlan) -> _ChunkSums:
 def chunk_times(model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan):
     """(forward s, backward s, parts) per pipeline chunk of one work item, and one stage-to-stage transfer's
     seconds: what estimate() hands to the pipeline simulation (app/viz.py draws the same)."""
-    _check_plan(model, cluster, workload, plan)
+    check_plan(model, cluster, workload, plan)
     one = _setup(model, cluster, workload, plan)
     sums = _chunk_sums(one)
     return sums.fwd_s, sums.bwd_s, sums.parts, _p2p_s(one)

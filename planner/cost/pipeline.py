@@ -31,7 +31,7 @@ from typing import Literal, NamedTuple, Sequence
 import numpy as np
 
 from planner.core.dims import SCHEDULES
-from planner.cost.schedule_order import _check_args, order_arrays, schedule_order
+from planner.cost.schedule_order import check_schedule_args, order_arrays, schedule_order
 from planner.cost.schedules import get_schedule
 
 PipelineSchedule = Literal[SCHEDULES]
@@ -164,7 +164,7 @@ def simulate(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: i
     fwd = [float(x) for x in fwd_s]
     bwd = [float(x) for x in bwd_s]
     p = _check_times(fwd, bwd, v, p2p_s)
-    _check_args(schedule, p, m, v, seq_chunks)
+    check_schedule_args(schedule, p, m, v, seq_chunks)
     n_stages = p * v
 
     b_dur, w = backward_split(schedule, bwd, wgrad_s, n_stages)
@@ -249,7 +249,7 @@ def _peaks(schedule: str, kind: np.ndarray, bounds: list) -> tuple[tuple[int, ..
     return tuple(inflight), tuple(pending)
 
 
-def _unit_ends(dep: np.ndarray, bounds: list) -> np.ndarray:
+def unit_ends(dep: np.ndarray, bounds: list) -> np.ndarray:
     """Every op's end time with unit durations and no p2p (device order; dep: the op each waits for, n_ops:
     none), i.e. its topological level + 1: the longest path E = 1 + max(E[op before on the device], E[dep]).
 
@@ -305,7 +305,7 @@ def _dependencies(kind: np.ndarray, item: np.ndarray, chunk: np.ndarray, dev: np
 
 @lru_cache(maxsize=128)
 def _compiled(schedule: str, p: int, m: int, v: int, n: int = 1) -> _Compiled:
-    _check_args(schedule, p, m, v, n)
+    check_schedule_args(schedule, p, m, v, n)
     n_stages = p * v
     total = m * n  # work items
     # every op in device order (op id g = d * per_dev + its place in device d's order)
@@ -321,7 +321,7 @@ def _compiled(schedule: str, p: int, m: int, v: int, n: int = 1) -> _Compiled:
     # above: the same floats as any such order); the first version's device-by-device sweep was a Python
     # loop over every op
     try:
-        level = _unit_ends(dep, bounds)
+        level = unit_ends(dep, bounds)
     except AssertionError:  # a cycle: cannot happen for the orders above; guards future schedules
         raise RuntimeError(f"schedule {schedule!r} deadlocks (p={p}, m={m}, v={v})") from None
     seq = np.argsort(level, kind="stable")
@@ -342,7 +342,7 @@ def _compiled(schedule: str, p: int, m: int, v: int, n: int = 1) -> _Compiled:
 def schedule_peaks(schedule: str, p: int, m: int, v: int = 1, seq_chunks: int = 1) -> tuple[tuple[int, ...],
                                                                                              tuple[int, ...]]:
     """simulate's peak_inflight and peak_pending_w: they depend on the op order only, not on op times."""
-    _check_args(schedule, p, m, v, seq_chunks)
+    check_schedule_args(schedule, p, m, v, seq_chunks)
     comp = _compiled(schedule, p, m, v, seq_chunks)
     return comp.peak_inflight, comp.peak_pending_w
 
@@ -359,7 +359,7 @@ def simulate_times(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float]
     fwd = [float(x) for x in fwd_s]
     bwd = [float(x) for x in bwd_s]
     p = _check_times(fwd, bwd, v, p2p_s)
-    _check_args(schedule, p, m, v, seq_chunks)
+    check_schedule_args(schedule, p, m, v, seq_chunks)
     if get_schedule(schedule).splits_backward:
         w = [x / 2 for x in bwd]
         dur = fwd + [b - x for b, x in zip(bwd, w)] + w
@@ -402,7 +402,7 @@ def bubble_time_closed(schedule: str, p: int, m: int, v: int = 1, tf: float = 1.
     T_W <= min(T_F, T_B) (the paper's handcrafted regime; checked in tests); outside it the simulated
     bubble is larger.
     """
-    _check_args(schedule, p, m, v)
+    check_schedule_args(schedule, p, m, v)
     return get_schedule(schedule).bubble_time(p, m, v, tf, tb, tw)
 
 
@@ -419,7 +419,7 @@ def bubble_fraction_closed(schedule: str, p: int, m: int, v: int = 1, tf: float 
     interleaving. seq_chunks n (gpipe, 1f1b): tf, tb are one chunk's and m * n items fill the pipeline,
     (p-1)/(m n + p-1) (TeraPipe, Li et al. 2021 section 3; Seq1F1B, Sun et al. 2024).
     """
-    _check_args(schedule, p, m, v, seq_chunks)
+    check_schedule_args(schedule, p, m, v, seq_chunks)
     bubble = bubble_time_closed(schedule, p, m, v, tf, tb, tw)
     ideal = m * seq_chunks * (tf + tb)
     if of == "ideal":
@@ -444,7 +444,7 @@ def inflight_microbatches(schedule: str, p: int, m: int, stage: int = 0, v: int 
     stage holds every chunk of the micro-batch whose backward (last chunk first) it waits for, plus the
     warm-up (schedules/one_f_one_b.py).
     """
-    _check_args(schedule, p, m, v, seq_chunks)
+    check_schedule_args(schedule, p, m, v, seq_chunks)
     if not 0 <= stage < p:
         raise ValueError(f"stage {stage} outside 0..{p - 1}")
     return get_schedule(schedule).inflight_microbatches(p, m, stage, v, seq_chunks)

@@ -14,7 +14,7 @@ from planner.cost.schedules import get_schedule
 __all__ = ["SCHEDULES", "order_arrays", "schedule_order"]
 
 
-def _check_args(schedule: str, p: int, m: int, v: int, n: int = 1) -> None:
+def check_schedule_args(schedule: str, p: int, m: int, v: int, n: int = 1) -> None:
     """ValueError when (p, m, v, seq_chunks n) cannot run under `schedule` (planner/core/dims.py rules)."""
     problem = schedule_problem(schedule, p, m, v, n)
     if problem is not None:
@@ -24,7 +24,7 @@ def _check_args(schedule: str, p: int, m: int, v: int, n: int = 1) -> None:
 def schedule_order(schedule: str, p: int, m: int, v: int = 1, n: int = 1) -> list[list[tuple[str, int, int]]]:
     """The op order of every device: per device a list of (kind, item, chunk). n > 1 (gpipe, 1f1b): each
     micro-batch's sequence runs as n chunks, items q*n + c (schedules.backward_items)."""
-    _check_args(schedule, p, m, v, n)
+    check_schedule_args(schedule, p, m, v, n)
     spec = get_schedule(schedule)
     return [spec.device_order(p, i, m, v, n) for i in range(p)]
 

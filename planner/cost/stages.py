@@ -25,8 +25,6 @@ from planner.core.layout import RankLayout, has_placement, one_device_type, rank
 from planner.core.plan import ParallelPlan
 from planner.cost import comm
 
-_homogeneous = one_device_type  # the name batch.py imports
-
 
 @dataclass(frozen=True)
 class StageLayout:

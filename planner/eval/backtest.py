@@ -374,7 +374,7 @@ def _candidates(row: dict, n_devices: int):
     sp_printed = row_value(row, "sp")
     sp_opts = [bool(int(sp_printed))] if sp_printed is not None else [tp > 1]
     stack = SOFTWARE_STACKS.get(str(row["source_code"]), MODERN_STACK)
-    # Unprinted MoE token exchange: the all-to-all, or DeepEP's (dropless routing only, estimate._check_deepep)
+    # Unprinted MoE token exchange: the all-to-all, or DeepEP's (dropless routing only, estimate.check_deepep)
     dispatch_opts = ["a2a", "deepep"] if ep > 1 and not token_drop(row) else ["a2a"]
     # An unprinted recompute may also be Megatron's partial one: N blocks of each chunk recomputed.
     per_chunk = -(-int(row["layers"]) // (pp * vpp))

@@ -228,7 +228,7 @@ def _main(argv) -> int:
     import json
 
     from planner import userdata
-    from planner.catalog import _REPO_ROOT, FITTED_EFFICIENCY_FILE, device, profiles_dir
+    from planner.catalog import FITTED_EFFICIENCY_FILE, REPO_ROOT, device, profiles_dir
 
     ap = argparse.ArgumentParser(description="fit device efficiencies on a published-runs table")
     ap.add_argument("--runs", required=True)
@@ -247,7 +247,7 @@ def _main(argv) -> int:
     args = ap.parse_args(argv)
     if args.write and args.write_shipped:
         raise BadInput("--write and --write-shipped: choose one (your data folder, or the checkout's shipped fit)")
-    if args.write_shipped and profiles_dir() != _REPO_ROOT / "hardware_profiles":
+    if args.write_shipped and profiles_dir() != REPO_ROOT / "hardware_profiles":
         raise BadInput(f"--write-shipped updates a checkout's hardware_profiles/, and this planner is installed "
                        f"({profiles_dir()}); use --write for your data folder, or run it from a checkout")
     params = tuple(p.strip() for p in args.params.split(",") if p.strip())

@@ -36,7 +36,7 @@ from planner.cost.estimate import estimate
 from planner.cost.memory import allocator_overhead_bytes
 from planner.cost.pipeline import inflight_microbatches
 from planner.cost.stages import device_speed_key
-from planner.search.partition import _band, _extra_bytes, _minimax, _segments, block_costs
+from planner.search.partition import band, block_costs, extra_bytes, minimax, segments
 
 _RTOL = 1e-9
 
@@ -117,25 +117,25 @@ def hetero_partition(costs: list, capacity_bytes: list[float], inflight) -> Hete
     valid = np.broadcast_to(np.arange(w)[:, None] <= np.arange(w)[None, :], (k, w, w))
 
     def banded(fn):
-        # stage c's table in band coordinates, from its own costs (partition._band of each, row c)
-        return np.stack([_band(fn(cs), k)[c] for c, cs in enumerate(costs)])
+        # stage c's table in band coordinates, from its own costs (partition.band of each, row c)
+        return np.stack([band(fn(cs), k)[c] for c, cs in enumerate(costs)])
 
-    time_ = banded(lambda cs: _segments(cs.time_s, cs.early_time_s, cs.recompute_cut, cs.head_time_s,
+    time_ = banded(lambda cs: segments(cs.time_s, cs.early_time_s, cs.recompute_cut, cs.head_time_s,
                                         cs.tail_time_s))
-    state = banded(lambda cs: _segments(cs.state_bytes, cs.state_bytes, 0, cs.head_state_bytes,
+    state = banded(lambda cs: segments(cs.state_bytes, cs.state_bytes, 0, cs.head_state_bytes,
                                         cs.tail_state_bytes))
-    act = banded(lambda cs: _segments(cs.act_bytes, cs.early_act_bytes, cs.recompute_cut, cs.head_act_bytes,
+    act = banded(lambda cs: segments(cs.act_bytes, cs.early_act_bytes, cs.recompute_cut, cs.head_act_bytes,
                                       cs.tail_act_bytes))
-    extra = banded(_extra_bytes)  # backward working set and loss logits copy (partition_dp)
+    extra = banded(extra_bytes)  # backward working set and loss logits copy (partition_dp)
     held = state + act * infl[:, None, None] + extra
     mem = held + allocator_overhead_bytes(held)  # as estimate._memory
     cap = np.asarray(capacity_bytes, dtype=float)[:, None, None]
     allowed = valid & (mem <= cap)
-    best, edges = _minimax(time_, allowed)
+    best, edges = minimax(time_, allowed)
     if not math.isfinite(best):
         raise Infeasible(f"no split of {n} blocks over {k} heterogeneous stages fits their memory")
     allowed = allowed & (time_ <= best + _RTOL * abs(best))
-    _, edges = _minimax(mem / cap, allowed)  # tie-break: the most headroom relative to each device
+    _, edges = minimax(mem / cap, allowed)  # tie-break: the most headroom relative to each device
     ranges = tuple((int(edges[c]), int(edges[c + 1])) for c in range(k))
     at = [(c, lo - c, hi - c - 1) for c, (lo, hi) in enumerate(ranges)]
     return HeteroPartition(ranges, tuple(float(time_[x]) for x in at), tuple(float(mem[x]) for x in at))
@@ -430,7 +430,7 @@ def balance_shares(model, cluster, workload, groups, base: ParallelPlan, subs=No
     if len(active) < len(groups):
         return None  # a group left idle: that is the 'group alone' baseline, not a shares plan
     whole = base.model_copy(update={"dp": dp_total, "partition": [
-        StageAssignment(layers=r, devices=d) for r, d in zip(_even_ranges(model, base.pp), stage_devs)]})
+        StageAssignment(layers=r, devices=d) for r, d in zip(even_ranges(model, base.pp), stage_devs)]})
     whole = ParallelPlan.model_validate(whole.model_dump())
     sync_w = workload.model_copy(update={"global_batch": base.mbs * dp_total * max(base.pp, 1)})
     try:
@@ -453,7 +453,7 @@ def balance_shares(model, cluster, workload, groups, base: ParallelPlan, subs=No
                            breakdown={"pipeline_s": pipe_s, "dp_comm_exposed_s": dp_s, "optimizer_s": opt_s})
 
 
-def _even_ranges(model, k):
+def even_ranges(model, k):
     n = _block_count(model)
     sizes = [len(x) for x in np.array_split(np.arange(n), k)]
     edges = np.cumsum([0] + sizes)

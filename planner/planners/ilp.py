@@ -321,8 +321,8 @@ def placed_plan(cluster: Cluster, plan: ParallelPlan, counts, model: ModelGraph 
     if plan.partition is not None:
         ranges = [tuple(a.layers) for a in plan.partition]
     else:
-        from planner.planners.hetero import _even_ranges
-        ranges = _even_ranges(model, pp)
+        from planner.planners.hetero import even_ranges
+        ranges = even_ranges(model, pp)
     parts = [StageAssignment(layers=r, devices=[d for _, devs in units[s] for d in devs])
              for s, r in enumerate(ranges)]
     return ParallelPlan.model_validate({**plan.model_dump(), "partition": [p.model_dump() for p in parts]})
@@ -331,10 +331,10 @@ def placed_plan(cluster: Cluster, plan: ParallelPlan, counts, model: ModelGraph 
 def rank_order_plan(cluster: Cluster, plan: ParallelPlan, model: ModelGraph) -> ParallelPlan:
     """The plan placed in Megatron's rank order (stage s on devices s*S .. (s+1)*S - 1): what a planner that
     ignores the topology runs, with the same per-boundary transfer model as a placed plan."""
-    from planner.planners.hetero import _even_ranges
+    from planner.planners.hetero import even_ranges
 
     size = plan.tp * plan.dp * plan.cp
-    ranges = [tuple(a.layers) for a in plan.partition] if plan.partition else _even_ranges(model, plan.pp)
+    ranges = [tuple(a.layers) for a in plan.partition] if plan.partition else even_ranges(model, plan.pp)
     parts = [{"layers": r, "devices": list(range(s * size, (s + 1) * size))} for s, r in enumerate(ranges)]
     return ParallelPlan.model_validate({**plan.model_dump(), "partition": parts})
 

@@ -45,7 +45,7 @@ from planner.core.hardware import Cluster
 from planner.core.model import Layer, ModelGraph
 from planner.core.plan import Estimate, ParallelPlan, Workload
 from planner.cost import memory, memory_phase, pipeline
-from planner.cost.batch_context import _ctx
+from planner.cost.batch_context import cost_context
 from planner.cost.chunks import policies as _policies
 from planner.cost.chunks import split_chunks
 from planner.cost.estimate import estimate, layer_tuple
@@ -128,7 +128,7 @@ class Partition:
 
 
 def _dtype_bytes(workload: Workload) -> tuple[int, int, int, int]:
-    """(activation bytes in _Ctx, weight bytes, saved-activation bytes, gradient bytes) as estimate() uses
+    """(activation bytes in CostContext, weight bytes, saved-activation bytes, gradient bytes) as estimate() uses
     them: planner/core/dtypes.py declares them for every module."""
     dtype = workload.dtype
     e_act = dtypes.activation_bytes(dtype)
@@ -137,12 +137,12 @@ def _dtype_bytes(workload: Workload) -> tuple[int, int, int, int]:
 
 class _LayerTerms:
     """One plan's per-layer cost terms, read from the estimate's own column of per-layer values
-    (batch_context._Ctx.columns: the same numbers estimate() sums), by layer shape."""
+    (batch_context.CostContext.columns: the same numbers estimate() sums), by layer shape."""
 
     def __init__(self, model: ModelGraph, cluster: Cluster, workload: Workload, plan: ParallelPlan):
         self.workload, self.plan = workload, plan
         _, self.e_w, self.e_act, _ = _dtype_bytes(workload)
-        self.ctx = _ctx(model, cluster, workload)
+        self.ctx = cost_context(model, cluster, workload)
         self.col = int(self.ctx.columns(layer_tuple(plan, workload))[0])
 
     def _at(self, name: str, layer: Layer, policy: str | None = None) -> float:
@@ -256,7 +256,7 @@ def block_costs(model: ModelGraph, cluster: Cluster, workload: Workload, plan: P
 # the DP
 
 
-def _segments(late: np.ndarray, early: np.ndarray, cut: int, head: float, tail: float) -> np.ndarray:
+def segments(late: np.ndarray, early: np.ndarray, cut: int, head: float, tail: float) -> np.ndarray:
     """S[l, i]: the chunk sum over blocks l..i-1, the first `cut` of them taking `early`, the rest `late`,
     plus the head extra when the chunk starts at block 0 and the tail extra when it ends at block n
     (meaningless where l >= i; callers mask those)."""
@@ -291,7 +291,7 @@ def _segment_max(late: np.ndarray, early: np.ndarray, cut: int, head: float, tai
     return seg
 
 
-def _extra_bytes(costs: BlockCosts) -> np.ndarray:
+def extra_bytes(costs: BlockCosts) -> np.ndarray:
     """_segment_max of costs' backward working set (zeros where costs carries none) and logits copy."""
     zero = np.zeros(costs.n)
     late = zero if costs.work_bytes is None else costs.work_bytes
@@ -299,7 +299,7 @@ def _extra_bytes(costs: BlockCosts) -> np.ndarray:
     return _segment_max(late, early, costs.recompute_cut, costs.head_logit_bytes, costs.tail_logit_bytes)
 
 
-def _band(full: np.ndarray, k: int) -> np.ndarray:
+def band(full: np.ndarray, k: int) -> np.ndarray:
     """View of S[l, i] in band coordinates: out[c, a, b] = S[c + a, c + 1 + b], a, b in 0..n-k (the
     starts and ends chunk c can take when each of k chunks keeps at least one block). No copy."""
     n = full.shape[0] - 1
@@ -309,7 +309,7 @@ def _band(full: np.ndarray, k: int) -> np.ndarray:
                                            writeable=False)
 
 
-def _minimax(obj: np.ndarray, allowed: np.ndarray) -> tuple[float, np.ndarray]:
+def minimax(obj: np.ndarray, allowed: np.ndarray) -> tuple[float, np.ndarray]:
     """min over splits of max_c obj[c, a_c, b_c] with allowed[c, a_c, b_c], and the chunk edges.
 
     Band coordinates: chunk c (of k) starts at block c + a and ends before block c + 1 + b, a, b in
@@ -361,13 +361,13 @@ def partition_dp(costs: BlockCosts, k: int, inflight: Sequence[float] | None = N
     valid = np.arange(w)[:, None] <= np.arange(w)[None, :]  # start c + a before end c + 1 + b
     valid = np.broadcast_to(valid, (k, w, w))
     cut = costs.recompute_cut
-    time = _band(_segments(costs.time_s, costs.early_time_s, cut, costs.head_time_s, costs.tail_time_s), k)
-    par = _band(_segments(costs.params, costs.params, 0, costs.head_params, costs.tail_params), k)
-    state = _band(_segments(costs.state_bytes, costs.state_bytes, 0, costs.head_state_bytes,
+    time = band(segments(costs.time_s, costs.early_time_s, cut, costs.head_time_s, costs.tail_time_s), k)
+    par = band(segments(costs.params, costs.params, 0, costs.head_params, costs.tail_params), k)
+    state = band(segments(costs.state_bytes, costs.state_bytes, 0, costs.head_state_bytes,
                             costs.tail_state_bytes), k)
-    act = _band(_segments(costs.act_bytes, costs.early_act_bytes, cut, costs.head_act_bytes,
+    act = band(segments(costs.act_bytes, costs.early_act_bytes, cut, costs.head_act_bytes,
                           costs.tail_act_bytes), k)
-    extra = _band(_extra_bytes(costs), k)  # the largest block's backward working set, the loss logits copy
+    extra = band(extra_bytes(costs), k)  # the largest block's backward working set, the loss logits copy
     # allocated bytes of chunk c: states + in-flight activations + backward working set + logits copy
     held = state + act * infl[:, None, None] + extra
     mem = held + overhead(held)  # estimate._memory: total = subtotal + allocator overhead
@@ -375,9 +375,9 @@ def partition_dp(costs: BlockCosts, k: int, inflight: Sequence[float] | None = N
     allowed = valid & (mem <= capacity_bytes)
     edges = None
     for name in order:
-        best, edges = _minimax(objs[name], allowed)
+        best, edges = minimax(objs[name], allowed)
         if not math.isfinite(best):
-            least = _minimax(mem, valid)[0]
+            least = minimax(mem, valid)[0]
             raise Infeasible(f"no split of {n} blocks into {k} pipeline chunks fits in "
                              f"{capacity_bytes / 1e9:.1f} GB per chunk (the best needs {least / 1e9:.1f} GB)")
         # the next objective only breaks ties of this one

@@ -30,7 +30,7 @@ from planner.core.hardware import Cluster
 from planner.core.model import ModelGraph
 from planner.core.plan import Estimate, ParallelPlan, Workload
 from planner.cost.batch import SCHEDULES, PlanArrays, estimate_batch
-from planner.cost.batch_ids import _row_ids
+from planner.cost.batch_ids import row_ids
 from planner.cost.estimate import estimate, split_chunks
 from planner.search.space import Constraints, default_max_cp, enumerate_space, memory_lower_bound
 
@@ -174,7 +174,7 @@ def step_lower_bound(model: ModelGraph, cluster: Cluster, workload: Workload, pa
     """
     proxies = {} if proxies is None else proxies
     keys = _proxy_keys(pa)
-    first, inv = _row_ids(list(keys.values()))  # np.unique(axis=0)'s rows without its structured sort
+    first, inv = row_ids(list(keys.values()))  # np.unique(axis=0)'s rows without its structured sort
     uniq = {name: col[first] for name, col in keys.items()}
     out_u = np.empty(len(first))
     for pp in np.unique(uniq["pp"]).tolist():

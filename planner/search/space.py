@@ -49,8 +49,8 @@ from planner.core.limits import MAX_MICROBATCHES
 from planner.core.model import ModelGraph
 from planner.core.plan import Workload
 from planner.cost import memory, memory_phase, moe
-from planner.cost.batch import POLICIES, SCHEDULES, PlanArrays
-from planner.cost.batch_ids import _row_ids
+from planner.cost.batch_ids import row_ids
+from planner.cost.batch_plans import POLICIES, SCHEDULES, PlanArrays
 from planner.cost.pipeline import inflight_microbatches
 
 # Megatron's block method (--recompute-num-layers N): the blocks of each chunk recomputed, when partial
@@ -286,7 +286,7 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
         t.keep(tp_slice_fits_degrees(t.cols["moe_tp_slice"], t.cols["tp"], t.cols["ep"], t.cols["etp"]),
                "tp_slice (Pipeline MoE) with tp > 1, ep = tp and etp = 1")
         # DeepEP (moe_dispatch deepep; comm.deduplicated_dispatch_time_s): only where the expert group spans
-        # nodes (inside one it is the all-to-all) and routing is dropless (estimate._check_deepep)
+        # nodes (inside one it is the all-to-all) and routing is dropless (estimate.check_deepep)
         deepep_ok = "deepep" in c.moe_dispatch and workload.moe_capacity_factor is None
         t.join("moe_deepep", np.array(sorted({False} | ({True} if deepep_ok else set()))))
         # an all-to-all group off the node (with ep = 1 there is no exchange: DeepEP needs ep > 1)
@@ -362,7 +362,7 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
     t.join("offload_optimizer", np.array(c.offload_optimizer, dtype=float))
     t.join("offload_activations", np.array(c.offload_activations, dtype=float))
     # sequence-chunked pipelines: only where a pipeline has a bubble to fill (pp > 1), with the chunk orders
-    # pipeline.py has (gpipe, 1f1b), a fused attention core and causal attention (estimate._check_seq_chunks),
+    # pipeline.py has (gpipe, 1f1b), a fused attention core and causal attention (estimate.check_seq_chunks),
     # chunks that divide the sequence (and each over the 2*cp load-balanced halves)
     t.join("seq_chunks", np.array(sorted(set(c.seq_chunks)), dtype=np.int64))
     if (t.cols["seq_chunks"] > 1).any():
@@ -400,10 +400,10 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
 
 
 def _row_groups(*cols) -> tuple[np.ndarray, np.ndarray]:
-    """(first row of each distinct combination, group id of every row): batch_ids._row_ids, which packs the
+    """(first row of each distinct combination, group id of every row): batch_ids.row_ids, which packs the
     columns into one integer key instead of np.unique(axis=0)'s sort of a structured view (15 of the 44 s a
     DeepSeek-V3 search on 1,024 GPUs took)."""
-    return _row_ids(list(cols))
+    return row_ids(list(cols))
 
 
 def _stage_inflight(schedule: str, p: int, m: int, v: int, n: int = 1) -> tuple[float, float, float]:

@@ -39,7 +39,7 @@ What is measured, and which profile field it sets:
   per parameter at the memory bandwidth), not fitted.
 
 Every device figure is measured in a process started the way the runner starts a rank (spawned, one
-thread, the runner's malloc settings: launch._child_env), so the profile describes the stack the plans run
+thread, the runner's malloc settings: launch.child_env), so the profile describes the stack the plans run
 on, not the parent CLI process.
 
 The profile is written to {devices,links,nodes}/local.yaml and calibration.json (this whole record: date,
@@ -68,22 +68,19 @@ from planner.backends.torch import calibrate_progress
 
 # Re-exported, each the same object as in its module: every name this module had stays importable from it.
 from planner.backends.torch.calibrate_fit import (
-    _one_device_cluster,  # noqa: F401
     fit_gemm,
     fit_layer_overhead_s,
     fit_link,
     fit_shard_copy,
     fit_tp_dispatch,
+    one_device_cluster,  # noqa: F401
 )
 from planner.backends.torch.calibrate_measure import (  # noqa: F401
-    _collective_worker,
-    _decoder_step_case,
-    _device_worker,
-    _gemm_row,
-    _median_time_s,
-    _spawned,
-    _tp_block_times,
     collective_sizes,
+    collective_worker,
+    decoder_step_case,
+    device_worker,
+    gemm_row,
     gemm_shapes,
     measure_adamw,
     measure_attention,
@@ -93,6 +90,9 @@ from planner.backends.torch.calibrate_measure import (  # noqa: F401
     measure_dispatch,
     measure_gemm,
     measure_memory_bandwidth,
+    median_time_s,
+    spawned,
+    tp_block_times,
 )
 from planner.core.errors import BadInput
 

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from planner.backends.torch.calibrate_measure import _decoder_step_case
+from planner.backends.torch.calibrate_measure import decoder_step_case
 from planner.core.errors import BadInput
 
 
@@ -76,8 +76,8 @@ def fit_layer_overhead_s(device_fields: dict, measured: float) -> dict:
     from planner.core.plan import ParallelPlan
     from planner.cost.estimate import estimate
 
-    graph, workload = _decoder_step_case()
-    cluster = _one_device_cluster(device_fields, layer_overhead_us=0.0)
+    graph, workload = decoder_step_case()
+    cluster = one_device_cluster(device_fields, layer_overhead_us=0.0)
     predicted = estimate(graph, cluster, workload, ParallelPlan(mbs=workload.global_batch)).step_time_s
     layers = len(graph.layers)
     overhead = max(0.0, (measured - predicted) / (3 * layers))
@@ -88,7 +88,7 @@ def fit_layer_overhead_s(device_fields: dict, measured: float) -> dict:
 def fit_tp_dispatch(tp_block: dict, bytes_per_s: float, latency_s: float) -> dict:
     """Efficiency.tp_dispatch_us, sp_dispatch_us and tp_dispatch_ns_per_byte, fitted jointly (non-negative
     least squares, each row weighted by the inverse of its split block's time, i.e. on relative error) to
-    calibrate_measure._tp_block_times: what each split block takes beyond the plain one, less the four
+    calibrate_measure.tp_block_times: what each split block takes beyond the plain one, less the four
     all-reduces (one per sublayer and pass) planner.cost.estimate_layer charges on the fitted link, is what
     compute.layer_time charges for DTensor: per sublayer a + b x bytes forward and twice that backward, so
     6 (a + b x bytes) per block, with a = tp_dispatch_us or sp_dispatch_us and bytes = tokens x hidden x 4.
@@ -133,7 +133,7 @@ def fit_shard_copy(fsdp: dict, bytes_per_s: float, latency_s: float, nproc: int)
     return {"link_s": link_s, "extra_s": extra, "bytes": copied, "ns_per_byte": max(0.0, extra) / copied * 1e9}
 
 
-def _one_device_cluster(device_fields: dict, **efficiency):
+def one_device_cluster(device_fields: dict, **efficiency):
     """A one-device cluster carrying a device built from `device_fields` (for fitting, before the profile
     is written): any one-device node type of the catalog with its device swapped."""
     from planner import catalog

@@ -20,7 +20,7 @@ import torch
 # timing
 
 
-def _median_time_s(fn, reps: int, min_time_s: float = 0.0) -> float:
+def median_time_s(fn, reps: int, min_time_s: float = 0.0) -> float:
     """Median wall time of fn() over `reps` calls after one warm-up (and at least min_time_s in total)."""
     fn()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -62,22 +62,22 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, quick: bool) -> list[
     tokens: about 25 GFLOP/s against 45-60 for the forward), set the step. Each shape cycles through
     several weights, as a step does (see below), so that no weight is timed from the cache."""
     shapes = gemm_shapes(quick, device.type == "cuda")
-    first = [_gemm_row(m, n, k, device, dtype, quick) for m, n, k in shapes]
+    first = [gemm_row(m, n, k, device, dtype, quick) for m, n, k in shapes]
     if quick:
         return first
     # A second pass in reverse order, each shape keeping its faster one: a slow minute on a shared machine
     # (another process, the host's neighbours) then costs one pass of a few shapes, not a stretch of the fit.
-    second = [_gemm_row(m, n, k, device, dtype, quick) for m, n, k in reversed(shapes)][::-1]
+    second = [gemm_row(m, n, k, device, dtype, quick) for m, n, k in reversed(shapes)][::-1]
     return [a if a["time_s"] <= b["time_s"] else b for a, b in zip(first, second)]
 
 
-def _gemm_row(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
+def gemm_row(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
     import torch.nn.functional as F
 
     if device.type == "cuda":
         a = torch.randn(m, k, device=device, dtype=dtype)
         b = torch.randn(k, n, device=device, dtype=dtype)
-        t = _median_time_s(lambda: a @ b, reps=3 if quick else 5, min_time_s=0.0 if quick else 0.2)
+        t = median_time_s(lambda: a @ b, reps=3 if quick else 5, min_time_s=0.0 if quick else 0.2)
         return {"m": m, "n": n, "k": k, "time_s": t, "flops_per_s": 2.0 * m * n * k / t}
     # In a step every GEMM meets its layer's weight cold (the model's weights far exceed the caches):
     # cycle through enough weights to fill 64 MiB (at most 16), one linear step each.
@@ -91,7 +91,7 @@ def _gemm_row(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype, 
             F.linear(x, w).backward(dy)
             x.grad = w.grad = None
 
-    t = _median_time_s(linear_steps, reps=3 if quick else 5, min_time_s=0.0 if quick else 0.2) / copies
+    t = median_time_s(linear_steps, reps=3 if quick else 5, min_time_s=0.0 if quick else 0.2) / copies
     return {"m": m, "n": n, "k": k, "passes": "forward+backward", "weights": copies, "time_s": t,
             "flops_per_s": 6.0 * m * n * k / t}
 
@@ -104,13 +104,13 @@ def measure_memory_bandwidth(device: torch.device, quick: bool) -> dict:
     nbytes = (32 if quick else 256) * 2**20
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    t = _median_time_s(lambda: dst.copy_(src), reps=3 if quick else 7)
+    t = median_time_s(lambda: dst.copy_(src), reps=3 if quick else 7)
     out = {"bytes": nbytes, "time_s": t, "copy_bytes_per_s": 2 * nbytes / t, "bytes_per_s": 2 * nbytes / t}
     if device.type == "cpu":
         rates = []
         for mib in ((1, 16) if quick else (1, 4, 16, 64)):
             x = torch.ones(mib * 2**20 // 4)
-            tt = _median_time_s(lambda: torch.mul(x, 1.0), reps=3 if quick else 9)
+            tt = median_time_s(lambda: torch.mul(x, 1.0), reps=3 if quick else 9)
             rates.append({"bytes": mib * 2**20, "time_s": tt, "bytes_per_s": 2 * mib * 2**20 / tt})
         out["fresh_output"] = rates
         out["bytes_per_s"] = statistics.median(r["bytes_per_s"] for r in rates)
@@ -127,7 +127,7 @@ def measure_adamw(device: torch.device, quick: bool) -> dict:
     for p in params:
         p.grad = torch.randn_like(p)
     opt = make_optimizer(params, 1e-3)
-    t = _median_time_s(opt.step, reps=3 if quick else 5)
+    t = median_time_s(opt.step, reps=3 if quick else 5)
     return {"params": n * 2**20, "time_s": t, "s_per_param": t / (n * 2**20)}
 
 
@@ -143,7 +143,7 @@ def measure_grad_accum(device: torch.device, quick: bool) -> dict:
         for g, x in zip(grads, news):
             g.add_(x)
 
-    t = _median_time_s(accumulate, reps=3 if quick else 7)
+    t = median_time_s(accumulate, reps=3 if quick else 7)
     return {"params": n * 2**20, "time_s": t, "s_per_param": t / (n * 2**20)}
 
 
@@ -155,7 +155,7 @@ def measure_dispatch(device: torch.device) -> dict:
         for _ in range(1000):
             torch.add(x, x)
 
-    t = _median_time_s(many, reps=5)
+    t = median_time_s(many, reps=5)
     return {"op_s": t / 1000}
 
 
@@ -164,12 +164,12 @@ def measure_attention(device: torch.device, dtype: torch.dtype, quick: bool) -> 
 
     b, h, s, d = (1, 4, 128, 64) if quick else (2, 6, 256, 64)
     q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype) for _ in range(3))
-    t = _median_time_s(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), reps=5)
+    t = median_time_s(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), reps=5)
     flops = 4.0 * b * s * s * h * d * 0.5  # QK^T and AV, causal half (as Layer.attention_core_flops)
     return {"shape": [b, h, s, d], "time_s": t, "flops_per_s": flops / t}
 
 
-def _decoder_step_case():
+def decoder_step_case():
     """The decoder and workload whose one-process training step fits layer_overhead_us: small enough
     (hidden 64, 64 tokens) that the step is mostly the host's per-op work, which is what the fit is for;
     with a larger one (hidden 128, 256 tokens) the residual is a small difference of large, noisy times."""
@@ -181,11 +181,11 @@ def _decoder_step_case():
 
 
 def measure_decoder_step(quick: bool) -> float:
-    """Median seconds of one training step (forward, backward, AdamW) of _decoder_step_case's decoder."""
+    """Median seconds of one training step (forward, backward, AdamW) of decoder_step_case's decoder."""
     from planner.backends.torch.model import build_decoder
     from planner.backends.torch.runner import global_batch, loss_fn, make_optimizer
 
-    graph, workload = _decoder_step_case()
+    graph, workload = decoder_step_case()
     model = build_decoder(graph)
     opt = make_optimizer(model.parameters(), 1e-3)
     x, y = global_batch(0, 0, workload, model.spec.vocab)
@@ -195,7 +195,7 @@ def measure_decoder_step(quick: bool) -> float:
         opt.step()
         opt.zero_grad(set_to_none=False)
 
-    return _median_time_s(step, reps=3 if quick else 21)
+    return median_time_s(step, reps=3 if quick else 21)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ TP_BLOCK = {"hidden": 512, "heads": 8, "kv_heads": 4, "head_dim": 64, "ffn_hidde
 TP_BLOCK_TOKENS = (64, 256, 1024)
 
 
-def _tp_block_times(world: int, reps: int, barrier, tokens: tuple[int, ...] = TP_BLOCK_TOKENS) -> dict:
+def tp_block_times(world: int, reps: int, barrier, tokens: tuple[int, ...] = TP_BLOCK_TOKENS) -> dict:
     """Forward + backward of one of the backend's own decoder blocks (attention and MLP sublayers with
     their norms, as a middle pipeline stage holds it) split tp = world ways by parallel.apply_tp, with and
     without sequence parallelism, against the plain block with one rank's share of the heads and the FFN
@@ -259,7 +259,7 @@ def _tp_block_times(world: int, reps: int, barrier, tokens: tuple[int, ...] = TP
     return {"tp": world, **TP_BLOCK, "rows": rows}
 
 
-def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps: int, tp_block: bool,
+def collective_worker(rank: int, world: int, port: int, sizes: list[int], reps: int, tp_block: bool,
                        progress: tuple[float, bool] | None, outdir: str) -> None:
     """progress = (the calibration's start time, quick) for the progress lines, or None (silent)."""
     import torch.distributed as dist
@@ -289,7 +289,7 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps:
             pp = timed(lambda: exchange(rank, x)) / 2  # one way
             rows.append({"bytes": nbytes, "all_reduce_s": ar, "all_gather_s": ag, "p2p_s": pp})
         tick(1)
-        tp = _tp_block_times(world, reps, dist.barrier) if tp_block else None
+        tp = tp_block_times(world, reps, dist.barrier) if tp_block else None
         step = None
         if tp_block:  # the CPU stack: what a collective costs inside a step (calibrate_step)
             from planner.backends.torch import calibrate_step as cs
@@ -311,16 +311,16 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps:
         os._exit(1)
 
 
-def _spawned(fn, nprocs: int, args: tuple, result: str, what: str):
+def spawned(fn, nprocs: int, args: tuple, result: str, what: str):
     """Run fn(rank, *args, outdir) on `nprocs` spawned processes started as the runner starts its ranks
-    (launch._child_env: one thread, its malloc settings) and return the JSON they left in `result`."""
+    (launch.child_env: one thread, its malloc settings) and return the JSON they left in `result`."""
     import torch.multiprocessing as mp
 
-    from planner.backends.torch.launch import _child_env
+    from planner.backends.torch.launch import child_env
     from planner.backends.torch.runner import RunFailed, RunOptions
 
     with tempfile.TemporaryDirectory(prefix="planner-calibrate-") as outdir:
-        with _child_env(RunOptions(threads=1)):
+        with child_env(RunOptions(threads=1)):
             ctx = mp.start_processes(fn, args=(*args, outdir), nprocs=nprocs, start_method="spawn", join=False)
         try:
             while not ctx.join(timeout=1.0):
@@ -333,13 +333,13 @@ def _spawned(fn, nprocs: int, args: tuple, result: str, what: str):
 
 
 def measure_collectives(nproc: int, quick: bool, tp_block: bool = False, t0: float | None = None) -> dict:
-    """{"rows": per message size, "tp_block": _tp_block_times or None, "step": calibrate_step's} from `nproc`
+    """{"rows": per message size, "tp_block": tp_block_times or None, "step": calibrate_step's} from `nproc`
     local gloo processes; t0 (the calibration's start) turns on the progress lines."""
-    from planner.backends.torch.launch import _free_port
+    from planner.backends.torch.launch import free_port
 
     sizes = collective_sizes(quick)
     progress = (t0, quick) if t0 is not None else None
-    return _spawned(_collective_worker, nproc, (nproc, _free_port(), sizes, 3 if quick else 15, tp_block, progress),
+    return spawned(collective_worker, nproc, (nproc, free_port(), sizes, 3 if quick else 15, tp_block, progress),
                     "collectives.json", "collective measurement")
 
 
@@ -356,8 +356,8 @@ def _ticker(rank: int, progress: tuple[float, bool] | None, first: int):
     return tick
 
 
-def _device_worker(rank: int, quick: bool, t0: float | None, outdir: str) -> None:
-    """The one-rank device measurements, in a process started as a rank is (see _spawned). Every rank of
+def device_worker(rank: int, quick: bool, t0: float | None, outdir: str) -> None:
+    """The one-rank device measurements, in a process started as a rank is (see spawned). Every rank of
     measure_device runs them at once; rank 0's are kept. t0: the calibration's start (progress lines)."""
     try:
         torch.set_num_threads(1)
@@ -388,4 +388,4 @@ def measure_device(quick: bool, nproc: int = 1, t0: float | None = None) -> dict
     machine's memory system, caches and spare cycles (one core each, no idle core left to absorb the
     interpreter's and gloo's threads or anything else), and the profile should describe a rank of a run,
     not a process alone on the machine."""
-    return _spawned(_device_worker, nproc, (quick, t0), "device.json", "device measurement")
+    return spawned(device_worker, nproc, (quick, t0), "device.json", "device measurement")

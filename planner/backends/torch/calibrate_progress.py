@@ -1,7 +1,7 @@
 """Progress of `calibrate --backend torch` on stderr: how long it will take (said before anything is
 measured), then which measurement runs, i of n, and an estimate of the time left.
 
-The measurements run in spawned processes (calibrate_measure._spawned); rank 0 of each prints the lines for
+The measurements run in spawned processes (calibrate_measure.spawned); rank 0 of each prints the lines for
 its own steps, given the calibration's start time, so parent and children share one clock and one count.
 The expected seconds per step are from the 2-core development box (AMD EPYC, 2 processes): --quick as
 measured there (110 s in all, other jobs sharing the cores), the full ones apportioned to the 5-6 minutes

@@ -13,7 +13,7 @@ the tight loop, which is kept beside them for reference), and sets two device fi
   as the runner's ZeRO-3), forward + backward, against the same stack whole: what is left after the
   gathers' and the reduce-scatter's link time (the in-step link), per byte gathered or reduce-scattered.
 
-All functions run inside a rank of calibrate_measure._collective_worker, with the gloo process group up.
+All functions run inside a rank of calibrate_measure.collective_worker, with the gloo process group up.
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ def choose_device(device: str, nproc: int) -> str:
     return device
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -105,7 +105,7 @@ def _one_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _child_env(opts: RunOptions):
+def child_env(opts: RunOptions):
     """Environment the spawned ranks start with: one OpenMP thread each, and glibc returning freed
     tensors to the OS at once (see the module docstring on CPU memory)."""
     want = {"OMP_NUM_THREADS": str(opts.threads), "MKL_NUM_THREADS": str(opts.threads),
@@ -137,8 +137,8 @@ def launch(jobs: list[Job], nproc: int, opts: RunOptions = RunOptions()) -> list
         check_runnable(spec_from_graph(job.graph), job.workload, job.plan, nproc)
     device_type = choose_device(opts.device, nproc)
     with tempfile.TemporaryDirectory(prefix="planner-run-") as outdir:
-        port = _free_port()
-        with _child_env(opts):
+        port = free_port()
+        with child_env(opts):
             ctx = mp.start_processes(_worker, args=(nproc, port, jobs, opts, device_type, outdir), nprocs=nproc,
                                      start_method="spawn", join=False)
         deadline = time.monotonic() + opts.timeout_s * max(1, len(jobs))

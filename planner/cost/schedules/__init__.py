@@ -7,9 +7,9 @@ from planner.core.dims import SCHEDULES
 from planner.cost.schedules import gpipe, interleaved, one_f_one_b, zb_h1  # noqa: F401  (registers them)
 from planner.cost.schedules.base import PipelineScheduleSpec, backward_items
 from planner.cost.schedules.interleaved import interleaved_warmup
-from planner.cost.schedules.registry import _REGISTRY, get_schedule
+from planner.cost.schedules.registry import REGISTRY, get_schedule
 
-if set(_REGISTRY) != set(SCHEDULES):  # every declared schedule needs its module, and no module goes unnamed
-    raise RuntimeError(f"schedules declared in planner/core/dims.py {SCHEDULES} but registered {tuple(_REGISTRY)}")
+if set(REGISTRY) != set(SCHEDULES):  # every declared schedule needs its module, and no module goes unnamed
+    raise RuntimeError(f"schedules declared in planner/core/dims.py {SCHEDULES} but registered {tuple(REGISTRY)}")
 
 __all__ = ["PipelineScheduleSpec", "SCHEDULES", "backward_items", "get_schedule", "interleaved_warmup"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from planner.core.dims import SCHEDULES
 
-_REGISTRY: dict = {}
+REGISTRY: dict = {}
 
 
 def register(cls: type) -> type:
@@ -12,13 +12,13 @@ def register(cls: type) -> type:
     must declare (that is where ParallelPlan reads which schedules exist and what they allow)."""
     if cls.name not in SCHEDULES:
         raise RuntimeError(f"schedule {cls.name!r} is not declared in planner/core/dims.py SCHEDULE_RULES")
-    _REGISTRY[cls.name] = cls()
+    REGISTRY[cls.name] = cls()
     return cls
 
 
 def get_schedule(name: str):
     """The registered schedule called `name` (ValueError for an unknown one)."""
-    spec = _REGISTRY.get(name)
+    spec = REGISTRY.get(name)
     if spec is None:
         raise ValueError(f"unknown pipeline schedule {name!r}; expected one of {SCHEDULES}")
     return spec
