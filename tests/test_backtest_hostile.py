@@ -106,7 +106,8 @@ def test_one_good_row_among_twenty_bad_is_predicted_as_alone(tmp_path):
     assert mixed["rows_ok"] == 1 and mixed["rows_skipped"] == 20 and mixed["internal_errors"] == 0
 
 
-def test_cli_report_keeps_its_json_contract_with_bad_rows(capsys, tmp_path):
+def test_cli_report_keeps_its_json_contract_with_bad_rows(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # the table's note column uncut
     path = _write(tmp_path / "mixed.csv", [GOOD] + _bad_rows()[:5])
     rc, out, err = run(capsys, "backtest", "--runs", path, "--json")
     assert rc == 0 and err == "", err

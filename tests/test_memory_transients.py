@@ -1,4 +1,4 @@
-"""The two transient memory terms of estimate._memory, hand-solved on a small model:
+"""The two transient memory terms of estimate._stage_memory, hand-solved on a small model:
 
 - backward_working_bytes: the block whose backward runs re-materialises what its policy dropped and holds its
   activation gradients (memory.backward_working_bytes; Chen et al. 2016 section 4.1, Korthikanti et al. 2022

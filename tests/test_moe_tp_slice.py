@@ -253,7 +253,7 @@ def test_cli_shows_and_fixes_the_dispatch(run_cli):
     best = json.loads(out)["plans"][0]
     assert best["moe_dispatch"] == "tp_slice" and best["ep"] == best["tp"] > 1 and best["etp"] == 1
     rc, out, err = run_cli("plan", "--model", "models/moe-tiny.yaml", "--cluster", "dgx-h100", "--nodes", "1",
-                           "--gbs", "8", "--seq", "256", "--moe-dispatch", "tp_slice", "--top", "1")
+                           "--gbs", "8", "--seq", "256", "--moe-dispatch", "tp_slice", "--top", "1", "--wide")
     assert rc == 0 and " moe " in out.splitlines()[1] and "tp_slice" in out.splitlines()[2], out
     rc, out, err = run_cli("estimate", "--model", "models/moe-tiny.yaml", "--cluster", "dgx-h100", "--nodes", "1",
                            "--tp", "2", "--mbs", "1", "--gbs", "8", "--seq", "256", "--moe-dispatch", "tp_slice",

@@ -15,7 +15,8 @@ PLAN_KEYS = {"tp", "pp", "dp", "vpp", "cp", "ep", "zero", "sp", "mbs", "recomput
 ESTIMATE_KEYS = {"step_time_s", "tokens_per_s", "mfu", "hfu", "peak_memory_bytes", "fits", "breakdown", "memory"}
 
 
-def test_plan_table(capsys):
+def test_plan_table(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # wide enough for the why column (tests/test_output_formats.py: narrower)
     rc, out, err = run(capsys, "plan", *TINY, "--top", "3")
     assert rc == 0, err
     assert err == ""

@@ -3,6 +3,8 @@ cells as rows that say why, names checked before the first cell, written atomica
 existing file without --force; and the scale-out link override it uses."""
 from __future__ import annotations
 
+import io
+
 import pandas as pd
 import pytest
 from cli_helpers import one_line, run
@@ -88,3 +90,38 @@ def test_link_override():
     fast = api.estimate("tiny-llama-20m", base, gbs=32, seq=512, tp=1)
     slower = api.estimate("tiny-llama-20m", slow, gbs=32, seq=512, tp=1)
     assert slower.step_time_s > fast.step_time_s
+
+
+FMT = ["sweep", "--model", "tiny-llama-20m,llama3-70b", "--cluster", "dgx-h100", "--nodes", "1", "--seq", "512",
+       "--gbs", "32", "--no-refine"]
+
+
+def test_formats(capsys, monkeypatch, tmp_path):
+    """--format: csv is the default stdout (and the -o file), json the same rows (--json its alias), markdown
+    and table the default view (a table within $COLUMNS), --wide every column."""
+    monkeypatch.setenv("COLUMNS", "100")
+    outs = {}
+    for fmt in ("csv", "json", "markdown", "table"):
+        rc, outs[fmt], err = run(capsys, *FMT, "--format", fmt)
+        assert rc == 0, err
+    csv_rows, default_rows = (pd.read_csv(io.StringIO(t)).drop(columns="search_s")  # wall time differs
+                              for t in (outs["csv"], run(capsys, *FMT)[1]))
+    pd.testing.assert_frame_equal(csv_rows, default_rows)
+    json_rows, alias_rows = (pd.read_json(io.StringIO(t)).drop(columns="search_s")
+                             for t in (outs["json"], run(capsys, *FMT, "--json")[1]))
+    pd.testing.assert_frame_equal(json_rows, alias_rows)
+    assert csv_rows.status.tolist() == json_rows.status.tolist() == ["ok", "infeasible"]
+    md = outs["markdown"].splitlines()
+    assert md[0].startswith("| model | cluster |") and set(md[1]) == {"|", "-"} and len(md) == 4
+    assert md[2].count(" | ") == md[0].count(" | ")  # no cell text breaks the row
+    assert "| infeasible: no plan fits" in md[3]
+    table = outs["table"].splitlines()
+    assert max(len(line) for line in table) <= 100 and len(table) == 3
+    assert table[1].startswith("tiny-llama-20m") and "infeasible" in table[2]
+    wide = run(capsys, *FMT, "--format", "table", "--wide")[1].splitlines()
+    assert wide[0].split() == COLUMNS and max(len(line) for line in wide) > 100
+    out = tmp_path / "grid.csv"  # -o with --format: the CSV file, and stdout in that format
+    rc, text, err = run(capsys, *FMT, "-o", out, "--format", "markdown")
+    assert rc == 0, err
+    assert text.splitlines()[0] == md[0]
+    pd.testing.assert_frame_equal(pd.read_csv(out).drop(columns="search_s"), csv_rows)

@@ -112,7 +112,7 @@ def _block_rows(a_tp, a_sp, ns, link, hidden=512, tp=2, noise=None):
 
 
 def test_block_fit_recovers_what_layer_time_charges():
-    # calibrate's joint fit inverts compute.layer_time's dispatch terms plus estimate_layer's all-reduces
+    # calibrate's joint fit inverts compute.layer_time's dispatch terms plus layer_terms' all-reduces
     from planner.backends.torch.calibrate_fit import fit_tp_dispatch
     from planner.core.hardware import CollectiveLink
 

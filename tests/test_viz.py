@@ -1,6 +1,7 @@
-"""`simulate PLAN.json` and planner.app.viz: the timeline of one step comes from the cost model's own pipeline
-simulation (its makespan plus estimate()'s step-level terms is estimate()'s step time), its events show the
-schedule's phases, and the picture is written atomically at the size the layout promises."""
+"""`simulate PLAN.json`, planner.app.viz and planner.app.gantt: the timeline of one step comes from the cost
+model's own pipeline simulation (its makespan plus estimate()'s step-level terms is estimate()'s step time), its
+events show the schedule's phases, and the picture is written atomically, cropped so its legends are whole,
+and stays readable (a bounded number of bars) at hundreds of micro-batches."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import os
 import pytest
 from cli_helpers import one_line, run
 
-from planner.app import viz
+from planner.app import gantt, viz
 from planner.catalog import load_cluster
 from planner.core.plan import ParallelPlan, PlanFile, Workload
 from planner.cost.estimate import estimate
@@ -73,7 +74,10 @@ def test_png_written_at_its_size(capsys, plan_file, tmp_path):
     out = tmp_path / "timeline.png"
     rc, text, err = run(capsys, "simulate", plan_file, "-o", out)
     assert rc == 0, err
-    assert out.exists() and viz.png_size(out) == viz.figure_size_px(P) == (1600, 600)
+    assert viz.figure_size_px(P) == (1600, 600)
+    # cropped to what is drawn: the memory legend reaches past the laid-out figure, so the image is larger
+    width, height = viz.png_size(out)
+    assert width > 1600 and height > 600
     assert "warm-up" in text and f"timeline written to {out}" in text
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
     umask = os.umask(0)
@@ -141,3 +145,58 @@ def test_phases_reading():
     assert viz.phases("FFFFBFBBBB") == {"warmup_forwards": 3, "steady_pairs": 2, "cooldown_backwards": 3}
     assert viz.phases("FFFBBB", "gpipe") == {"warmup_forwards": 3, "steady_pairs": 0, "cooldown_backwards": 3}
     assert viz.phases("FBWFBWBW") == {"warmup_forwards": 0, "steady_pairs": 2, "cooldown_backwards": 1}
+
+
+def test_saved_image_holds_the_legends(tmp_path, llama8b):
+    """The legends sit below the axes, past the laid-out figure (its bottom edge cut them off before): the
+    saved PNG is the figure's tight bounding box, which holds both legends whole."""
+    model, cluster = llama8b
+    tl = viz.timeline(model, cluster, WORKLOAD, INTERLEAVED)
+    out = tmp_path / "t.png"
+    fig = viz.plot_timeline(tl, out)
+    renderer = fig.canvas.get_renderer()
+    fig_w, fig_h = viz.figure_size_px(P)
+    legends = [ax.get_legend().get_window_extent(renderer) for ax in fig.axes]
+    assert min(lg.y0 for lg in legends) < 0 or max(lg.x1 for lg in legends) > fig_w  # outside the layout
+    tight = fig.get_tightbbox(renderer).padded(0.1)  # inches; savefig's default pad_inches
+    x0, y0 = tight.x0 * gantt.DPI, tight.y0 * gantt.DPI
+    width, height = viz.png_size(out)
+    assert (width, height) == pytest.approx((tight.width * gantt.DPI, tight.height * gantt.DPI), abs=1.01)
+    for lg in legends:  # each legend inside the saved image
+        assert x0 <= lg.x0 and lg.x1 <= x0 + width and y0 <= lg.y0 and lg.y1 <= y0 + height
+    assert not fig.aggregated  # 8 micro-batches: every op drawn
+
+
+def test_512_microbatches_aggregate_into_few_bars(tmp_path):
+    """512 micro-batches on 4 stages: 4,096 ops, each well under 2 px wide. The chart merges consecutive ops
+    of a kind into lanes: far fewer bars than ops (each op drawn would be >= 4,096 bars), at most one per
+    2 px of each lane, and no op left outside a drawn span."""
+    model, cluster = load_model("tiny-llama-20m"), load_cluster("dgx-h100", 1, devices=8)
+    plan = ParallelPlan(tp=2, pp=4, dp=1, mbs=1, sp=True, schedule="1f1b")
+    tl = viz.timeline(model, cluster, Workload(global_batch=512, seq_len=512), plan)
+    assert tl.microbatches == 512 and len(tl.ops) == 2 * 4 * 512
+    out = tmp_path / "long.png"
+    fig = viz.plot_timeline(tl, out)
+    assert fig.aggregated and "aggregated" in fig.texts[0].get_text()  # the title says so
+    ax = fig.axes[0]
+    bars = gantt.bar_count(ax)
+    axes_px = ax.get_window_extent().width
+    lanes = 2  # forward and backward; one idle row and three tail bars per stage at most
+    assert bars < len(tl.ops) / 20
+    assert bars <= 4 * ((lanes + 1) * (axes_px / gantt.MIN_BAR_PX + 1) + 3)
+    width, height = viz.png_size(out)
+    assert width > 1000 and height > 400
+    # every op of stage 0 lies inside a merged span of its lane
+    min_s = gantt.MIN_BAR_PX / (axes_px / (tl.step_time_s * 1.005))
+    for kind in "FB":
+        spans = gantt.merge_spans([(o.start_s, o.end_s) for o in tl.stage_ops(0) if o.kind == kind], min_s)
+        assert len(spans) < 512
+        for o in tl.stage_ops(0):
+            if o.kind == kind:
+                assert any(a <= o.start_s and o.end_s <= b for a, b in spans)
+
+
+def test_merge_spans():
+    assert gantt.merge_spans([(5.0, 6.0), (0.0, 1.0), (1.5, 2.0), (4.0, 4.5)], 0.6) == [(0.0, 2.0), (4.0, 6.0)]
+    assert gantt.merge_spans([(0.0, 1.0), (2.0, 3.0)], 0.5) == [(0.0, 1.0), (2.0, 3.0)]
+    assert gantt.merge_spans([], 1.0) == []

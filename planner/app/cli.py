@@ -12,6 +12,7 @@ import sys
 from planner.app.commands import (
     backtest,
     calibrate,
+    diff,
     estimate,
     export,
     plan,
@@ -23,7 +24,7 @@ from planner.app.commands import (
 from planner.core.errors import BadInput, PlannerError
 
 # in the order `planner --help` lists them
-COMMANDS = (profiles, estimate, plan, simulate, sweep, export, validate, calibrate, backtest)
+COMMANDS = (profiles, estimate, plan, simulate, diff, sweep, export, validate, calibrate, backtest)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,18 +43,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = None
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
         return 0
     except PlannerError as e:
         print(f"error: {e}", file=sys.stderr)
+        _json_error(e, args, argv)
         return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+
+
+def _json_error(e: PlannerError, args, argv: list[str]) -> None:
+    """With --json / --format json, the error as a JSON object on stdout too (docs/guide/output.md); a usage
+    error comes before argparse has made args, so the words of the command line say whether JSON was asked."""
+    from planner.app.commands.output import emit, error_object
+    from planner.app.table import json_requested
+
+    if getattr(args, "json", False) if args is not None else json_requested([str(a) for a in argv]):
+        try:
+            emit(error_object(e), True, "")
+        except BrokenPipeError:
+            pass
 
 
 if __name__ == "__main__":

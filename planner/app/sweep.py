@@ -1,6 +1,7 @@
 """What-if grids: the best plan for every combination of model, cluster, node count, scale-out link,
 sequence length, global batch and precision, as one table (a pandas DataFrame; `sweep` on the command line
-writes it as CSV).
+writes it as CSV, or --format). The cells run one after another here, or as tasks on a Dask cluster
+(executor="dask"): each cell is independent, and the rows come back in grid order either way.
 
 Each cell runs the same search as `plan --top 1` (planner.search.search, exact branch and bound with stage
 partition refinement) and keeps its best plan. A cell where no plan fits is a row with status "infeasible"
@@ -151,29 +152,129 @@ def run_cell(cell: dict, constraints=None, refine_partition: bool = True, _model
     return row
 
 
+EXECUTORS = ("serial", "dask")
+DASK_MISSING = "--executor dask needs Dask, which is not installed: pip install 'parallel-planner[dask]'"
+# how long to wait for a --scheduler to answer and for its first worker (a typo should not hang the sweep)
+CONNECT_TIMEOUT_S = 10.0
+# local worker processes at most: each is a whole Python process with the planner loaded (~150 MB)
+MAX_LOCAL_WORKERS = 256
+
+
+def check_executor(executor: str, workers: int | None, scheduler: str | None) -> None:
+    """BadInput for an unknown executor, or --workers/--scheduler that cannot apply."""
+    from planner.core.errors import BadInput
+
+    if executor not in EXECUTORS:
+        raise BadInput(f"unknown executor '{executor}'; use one of {', '.join(EXECUTORS)}")
+    if executor != "dask" and (workers is not None or scheduler is not None):
+        flag = "--workers" if workers is not None else "--scheduler"
+        raise BadInput(f"{flag} applies to the Dask executor; add --executor dask")
+    if workers is not None and scheduler is not None:
+        raise BadInput("--workers starts a local Dask cluster, --scheduler uses an existing one; give one of them")
+    if workers is not None and not 0 < workers <= MAX_LOCAL_WORKERS:
+        raise BadInput(f"--workers {workers}: want 1 to {MAX_LOCAL_WORKERS} local worker processes")
+
+
+def _planner_version() -> str:
+    """Run on each worker before the sweep: it fails there when the worker cannot import the planner."""
+    import planner
+
+    return getattr(planner, "__version__", "?")
+
+
+def _connect(scheduler: str | None, workers: int | None, n_cells: int):
+    """(Client, LocalCluster or None): the scheduler at `scheduler`, or a new LocalCluster of worker
+    processes (one thread each: a cell is CPU-bound Python, threads would share one GIL)."""
+    import os
+
+    from planner.core.errors import BadInput
+
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise BadInput(DASK_MISSING) from None
+    if scheduler is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        n = min(workers or cpus, n_cells, MAX_LOCAL_WORKERS)  # the CPUs this process may use, not the machine's
+        local = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+        return Client(local), local
+    try:
+        client = Client(scheduler, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError, ValueError) as e:
+        raise BadInput(f"--scheduler {scheduler}: no Dask scheduler answered ({e}); start one with "
+                       "`dask scheduler`, or leave --scheduler out for a local cluster") from None
+    try:
+        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+        versions = set(client.run(_planner_version).values())
+    except (TimeoutError, OSError):
+        client.close()
+        raise BadInput(f"--scheduler {scheduler}: no worker joined within {CONNECT_TIMEOUT_S:g} s; start some with "
+                       f"`dask worker {scheduler}`") from None
+    except ImportError as e:
+        client.close()
+        raise BadInput(f"--scheduler {scheduler}: a worker cannot import the planner ({e}); install "
+                       "parallel-planner on every worker") from None
+    if versions != {_planner_version()}:
+        client.close()
+        raise BadInput(f"--scheduler {scheduler}: workers run planner {', '.join(sorted(versions))}, this is "
+                       f"{_planner_version()}; install the same version everywhere")
+    return client, None
+
+
+def _run_on_dask(grid: list[dict], constraints, refine_partition: bool, workers: int | None,
+                 scheduler: str | None, on_done) -> list[dict]:
+    """run_cell of every cell as one Dask task each, the rows in grid order; on_done() after each cell.
+
+    A task carries its cell dict (names, numbers; a model or cluster object given to the API travels
+    pickled, a few KB) and loads model and cluster in the worker. A cell's own Infeasible/BadInput is its
+    status row there, as in the serial path; anything else is raised here, as serially."""
+    client, local = _connect(scheduler, workers, len(grid))  # first: BadInput when Dask is not installed
+    from distributed import as_completed
+
+    try:
+        futures = client.map(run_cell, grid, constraints=constraints, refine_partition=refine_partition,
+                             pure=False)
+        for _ in as_completed(futures):
+            on_done()
+        return [f.result() for f in futures]
+    finally:
+        client.close()
+        if local is not None:
+            local.close()
+
+
 def sweep(models: Iterable | str, clusters: Iterable | str, nodes: Iterable | int | None = None,
           seqs: Iterable | int = (4096,), gbs: Iterable | int = (512,), links: Iterable | str | None = None,
           dtypes: Iterable | str = ("bf16",), constraints=None, refine_partition: bool = True,
-          progress: bool | None = None):
-    """The best plan of every cell of the grid, as a pandas DataFrame in COLUMNS order.
+          progress: bool | None = None, executor: str = "serial", workers: int | None = None,
+          scheduler: str | None = None):
+    """The best plan of every cell of the grid, as a pandas DataFrame in COLUMNS order (grid order).
 
-    progress: a tqdm bar on stderr (None: only when stderr is a terminal)."""
+    executor: "serial" (this process) or "dask" (the cells as tasks on a dask.distributed cluster: a
+    LocalCluster of `workers` processes, or the scheduler at address `scheduler`); same rows either way.
+    progress: a tqdm bar of finished cells on stderr (None: only when stderr is a terminal)."""
     import pandas as pd
     from tqdm import tqdm
 
+    check_executor(executor, workers, scheduler)
     models, clusters = _as_list(models), _as_list(clusters)
     nodes, seqs, gbs, links, dtypes = (_as_list(x) for x in (nodes, seqs, gbs, links, dtypes))
     _check_size(models, clusters, nodes, seqs, gbs, links, dtypes)
     _check_names(models, clusters, links, dtypes)
     grid = cells(models, clusters, nodes, seqs, gbs, links, dtypes)
-    rows = []
-    cache: dict = {}
-    bar = tqdm(grid, desc="sweep", unit="cell", disable=None if progress is None else not progress)
-    for cell in bar:
-        bar.set_postfix_str(f"{cell['model']} {cell['cluster']} x{cell['nodes'] or '-'} seq {cell['seq']}",
-                            refresh=False)
-        rows.append(run_cell(cell, constraints, refine_partition, cache))
-    bar.close()
+    bar = tqdm(total=len(grid), desc="sweep", unit="cell", disable=None if progress is None else not progress)
+    try:
+        if executor == "dask":
+            rows = _run_on_dask(grid, constraints, refine_partition, workers, scheduler, on_done=bar.update)
+        else:
+            rows, cache = [], {}
+            for cell in grid:
+                bar.set_postfix_str(f"{cell['model']} {cell['cluster']} x{cell['nodes'] or '-'} seq {cell['seq']}",
+                                    refresh=False)
+                rows.append(run_cell(cell, constraints, refine_partition, cache))
+                bar.update()
+    finally:
+        bar.close()
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -20,6 +20,17 @@ class PlannerError(Exception):
     """
 
     exit_code = 2
+    kind = "bad_input"  # the "kind" of the JSON error object (docs/guide/output.md)
+
+    def __init__(self, *args, closest: list | None = None, suggestions: list[str] | None = None,
+                 answer: dict | None = None):
+        super().__init__(*args)
+        # what `--json` prints besides the message: the nearest plans (any objects; the app layer turns them
+        # into rows), flags checked to help, each a string such as "--nodes 2", and the command's own answer
+        # when it has one in spite of the error (a backtest report), whose keys go beside "error"
+        self.closest = list(closest or [])
+        self.suggestions = list(suggestions or [])
+        self.answer = answer
 
     def __str__(self) -> str:
         text = super().__str__()
@@ -38,6 +49,7 @@ class Infeasible(PlannerError):
     """A valid request that no plan can satisfy (e.g. it does not fit in memory)."""
 
     exit_code = 1
+    kind = "infeasible"
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:

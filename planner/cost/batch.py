@@ -157,7 +157,7 @@ def _partition_id(key) -> int:
 
 
 def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGraph, m: np.ndarray) -> None:
-    """The refusals of estimate._check_plan, split_chunks, ParallelPlan and pipeline.check_schedule_args."""
+    """The refusals of checks.check_plan, split_chunks, ParallelPlan and pipeline.check_schedule_args."""
     n = pa.dp * pa.tp * pa.pp * pa.cp
 
     def first(mask, msg):

@@ -141,7 +141,7 @@ def _chunk_stage_sums(ctx: CostContext, k: dict, pp: int, vpp: int) -> dict:
     worst stage, its params, busy time and last backward; model and hardware FLOPs: for every column, from the
     count group's layer counts `k` (chunks.layer_counts) by matmul."""
     lv, S, G = ctx.lv, len(ctx.shapes), len(ctx.tuples)
-    Fc = k["K"] @ lv["fwd"].reshape(S * 3, G)  # (C, G): estimate._chunk_sums's fwd_s per chunk
+    Fc = k["K"] @ lv["fwd"].reshape(S * 3, G)  # (C, G): the chunk sums' fwd_s per chunk
     Bc = k["K"] @ lv["bwd"].reshape(S * 3, G)
     par_st = k["Tst"] @ lv["par"]  # (pp, G): stage_params
     # estimate._data_parallel_sync: worst = argmax(stage_params); exact ties (equal stages) go to the first,
@@ -155,7 +155,7 @@ def _chunk_stage_sums(ctx: CostContext, k: dict, pp: int, vpp: int) -> dict:
     rows = worst[None, :] + pp * np.arange(vpp)[:, None]
     Fw = Fc[rows, cols].sum(axis=0)
     Bw = Bc[rows, cols].sum(axis=0)
-    # estimate._memory: the largest block's backward working set per stage, and the loss logits copy
+    # estimate._stage_memory: the largest block's backward working set per stage, and the loss logits copy
     work_st = np.zeros((pp, G))
     for st_, sigs in enumerate(k["sigs"]):
         for sig in sigs:
@@ -165,7 +165,7 @@ def _chunk_stage_sums(ctx: CostContext, k: dict, pp: int, vpp: int) -> dict:
     return dict(Fc=Fc, Bc=Bc, par_st=par_st, froz_st=k["Fst"] @ lv["froz"], parx_st=k["Tst"] @ lv["parx"],
                 work_st=work_st, logit_st=k["Lst"] @ lv["logit"], kvf_st=k["Kst"] @ lv["kvf"].reshape(S * 3, G),
                 kva_st=k["Lst"] @ lv["kv"],
-                # estimate._memory: the largest ring forward buffers of a layer on the stage
+                # estimate._stage_memory: the largest ring forward buffers of a layer on the stage
                 ring_st=np.max(np.where(k["Lst"][:, :, None] > 0, lv["ring"][None, :, :], 0.0), axis=1),
                 act_st=k["Kst"] @ lv["act"].reshape(S * 3, G), worst=worst, params_dev=par_st[worst, cols],
                 last_bwd=Bw, busy_worst=Fw + Bw, fm=k["Kall"] @ lv["fmodel"],
@@ -174,7 +174,7 @@ def _chunk_stage_sums(ctx: CostContext, k: dict, pp: int, vpp: int) -> dict:
 
 def _dp_collective_sums(ctx: CostContext, cnt_worst: np.ndarray, pp: int, n_dev: int, w_bytes: int, g_bytes: int):
     """(all-reduce, reduce-scatter, all-gather) seconds per column of the worst stage's layers
-    (step_terms.layer_sync_sums_s, as estimate._gradient_sync_s sums them): gradients over the dp x cp ranks
+    (step_terms.layer_sync_sums_s, as estimate._sync_s reads them): gradients over the dp x cp ranks
     with stride tp (dp x cp = n / (tp pp), so the count group and column fix it); with ep*etp != tp the routed
     experts over their EDP = n / (pp ep etp) ranks ep*etp apart. cnt_worst: (shapes, columns) layer counts."""
     cluster, lv, tuples = ctx.cluster, ctx.lv, ctx.tuples

@@ -83,7 +83,7 @@ _INFL: dict = {}
 
 
 def inflight_items(schedule: str, pp: int, vpp: int, m: int, nc: int = 1) -> np.ndarray:
-    """estimate._memory's in-flight micro-batches (work items) per stage: the DAG's simulate peak, over vpp
+    """estimate._stage_memory's in-flight micro-batches (work items) per stage: the DAG's simulate peak, over vpp
     chunks."""
     key = (schedule, pp, vpp, m, nc)
     hit = _INFL.get(key)

@@ -2,7 +2,7 @@
 activation-offload traffic that runs inside it, under the host's dispatch floor.
 
 One implementation for both callers: estimate() evaluates it on one plan's layer (every row value a Python
-number, estimate_layer._layer_step) and estimate_batch on columns of distinct layer tuples (every row value a
+number) and estimate_batch on columns of distinct layer tuples (every row value a
 numpy array of one length, batch_layers.layer_values). Values that choose a branch (sequence parallel, flash
 attention, ep, the cp and dispatch kinds) are shared by all rows; `LinkSet` gives the link a row's group uses.
 Terms that do not depend on the recompute policy (`pass_terms`) are computed once per layer and rows, the

@@ -96,7 +96,7 @@ def ring_forward_buffers_bytes(layer, b, q_tokens, kv_tokens, tp, cp, dtype_byte
       b q_tokens/cp a d 4 / tp                   the fp32 merged output
     q_tokens = kv_tokens = s unchunked; a sequence chunk's pass has its own queries and its whole prefix's K/V.
     Freed when the layer's forward returns: a transient beside the saved activations, once per stage (Δ: ours
-    how it meets the backward working set, estimate._memory). 0 for other layers and cp = 1."""
+    how it meets the backward working set, estimate._stage_memory). 0 for other layers and cp = 1."""
     if layer.kind not in ("attention", "encoder") or not layer.trainable:
         return 0 * b
     a, d = layer.heads, layer.head_dim

@@ -1,5 +1,5 @@
 """The memory phase of the estimate: bytes per device of every pipeline stage of many plans at once, written
-once for the scalar estimate (one row, estimate_memory._memory) and the batch path (one row per distinct
+once for one plan (one row, estimate._stage_memory) and for many (one row per distinct
 plan, batch._peak_memory).
 
 Inputs are (rows x stages) arrays of per-stage sums the caller's layers phase already has (parameters, kept

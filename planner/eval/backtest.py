@@ -46,13 +46,27 @@ for _src in ("NEMO-24.07", "MBRIDGE-25.09"):
     SOFTWARE_STACKS[_src] = {**MODERN_STACK, "overlap_tp_comm": True}
 
 
+# The stack of a row whose table has no `stack` column, by its source; the table's own names for a stack that
+# the catalog calls otherwise (a ZeRO stage is a plan choice, not a stack).
+SOURCE_STACKS = {"NAR21": "megatron-lm-legacy", "KOR22": "megatron-lm-legacy", "VTRAIN-SINGLE": "megatron-deepspeed",
+                 "NEMO-24.07": "megatron-core", "MBRIDGE-25.09": "megatron-core", "TITAN-2412": "torchtitan",
+                 "MAXTEXT-V5E": "maxtext"}
+STACK_ALIASES = {"deepspeed-zero3": "deepspeed"}
+
+
 def stack_key(row: dict) -> str:
-    """The software stack a row ran on, as fitted efficiencies are keyed: its source, and "<source>/zero3"
-    for a source's ZeRO-3 rows, which run a different data-parallel engine (NAR21's ZeRO-3 baseline is
-    DeepSpeed, its 3D rows Megatron-LM) and so get their own collective efficiency."""
+    """The software stack a row ran on, as fitted efficiencies are keyed: the table's `stack` column, else its
+    source's stack (NAR21's ZeRO-3 baseline ran DeepSpeed, its 3D rows Megatron-LM), else "unknown"."""
+    named = row_value(row, "stack")
+    if named:
+        return STACK_ALIASES.get(str(named), str(named))
     src = str(row["source_code"])
     zero = row_value(row, "zero")
-    return f"{src}/zero3" if zero is not None and int(zero) == 3 else src
+    if src == "NAR21" and zero is not None and int(zero) == 3:
+        return "deepspeed"
+    return SOURCE_STACKS.get(src, "unknown")
+
+
 DEFAULT_VOCAB = 51200  # GPT-3-style runs that do not print one (NeMo GPT3 recipes pad 50257 to this)
 
 

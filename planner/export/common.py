@@ -86,7 +86,7 @@ class ExportContext:
 
     def stage_layers(self) -> tuple[int, ...]:
         """Blocks per pipeline chunk: the plan's partition, else the cost model's even split (np.array_split,
-        planner/cost/estimate_structure.py _split_chunks), so the launcher runs the split that was costed."""
+        planner/cost/chunks.py split_chunks), so the launcher runs the split that was costed."""
         p = self.plan
         if p.partition is not None:
             return tuple(a.layers[1] - a.layers[0] for a in p.partition)

@@ -128,7 +128,7 @@ def hetero_partition(costs: list, capacity_bytes: list[float], inflight) -> Hete
                                       cs.tail_act_bytes))
     extra = banded(extra_bytes)  # backward working set and loss logits copy (partition_dp)
     held = state + act * infl[:, None, None] + extra
-    mem = held + allocator_overhead_bytes(held)  # as estimate._memory
+    mem = held + allocator_overhead_bytes(held)  # as estimate._stage_memory
     cap = np.asarray(capacity_bytes, dtype=float)[:, None, None]
     allowed = valid & (mem <= cap)
     best, edges = minimax(time_, allowed)

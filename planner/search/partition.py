@@ -172,7 +172,7 @@ class _LayerTerms:
 
     def working_bytes(self, layers: list[Layer], policy: str) -> float:
         """A block's backward working set: its trainable layers, what they materialise vs what the policy
-        keeps (estimate._memory)."""
+        keeps (estimate._stage_memory)."""
         ls = [x for x in layers if x.trainable]
         return float(memory.backward_working_bytes([self.act_bytes(x, "none") for x in ls],
                                                    [self.act_bytes(x, policy) for x in ls]))
@@ -203,7 +203,7 @@ def _extras(terms: _LayerTerms, layers: list[Layer]) -> dict:
     pol = _policies(layers, plan)
     p = sum(terms.params(x) for x in layers)
     logit = 0.0
-    for x in layers:  # estimate._memory sums them in layer order
+    for x in layers:  # estimate._stage_memory sums them in layer order
         logit += float(x.logits_transient_bytes(plan.mbs, workload.seq_len, plan.tp, plan.cp, terms.e_act))
     frozen = sum(terms.frozen_bytes(x) for x in layers)
     return {"time_s": float(sum(terms.time_s(x, pol[x.name]) for x in layers)),
@@ -370,7 +370,7 @@ def partition_dp(costs: BlockCosts, k: int, inflight: Sequence[float] | None = N
     extra = band(extra_bytes(costs), k)  # the largest block's backward working set, the loss logits copy
     # allocated bytes of chunk c: states + in-flight activations + backward working set + logits copy
     held = state + act * infl[:, None, None] + extra
-    mem = held + overhead(held)  # estimate._memory: total = subtotal + allocator overhead
+    mem = held + overhead(held)  # estimate._stage_memory: total = subtotal + allocator overhead
     objs = {"time": time, "params": par, "memory": mem}
     allowed = valid & (mem <= capacity_bytes)
     edges = None
@@ -400,7 +400,7 @@ def chunk_inflight(workload: Workload, plan: ParallelPlan) -> np.ndarray:
     Taken from the schedule simulation estimate() uses: peak_inflight depends on the op order only, so it
     comes from the cached compiled op order (pipeline.schedule_peaks) rather than from timing a whole
     simulation of m micro-batches per plan; under interleaving its unit is one chunk's activations (divide
-    by vpp as estimate._memory does)."""
+    by vpp as estimate._stage_memory does)."""
     k = plan.pp * plan.vpp
     m = plan.microbatches(workload)
     try:

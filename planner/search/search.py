@@ -114,9 +114,8 @@ class SearchResult:
 class NoPlanFits(Infeasible):
     """Infeasible, with the closest plans (least memory) attached for callers that want them."""
 
-    def __init__(self, message: str, closest: list[RankedPlan]):
-        super().__init__(message)
-        self.closest = closest
+    def __init__(self, message: str, closest: list[RankedPlan], suggestions: list[str] = ()):
+        super().__init__(message, closest=closest, suggestions=suggestions)
 
 
 def partition_of(model: ModelGraph, plan: ParallelPlan) -> list[list[int]]:
@@ -249,7 +248,9 @@ def search(model: ModelGraph, cluster: Cluster, workload: Workload, constraints:
         best_k = np.empty(0)
         from tqdm import tqdm
 
-        bar = tqdm(total=len(order), desc="plan", unit="plan", disable=None if progress is None else not progress,
+        # how many plans will be costed is not known ahead (the bound prunes more as the incumbent improves),
+        # so a counter of the plans costed and pruned, not a bar whose total is mostly never reached
+        bar = tqdm(total=None, desc="costing plans", unit=" plans", disable=None if progress is None else not progress,
                    delay=1.0, leave=False, file=None)
         pos = 0
         size = FIRST_BLOCK // 2
@@ -259,7 +260,6 @@ def search(model: ModelGraph, cluster: Cluster, workload: Workload, constraints:
             live = chunk[t_lb[chunk] <= kth * (1 + BOUND_SLACK)]
             if len(live) == 0:  # sorted by bound: nothing later can enter the top K either
                 pruned_bound += len(order) - pos
-                bar.update(len(order) - pos)
                 break
             pruned_bound += len(chunk) - len(live)
             out = estimate_batch(model, cluster, workload, pa.take(live))
@@ -275,7 +275,8 @@ def search(model: ModelGraph, cluster: Cluster, workload: Workload, constraints:
             if len(best_k) >= top_k:
                 kth = float(best_k.max())
             pos += size
-            bar.update(len(chunk))
+            bar.set_postfix_str(f"{pruned_memory + pruned_bound:,} pruned", refresh=False)
+            bar.update(len(live))
         bar.close()
 
     step_all = np.concatenate(steps) if steps else np.empty(0)
@@ -373,7 +374,7 @@ def _no_plan_fits(model, cluster, workload, constraints, pa_all, mem_lb, mems, m
            f"{capacity / 1e9:.0f} GB; closest: {names}")
     if tries:
         msg += "; try " + " or ".join(tries)
-    return NoPlanFits(msg, closest)
+    return NoPlanFits(msg, closest, tries)
 
 
 def _suggestions(model, cluster, workload, constraints) -> list[str]:

@@ -408,7 +408,7 @@ def _row_groups(*cols) -> tuple[np.ndarray, np.ndarray]:
 
 def _stage_inflight(schedule: str, p: int, m: int, v: int, n: int = 1) -> tuple[float, float, float]:
     """Micro-batches in flight at the peak of the first stage, the last stage, and the fewest on any stage
-    (pipeline.inflight_microbatches; the unit estimate._memory multiplies one micro-batch's activations of
+    (pipeline.inflight_microbatches; the unit estimate._stage_memory multiplies one micro-batch's activations of
     the whole stage by)."""
     per_stage = [inflight_microbatches(schedule, p, m, st, v, n) for st in range(p)]
     return per_stage[0], per_stage[-1], min(per_stage)
@@ -471,7 +471,7 @@ def _layer_shapes(model: ModelGraph) -> _LayerShapes:
 
 def _params_by_region(ls: _LayerShapes, pa: PlanArrays, etp: np.ndarray, e_w: int) -> tuple:
     """By region ([pre, blocks, post, smallest block]): trainable parameters per device
-    (Layer.params_per_device over tp, ep, etp) and frozen weight bytes (split tp ways only, estimate._memory),
+    (Layer.params_per_device over tp, ep, etp) and frozen weight bytes (split tp ways only, estimate._stage_memory),
     (groups, 4) each, one row per distinct (tp, ep, etp); and every plan's row."""
     trainable = ls.values(lambda layer: layer.trainable)
     first, gid = _row_groups(pa.tp, pa.ep, etp)
@@ -499,11 +499,11 @@ def _activations_by_region(ls: _LayerShapes, pa: PlanArrays, seq_len: int, e_act
     logit = np.empty((len(first), 3))
     for gi, r in enumerate(first.tolist()):
         b, tp_, cp_, sp_ = int(pa.mbs[r]), int(pa.tp[r]), int(pa.cp[r]), bool(pa.sp[r])
-        s_ = seq_len // int(pa.seq_chunks[r])  # estimate._memory: one work item's tokens (ParallelPlan.seq_chunks)
+        s_ = seq_len // int(pa.seq_chunks[r])  # estimate._stage_memory: one work item's tokens (ParallelPlan.seq_chunks)
         flash, ts_ = bool(pa.flash_attention[r]), bool(pa.moe_tp_slice[r])
 
         def kept(policy):
-            # estimate._memory: a tp_slice MoE layer keeps its activations without SP's split (moe.layer_sp)
+            # estimate._stage_memory: a tp_slice MoE layer keeps its activations without SP's split (moe.layer_sp)
             return ls.values(lambda layer: layer.activation_bytes(b, s_, tp_, cp_, moe.layer_sp(layer.kind, sp_, ts_),
                                                                   policy, e_act, flash=flash))
 
@@ -550,7 +550,7 @@ class _BoundTables:
 
 
 def _bound_tables(ls: _LayerShapes, pa: PlanArrays, workload: Workload) -> _BoundTables:
-    """The tables of every plan (_BoundTables), in estimate._memory's dtype sizes."""
+    """The tables of every plan (_BoundTables), in estimate._stage_memory's dtype sizes."""
     etp = expert_tp(pa.etp, pa.tp)
     par, froz, by_w = _params_by_region(ls, pa, etp, dtypes.weight_bytes(workload.dtype))
     act, work, logit, by_a = _activations_by_region(ls, pa, workload.seq_len, dtypes.activation_bytes(workload.dtype))

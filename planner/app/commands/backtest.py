@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from planner.app.commands.output import emit
+from planner.app import table
+from planner.app.commands.output import emit, request_of
 from planner.core.errors import BadInput
 
 
@@ -11,21 +12,12 @@ def cmd_backtest(args) -> None:
     from planner.eval.backtest import run_backtest
 
     res = run_backtest(args.runs)
-    lines = [f"{'id':>6} {'source':<14} {'target':<13} {'measured':>12} {'predicted':>12} {'error':>8}"]
-    for r in res["rows"]:
-        # ids and sources come from the user's file: one line each, however they are written
-        rid, src = (" ".join(str(r[k]).split()) for k in ("id", "source_code"))
-        if r["status"] == "ok":
-            lines.append(f"{rid:>6} {src:<14} {r['target']:<13} {r['measured']:12.4g} "
-                         f"{r['predicted']:12.4g} {r['error_pct']:7.1f}%")
-        else:
-            lines.append(f"{rid:>6} {src:<14} skipped: {' '.join(r['reason'].split())}")
-    lines.append("")
-    lines.extend(f"{k:<16} MAPE {v:5.1f}%" for k, v in res["by_source"].items())
-    mape = "n/a" if res["mape_pct"] is None else f"{res['mape_pct']:.1f}%"
-    lines.append(f"overall MAPE {mape}  coverage {res['coverage']:.0%}  "
-                 f"({res['rows_ok']} predicted, {res['rows_skipped']} skipped)")
-    emit(res, args.json, "\n".join(lines))
+    answer = {"request": request_of(args), **res}
+    if args.json:
+        if res["rows_ok"]:  # else the report goes out with the error object below (one JSON document)
+            emit(answer, True, "")
+    else:
+        emit(None, False, _as_text(res, args))
     bugs = f", {res['internal_errors']} of them by an internal error of the planner (a bug)" \
         if res["internal_errors"] else ""
     if not res["rows_ok"]:
@@ -33,14 +25,39 @@ def cmd_backtest(args) -> None:
         # cost model refuses), so the fix is in the file; the report above says why for each row.
         first = next((r for r in res["rows"] if not r["reason"].startswith("unusable")), res["rows"][0])
         raise BadInput(f"{args.runs}: no row could be predicted ({res['rows_skipped']} skipped{bugs}; first: "
-                       f"id {first['id']!r}: {first['reason']})")
+                       f"id {first['id']!r}: {first['reason']})", answer=answer)
     if bugs:
         print(f"warning: {res['rows_skipped']} rows skipped{bugs}; their reasons say where", file=sys.stderr)
+
+
+# the default view: each run's error; --wide adds the status and what was assumed for unprinted settings
+BACKTEST_COLUMNS = ["id", "source_code", "target", "measured", "predicted", "error_pct", "note"]
+BACKTEST_WIDE_COLUMNS = ["id", "source_code", "target", "measured", "predicted", "error_pct", "status", "assumed",
+                         "note"]
+BACKTEST_HEADERS = {"source_code": "source", "error_pct": "error %"}
+BACKTEST_FORMATS = {"measured": lambda v: f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}",
+                    "predicted": lambda v: f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}", "error_pct": "+.1f"}
+
+
+def _as_text(res: dict, args) -> str:
+    """The rows in args.format, then (table, markdown) the MAPE per source and overall."""
+    rows = [{**r, "note": f"skipped: {r['reason']}" if r["status"] != "ok" else "",
+             "assumed": " ".join(f"{k}={v}" for k, v in r["assumed"].items()) or None} for r in res["rows"]]
+    body = table.render(rows, args.format, columns=BACKTEST_COLUMNS, wide=args.wide,
+                        wide_columns=BACKTEST_WIDE_COLUMNS, formats=BACKTEST_FORMATS, headers=BACKTEST_HEADERS)
+    if args.format == "csv":
+        return body
+    mape = "n/a" if res["mape_pct"] is None else f"{res['mape_pct']:.1f}%"
+    overall = (f"overall MAPE {mape}  coverage {res['coverage']:.0%}  "
+               f"({res['rows_ok']} predicted, {res['rows_skipped']} skipped)")
+    by_source = [{"source": k, "MAPE %": v} for k, v in res["by_source"].items()]
+    summary = table.render(by_source, args.format, formats={"MAPE %": ".1f"}, wide=args.wide)
+    return "\n\n".join([body, summary, table.wrap(overall) if args.format == "table" else overall])
 
 
 def register(sub) -> None:
     """Adds `backtest --runs CSV`."""
     bt = sub.add_parser("backtest", help="predict a table of published runs and report the error")
     bt.add_argument("--runs", required=True, help="CSV in the columns of calibration_runs_clean.csv")
-    bt.add_argument("--json", action="store_true")
+    table.add_format_flags(bt)
     bt.set_defaults(func=cmd_backtest)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from planner import catalog
+from planner.app import table
 from planner.app.commands.flags import parse_documents
-from planner.app.commands.output import emit
+from planner.app.commands.output import emit, request_of
 from planner.core import dtypes
 from planner.core.dims import SCHEDULES
 from planner.core.errors import BadInput
@@ -90,15 +91,51 @@ def cmd_estimate(args) -> None:
 
         check_microbatches(args.gbs, cluster.device_count, mbs=plan.mbs, dp=plan.dp)
     est = estimate(model, cluster, workload, plan)
-    out = est.model_dump()
-    out["plan"] = plan.model_dump()
-    text = (f"step {est.step_time_s:.3f} s   {est.tokens_per_s:,.0f} tokens/s   MFU {est.mfu:.1%}   "
-            f"HFU {est.hfu:.1%}\n"
-            f"memory {est.peak_memory_bytes / 1e9:.1f} / {est.memory_capacity_bytes / 1e9:.0f} GB per device "
-            f"({'fits' if est.fits else 'DOES NOT FIT'})\n{est.why}\n" +
-            "\n".join(f"  {k:<22} {v:10.4f} s" for k, v in est.breakdown.items()) + "\n" +
-            "\n".join(f"  {k:<22} {v / 1e9:10.2f} GB" for k, v in est.memory.items()))
-    emit(out, args.json, text)
+    if args.json:
+        out = est.model_dump()
+        out["plan"] = plan.model_dump()
+        out["request"] = request_of(args)
+        return emit(out, True, "")
+    emit(None, False, _as_text(args, plan, est))
+
+
+# One plan as one row: the default view says how fast and how big; --wide adds the plan's degrees, every
+# step-time term (seconds) and every memory term (GB, as mem_<term>_gb).
+ESTIMATE_COLUMNS = ["label", "step_time_s", "tokens_per_s", "mfu", "hfu", "peak_memory_gb", "memory_capacity_gb",
+                    "fits", "why"]
+ESTIMATE_HEADERS = {"label": "plan", "step_time_s": "step s", "tokens_per_s": "tokens/s", "mfu": "MFU",
+                    "hfu": "HFU", "peak_memory_gb": "mem GB", "memory_capacity_gb": "cap GB"}
+ESTIMATE_FORMATS = {"step_time_s": ".3f", "tokens_per_s": ",.0f", "mfu": ".1%", "hfu": ".1%",
+                    "peak_memory_gb": ".1f", "memory_capacity_gb": ".0f"}
+
+
+def _as_text(args, plan, est) -> str:
+    """The estimate in args.format: a report that fits the terminal (table), or one row (markdown, csv)."""
+    from planner.app.rows import plan_row
+
+    row = {**plan_row(plan, est), **est.breakdown,
+           **{f"mem_{k.removesuffix('_bytes')}_gb": v / 1e9 for k, v in est.memory.items()}}
+    wide = ESTIMATE_COLUMNS[:-1] + [k for k in row if k not in ESTIMATE_COLUMNS] + ["why"]
+    if args.format != "table":
+        text = table.render([row], args.format, columns=ESTIMATE_COLUMNS, wide=args.wide, wide_columns=wide,
+                            formats=ESTIMATE_FORMATS, headers=ESTIMATE_HEADERS)
+        if args.format == "markdown":  # the terms as two more tables, each a key and a value
+            terms = [{"term": k, "seconds": v} for k, v in est.breakdown.items()]
+            mem = [{"memory": k, "GB": v / 1e9} for k, v in est.memory.items()]
+            text += "\n\n" + table.render(terms, "markdown", formats={"seconds": ".4f"})
+            text += "\n\n" + table.render(mem, "markdown", formats={"GB": ".2f"})
+        return text
+    width = None if args.wide else table.terminal_width()
+    lines = [f"step {est.step_time_s:.3f} s   {est.tokens_per_s:,.0f} tokens/s   MFU {est.mfu:.1%}   "
+             f"HFU {est.hfu:.1%}",
+             f"memory {est.peak_memory_bytes / 1e9:.1f} / {est.memory_capacity_bytes / 1e9:.0f} GB per device "
+             f"({'fits' if est.fits else 'DOES NOT FIT'})"]
+    if args.wide:
+        lines.insert(0, f"plan {row['label']}")
+    lines = [table.wrap(x, width) if width else x for x in lines + [est.why]]
+    lines += [f"  {k:<22} {v:10.4f} s" for k, v in est.breakdown.items()]
+    lines += [f"  {k:<22} {v / 1e9:10.2f} GB" for k, v in est.memory.items()]
+    return "\n".join(lines)
 
 
 def register(sub) -> None:
@@ -136,5 +173,5 @@ def register(sub) -> None:
                      help="sequences packed with variable-length documents (tokens), each its own causal mask")
     est.add_argument("--attention-pool", action="store_true",
                      help="core attention disaggregated to a balanced pool of all devices (DistCA)")
-    est.add_argument("--json", action="store_true")
+    table.add_format_flags(est)
     est.set_defaults(func=cmd_estimate)

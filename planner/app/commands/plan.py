@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from planner import catalog
+from planner.app import table
 from planner.app.commands.flags import parse_documents, parse_int_list
-from planner.app.commands.output import emit
+from planner.app.commands.output import emit, request_of
 from planner.core import dtypes
 from planner.core.dims import SCHEDULES
 from planner.core.errors import BadInput
@@ -67,40 +68,65 @@ def cmd_plan(args) -> None:
                        dp=args.dp or (1 if routed else None),
                        cap=MAX_HETERO_MICROBATCHES if kind == "hetero" else MAX_MICROBATCHES)
     if kind is not None:
-        return hetero_cli.cmd_plan(args, model, cluster, workload, kind, save, emit, write_atomic)
+        def emit_with_request(obj, as_json: bool, text: str) -> None:
+            emit({"request": request_of(args), **obj} if as_json else obj, as_json, text)
+
+        return hetero_cli.cmd_plan(args, model, cluster, workload, kind, save, emit_with_request, write_atomic)
     res = search(model, cluster, workload, constraints, top_k=args.top)
     if save is not None:
         best = res.plans[0]
         pf = PlanFile(model=args.model, cluster=args.cluster, nodes=args.nodes, workload=workload, plan=best.plan,
                       estimate=best.estimate)
         write_atomic(save, pf.model_dump_json(indent=2) + "\n")
-    out = {"plans": [rp.as_dict(model) for rp in res.plans], "search": res.summary()}
-    lines = [f"{model.name} on {cluster.name} ({cluster.device_count} devices), global batch {workload.global_batch}, "
-             f"seq {workload.seq_len}, {workload.dtype}",
-             f"{'#':>2} {'tp':>3} {'pp':>3} {'dp':>5} {'vpp':>3} {'cp':>3} {'ep':>3} {'zero':>4} {'sp':>3} {'mbs':>3} "
-             f"{'moe':<8} {'recompute':<9} {'schedule':<16} {'step s':>9} {'tokens/s':>12} {'MFU':>6} "
-             f"{'mem GB':>7}  why"]
-    for i, rp in enumerate(res.plans, 1):
-        p, e = rp.plan, rp.estimate
-        rec = p.recompute if p.recompute_num_layers is None else f"full:{p.recompute_num_layers}"
-        # what the columns do not show: sequence chunks, activation offload, the attention pool
-        sched = (p.schedule + ("*" if p.partition is not None else "")
-                 + (f" c{p.seq_chunks}" if p.seq_chunks > 1 else "")
-                 + (f" off{p.offload.activations:g}" if p.offload.activations else "")
-                 + (" pool" if p.attention_pool else ""))
-        moe_col = p.moe_dispatch if any(layer.kind == "moe" for layer in model.layers) else "-"
-        lines.append(f"{i:>2} {p.tp:>3} {p.pp:>3} {p.dp:>5} {p.vpp:>3} {p.cp:>3} {p.ep:>3} {p.zero:>4} "
-                     f"{'y' if p.sp else '-':>3} {p.mbs:>3} {moe_col:<8} {rec:<9} {sched:<16} {e.step_time_s:9.3f} "
-                     f"{e.tokens_per_s:12,.0f} {e.mfu:6.1%} {e.peak_memory_bytes / 1e9:7.1f}  {e.why}")
-    lines.append(f"searched {res.enumerated:,} plans: {res.pruned_memory:,} pruned by memory, {res.pruned_bound:,} "
-                 f"by the step-time bound, {res.evaluated:,} costed, in {res.wall_s:.2f} s"
-                 + (" (* uneven stage partition)" if any(rp.plan.partition for rp in res.plans) else "")
-                 + ("; schedule cN: N sequence chunks, offF: share of activations offloaded, pool: attention pool"
-                    if any(rp.plan.seq_chunks > 1 or rp.plan.offload.activations or rp.plan.attention_pool
-                           for rp in res.plans) else ""))
-    if save is not None:
-        lines.append(f"best plan written to {save}")
-    emit(out, args.json, "\n".join(lines))
+    out = {"request": request_of(args), "plans": [rp.as_dict(model) for rp in res.plans],
+           "search": res.summary()}
+    if args.json:
+        return emit(out, True, "")
+    header = (f"{model.name} on {cluster.name} ({cluster.device_count} devices), global batch "
+              f"{workload.global_batch}, seq {workload.seq_len}, {workload.dtype}")
+    summary = (f"searched {res.enumerated:,} plans: {res.pruned_memory:,} pruned by memory, {res.pruned_bound:,} "
+               f"by the step-time bound, {res.evaluated:,} costed, in {res.wall_s:.2f} s"
+               + (" (* uneven stage partition)" if any(rp.plan.partition for rp in res.plans) else ""))
+    rows = [plan_table_row(i, rp, model) for i, rp in enumerate(res.plans, 1)]
+    body = table.render(rows, args.format, columns=PLAN_COLUMNS, wide=args.wide, wide_columns=PLAN_WIDE_COLUMNS,
+                        formats=PLAN_FORMATS, headers=PLAN_HEADERS)
+    saved = f"best plan written to {save}" if save is not None else ""
+    if args.format == "csv":  # rows only, for a CSV reader
+        return emit(None, False, body)
+    if args.format == "markdown":
+        text = "\n\n".join(x for x in (f"**{header}**", body, summary, saved) if x)
+    else:
+        text = "\n".join(x for x in (table.wrap(header), body, table.wrap(summary), saved) if x)
+    emit(None, False, text)
+
+
+# The default view: what ranks the plans and why; --wide adds every degree and term (the sweep CSV's columns).
+PLAN_COLUMNS = ["rank", "label", "step_time_s", "tokens_per_s", "mfu", "peak_memory_gb", "why"]
+PLAN_WIDE_COLUMNS = ["rank", "label", "tp", "pp", "dp", "vpp", "cp", "ep", "etp", "zero", "sp", "mbs", "moe_dispatch",
+                     "recompute", "recompute_num_layers", "schedule", "seq_chunks", "offload_optimizer",
+                     "offload_activations", "attention_pool", "uneven_partition", "step_time_s", "tokens_per_s",
+                     "mfu", "hfu", "peak_memory_gb", "memory_capacity_gb", "fits", "bubble_s", "why"]
+PLAN_HEADERS = {"rank": "#", "label": "plan", "step_time_s": "step s", "tokens_per_s": "tokens/s", "mfu": "MFU",
+                "hfu": "HFU", "peak_memory_gb": "mem GB", "memory_capacity_gb": "cap GB",
+                "recompute_num_layers": "rec layers", "moe_dispatch": "moe", "offload_optimizer": "opt off",
+                "offload_activations": "act off", "attention_pool": "pool", "uneven_partition": "uneven",
+                "bubble_s": "bubble s", "seq_chunks": "chunks"}
+PLAN_FORMATS = {"step_time_s": ".3f", "tokens_per_s": ",.0f", "mfu": ".1%", "hfu": ".1%", "peak_memory_gb": ".1f",
+                "memory_capacity_gb": ".0f", "bubble_s": ".3f"}
+
+
+def plan_table_row(rank: int, rp, model) -> dict:
+    """One ranked plan as the table's row: the sweep CSV's columns (planner.app.rows) and what they leave out."""
+    from planner.app.rows import plan_row
+
+    p = rp.plan
+    row = {"rank": rank, **plan_row(p, rp.estimate), "seq_chunks": p.seq_chunks,
+           "offload_optimizer": p.offload.optimizer, "offload_activations": p.offload.activations,
+           "attention_pool": p.attention_pool,
+           "moe_dispatch": p.moe_dispatch if any(layer.kind == "moe" for layer in model.layers) else None}
+    if p.partition is not None:
+        row["label"] += " *"
+    return row
 
 
 def register(sub) -> None:
@@ -141,7 +167,7 @@ def register(sub) -> None:
                     help="sequences packed with variable-length documents (tokens), each its own causal mask")
     pl.add_argument("--attention-pool", action="store_true",
                     help="with --documents: also search core attention disaggregated to a balanced pool (DistCA)")
-    pl.add_argument("--json", action="store_true")
+    table.add_format_flags(pl)
     pl.add_argument("--save", metavar="PLAN.json", help="write the best plan as a plan file")
     pl.add_argument("--force", action="store_true", help="with --save: overwrite an existing file")
     pl.set_defaults(func=cmd_plan)

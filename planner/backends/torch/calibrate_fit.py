@@ -89,7 +89,7 @@ def fit_tp_dispatch(tp_block: dict, bytes_per_s: float, latency_s: float) -> dic
     """Efficiency.tp_dispatch_us, sp_dispatch_us and tp_dispatch_ns_per_byte, fitted jointly (non-negative
     least squares, each row weighted by the inverse of its split block's time, i.e. on relative error) to
     calibrate_measure.tp_block_times: what each split block takes beyond the plain one, less the four
-    all-reduces (one per sublayer and pass) planner.cost.estimate_layer charges on the fitted link, is what
+    all-reduces (one per sublayer and pass) planner.cost.layer_terms charges on the fitted link, is what
     compute.layer_time charges for DTensor: per sublayer a + b x bytes forward and twice that backward, so
     6 (a + b x bytes) per block, with a = tp_dispatch_us or sp_dispatch_us and bytes = tokens x hidden x 4.
     Several sizes pin the split between a and b, which one size at each end of the range left to noise."""

@@ -86,7 +86,7 @@ def check_runnable(spec: DecoderSpec, workload: Workload, plan: ParallelPlan, wo
 
 def block_ranges(blocks: int, plan: ParallelPlan) -> list[tuple[int, int]]:
     """[lo, hi) block range of each of the pp*vpp chunks: the plan's partition, or the planner's even split
-    (numpy.array_split, as planner/cost/estimate_structure.py splits them)."""
+    (numpy.array_split, as planner/cost/chunks.py splits them)."""
     n = plan.pp * plan.vpp
     if plan.partition is not None:
         ranges = [tuple(a.layers) for a in plan.partition]
