@@ -10,6 +10,7 @@ pipeline stage boundary can fall between blocks and the partitioner sees one uni
 """
 from __future__ import annotations
 
+import itertools
 from functools import cached_property
 from typing import Literal
 
@@ -394,6 +395,9 @@ class Layer(BaseModel):
         return self.tokens(b, s) / cp * self.vocab * dtype_bytes / tp
 
 
+_SERIALS = itertools.count()
+
+
 class ModelGraph(BaseModel):
     """Layers plus the edges between them. Most models are a chain; a diffusion model's frozen encoders
     feed its backbone from the side."""
@@ -422,6 +426,13 @@ class ModelGraph(BaseModel):
     @cached_property
     def by_name(self) -> dict[str, Layer]:
         return {layer.name: layer for layer in self.layers}
+
+    @cached_property
+    def _cost_cache(self) -> dict:
+        """What the cost model derives from this (immutable) model alone, kept with it and freed with it
+        (planner/cost/chunks.py); its "serial" names the model in caches kept elsewhere (a cluster's) without
+        an id() that a later object could reuse."""
+        return {"serial": next(_SERIALS)}
 
     def topological(self) -> list[Layer]:
         return list(self._topological)

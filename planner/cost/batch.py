@@ -55,8 +55,8 @@ from planner.core.hardware import Cluster
 from planner.core.layout import has_placement, one_device_type
 from planner.core.model import ModelGraph
 from planner.core.plan import ParallelPlan, Workload
-from planner.cost import batch_context, memory_phase
-from planner.cost.batch_context import PER_COLUMN, PIPE_MEMO_MAX, cost_context, group_sums
+from planner.cost import memory_phase
+from planner.cost.batch_context import PER_COLUMN, PIPE_MEMO_MAX, CostContext, cost_context, group_sums
 from planner.cost.batch_dag import dag_of, inflight_items, makespans
 from planner.cost.batch_ids import float_ids, group_ranges, row_ids
 from planner.cost.batch_layers import float_bits
@@ -109,7 +109,7 @@ def estimate_batch(model: ModelGraph, cluster: Cluster, workload: Workload,
         slow_plans = [plans.plan(int(i)) for i in slow]
         fast_rows = np.zeros(0, dtype=np.int64) if mixed else np.arange(n_all)
         pa = plans.take(fast_rows) if mixed else plans
-        part = np.zeros(len(pa), dtype=np.int64)
+        part_keys = None
     else:
         is_slow = np.array([mixed or has_placement(p) for p in plans], dtype=bool)
         slow = np.flatnonzero(is_slow)
@@ -117,7 +117,7 @@ def estimate_batch(model: ModelGraph, cluster: Cluster, workload: Workload,
         fast_rows = np.flatnonzero(~is_slow)
         fast = [plans[int(i)] for i in fast_rows]
         pa = PlanArrays.from_plans(fast, partitions=True)
-        part = np.array([_partition_id(partition_key(p)) for p in fast], dtype=np.int64)
+        part_keys = [partition_key(p) for p in fast]
     out = {k: np.zeros(n_all, dtype=bool if k == "fits" else float) for k in OUTPUTS}
     tm["prepare"] += time.perf_counter() - t_start
 
@@ -134,26 +134,10 @@ def estimate_batch(model: ModelGraph, cluster: Cluster, workload: Workload,
             out[k][i] = bd[k]
     tm["one by one"] += time.perf_counter() - t0
     if len(pa):
-        res = _estimate_arrays(model, cluster, workload, pa, part, tm)
+        res = _estimate_arrays(model, cluster, workload, pa, part_keys, tm)
         for k in OUTPUTS:
             out[k][fast_rows] = res[k]
     return out
-
-
-# Explicit partitions (ParallelPlan.partition) get ids for the count-group keys, stable for the process:
-# the contexts' count-group and makespan tables are keyed by them (cleared together when the table grows).
-_PARTITIONS: dict = {None: 0}
-
-
-def _partition_id(key) -> int:
-    hit = _PARTITIONS.get(key)
-    if hit is None:
-        if len(_PARTITIONS) > 100_000:
-            _PARTITIONS.clear()
-            _PARTITIONS[None] = 0
-            batch_context.clear()
-        hit = _PARTITIONS[key] = len(_PARTITIONS)
-    return hit
 
 
 def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGraph, m: np.ndarray) -> None:
@@ -256,11 +240,11 @@ class _Batch:
     pipe_pr: np.ndarray | None = None  # per problem: the pipeline's makespan, seconds
 
 
-def _estimate_arrays(model, cluster, workload, pa: PlanArrays, part: np.ndarray, tm: dict) -> dict:
+def _estimate_arrays(model, cluster, workload, pa: PlanArrays, part_keys: list | None, tm: dict) -> dict:
     """estimate()'s phases on columns of plans: prepare -> layers -> chunk sums -> pipeline makespans -> step
     -> memory -> outputs; tm receives seconds per phase."""
     t0 = time.perf_counter()
-    b = _prepare(model, cluster, workload, pa, part)
+    b = _prepare(model, cluster, workload, pa, part_keys)
     t1 = time.perf_counter()
     _layers(b)
     t2 = time.perf_counter()
@@ -279,7 +263,7 @@ def _estimate_arrays(model, cluster, workload, pa: PlanArrays, part: np.ndarray,
     return out
 
 
-def _prepare(model, cluster, workload, pa: PlanArrays, part: np.ndarray) -> _Batch:
+def _prepare(model, cluster, workload, pa: PlanArrays, part_keys: list | None) -> _Batch:
     """The checks, micro-batches and work items (as ParallelPlan.microbatches and estimate._setup), bytes per
     element, and the ids that group the plans: distinct layer tuples (what the layer terms depend on), count
     groups (which layers each chunk holds) and pipeline groups (one op DAG each)."""
@@ -292,10 +276,13 @@ def _prepare(model, cluster, workload, pa: PlanArrays, part: np.ndarray) -> _Bat
                pa.moe_tp_slice, pa.seq_chunks, pa.moe_deepep, float_bits(pa.offload_activations),
                pa.dp if workload.documents is not None else np.zeros(len(pa), dtype=np.int64), pa.attention_pool]
     u_first, u_of = row_ids(lt_cols)
+    ctx = cost_context(model, cluster, workload)
+    # explicit partitions: one more count-group column, the context's id of each plan's partition (0: even split)
+    part = np.zeros(len(pa), dtype=np.int64) if part_keys is None else ctx.partition_ids(part_keys)
     cg_first, cg_of = row_ids([pa.pp, pa.vpp, pa.recompute, pa.recompute_num_layers + 1, part])
     pg_first, pg_of = row_ids([pa.schedule, pa.pp, pa.vpp, m, pa.seq_chunks])
     return _Batch(
-        pa=pa, ctx=cost_context(model, cluster, workload), device=cluster.devices[0].device, items=m * pa.seq_chunks,
+        pa=pa, ctx=ctx, device=cluster.devices[0].device, items=m * pa.seq_chunks,
         etp=etp, act_bytes=dtypes.activation_bytes(workload.dtype), weight_bytes=dtypes.weight_bytes(workload.dtype),
         grad_bytes=dtypes.gradient_bytes(workload.grad_dtype),
         host_bytes_per_s=None if cluster.nodes[0].host_link is None else cluster.nodes[0].host_link.bytes_per_s,
@@ -315,9 +302,8 @@ def _chunk_sums(b: _Batch, cluster: Cluster, workload: Workload) -> None:
     """Chunk sums: per count group, for every column, the chunk and stage sums, DP traffic and p2p time
     (batch_context.group_sums); gathered per distinct (count group, column) the plans use."""
     ctx, G = b.ctx, len(b.ctx.tuples)
-    parts = {i: k for k, i in _PARTITIONS.items()}
     b.groups = [group_sums(ctx, pp, vpp, rc, rnl, cluster.device_count, b.act_bytes, b.weight_bytes, b.grad_bytes,
-                             workload.seq_len, parts[pid]) for pp, vpp, rc, rnl, pid in b.cg_keys.tolist()]
+                             workload.seq_len, ctx.partitions[pid]) for pp, vpp, rc, rnl, pid in b.cg_keys.tolist()]
     cu_first, b.cu_of = row_ids([b.cg_of, b.column_of])
     b.cu_cg, b.cu_u = b.cg_of[cu_first], b.column_of[cu_first]
     flat = b.cu_cg * G + b.cu_u

@@ -18,8 +18,7 @@ from planner.cost.chunks import layer_counts, shape_index
 from planner.cost.links import cached_p2p, pipeline_p2p_s, strided_link
 from planner.cost.step_terms import layer_sync_sums_s
 
-# What the estimate keeps between calls, per (model, cluster, workload terms, stage): see CostContext.
-_CTX: dict = {}
+_CONTEXTS_PER_CLUSTER = 64
 PIPE_MEMO_MAX = 500_000
 IDS_MAX = 1 << 20  # columns, pipeline groups and count groups get ids below 2**21: packed in one int64
 
@@ -38,7 +37,7 @@ class CostContext:
     - makespans per pipeline problem (pipeline group, count group, column): a sorted array of packed int64
       keys (`pipe_keys`) and their values; pipeline and count groups get small ids (`pg_id`, `cg_id`).
 
-    Held by identity: it keeps its model and cluster alive, so their id() cannot be reused while cached."""
+    Kept on its cluster (cost_context), so it lives as long as the cluster does."""
 
     def __init__(self, model: ModelGraph, cluster: Cluster, workload: Workload, dev=None, links=None):
         self.model, self.cluster = model, cluster
@@ -59,6 +58,8 @@ class CostContext:
         self.stages = None
         self.pg_id: dict = {}
         self.cg_id: dict = {}
+        self.partitions: list = [None]  # explicit partitions seen (chunks.partition_key), by id; 0: the even split
+        self.partition_id: dict = {None: 0}
         self.pipe_keys = np.zeros(0, dtype=np.int64)
         self.pipe_vals = np.zeros(0)
 
@@ -77,6 +78,17 @@ class CostContext:
             self.groups.clear()
             self.stages = None
         return np.array(ids, dtype=np.int64)
+
+    def partition_ids(self, keys: list) -> np.ndarray:
+        """The id of each partition key (new ones appended): a count-group column."""
+        out = np.empty(len(keys), dtype=np.int64)
+        for i, k in enumerate(keys):
+            hit = self.partition_id.get(k)
+            if hit is None:
+                hit = self.partition_id[k] = len(self.partitions)
+                self.partitions.append(k)
+            out[i] = hit
+        return out
 
     def ids(self, table: dict, keys: np.ndarray) -> np.ndarray:
         return np.array([table.setdefault(k, len(table)) for k in map(tuple, keys.tolist())], dtype=np.int64)
@@ -97,23 +109,19 @@ class CostContext:
 STAGE_TABLES = ("par_st", "froz_st", "act_st", "parx_st", "work_st", "logit_st", "kvf_st", "kva_st", "ring_st")
 
 
-def clear() -> None:
-    """Forget every context (the partition ids their keys hold are being reassigned)."""
-    _CTX.clear()
-
-
 def cost_context(model: ModelGraph, cluster: Cluster, workload: Workload, stage_key=None, dev=None, links=None) -> CostContext:
     """The cached CostContext of (model, cluster, the workload's terms); stage_key names a stage of a stage layout
     (its device and groups), whose dev and links the context then uses."""
     docs = None if workload.documents is None else (workload.global_batch, workload.documents)
-    key = (id(model), id(cluster), workload.seq_len, workload.dtype, workload.grad_dtype, workload.moe_imbalance,
+    # kept on the cluster (Cluster._collective_cache), freed with it; the model named by its serial
+    store = cluster._collective_cache.setdefault(("cost contexts",), {})
+    key = (model._cost_cache["serial"], workload.seq_len, workload.dtype, workload.grad_dtype, workload.moe_imbalance,
            workload.moe_capacity_factor, docs, stage_key)
-    hit = _CTX.get(key)
-    if (hit is None or hit.model is not model or hit.cluster is not cluster
-            or max(len(hit.col), len(hit.pg_id), len(hit.cg_id)) > IDS_MAX):
-        if len(_CTX) > 64:
-            _CTX.clear()
-        hit = _CTX[key] = CostContext(model, cluster, workload, dev, links)
+    hit = store.get(key)
+    if hit is None or max(len(hit.col), len(hit.pg_id), len(hit.cg_id), len(hit.partitions)) > IDS_MAX:
+        if len(store) > _CONTEXTS_PER_CLUSTER:
+            store.clear()
+        hit = store[key] = CostContext(model, cluster, workload, dev, links)
     return hit
 
 

@@ -2,8 +2,8 @@
 recompute policy (policies), and the layer counts the estimate sums with (layer_counts).
 
 They depend only on the model and the plan's (pp, vpp, partition, recompute, recompute_num_layers), never
-on the cluster or the workload, so every plan of a search that shares them shares one entry, cached per
-model. Chunk c runs on stage c % pp (Megatron's interleaved order; pp * vpp chunks).
+on the cluster or the workload, so every plan of a search that shares them shares one entry, cached on the
+model (ModelGraph._cost_cache). Chunk c runs on stage c % pp (Megatron's interleaved order; pp * vpp chunks).
 """
 from __future__ import annotations
 
@@ -13,19 +13,6 @@ from planner.core.dims import RECOMPUTE_POLICIES as POLICIES
 from planner.core.errors import BadInput
 from planner.core.model import Layer, ModelGraph
 from planner.core.plan import ParallelPlan
-
-# Per-model caches (models are frozen): keyed by id(), holding the model itself so that its id cannot be
-# reused by another object while the entry lives, and checked with `is` on every hit.
-_BY_MODEL: dict[int, tuple[object, dict]] = {}
-
-
-def cache_for(store: dict, obj) -> dict:
-    hit = store.get(id(obj))
-    if hit is None or hit[0] is not obj:
-        if len(store) > 32:
-            store.clear()
-        hit = store[id(obj)] = (obj, {})
-    return hit[1]
 
 
 def partition_key(plan: ParallelPlan):
@@ -45,7 +32,7 @@ def split_chunks(graph: ModelGraph, plan: ParallelPlan) -> list[list[Layer]]:
 
 def chunks_of(graph: ModelGraph, pp: int, vpp: int, partition) -> tuple[tuple[Layer, ...], ...]:
     """split_chunks for (pp, vpp, partition key), cached per model; refusals are not cached."""
-    cache = cache_for(_BY_MODEL, graph)
+    cache = graph._cost_cache
     key = ("chunks", pp, vpp, partition)
     hit = cache.get(key)
     if hit is None:
@@ -121,7 +108,7 @@ def policies(layers: list[Layer], plan: ParallelPlan) -> dict[str, str]:
 def shape_index(model: ModelGraph) -> tuple[dict, list]:
     """The model's distinct layer shapes ({shape_key: index}, first layer of each): identical layers cost
     the same, so every per-layer value is computed once per shape."""
-    cache = cache_for(_BY_MODEL, model)
+    cache = model._cost_cache
     hit = cache.get("shapes")
     if hit is None:
         shape_of: dict = {}
@@ -140,7 +127,7 @@ def layer_counts(model: ModelGraph, pp: int, vpp: int, rc: int, rnl: int, partit
     layers, `Fst` frozen ones, `Lst` all layers; `Kall` / `Ktot` over every chunk; `sigs`: per stage, its
     distinct transformer blocks as the (shape, policy) of their trainable layers in layer order (the
     backward working set is the largest block's). rc indexes POLICIES; rnl -1 means every block."""
-    cache = cache_for(_BY_MODEL, model)
+    cache = model._cost_cache
     key = ("counts", pp, vpp, rc, rnl, partition)
     hit = cache.get(key)
     if hit is not None:
@@ -175,6 +162,8 @@ def layer_counts(model: ModelGraph, pp: int, vpp: int, rc: int, rnl: int, partit
     hit = dict(C=C, K=Kf, Kst=onehot @ Kf, Tst=onehot @ T, Fst=onehot @ Fz, Kall=K.sum(axis=(0, 2)),
                Ktot=Kf.sum(axis=0), Lst=onehot @ K.sum(axis=2), sigs=sigs)
     if len(cache) > 4096:
+        serial = cache["serial"]
         cache.clear()
+        cache["serial"] = serial
     cache[key] = hit
     return hit
