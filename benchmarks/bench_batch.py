@@ -82,7 +82,7 @@ def clear_caches(model, cluster) -> None:
     cluster remembers stay, as they always did."""
     import importlib
 
-    cluster._collective_cache.pop(("cost contexts",), None)  # kept on the cluster since issue 17
+    cluster._collective_cache.pop(("cost contexts",), None)  # batch_context.forget (kept on the cluster since issue 17)
     if "_cost_cache" in model.__dict__:  # kept on the model since issue 17 (its serial stays)
         serial = model._cost_cache.get("serial")
         model._cost_cache.clear()

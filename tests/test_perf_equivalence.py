@@ -15,7 +15,7 @@ import pytest
 
 from planner.catalog import load_cluster
 from planner.core.plan import Workload
-from planner.cost import batch, memory, pipeline
+from planner.cost import batch, batch_context, memory, pipeline
 from planner.cost.pipeline import SCHEDULES, simulate, simulate_times
 from planner.importers import load_model
 
@@ -102,12 +102,12 @@ def test_batch_memo_equals_fresh_calls(name, nodes):
     model, cluster = load_model(name), load_cluster("dgx-h100", nodes=nodes)
     workload = Workload(global_batch=64, seq_len=1024)
     a, b = (_plan_arrays(model, cluster.device_count, 64, 150, seed) for seed in (1, 2))
-    batch._CTX.clear()
+    batch_context.forget(cluster)
     fresh = []
     for pa in (a, b):
-        batch._CTX.clear()
+        batch_context.forget(cluster)
         fresh.append(batch.estimate_batch(model, cluster, workload, pa))
-    batch._CTX.clear()
+    batch_context.forget(cluster)
     got = [batch.estimate_batch(model, cluster, workload, pa) for pa in (a.take(np.arange(40)), b, a)]
     for want, have in ((fresh[1], got[1]), (fresh[0], got[2])):
         for k in batch.OUTPUTS:

@@ -109,12 +109,20 @@ class CostContext:
 STAGE_TABLES = ("par_st", "froz_st", "act_st", "parx_st", "work_st", "logit_st", "kvf_st", "kva_st", "ring_st")
 
 
+def forget(cluster: Cluster) -> None:
+    """Drop every cost context kept on `cluster` (tests and benchmarks start from an empty memo)."""
+    cluster._collective_cache.pop(_STORE, None)
+
+
+_STORE = ("cost contexts",)
+
+
 def cost_context(model: ModelGraph, cluster: Cluster, workload: Workload, stage_key=None, dev=None, links=None) -> CostContext:
     """The cached CostContext of (model, cluster, the workload's terms); stage_key names a stage of a stage layout
     (its device and groups), whose dev and links the context then uses."""
     docs = None if workload.documents is None else (workload.global_batch, workload.documents)
     # kept on the cluster (Cluster._collective_cache), freed with it; the model named by its serial
-    store = cluster._collective_cache.setdefault(("cost contexts",), {})
+    store = cluster._collective_cache.setdefault(_STORE, {})
     key = (model._cost_cache["serial"], workload.seq_len, workload.dtype, workload.grad_dtype, workload.moe_imbalance,
            workload.moe_capacity_factor, docs, stage_key)
     hit = store.get(key)
