@@ -82,11 +82,9 @@ def clear_caches(model, cluster) -> None:
     cluster remembers stay, as they always did."""
     import importlib
 
-    cluster._collective_cache.pop(("cost contexts",), None)  # batch_context.forget (kept on the cluster since issue 17)
-    if "_cost_cache" in model.__dict__:  # kept on the model since issue 17 (its serial stays)
-        serial = model._cost_cache.get("serial")
-        model._cost_cache.clear()
-        model._cost_cache["serial"] = serial
+    for name in ("_cost_contexts", "_cost_cache_dict"):  # kept on the cluster and the model since issue 17
+        cluster.__dict__.pop(name, None)
+        model.__dict__.pop(name, None)
 
     for mod_name in ("batch", "batch_context", "batch_dag", "chunks"):
         try:

@@ -427,12 +427,16 @@ class ModelGraph(BaseModel):
     def by_name(self) -> dict[str, Layer]:
         return {layer.name: layer for layer in self.layers}
 
-    @cached_property
+    @property
     def _cost_cache(self) -> dict:
         """What the cost model derives from this (immutable) model alone, kept with it and freed with it
         (planner/cost/chunks.py); its "serial" names the model in caches kept elsewhere (a cluster's) without
-        an id() that a later object could reuse."""
-        return {"serial": next(_SERIALS)}
+        an id() that a later object could reuse. Owned by this object: a model_copy (which copies the
+        instance dict) starts its own."""
+        hit = self.__dict__.get("_cost_cache_dict")
+        if hit is None or hit["owner"] is not self:
+            hit = self.__dict__["_cost_cache_dict"] = {"owner": self, "serial": next(_SERIALS)}
+        return hit
 
     def topological(self) -> list[Layer]:
         return list(self._topological)

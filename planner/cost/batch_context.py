@@ -111,24 +111,35 @@ STAGE_TABLES = ("par_st", "froz_st", "act_st", "parx_st", "work_st", "logit_st",
 
 def forget(cluster: Cluster) -> None:
     """Drop every cost context kept on `cluster` (tests and benchmarks start from an empty memo)."""
-    cluster._collective_cache.pop(_STORE, None)
+    cluster.__dict__.pop(_STORE, None)
 
 
-_STORE = ("cost contexts",)
+_STORE = "_cost_contexts"
+
+
+def _store(cluster: Cluster) -> dict:
+    """The cost contexts kept on this cluster object, freed with it. Owned by the object: a copy
+    (Cluster.with_efficiency / with_stack are model_copy, which copies the instance dict) starts its own, or
+    it would price its new efficiencies with the original's cached values."""
+    hit = cluster.__dict__.get(_STORE)
+    if hit is None or hit["owner"] is not cluster:
+        hit = cluster.__dict__[_STORE] = {"owner": cluster}
+    return hit
 
 
 def cost_context(model: ModelGraph, cluster: Cluster, workload: Workload, stage_key=None, dev=None, links=None) -> CostContext:
     """The cached CostContext of (model, cluster, the workload's terms); stage_key names a stage of a stage layout
     (its device and groups), whose dev and links the context then uses."""
     docs = None if workload.documents is None else (workload.global_batch, workload.documents)
-    # kept on the cluster (Cluster._collective_cache), freed with it; the model named by its serial
-    store = cluster._collective_cache.setdefault(_STORE, {})
+    # kept on the cluster, freed with it; the model named by its serial
+    store = _store(cluster)
     key = (model._cost_cache["serial"], workload.seq_len, workload.dtype, workload.grad_dtype, workload.moe_imbalance,
            workload.moe_capacity_factor, docs, stage_key)
     hit = store.get(key)
     if hit is None or max(len(hit.col), len(hit.pg_id), len(hit.cg_id), len(hit.partitions)) > IDS_MAX:
         if len(store) > _CONTEXTS_PER_CLUSTER:
             store.clear()
+            store["owner"] = cluster
         hit = store[key] = CostContext(model, cluster, workload, dev, links)
     return hit
 

@@ -162,8 +162,8 @@ def layer_counts(model: ModelGraph, pp: int, vpp: int, rc: int, rnl: int, partit
     hit = dict(C=C, K=Kf, Kst=onehot @ Kf, Tst=onehot @ T, Fst=onehot @ Fz, Kall=K.sum(axis=(0, 2)),
                Ktot=Kf.sum(axis=0), Lst=onehot @ K.sum(axis=2), sigs=sigs)
     if len(cache) > 4096:
-        serial = cache["serial"]
+        kept = {k: cache[k] for k in ("owner", "serial")}
         cache.clear()
-        cache["serial"] = serial
+        cache.update(kept)
     cache[key] = hit
     return hit
