@@ -32,6 +32,7 @@ from planner.core.hardware import (
     NodeInstance,
     NodeType,
 )
+from planner.core.stack import ErrorBand, Stack
 from planner.files import path_exists
 
 T = TypeVar("T", bound=BaseModel)
@@ -228,7 +229,7 @@ def parse_as(model: type[T], data: Any, where: str) -> T:
 # ---------------------------------------------------------------------------------------------------
 # The hardware catalog.
 
-_SECTIONS = {"devices": Device, "links": Link, "nodes": NodeType, "clusters": ClusterSpec}
+_SECTIONS = {"devices": Device, "links": Link, "nodes": NodeType, "clusters": ClusterSpec, "stacks": Stack}
 
 
 def _hardware_catalog() -> dict[str, dict[str, Any]]:
@@ -282,10 +283,21 @@ def _build_catalog(roots: tuple[Path, ...], fits: tuple[Path, ...], devices_too:
                     catalog[section][obj.name] = obj  # a later root (the user's) replaces a shipped entry
         if i == 0 and not catalog["devices"]:
             raise BadInput(f"no device profiles in {root / 'devices'}: the catalog is missing; {_REINSTALL}")
-    catalog["_stack_fits"] = {}
+    _check_aliases(catalog["stacks"])
+    catalog["_stack_fits"], catalog["_bands"] = {}, {}
     for path in fits:
-        _apply_fitted_efficiency(path, catalog["devices"], catalog["_stack_fits"], devices_too)
+        _apply_fitted_efficiency(path, catalog["devices"], catalog["_stack_fits"], devices_too, catalog["_bands"])
+    catalog["_resolved_stacks"] = {}  # load_stack's answers, dropped with the catalog
     return catalog
+
+
+def _check_aliases(stacks: dict[str, Stack]) -> None:
+    """A stack's alias may name no other stack, nor be another's alias: one name, one stack."""
+    seen = {name: name for name in stacks}
+    for st in stacks.values():
+        for alias in st.aliases:
+            if seen.setdefault(alias, st.name) != st.name:
+                raise BadInput(f"stack '{st.name}': alias '{alias}' already names stack '{seen[alias]}'; drop one")
 
 
 _hardware_catalog.cache_clear = _clear_catalog_cache  # type: ignore[attr-defined]
@@ -309,18 +321,27 @@ def stack_efficiency(stack: str, device_name: str) -> dict:
     return dict(_hardware_catalog()["_stack_fits"].get(stack, {}).get(device_name, {}))
 
 
-def _apply_fitted_efficiency(path: Path, devices: dict, stack_fits: dict, devices_too: bool = True) -> None:
+def _apply_fitted_efficiency(path: Path, devices: dict, stack_fits: dict, devices_too: bool = True,
+                             bands: dict | None = None) -> None:
     """Overlay the efficiencies `python -m planner.eval.fit --write` fitted on published runs; the
     datasheet files stay as published, the fit stays regenerable, and its provenance is kept. The
-    per-stack fits are always read; the per-device ones only with devices_too (use_device_fit). A later
-    file (the user's fit) replaces the fields and stacks it fits and keeps the rest."""
+    per-stack fits (and their error bands, into `bands`) are always read; the per-device ones only with
+    devices_too (use_device_fit). A later file (the user's fit) replaces the fields and stacks it fits and
+    keeps the rest. Files written before the fit measured bands have none: they load all the same."""
     if not path.exists():
         return
     doc = read_data_file(path) or {}
     if not isinstance(doc, dict):
         raise BadInput(f"{path}: expected a mapping (fitted_on, devices, stacks); re-run python -m planner.eval.fit --write")
+    bands = {} if bands is None else bands
     for stack, fit in (doc.get("stacks") or {}).items():
+        if not isinstance(fit, dict):
+            raise BadInput(f"{path}: stacks.{stack}: expected a mapping (fitted_on, devices, band); re-run "
+                           "python -m planner.eval.fit --write")
         stack_fits[stack] = {**stack_fits.get(stack, {}), **(fit.get("devices") or {})}
+        _read_bands(path, f"stacks.{stack}", fit, bands.setdefault(stack, {}))
+    if doc.get("band") is not None:
+        bands["_pooled"] = _fitted_band(path, "band", doc["band"], doc)
     for name, values in ((doc.get("devices") or {}) if devices_too else {}).items():
         if name not in devices:
             raise BadInput(f"{path}: fitted device '{name}' is not in the catalog")
@@ -330,8 +351,73 @@ def _apply_fitted_efficiency(path: Path, devices: dict, stack_fits: dict, device
         devices[name] = dev.model_copy(update={"efficiency": eff})
 
 
+def _fitted_band(path: Path, where: str, entry: Any, doc: dict) -> ErrorBand:
+    """One band the fit wrote ({p10, p90, rows, method}) as an ErrorBand saying where it comes from."""
+    if not isinstance(entry, dict):
+        raise BadInput(f"{path}: {where}: expected a mapping (p10, p90, rows, method); re-run python -m "
+                       "planner.eval.fit --write")
+    rows = entry.get("rows", doc.get("rows"))
+    src = (f"{entry.get('method') or doc.get('method') or 'planner.eval.fit'} ({rows} rows of "
+           f"{doc.get('fitted_on')}, {doc.get('date')})")
+    fields = {k: v for k, v in entry.items() if k not in ("method", "rows")}
+    return parse_as(ErrorBand, {**fields, "rows": rows, "source": src}, f"{path}: {where}")
+
+
+def _read_bands(path: Path, where: str, fit: dict, out: dict) -> None:
+    """A stack's fitted band and per-device bands, and the provenance of its fitted efficiencies, into `out`."""
+    out["meta"] = f"fitted on {fit.get('fitted_on')} ({fit.get('rows')} rows, {fit.get('date')})"
+    if fit.get("band") is not None:
+        out["band"] = _fitted_band(path, f"{where}.band", fit["band"], fit)
+    for dev, entry in (fit.get("device_bands") or {}).items():
+        out.setdefault("device_bands", {})[dev] = _fitted_band(path, f"{where}.device_bands.{dev}", entry, fit)
+
+
 def names(section: str) -> list[str]:
     return sorted(_hardware_catalog()[section])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Software stacks (hardware_profiles/stacks/, planner.core.stack).
+
+
+def find_stack(name: str) -> Stack | None:
+    """The profile of the stack called `name` or one of its aliases, as the file has it; None if none."""
+    table = _hardware_catalog()["stacks"]
+    return table.get(name) or next((st for st in table.values() if name in st.aliases), None)
+
+
+def load_stack(name: str, priors: bool = True) -> Stack:
+    """The stack `name` (or an alias) with fitted_efficiency.yaml's `stacks:` values laid over its priors
+    (planner.core.stack.resolve); priors=False keeps the fitted values and bands alone (the backtest, whose
+    rows the fit saw). An unknown name is one line naming the known stacks (BadInput, exit 2)."""
+    cat = _hardware_catalog()
+    key = (name, priors)
+    if key not in cat["_resolved_stacks"]:
+        raw = find_stack(name)
+        if raw is None:
+            known = sorted(cat["stacks"])
+            aliases = [a for st in cat["stacks"].values() for a in st.aliases]
+            raise BadInput(f"unknown stack '{name}'{did_you_mean(name, known + aliases)}; known stacks: "
+                           f"{', '.join(known)} (`profiles list`)")
+        from planner.core.stack import resolve
+
+        bands = cat["_bands"]
+        cat["_resolved_stacks"][key] = resolve(raw, cat["_stack_fits"].get(raw.name, {}),
+                                               bands.get(raw.name, {}), bands.get("_pooled"), priors)
+    return cat["_resolved_stacks"][key]
+
+
+def apply_stack(cluster: Cluster, stack: str | Stack | None, priors: bool = True, missing_ok: bool = False) -> Cluster:
+    """`cluster` running `stack` (a name, an alias or a Stack; None: the cluster unchanged). missing_ok: a
+    name without a profile (a runs table's own name) gets the fit's values for that name, if any, instead
+    of an error."""
+    if stack is None:
+        return cluster
+    if isinstance(stack, str) and missing_ok and find_stack(stack) is None:
+        fits = _hardware_catalog()["_stack_fits"].get(stack, {})
+        return cluster.with_efficiency(**fits.get(cluster.device_types[0], {})) if cluster.is_homogeneous \
+            else cluster
+    return cluster.with_stack(load_stack(stack, priors) if isinstance(stack, str) else stack)
 
 
 def _lookup(section: str, name: str, what: str):

@@ -40,7 +40,7 @@ def load_plan_file(path) -> LoadedPlan:
 
 def resolve_plan_file(pf: PlanFile, where: str = "plan file") -> LoadedPlan:
     """The plan file held to what every command needs: sizes within planner.core.limits, a micro-batch count
-    that is global_batch / (mbs x dp), a model and cluster that resolve, and everything `estimate` checks
+    that is global_batch / (mbs x dp), a model, cluster and stack that resolve, and everything `estimate` checks
     (devices, pp x vpp <= blocks, the partition, ep, cp, seq_chunks, ...), by running it. BadInput (one
     line naming the file and field) or Infeasible; the loaded model, cluster and a fresh estimate."""
     p, w = pf.plan, pf.workload
@@ -65,11 +65,15 @@ def resolve_plan_file(pf: PlanFile, where: str = "plan file") -> LoadedPlan:
     if m > limits.MAX_MICROBATCHES:
         raise BadInput(f"{where}: {m:,} micro-batches per step (global_batch / (mbs x dp)), past the cap of "
                        f"{limits.MAX_MICROBATCHES:,}; raise plan.mbs or lower workload.global_batch")
-    # the pipeline simulator's own argument rules (interleaved 1F1B needs m a multiple of pp, ...), which it
+    # the pipeline simulator's own argument rules (interleaved 1F1B needs m >= pp, ...), which it
     # raises as ValueError for callers that are code; here they are the file's mistakes
     _in_file(where, "plan", _schedule_rules, p.schedule, p.pp, m, p.vpp, p.seq_chunks)
     model = _in_file(where, "model", load_model, pf.model)
     cluster = _in_file(where, "cluster", catalog.load_cluster, pf.cluster, pf.nodes)
+    if pf.stack is not None:  # the stack the plan was made for: its efficiencies, schedules and error band
+        stack = _in_file(where, "stack", catalog.load_stack, pf.stack)
+        _in_file(where, "plan", stack.check_schedule, p.schedule, "schedule")
+        cluster = cluster.with_stack(stack)
     est = _in_file(where, "plan", estimate, model, cluster, w, p)
     return LoadedPlan(pf=pf, model=model, cluster=cluster, estimate=est)
 

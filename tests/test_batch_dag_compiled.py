@@ -83,6 +83,7 @@ CASES = [
     ("zb-h1", 16, 1, 512, 1),
     ("interleaved-1f1b", 1, 3, 2, 1), ("interleaved-1f1b", 2, 2, 2, 1), ("interleaved-1f1b", 4, 2, 4, 1),
     ("interleaved-1f1b", 4, 3, 12, 1), ("interleaved-1f1b", 3, 5, 9, 1), ("interleaved-1f1b", 8, 6, 256, 1),
+    ("interleaved-1f1b", 4, 2, 6, 1), ("interleaved-1f1b", 3, 4, 7, 1),  # m not a multiple of p (Megatron-Core)
 ]
 
 
@@ -127,7 +128,7 @@ def test_makespan_and_inflight_equal_simulate(case):
 
 
 def test_dag_refuses_what_simulate_refuses():
-    for args in (("interleaved-1f1b", 4, 2, 6, 1), ("zb-h1", 4, 1, 8, 2), ("1f1b", 4, 2, 8, 1), ("nope", 2, 1, 2, 1)):
+    for args in (("interleaved-1f1b", 4, 2, 3, 1), ("zb-h1", 4, 1, 8, 2), ("1f1b", 4, 2, 8, 1), ("nope", 2, 1, 2, 1)):
         with pytest.raises(ValueError):
             _dag_by_simulate(*args)
         with pytest.raises(ValueError):

@@ -47,7 +47,7 @@ def test_simulate_times_equals_simulate(seed):
 
 def test_simulate_times_refuses_what_simulate_refuses():
     with pytest.raises(ValueError):
-        simulate_times("interleaved-1f1b", [1.0] * 4, [1.0] * 4, 3, v=2)
+        simulate_times("interleaved-1f1b", [1.0] * 4, [1.0] * 4, 1, v=2)  # fewer micro-batches than stages
     with pytest.raises(ValueError):
         simulate_times("1f1b", [1.0, -1.0], [1.0, 1.0], 2)
     with pytest.raises(ValueError):

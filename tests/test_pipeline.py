@@ -101,11 +101,11 @@ def test_interleaved_first_stage_korthikanti():
         assert n == pytest.approx(p * (1 + (p - 1) / (p * v)))
 
 
-def test_interleaved_needs_m_multiple_of_p():
-    with pytest.raises(ValueError, match="multiple"):
-        simulate("interleaved-1f1b", [1] * 4, [2] * 4, m=3, v=2)
-    with pytest.raises(ValueError, match="multiple"):
-        inflight_microbatches("interleaved-1f1b", 2, 3, 0, 2)
+def test_interleaved_needs_at_least_p_microbatches():
+    with pytest.raises(ValueError, match="at least as many micro-batches"):
+        simulate("interleaved-1f1b", [1] * 8, [2] * 8, m=3, v=2)
+    with pytest.raises(ValueError, match="at least as many micro-batches"):
+        inflight_microbatches("interleaved-1f1b", 4, 3, 0, 2)
     with pytest.raises(ValueError):
         simulate("1f1b", [1] * 4, [2] * 4, m=4, v=2)  # v > 1 needs interleaving
     with pytest.raises(ValueError):

@@ -99,8 +99,8 @@ BAD = [
      ["heads"]),
     ("seq-chunks", _with(GOOD, "plan.seq_chunks", 3), 2, ["seq_chunks 3", "1024"]),
     ("interleaved-microbatches", _with(_with(_with(_with(GOOD, "plan.vpp", 3), "plan.schedule", "interleaved-1f1b"),
-                                             "workload.global_batch", 24), "plan.mbs", 2), 2,
-     ["micro-batches (3)", "multiple of the pipeline size (2)"]),
+                                             "workload.global_batch", 8), "plan.mbs", 2), 2,
+     ["micro-batches (1)", "pipeline stages (2)"]),
     ("estimate-nan", json.dumps(_with(GOOD, "estimate", {
         "step_time_s": 1.0, "tokens_per_s": 1.0, "mfu": 0.5, "hfu": 0.5, "peak_memory_bytes": 1.0,
         "memory_capacity_bytes": 2.0, "fits": True})).replace('"mfu": 0.5', '"mfu": NaN'), 2, ["estimate"]),

@@ -52,5 +52,6 @@ def test_parallel_plan_refuses_what_dims_refuses():
                 with pytest.raises(ValidationError, match="needs schedule"):
                     ParallelPlan(**fields)
     assert dims.schedules_with("virtual_stages") == ("interleaved-1f1b",)
-    assert dims.schedule_problem("interleaved-1f1b", 4, 6, 2) is not None  # 6 micro-batches over pp 4
+    assert dims.schedule_problem("interleaved-1f1b", 4, 3, 2) is not None  # 3 micro-batches over pp 4
+    assert dims.schedule_problem("interleaved-1f1b", 4, 6, 2) is None  # Megatron-Core groups of 6
     assert dims.schedule_problem("interleaved-1f1b", 4, 8, 2) is None

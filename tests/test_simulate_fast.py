@@ -157,7 +157,7 @@ def test_simulate_equals_first_version_long_pipelines():
 
 
 def test_simulate_refuses_what_first_version_refuses():
-    for args, kw in ((("interleaved-1f1b", [1.0] * 4, [1.0] * 4, 3), {"v": 2}),
+    for args, kw in ((("interleaved-1f1b", [1.0] * 4, [1.0] * 4, 1), {"v": 2}),  # m < pp
                      (("1f1b", [1.0, -1.0], [1.0, 1.0], 2), {}),
                      (("nope", [1.0], [1.0], 1), {}),
                      (("1f1b", [1.0], [1.0], 2), {"wgrad_s": [0.5]}),

@@ -9,6 +9,11 @@
     tl = api.timeline("llama3-70b", "dgx-h100", nodes=8, gbs=128, seq=8192, plan=best)
     api.plot_timeline(tl, "timeline.png")
     grid = api.sweep(["llama3-8b", "llama3-70b"], "dgx-h100", nodes=[1, 2, 4], seqs=[4096, 8192], gbs=512)
+    api.estimate("llama3-8b", "dgx-h100", gbs=64, seq=8192, tp=2, mbs=1, stack="torchtitan")  # a software stack
+
+`stack=` names a software stack (hardware_profiles/stacks/, `profiles list`): its efficiencies on the
+cluster's devices, the plan fields it decides (flash attention, overlapped gradient reduction, TP overlap)
+unless given explicitly, the pipeline schedules the search may use, and the estimate's error band.
 
 Models and clusters are catalog names or paths (as on the command line) or objects already loaded
 (ModelGraph, Cluster). Errors are the planner's own: BadInput for a request that is wrong, Infeasible (or
@@ -22,13 +27,14 @@ from typing import Any
 
 from planner.app.loaders import load_cluster, load_model, with_link
 from planner.app.rows import plan_row
+from planner.app.sweep import stack_search
 from planner.core.errors import BadInput
 from planner.core.hardware import Cluster
 from planner.core.model import ModelGraph
 from planner.core.plan import Estimate, ParallelPlan, PlanFile, Workload
 
 __all__ = [
-    "load_model", "load_cluster", "with_link", "workload", "make_plan", "plan", "plan_row", "estimate",
+    "load_model", "load_cluster", "with_link", "workload", "make_plan", "plan", "plan_row", "estimate", "stack_search",
     "estimates", "breakdown", "memory", "timeline", "simulate", "plot_timeline", "plot_breakdown", "sweep",
     "to_plan_file", "save_plan", "load_plan",
 ]
@@ -104,9 +110,19 @@ def _frame(rows: list[dict], objects: list[tuple[ParallelPlan, Estimate]], attrs
     return df
 
 
+def _stacked(cl: Cluster, stack: str | None):
+    """(the cluster running `stack`, the Stack) or (cl, None) without one; BadInput for an unknown stack."""
+    if stack is None:
+        return cl, None
+    from planner import catalog
+
+    st = catalog.load_stack(stack)
+    return cl.with_stack(st), st
+
+
 def plan(model: str | ModelGraph, cluster: str | Cluster, nodes: int | None = None, *, gbs: int, seq: int,
          dtype: str = "bf16", top: int = 5, link: str | None = None, refine_partition: bool = True,
-         progress: bool | None = False, **constraints):
+         progress: bool | None = False, stack: str | None = None, **constraints):
     """The `top` fastest plans that fit, best first, as a DataFrame indexed by rank (1 = best).
 
     Columns: label, tp, pp, dp, vpp, cp, ep, etp, zero, sp, mbs, recompute, recompute_num_layers, schedule,
@@ -114,18 +130,18 @@ def plan(model: str | ModelGraph, cluster: str | Cluster, nodes: int | None = No
     bubble_s, why, and the objects: plan (ParallelPlan) and estimate (Estimate). df.attrs holds the model,
     cluster, nodes, link, workload and the search's counts. Keyword constraints are those of `plan` on the
     command line (planner.search.space.Constraints: tp=4, max_pp=8, recompute="full", sp=True,
-    allow_cross_node_tp=True, ...).
+    allow_cross_node_tp=True, ...). stack: a software stack's plan fields (unless given as constraints) and
+    only its pipeline schedules (stack_search).
     """
-    from planner.search.search import search
-
-    c = _constraints(**constraints)
+    cl, st = _stacked(load_cluster(cluster, nodes, link), stack)
+    c = _constraints(**{**(st.plan_defaults.model_dump() if st else {}), **constraints})
     m = load_model(model)
-    cl = load_cluster(cluster, nodes, link)
     w = workload(gbs, seq, dtype)
-    res = search(m, cl, w, c, top_k=top, refine_partition=refine_partition, progress=progress)
+    res = stack_search(m, cl, w, c, st, top_k=top, refine_partition=refine_partition, progress=progress)
     attrs = {"model": model if isinstance(model, str) else m.name,
              "cluster": cluster if isinstance(cluster, str) else cl.name, "nodes": nodes, "link": link,
-             "devices": cl.device_count, "workload": w.model_dump(), "search": res.summary()}
+             "stack": st.name if st else None, "devices": cl.device_count, "workload": w.model_dump(),
+             "search": res.summary()}
     return _frame([plan_row(rp.plan, rp.estimate) for rp in res.plans],
                   [(rp.plan, rp.estimate) for rp in res.plans], attrs)
 
@@ -135,6 +151,16 @@ def plan(model: str | ModelGraph, cluster: str | Cluster, nodes: int | None = No
 
 
 def _resolve_plan(cl: Cluster, plan: ParallelPlan | dict | str | None, fields: dict) -> ParallelPlan:
+    """The plan with the fields given; on a cluster running a stack, the stack's plan fields first (a field
+    given explicitly, as a keyword or in a dict, wins)."""
+    if cl.stack is not None:
+        defaults = cl.stack.plan_defaults.model_dump()
+        if isinstance(plan, ParallelPlan):
+            plan = {**plan.model_dump(), **defaults}
+        elif isinstance(plan, dict):
+            plan = {**defaults, **plan}
+        else:
+            fields = {**defaults, **fields}
     if isinstance(plan, ParallelPlan):
         if fields:
             return _validated(ParallelPlan, "plan", **{**plan.model_dump(), **fields})
@@ -148,24 +174,27 @@ def _resolve_plan(cl: Cluster, plan: ParallelPlan | dict | str | None, fields: d
 
 def estimate(model: str | ModelGraph, cluster: str | Cluster, nodes: int | None = None, *, gbs: int, seq: int,
              dtype: str = "bf16", link: str | None = None, plan: ParallelPlan | dict | None = None,
-             **fields) -> Estimate:
+             stack: str | None = None, **fields) -> Estimate:
     """estimate() of one plan: a ParallelPlan, a dict of its fields, or the fields as keywords (tp=4, pp=2,
-    mbs=1, ...; dp defaults to what the devices leave)."""
+    mbs=1, ...; dp defaults to what the devices leave). stack: a software stack (its efficiencies, plan
+    fields and error band)."""
     from planner.cost.estimate import estimate as _estimate
 
     m = load_model(model)
-    cl = load_cluster(cluster, nodes, link)
+    cl, st = _stacked(load_cluster(cluster, nodes, link), stack)
+    if st is not None and plan is None and fields.get("schedule"):
+        st.check_schedule(fields["schedule"], "schedule")
     return _estimate(m, cl, workload(gbs, seq, dtype), _resolve_plan(cl, plan, fields))
 
 
 def estimates(model: str | ModelGraph, cluster: str | Cluster, plans: dict[str, Any] | list, nodes: int | None = None,
-              *, gbs: int, seq: int, dtype: str = "bf16", link: str | None = None):
+              *, gbs: int, seq: int, dtype: str = "bf16", link: str | None = None, stack: str | None = None):
     """Estimates of several fixed plans (a {name: plan or field dict} or a list) as a DataFrame like plan()'s,
     indexed by name, in the order given (not ranked)."""
     import pandas as pd
 
     m = load_model(model)
-    cl = load_cluster(cluster, nodes, link)
+    cl, st = _stacked(load_cluster(cluster, nodes, link), stack)
     w = workload(gbs, seq, dtype)
     from planner.cost.estimate import estimate as _estimate
 
@@ -180,7 +209,8 @@ def estimates(model: str | ModelGraph, cluster: str | Cluster, plans: dict[str, 
         names.append(name if name is not None else row["label"])
     df = _frame(rows, objs, {"model": model if isinstance(model, str) else m.name,
                              "cluster": cluster if isinstance(cluster, str) else cl.name, "nodes": nodes,
-                             "link": link, "devices": cl.device_count, "workload": w.model_dump()})
+                             "link": link, "stack": st.name if st else None, "devices": cl.device_count,
+                             "workload": w.model_dump()})
     df.index = pd.Index(names, name="plan_name")
     return df
 
@@ -216,12 +246,13 @@ def memory(est: Estimate | Any) -> Any:
 
 
 def timeline(model: str | ModelGraph, cluster: str | Cluster, nodes: int | None = None, *, gbs: int, seq: int,
-             dtype: str = "bf16", link: str | None = None, plan: ParallelPlan | dict | None = None, **fields):
+             dtype: str = "bf16", link: str | None = None, plan: ParallelPlan | dict | None = None,
+             stack: str | None = None, **fields):
     """The simulated step of one plan (planner.app.viz.Timeline: ops, gaps, phases, memory, its Estimate)."""
     from planner.app.viz import timeline as _timeline
 
     m = load_model(model)
-    cl = load_cluster(cluster, nodes, link)
+    cl, _ = _stacked(load_cluster(cluster, nodes, link), stack)
     return _timeline(m, cl, workload(gbs, seq, dtype), _resolve_plan(cl, plan, fields))
 
 
@@ -231,7 +262,7 @@ def simulate(plan_file: str | Path | PlanFile):
 
     pf = load_plan(plan_file) if not isinstance(plan_file, PlanFile) else plan_file
     m = load_model(pf.model)
-    cl = load_cluster(pf.cluster, pf.nodes)
+    cl, _ = _stacked(load_cluster(pf.cluster, pf.nodes), pf.stack)
     return _timeline(m, cl, pf.workload, pf.plan)
 
 
@@ -253,14 +284,17 @@ def plot_breakdown(table, ax=None, title: str | None = None):
 # sweep and plan files
 
 
-def sweep(models, clusters, nodes=None, seqs=(4096,), gbs=(512,), links=None, dtypes=("bf16",),
-          refine_partition: bool = True, progress: bool | None = False, **constraints):
-    """The best plan of every cell of a what-if grid (planner.app.sweep.sweep) as a DataFrame."""
+def sweep(models, clusters, nodes=None, seqs=(4096,), gbs=(512,), links=None, dtypes=("bf16",), stacks=None,
+          refine_partition: bool = True, progress: bool | None = False, executor: str = "serial",
+          workers: int | None = None, scheduler: str | None = None, **constraints):
+    """The best plan of every cell of a what-if grid (planner.app.sweep.sweep) as a DataFrame. stacks: software
+    stacks as one more axis (None: no stack); executor / workers / scheduler: serial or on Dask, as there."""
     from planner.app.sweep import sweep as _sweep
 
     c = _constraints(**constraints) if constraints else None
-    return _sweep(models, clusters, nodes=nodes, seqs=seqs, gbs=gbs, links=links, dtypes=dtypes, constraints=c,
-                  refine_partition=refine_partition, progress=progress)
+    return _sweep(models, clusters, nodes=nodes, seqs=seqs, gbs=gbs, links=links, dtypes=dtypes, stacks=stacks,
+                  constraints=c, refine_partition=refine_partition, progress=progress, executor=executor,
+                  workers=workers, scheduler=scheduler)
 
 
 def to_plan_file(table, rank: int = 1) -> PlanFile:
@@ -276,7 +310,8 @@ def to_plan_file(table, rank: int = 1) -> PlanFile:
         raise BadInput("a plan file names a catalog cluster; this table was searched with link "
                        f"'{a['link']}', which a plan file cannot record")
     return PlanFile(model=str(a["model"]), cluster=str(a["cluster"]), nodes=a.get("nodes"),
-                    workload=Workload(**a["workload"]), plan=row["plan"], estimate=row["estimate"])
+                    workload=Workload(**a["workload"]), plan=row["plan"], estimate=row["estimate"],
+                    stack=a.get("stack"))
 
 
 def save_plan(table_or_file, path: str | Path, rank: int = 1, force: bool = False) -> Path:

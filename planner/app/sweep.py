@@ -15,6 +15,7 @@ sharing) and the fabric between nodes: "what if this cluster had 100 GbE instead
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterable, Sequence
@@ -23,7 +24,7 @@ from planner.core import dtypes
 
 DTYPES = dtypes.TRAIN_DTYPES
 COLUMNS = [
-    "model", "cluster", "nodes", "devices", "link", "seq", "gbs", "dtype", "status",
+    "model", "cluster", "nodes", "devices", "link", "seq", "gbs", "dtype", "stack", "status",
     "tp", "pp", "dp", "vpp", "cp", "ep", "zero", "sp", "mbs", "recompute", "schedule", "uneven_partition",
     "label", "step_time_s", "tokens_per_s", "mfu", "hfu", "peak_memory_gb", "memory_capacity_gb",
     "bubble_s", "why", "evaluated", "search_s",
@@ -63,21 +64,22 @@ def parse_list(text: str | None, kind=str, what: str = "value", cap: int | None 
 
 
 def cells(models: Sequence, clusters: Sequence, nodes: Sequence = (None,), seqs: Sequence = (4096,),
-          gbs: Sequence = (512,), links: Sequence = (None,), dtypes: Sequence = ("bf16",)) -> list[dict]:
+          gbs: Sequence = (512,), links: Sequence = (None,), dtypes: Sequence = ("bf16",),
+          stacks: Sequence = (None,)) -> list[dict]:
     """Every combination, with fixed-size clusters collapsed to their own size (nodes None)."""
     from planner import catalog
 
     out, seen = [], set()
-    for model, cluster, n, link, seq, g, dtype in itertools.product(
-            models, clusters, nodes, links, seqs, gbs, dtypes):
+    for model, cluster, n, link, seq, g, dtype, stack in itertools.product(
+            models, clusters, nodes, links, seqs, gbs, dtypes, stacks):
         if isinstance(cluster, str) and not catalog.cluster_spec(cluster).needs_node_count:
             n = None
-        key = (str(model), str(cluster), n, link, seq, g, dtype)
+        key = (str(model), str(cluster), n, link, seq, g, dtype, stack)
         if key in seen:
             continue
         seen.add(key)
         out.append({"model": model, "cluster": cluster, "nodes": n, "link": link, "seq": seq, "gbs": g,
-                    "dtype": dtype})
+                    "dtype": dtype, "stack": stack})
     return out
 
 
@@ -91,11 +93,11 @@ def _check_size(*lists) -> None:
         total *= len(values)
     if total > MAX_SWEEP_CELLS:
         raise BadInput(f"the sweep has {total:,} cells, past the cap of {MAX_SWEEP_CELLS:,}; give shorter lists "
-                       "(--model, --cluster, --nodes, --seq, --gbs, --link, --dtype)")
+                       "(--model, --cluster, --nodes, --seq, --gbs, --link, --dtype, --stack)")
 
 
-def _check_names(models, clusters, links, dtypes=()) -> None:
-    """Fail before the first cell on an unknown model, cluster, link or precision (BadInput)."""
+def _check_names(models, clusters, links, dtypes=(), stacks=()) -> None:
+    """Fail before the first cell on an unknown model, cluster, link, precision or stack (BadInput)."""
     from planner import catalog
     from planner.core.errors import BadInput, did_you_mean
     from planner.importers import load_model
@@ -112,6 +114,43 @@ def _check_names(models, clusters, links, dtypes=()) -> None:
     for d in dict.fromkeys(dtypes):
         if d not in DTYPES:
             raise BadInput(f"unknown dtype '{d}'; use one of {', '.join(DTYPES)}")
+    for st in dict.fromkeys(stacks):
+        if st is not None:
+            catalog.load_stack(st)
+
+
+def stack_search(model, cluster, w, constraints, stack=None, top_k: int = 5, **kw):
+    """planner.search.search restricted to the pipeline schedules `stack` runs (a Stack; None: every schedule).
+
+    Constraints fix one schedule or none, so a stack that runs some but not all of them is searched once per
+    schedule it runs and the results merged, fastest first. Plans with pp = 1 run the same work under every
+    schedule: they come from the 1F1B search where the stack runs 1F1B. The other schedules' searches ask for
+    twice top_k so such duplicates do not crowd out their pp > 1 plans."""
+    from planner.core.dims import SCHEDULES
+    from planner.core.errors import BadInput, Infeasible
+    from planner.search.search import search
+
+    if stack is None or constraints.schedule is not None or set(SCHEDULES) <= set(stack.schedules):
+        if stack is not None and constraints.schedule is not None:
+            stack.check_schedule(constraints.schedule)
+        return search(model, cluster, w, constraints, top_k=top_k, **kw)
+    results, refused = [], []
+    for s in stack.schedules:
+        wide = s != "1f1b" and "1f1b" in stack.schedules
+        try:
+            res = search(model, cluster, w, dataclasses.replace(constraints, schedule=s),
+                         top_k=2 * top_k if wide else top_k, **kw)
+        except (Infeasible, BadInput) as e:  # this schedule has no plan (fits): the others may
+            refused.append(e)
+            continue
+        results.append(dataclasses.replace(res, plans=[rp for rp in res.plans if not (wide and rp.plan.pp == 1)]))
+    if not results:
+        raise next((e for e in refused if isinstance(e, Infeasible)), refused[0])
+    plans = sorted((rp for r in results for rp in r.plans), key=lambda rp: rp.estimate.step_time_s)[:top_k]
+    total = {f: sum(getattr(r, f) for r in results) for f in ("enumerated", "pruned_memory", "pruned_bound",
+                                                                "evaluated", "wall_s", "partition_refined")}
+    return dataclasses.replace(results[0], plans=plans, filters=[f for r in results for f in r.filters], **total)
+
 
 
 def run_cell(cell: dict, constraints=None, refine_partition: bool = True, _models: dict | None = None) -> dict:
@@ -130,7 +169,8 @@ def run_cell(cell: dict, constraints=None, refine_partition: bool = True, _model
     model = _models[key]
     row = {c: None for c in COLUMNS}
     row.update(model=model.name, cluster=cell["cluster"] if isinstance(cell["cluster"], str) else cell["cluster"].name,
-               nodes=cell["nodes"], link=cell["link"] or "", seq=cell["seq"], gbs=cell["gbs"], dtype=cell["dtype"])
+               nodes=cell["nodes"], link=cell["link"] or "", seq=cell["seq"], gbs=cell["gbs"], dtype=cell["dtype"],
+               stack=cell.get("stack") or "")
     t0 = time.perf_counter()
     try:
         cluster = load_cluster(cell["cluster"], cell["nodes"], link=cell["link"])
@@ -138,8 +178,17 @@ def run_cell(cell: dict, constraints=None, refine_partition: bool = True, _model
         if row["nodes"] is None:
             row["nodes"] = len(cluster.nodes)
         workload = Workload(global_batch=cell["gbs"], seq_len=cell["seq"], dtype=cell["dtype"])
-        res = search(model, cluster, workload, constraints or Constraints(), top_k=1,
-                     refine_partition=refine_partition, progress=False)
+        c = constraints or Constraints()
+        if cell.get("stack"):  # the stack's efficiencies, plan fields and schedules (stack_search)
+            from planner import catalog
+
+            stack = catalog.load_stack(cell["stack"])
+            cluster = cluster.with_stack(stack)
+            c = dataclasses.replace(c, **stack.plan_defaults.model_dump())
+            res = stack_search(model, cluster, workload, c, stack, top_k=1, refine_partition=refine_partition,
+                               progress=False)
+        else:
+            res = search(model, cluster, workload, c, top_k=1, refine_partition=refine_partition, progress=False)
     except Infeasible as e:
         row.update(status="infeasible", why=str(e), search_s=time.perf_counter() - t0)
         return row
@@ -247,7 +296,7 @@ def sweep(models: Iterable | str, clusters: Iterable | str, nodes: Iterable | in
           seqs: Iterable | int = (4096,), gbs: Iterable | int = (512,), links: Iterable | str | None = None,
           dtypes: Iterable | str = ("bf16",), constraints=None, refine_partition: bool = True,
           progress: bool | None = None, executor: str = "serial", workers: int | None = None,
-          scheduler: str | None = None):
+          scheduler: str | None = None, stacks: Iterable | str | None = None):
     """The best plan of every cell of the grid, as a pandas DataFrame in COLUMNS order (grid order).
 
     executor: "serial" (this process) or "dask" (the cells as tasks on a dask.distributed cluster: a
@@ -258,10 +307,10 @@ def sweep(models: Iterable | str, clusters: Iterable | str, nodes: Iterable | in
 
     check_executor(executor, workers, scheduler)
     models, clusters = _as_list(models), _as_list(clusters)
-    nodes, seqs, gbs, links, dtypes = (_as_list(x) for x in (nodes, seqs, gbs, links, dtypes))
-    _check_size(models, clusters, nodes, seqs, gbs, links, dtypes)
-    _check_names(models, clusters, links, dtypes)
-    grid = cells(models, clusters, nodes, seqs, gbs, links, dtypes)
+    nodes, seqs, gbs, links, dtypes, stacks = (_as_list(x) for x in (nodes, seqs, gbs, links, dtypes, stacks))
+    _check_size(models, clusters, nodes, seqs, gbs, links, dtypes, stacks)
+    _check_names(models, clusters, links, dtypes, stacks)
+    grid = cells(models, clusters, nodes, seqs, gbs, links, dtypes, stacks)
     bar = tqdm(total=len(grid), desc="sweep", unit="cell", disable=None if progress is None else not progress)
     try:
         if executor == "dask":

@@ -26,21 +26,22 @@ class ScheduleRules:
     virtual_stages              vpp > 1 model chunks per device (Narayanan et al. 2021 section 2.2.2).
     sequence_chunks             seq_chunks > 1: each micro-batch flows as sequence chunks, backward last
                                 chunk first (TeraPipe, Li et al. 2021; Seq1F1B, Sun et al. 2024).
-    microbatches_multiple_of_pp its op order walks micro-batches in groups of pp (Megatron's
-                                microbatch_group_size_per_vp_stage = pp), so m % pp == 0.
+    microbatches_at_least_pp    its op order walks micro-batches in groups of at least pp (Megatron-Core's
+                                microbatch_group_size_per_vp_stage: pp <= N <= m), so m >= pp; m need not
+                                be a multiple of pp (planner/cost/schedules/interleaved.py chooses N).
     """
 
     name: str
     virtual_stages: bool = False
     sequence_chunks: bool = False
-    microbatches_multiple_of_pp: bool = False
+    microbatches_at_least_pp: bool = False
 
 
 # The order is the column encoding (PlanArrays.schedule indexes it): append new schedules at the end.
 SCHEDULE_RULES: tuple[ScheduleRules, ...] = (
     ScheduleRules("gpipe", sequence_chunks=True),
     ScheduleRules("1f1b", sequence_chunks=True),
-    ScheduleRules("interleaved-1f1b", virtual_stages=True, microbatches_multiple_of_pp=True),
+    ScheduleRules("interleaved-1f1b", virtual_stages=True, microbatches_at_least_pp=True),
     ScheduleRules("zb-h1"),
 )
 SCHEDULES: tuple[str, ...] = tuple(r.name for r in SCHEDULE_RULES)
@@ -49,7 +50,7 @@ SCHEDULE_INDEX: dict[str, int] = {name: i for i, name in enumerate(SCHEDULES)}
 # the traits as bool columns indexed by schedule index: one lookup serves a plan or a million plan rows
 _VIRTUAL = np.array([r.virtual_stages for r in SCHEDULE_RULES])
 _SEQ_CHUNKS = np.array([r.sequence_chunks for r in SCHEDULE_RULES])
-_MULTIPLE_OF_PP = np.array([r.microbatches_multiple_of_pp for r in SCHEDULE_RULES])
+_AT_LEAST_PP = np.array([r.microbatches_at_least_pp for r in SCHEDULE_RULES])
 
 
 def schedules_with(trait: str) -> tuple[str, ...]:
@@ -73,8 +74,11 @@ def seq_chunks_fit_schedule(schedule, seq_chunks):
 
 
 def microbatches_fit_schedule(schedule, microbatches, pp):
-    """The micro-batch count a multiple of pp where the schedule walks micro-batches in groups of pp."""
-    return (microbatches % pp == 0) | ~_MULTIPLE_OF_PP[schedule]
+    """At least pp micro-batches where the schedule walks them in groups of at least pp. Megatron-Core's
+    interleaved schedule (megatron/core/pipeline_parallel/schedules.py, main @ d98e8a64dd) needs
+    pp <= microbatch_group_size_per_vp_stage <= m and no last group shorter than pp, which some group size
+    meets for every m >= pp; Megatron-LM of 2021 asked m % pp == 0, no longer the rule."""
+    return (microbatches >= pp) | ~_AT_LEAST_PP[schedule]
 
 
 # the simulator, the closed forms and the search's bounds ask about the same few shapes many thousands of
@@ -92,8 +96,8 @@ def schedule_problem(schedule: str, p: int, m: int, v: int = 1, n: int = 1) -> s
         return (f"seq_chunks={n} needs schedule {quoted_names('sequence_chunks')} (TeraPipe, Seq1F1B), "
                 f"got {schedule!r}")
     if not microbatches_fit_schedule(ix, m, p):
-        return (f"{schedule} needs the number of micro-batches ({m}) to be a multiple of the pipeline size "
-                f"({p}) (Narayanan et al. 2021 section 2.2.2)")
+        return (f"{schedule} needs at least as many micro-batches ({m}) as pipeline stages ({p}) "
+                "(Megatron-Core's microbatch_group_size_per_vp_stage rule); raise the global batch or lower pp")
     if not vpp_fits_schedule(ix, v):
         return f"v={v} virtual stages needs schedule {quoted_names('virtual_stages')}, got {schedule!r}"
     return None

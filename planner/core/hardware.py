@@ -307,6 +307,10 @@ class Cluster(BaseModel):
     fabric: Link | None
     island_link: Link | None
     island_ports_per_node: int = 1
+    # The software stack the cluster runs (a planner.core.stack.Stack, set by with_stack; typed loosely because
+    # that module imports this one), None for none named: the devices keep their own efficiencies, and the
+    # estimate's error band is planner.core.stack.DEFAULT_BAND.
+    stack: object | None = None
 
     @property
     def device_count(self) -> int:
@@ -371,6 +375,23 @@ class Cluster(BaseModel):
             eff = ref.device.efficiency.model_copy(update=fields)
             devices.append(ref.model_copy(update={"device": ref.device.model_copy(update={"efficiency": eff})}))
         return self.model_copy(update={"devices": devices})
+
+    def with_stack(self, stack) -> Cluster:
+        """The same cluster running `stack`: each device's efficiency (its profile and the device fit) with
+        the stack's fields for that device laid over it (planner.catalog.load_stack has put the stack's
+        fitted values over its priors), and `stack` set so the estimate can say what it changed."""
+        by_name: dict[str, Device] = {}
+        for ref in self.devices:
+            dev = ref.device
+            if dev.name not in by_name:
+                fields = stack.efficiency_for(dev.name)
+                src = f"{dev.efficiency.source}; stack {stack.name}: {stack.efficiency[dev.name]['source']}" \
+                    if fields else None
+                by_name[dev.name] = dev if not fields else dev.model_copy(update={
+                    "efficiency": dev.efficiency.model_copy(update={**fields, "source": src})})
+        devices = [ref if ref.device is by_name[ref.device.name] else
+                   ref.model_copy(update={"device": by_name[ref.device.name]}) for ref in self.devices]
+        return self.model_copy(update={"devices": devices, "stack": stack})
 
     def p2p(self, src: int, dst: int) -> tuple[float, float]:
         """(bytes/s, latency s) of a point-to-point transfer between two devices.

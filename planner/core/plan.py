@@ -228,6 +228,10 @@ class Estimate(BaseModel):
     memory: dict[str, float] = Field(default_factory=dict, description="bytes on the busiest device by term")
     stages: list[dict] = Field(default_factory=list, description="per pipeline stage time and memory")
     why: str = ""
+    # 80% prediction interval of the step time: step_time_s x the error band of the cluster's stack on its
+    # device (planner.core.stack.Stack.band_for; DEFAULT_BAND without a stack). None in older plan files.
+    step_time_s_p10: float | None = None
+    step_time_s_p90: float | None = None
 
 
 # A model or cluster name is a catalog name or a file path: one printable line, at most PATH_MAX (4096) long.
@@ -248,6 +252,8 @@ class PlanFile(BaseModel):
     workload: Workload
     plan: ParallelPlan
     estimate: Estimate | None = None
+    # the software stack (hardware_profiles/stacks/) the plan was made for; None: none named
+    stack: str | None = None
 
     @field_validator("schema_version")
     @classmethod
@@ -259,9 +265,11 @@ class PlanFile(BaseModel):
                              f"version {PLAN_SCHEMA_VERSION}); re-create it with `plan --save`")
         return v
 
-    @field_validator("model", "cluster")
+    @field_validator("model", "cluster", "stack")
     @classmethod
-    def _one_printable_line(cls, v: str):
+    def _one_printable_line(cls, v: str | None):
+        if v is None:
+            return v
         # these names reach launch scripts and configs (planner/export/); a line break or control character
         # is neither a catalog name nor a file name anyone means
         if not v or len(v) > MAX_NAME_CHARS or not v.isprintable():
@@ -274,8 +282,11 @@ class PlanFile(BaseModel):
     def _finite_estimate(cls, v: Estimate | None):
         if v is None:
             return v
-        for name in ("step_time_s", "tokens_per_s", "mfu", "hfu", "peak_memory_bytes", "memory_capacity_bytes"):
+        for name in ("step_time_s", "tokens_per_s", "mfu", "hfu", "peak_memory_bytes", "memory_capacity_bytes",
+                     "step_time_s_p10", "step_time_s_p90"):
             x = getattr(v, name)
+            if x is None:  # the band: absent in plan files written before it
+                continue
             if not math.isfinite(x) or x < 0:
                 raise ValueError(f"estimate.{name} must be a finite number >= 0, got {x}; re-create the file with "
                                  "`plan --save` or drop the estimate")

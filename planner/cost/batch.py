@@ -197,7 +197,7 @@ def _check(pa: PlanArrays, cluster: Cluster, workload: Workload, model: ModelGra
         except BadInput as e:
             raise BadInput(f"plan {int(i)}: {e}") from None
     first(~microbatches_fit_schedule(pa.schedule, m, pa.pp),
-          lambda i: f"{SCHEDULES[pa.schedule[i]]} needs the number of micro-batches ({m[i]}) to be a multiple of pp")
+          lambda i: f"{SCHEDULES[pa.schedule[i]]} needs at least as many micro-batches ({m[i]}) as pipeline stages ({pa.pp[i]})")
     blocks = model.num_blocks
     if blocks:
         first(pa.pp * pa.vpp > blocks,

@@ -364,9 +364,13 @@ def _outputs(one: _OnePlan, sums: _ChunkSums, p2p_s: float, pipe, sync: _DataPar
         mem = {**mem["stages"][tight], "stages": mem["stages"]}
         capacity, dev = layout.capacity_bytes[tight], layout.devices[tight]
     mfu, hfu = utilisation(sums.flops_model, sums.flops_hw, one.items, plan.tp, plan.cp, plan.dp, step, peak)
+    from planner.core.stack import DEFAULT_BAND  # here: this change of the module is _outputs's alone
+
+    stack = one.cluster.stack
     text = why.explain(breakdown, step, fits, mem, dev, model=one.model, workload=workload, plan=plan, pipe=pipe,
                        microbatches=one.microbatches, item_tokens=one.item_tokens, factors=one.factors,
-                       ep_link=one.ep_link)
+                       ep_link=one.ep_link, stack=stack)
+    band = DEFAULT_BAND if stack is None else stack.band_for(dev.name)  # the 80% interval of measured / predicted
     return Estimate(
         step_time_s=step, tokens_per_s=float(tokens_per_s(workload.global_batch, workload.seq_len, step)),
         mfu=float(mfu), hfu=float(hfu),
@@ -374,4 +378,4 @@ def _outputs(one: _OnePlan, sums: _ChunkSums, p2p_s: float, pipe, sync: _DataPar
         breakdown=breakdown, memory={k: v for k, v in mem.items() if k != "stages"},
         stages=[{"stage": i, "fwd_s": sums.fwd_s[i], "bwd_s": sums.bwd_s[i], **mem["stages"][i]}
                 for i in range(min(plan.pp, len(sums.fwd_s)))],
-        why=text)
+        why=text, step_time_s_p10=step * band.p10, step_time_s_p90=step * band.p90)

@@ -72,10 +72,38 @@ def deepep_clause(model, ep_link) -> str:
             f"{k * (ep_link.nodes - 1) / ep_link.nodes:.1f} copies")
 
 
+def stack_clause(stack, device, plan) -> str:
+    """What the software stack changes (planner.core.stack): its attention kernel at the efficiency the device
+    runs it at, the other efficiencies it sets there (fitted or prior), and the overlaps it turns on that this
+    plan uses."""
+    eff = device.efficiency
+    fitted = set(stack.fitted_fields.get(device.name, ()))
+    own = stack.efficiency_for(device.name)
+
+    def origin(fields) -> str:
+        if not fields:
+            return "device profile"
+        return "fitted" if set(fields) <= fitted else "prior" if not set(fields) & fitted else "fitted + prior"
+
+    parts = [f"{stack.attention_kernel} attention at {eff.attention:.2f} of peak on {device.name} "
+             f"({origin([f for f in own if f == 'attention'])})" if plan.flash_attention else "unfused attention"]
+    rest = [f for f in own if f != "attention"]
+    if rest:
+        parts.append(", ".join(f"{f} {own[f]:.3g}" for f in rest) + f" ({origin(rest)})")
+    if plan.overlap_tp_comm and plan.tp > 1:
+        parts.append("TP comm overlapped")
+    if plan.overlap_grad_reduce and plan.dp * plan.cp > 1:
+        parts.append("grad reduce overlapped")
+    return f"; on {stack.name}: " + ", ".join(parts)
+
+
 def explain(breakdown: dict, step_s: float, fits: bool, mem: dict, device, *, model, workload, plan, pipe,
-            microbatches: int, item_tokens: int, factors, ep_link) -> str:
-    """Estimate.why: limiting_term, then, when the plan fits, the clause of each choice it makes."""
+            microbatches: int, item_tokens: int, factors, ep_link, stack=None) -> str:
+    """Estimate.why: limiting_term, then, when the plan fits, the clause of each choice it makes, and of the
+    software stack when the cluster names one."""
     why = limiting_term(breakdown, step_s, fits, mem, device)
+    if stack is not None:
+        why += stack_clause(stack, device, plan)
     if not fits:
         return why
     if plan.cp > 1:

@@ -14,10 +14,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from planner.catalog import load_cluster, stack_efficiency
+from planner.catalog import find_stack, load_cluster, load_stack, stack_efficiency
 from planner.core.builders import MoEConfig, TransformerConfig, build_transformer
 from planner.core.dtypes import train_dtype_or
 from planner.core.errors import BadInput, PlannerError
+from planner.core.hardware import Cluster
 from planner.core.limits import MAX_GLOBAL_BATCH, MAX_MICROBATCHES, MAX_SEQ_LEN
 from planner.core.model import MLA
 from planner.core.plan import Estimate, ParallelPlan, Workload
@@ -29,21 +30,11 @@ REQUIRED_COLUMNS = ["id", "source_code", "arch", "layers", "hidden", "heads", "f
                     "target", "usable"]
 TARGETS = {"step_time": "measured_step_time_s", "tokens_per_s": "measured_tokens_per_s_per_device",
            "tflops": "measured_tflops_per_device", "mfu": "measured_mfu_pct", "hfu": "measured_hfu_pct"}
-# What each source's software stack does that its table does not print. Unknown sources get a current
-# stack (FlashAttention, overlapped gradient reduction). Megatron-LM of 2021-22 had neither FlashAttention
-# (Dao et al. 2022 came later) nor overlapped reduction (Korthikanti 2022 section 6.3 says so);
-# NeMo/Megatron-Bridge recipes turn on overlap_grad_reduce with the distributed optimizer.
-SOFTWARE_STACKS = {
-    "NAR21": {"flash_attention": False, "overlap_grad_reduce": False},
-    "KOR22": {"flash_attention": False, "overlap_grad_reduce": False},
-    # vTrain's ground truth ran Megatron-DeepSpeed, whose --use-flash-attn is off by default.
-    "VTRAIN-SINGLE": {"flash_attention": False, "overlap_grad_reduce": False},
-}
-MODERN_STACK = {"flash_attention": True, "overlap_grad_reduce": True}
-# NeMo / Megatron-Bridge performance recipes also overlap TP communication with GEMMs (tp_comm_overlap,
-# Transformer Engine userbuffers); torchtitan does only with async TP, and XLA (MaxText) not by default.
-for _src in ("NEMO-24.07", "MBRIDGE-25.09"):
-    SOFTWARE_STACKS[_src] = {**MODERN_STACK, "overlap_tp_comm": True}
+# What a row's software stack does that its table does not print (flash attention, overlapped gradient
+# reduction, TP overlap) comes from the stack's profile (hardware_profiles/stacks/, plan_defaults: Megatron-LM
+# of 2021-22 has neither FlashAttention nor overlapped reduction, NeMo / Megatron-Bridge recipes overlap both
+# and TP communication, ...). A row whose stack has no profile gets a current stack:
+MODERN_STACK = {"flash_attention": True, "overlap_grad_reduce": True, "overlap_tp_comm": False}
 
 
 # The stack of a row whose table has no `stack` column, by its source; the table's own names for a stack that
@@ -65,6 +56,20 @@ def stack_key(row: dict) -> str:
     if src == "NAR21" and zero is not None and int(zero) == 3:
         return "deepspeed"
     return SOURCE_STACKS.get(src, "unknown")
+
+
+def stack_plan_defaults(row: dict) -> dict:
+    """The plan fields the row's stack decides (its profile's plan_defaults), MODERN_STACK without a profile."""
+    profile = find_stack(stack_key(row))
+    return profile.plan_defaults.model_dump() if profile is not None else dict(MODERN_STACK)
+
+
+def with_row_stack(cluster, row: dict):
+    """The cluster carrying the row's stack profile (fitted values only: the fit saw these rows), for the
+    estimate's error band and explanation. Its efficiencies are left as they are: the backtest takes them
+    from `stack_efficiency`, which planner.eval.fit_cases replaces while it judges a fold."""
+    profile = find_stack(stack_key(row))
+    return cluster if profile is None else cluster.model_copy(update={"stack": load_stack(profile.name, priors=False)})
 
 
 DEFAULT_VOCAB = 51200  # GPT-3-style runs that do not print one (NeMo GPT3 recipes pad 50257 to this)
@@ -130,7 +135,7 @@ COLUMNS: dict[str, Col] = {
     "id": Col("text", True), "source_code": Col("text", True), "model": Col("free"),
     "arch": Col("enum", True, choices=ARCHES),
     "layers": _pos_int(MAX_LAYERS, True), "hidden": _pos_int(MAX_HIDDEN, True), "heads": _pos_int(MAX_HEADS, True),
-    "kv_heads": _pos_int(MAX_HEADS), "head_dim": _pos_int(MAX_HEADS * 4), "ffn_hidden": _pos_int(MAX_FFN_HIDDEN, True),
+    "kv_heads": _pos_int(MAX_HEADS), "head_dim": _pos_int(MAX_HEADS * 4), "ffn_hidden": _pos_int(MAX_FFN_HIDDEN),
     "vocab": _pos_int(MAX_VOCAB), "seq_len": _pos_int(MAX_SEQ_LEN, True),
     "moe_experts": _pos_int(MAX_EXPERTS), "moe_topk": _pos_int(MAX_EXPERTS),
     "moe_ffn_hidden": _pos_int(MAX_FFN_HIDDEN), "moe_shared_experts": Col("int", False, 0, MAX_EXPERTS),
@@ -256,6 +261,9 @@ def _check_row(row: dict) -> None:
         raise BadInput(f"global_batch {gbs} makes more than {MAX_MICROBATCHES:,} micro-batches per step")
     if row["pp"] is not None and row["pp"] * (row["vpp"] or 1) > row["layers"]:
         raise BadInput(f"pp*vpp = {row['pp']}*{row['vpp'] or 1} pipeline chunks exceed the {row['layers']} layers")
+    if row["ffn_hidden"] is None and row["arch"] != "gpt":  # GPT's MLP is 4h (Radford 2019); others vary
+        raise BadInput(f"column 'ffn_hidden' is empty; only a GPT row may leave it out (4 x hidden), "
+                       f"give the FFN size of this {row['arch']} row")
     kv = row["kv_heads"]
     if kv is not None and (kv > row["heads"] or row["heads"] % kv):  # GQA groups (Ainslie et al. 2023)
         raise BadInput(f"kv_heads {kv} does not divide heads {row['heads']}")
@@ -328,6 +336,7 @@ def _build_row_model(row: dict):
     arch = str(row["arch"])
     gpt = arch == "gpt"
     hidden, heads = int(row["hidden"]), int(row["heads"])
+    ffn = int(row_value(row, "ffn_hidden", 4 * hidden))  # empty only on GPT rows (_check_row): 4h
     kv = int(row_value(row, "kv_heads", heads))
     head_dim = row_value(row, "head_dim")
     moe = None
@@ -335,7 +344,7 @@ def _build_row_model(row: dict):
     experts = row_value(row, "moe_experts")
     if experts:
         moe = MoEConfig(experts=int(experts), topk=int(row_value(row, "moe_topk", 2)),
-                        ffn_hidden=int(row_value(row, "moe_ffn_hidden", row["ffn_hidden"])),
+                        ffn_hidden=int(row_value(row, "moe_ffn_hidden", ffn)),
                         shared_experts=int(row_value(row, "moe_shared_experts", 0)),
                         shared_ffn_hidden=int(row_value(row, "moe_ffn_hidden", 0)) * int(
                             row_value(row, "moe_shared_experts", 0) > 0),
@@ -350,7 +359,7 @@ def _build_row_model(row: dict):
         name=str(row.get("model") or row["id"]), source=f"row {row['id']} of a runs table",
         layers=int(row["layers"]), hidden=hidden, heads=heads, kv_heads=kv,
         head_dim=int(head_dim) if head_dim and not mla else None,
-        ffn_hidden=int(row["ffn_hidden"]), vocab=int(row_value(row, "vocab", DEFAULT_VOCAB)), gated_mlp=gated,
+        ffn_hidden=ffn, vocab=int(row_value(row, "vocab", DEFAULT_VOCAB)), gated_mlp=gated,
         norm="layernorm" if gpt else "rmsnorm", position="learned" if gpt else "rope",
         max_seq=int(row["seq_len"]), bias=gpt, dropout=gpt and str(row["source_code"]) in ("NAR21", "KOR22"),
         moe=moe, mla=mla)
@@ -364,14 +373,43 @@ def token_drop(row: dict) -> bool:
     return "token-drop" in text or "tokendrop" in text
 
 
+# "interleaved" in a row's notes, not "no interleaving" / "non-interleaved" / "not interleaved"
+_INTERLEAVED_NOTE = re.compile(r"(?<!non-)(?<!not )(?<!no )\binterleaved\b", re.IGNORECASE)
+
+
+def vpp_options(row: dict) -> list[tuple[int, dict]]:
+    """(vpp, what is assumed) for the row: a printed vpp as printed; else 1 and every v > 1 that divides the
+    layers per stage (rounded up: Megatron-Core and torchtitan run a shorter last stage), only the v > 1 when
+    the notes say the schedule was interleaved. vpp > 1 runs interleaved 1F1B, vpp 1 runs 1F1B (the schedules
+    Megatron runs; ZB and GPipe are never a recipe's unprinted default)."""
+    printed = row_value(row, "vpp")
+    if printed is not None:
+        return [(int(printed), {})]
+    pp = int(row_value(row, "pp", 1))
+    per_stage = -(-int(row["layers"]) // pp)
+    chunks = [v for v in range(2, per_stage + 1) if per_stage % v == 0] if pp > 1 else []
+    if _INTERLEAVED_NOTE.search(str(row.get("notes") or "")) and pp > 1:
+        if not chunks:
+            raise BadInput(f"the notes say interleaved, but {per_stage} layer(s) per stage of pp {pp} leave "
+                           "no vpp > 1; print vpp or correct the notes")
+        return [(v, {"vpp": v}) for v in chunks]
+    return [(1, {"vpp": 1} if chunks else {})] + [(v, {"vpp": v}) for v in chunks]
+
+
 def _candidates(row: dict, n_devices: int):
     """Plans for the row, as ParallelPlan fields: printed values fixed, unprinted ones enumerated (a field
     combination the plan refuses is the caller's to skip)."""
+    for vpp, vpp_assumed in vpp_options(row):
+        for fields, assumed in _candidates_at(row, n_devices, vpp):
+            yield fields, {**vpp_assumed, **assumed}
+
+
+def _candidates_at(row: dict, n_devices: int, vpp: int):
+    """_candidates at one vpp."""
     tp = int(row_value(row, "tp", 1))
     pp = int(row_value(row, "pp", 1))
     cp = int(row_value(row, "cp", 1))
     dp = int(row_value(row, "dp", n_devices // (tp * pp * cp)))
-    vpp = int(row_value(row, "vpp", 1))
     ep = int(row_value(row, "ep", 1))
     etp_printed = row_value(row, "etp")
     # Unprinted expert-tensor parallelism: Megatron's default (= tp) or none (1, the MoE-folding recipes);
@@ -387,7 +425,7 @@ def _candidates(row: dict, n_devices: int):
     zero_opts = [int(zero_printed)] if zero_printed is not None else [0, 1]
     sp_printed = row_value(row, "sp")
     sp_opts = [bool(int(sp_printed))] if sp_printed is not None else [tp > 1]
-    stack = SOFTWARE_STACKS.get(str(row["source_code"]), MODERN_STACK)
+    stack = stack_plan_defaults(row)
     # Unprinted MoE token exchange: the all-to-all, or DeepEP's (dropless routing only, estimate.check_deepep)
     dispatch_opts = ["a2a", "deepep"] if ep > 1 and not token_drop(row) else ["a2a"]
     # An unprinted recompute may also be Megatron's partial one: N blocks of each chunk recomputed.
@@ -427,11 +465,14 @@ def predicted_value(target: str, est: Estimate, row: dict, n_devices: int) -> fl
 
 
 def _peak_tflops(row) -> float:
+    """The peak per device that the estimate's MFU divides by: the row's device at the precision it ran
+    (Workload.dtype). MFU x this is model FLOPs per second per device whatever the precision, which is what a
+    TFLOP/s column counts (an fp8 run's TFLOP/s counts the same FLOPs as a bf16 one; MFU x the bf16 peak
+    halved it on Hopper, whose fp8 peak is twice its bf16 one)."""
     from planner.catalog import device
 
     dev = device(str(row["device"]))
-    dtype = str(row_value(row, "precision", "bf16"))
-    return dev.peak_flops("bf16" if dtype in ("unknown", "fp8") else dtype) / 1e12
+    return dev.peak_flops(train_dtype_or(str(row_value(row, "precision", "bf16")), "bf16")) / 1e12
 
 
 def _error_line(e: Exception) -> str:
@@ -476,15 +517,34 @@ def backtest_row(row: dict, return_plan: bool = False) -> RowResult:
     return res
 
 
+def on_device(cluster: Cluster, name: str) -> Cluster:
+    """The cluster with every device replaced by the catalog's `name` (nodes, links and NICs kept): a preset
+    whose device differs from the one a run used (H200s in HGX H100 chassis) stands for that run's nodes."""
+    from planner.catalog import device
+
+    if all(ref.device.name == name for ref in cluster.devices):
+        return cluster
+    dev = device(name)
+    return cluster.model_copy(update={"devices": [ref.model_copy(update={"device": dev}) for ref in cluster.devices]})
+
+
+def row_cluster(row: dict) -> Cluster:
+    """The row's cluster preset at the row's device count, on the row's device (reference README: where the
+    two differ, the row's device is the one that ran)."""
+    n = int(row["device_count"])
+    per_node = int(row_value(row, "gpus_per_node", 8))
+    cluster = load_cluster(str(row["cluster"]), nodes=max(1, n // per_node), devices=n if n < per_node else None)
+    return on_device(cluster, str(row["device"]))
+
+
 def _predict(row: dict, res: RowResult, return_plan: bool) -> None:
     model = row_model(row)
     res.assumed.update(head_dim_correction(row))
     n_devices = int(row["device_count"])
     per_node = int(row_value(row, "gpus_per_node", 8))
-    cluster = load_cluster(str(row["cluster"]), nodes=max(1, n_devices // per_node),
-                           devices=n_devices if n_devices < per_node else None)
+    cluster = row_cluster(row)
     # A source whose software stack was fitted on its own (planner.eval.fit --stack) uses that fit.
-    cluster = cluster.with_efficiency(**stack_efficiency(stack_key(row), str(row["device"])))
+    cluster = with_row_stack(cluster.with_efficiency(**stack_efficiency(stack_key(row), str(row["device"]))), row)
     if cluster.device_count != n_devices:
         raise BadInput(f"cluster {row['cluster']} x {n_devices // per_node} nodes has "
                        f"{cluster.device_count} devices, row says {n_devices}")

@@ -4,7 +4,7 @@ the backtest, whose reading of the row (model, stack, published plan) it reuses,
 calls, so the search itself never reads a runs table."""
 from __future__ import annotations
 
-from planner.catalog import load_cluster, stack_efficiency
+from planner.catalog import stack_efficiency
 from planner.core.dtypes import train_dtype_or
 from planner.core.errors import Infeasible
 from planner.core.plan import Workload
@@ -28,9 +28,9 @@ def search_row(row: dict, top_k: int = 1) -> dict:
         return out
     model = backtest.row_model(row)
     n = int(row["device_count"])
-    per_node = int(backtest.row_value(row, "gpus_per_node", 8))
-    cluster = load_cluster(str(row["cluster"]), nodes=max(1, n // per_node), devices=n if n < per_node else None)
-    cluster = cluster.with_efficiency(**stack_efficiency(backtest.stack_key(row), str(row["device"])))
+    cluster = backtest.row_cluster(row)  # the row's device, as the backtest predicts it
+    cluster = backtest.with_row_stack(
+        cluster.with_efficiency(**stack_efficiency(backtest.stack_key(row), str(row["device"]))), row)
     precision = str(backtest.row_value(row, "precision", "bf16"))
     workload = Workload(global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]),
                         dtype=train_dtype_or(precision))

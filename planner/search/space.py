@@ -347,7 +347,7 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
         sched, vpp, pp = t.cols["schedule"], t.cols["vpp"], t.cols["pp"]
     t.keep(pp * vpp <= blocks, f"pp*vpp <= {blocks} blocks")
     t.keep(microbatches_fit_schedule(t.cols["schedule"], t.cols["m"], t.cols["pp"]),
-           "interleaving with micro-batches a multiple of pp")
+           "interleaving with at least pp micro-batches")
 
     # --- ZeRO, sequence parallel, recompute, offload ------------------------------------------------------
     t.join("zero", np.array(fixed_or(list(ZERO_STAGES), c.zero)))

@@ -10,7 +10,7 @@ from planner.core.dims import SCHEDULES
 from planner.core.errors import BadInput
 
 
-def _plan_from_args(args, cluster):
+def _plan_from_args(args, cluster, stack=None):
     from pydantic import ValidationError
 
     from planner.core.limits import MAX_DEVICES, MAX_GLOBAL_BATCH, MAX_SEQ_LEN, check_int
@@ -35,6 +35,8 @@ def _plan_from_args(args, cluster):
                            "change --tp/--pp/--cp or --nodes")
         dp = cluster.device_count // (tp * pp * cp)
     schedule = args.schedule or ("interleaved-1f1b" if args.vpp > 1 else "1f1b")
+    if stack is not None:
+        stack.check_schedule(schedule, "--schedule" if args.schedule else "schedule")
     # tp_slice places E/tp whole experts on each TP rank: ep = tp and etp = 1 unless --ep says otherwise
     ep, etp = args.ep, None
     if args.moe_dispatch == "tp_slice":
@@ -44,7 +46,8 @@ def _plan_from_args(args, cluster):
                             mbs=args.mbs, recompute=args.recompute, schedule=schedule,
                             recompute_num_layers=args.recompute_num_layers, moe_dispatch=args.moe_dispatch,
                             seq_chunks=args.seq_chunks, attention_pool=args.attention_pool,
-                            offload={"activations": args.offload_activations})
+                            offload={"activations": args.offload_activations},
+                            **(stack.plan_defaults.model_dump() if stack is not None else {}))
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err.get("loc", ()))
@@ -65,6 +68,17 @@ def cmd_estimate(args) -> None:
     from planner.cost.estimate import estimate
     from planner.importers import load_model
 
+    if args.infer:  # generation (prefill + decode) of one inference engine: planner/cost/inference.py
+        from planner.app.rl_job import run_infer
+
+        missing = [f"--{f.replace('_', '-')}" for f in ("model", "cluster", "batch", "prompt_len", "gen_len")
+                   if getattr(args, f) is None]
+        if missing or args.plan:
+            raise BadInput(f"estimate --infer needs {', '.join(missing) or 'no --plan'} "
+                           "(--model M --cluster C --batch B --prompt-len P --gen-len G [--tp T --pp P])")
+        out, text = run_infer(args.model, args.cluster, args.nodes, batch=args.batch, prompt_len=args.prompt_len,
+                              gen_len=args.gen_len, tp=args.tp, pp=args.pp, as_json=args.json)
+        return emit(out, args.json, text)
     if args.plan:
         # Everything comes from the plan file (what `plan --save` wrote); the flags that pick a plan are
         # refused rather than silently ignored.
@@ -75,14 +89,21 @@ def cmd_estimate(args) -> None:
         model = load_model(pf.model)
         cluster = catalog.load_cluster(pf.cluster, pf.nodes)
         plan, workload = pf.plan, pf.workload
+        # the file's stack, or --stack instead: then that stack decides the plan fields it owns
+        stack = catalog.load_stack(args.stack or pf.stack) if (args.stack or pf.stack) else None
+        if args.stack:
+            stack.check_schedule(plan.schedule, f"--plan {args.plan}: plan.schedule")
+            plan = plan.model_copy(update=stack.plan_defaults.model_dump())
+        cluster = catalog.apply_stack(cluster, stack)
     else:
         missing = [f"--{f}" for f in ("model", "cluster", "mbs", "gbs", "seq") if getattr(args, f) is None]
         if missing:
             raise BadInput(f"planner estimate: the following arguments are required: {', '.join(missing)} "
                            "(or --plan PLAN.json)")
         model = load_model(args.model)
-        cluster = catalog.load_cluster(args.cluster, args.nodes)
-        plan = _plan_from_args(args, cluster)
+        stack = catalog.load_stack(args.stack) if args.stack else None
+        cluster = catalog.apply_stack(catalog.load_cluster(args.cluster, args.nodes), stack)
+        plan = _plan_from_args(args, cluster, stack)
         workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype,
                             documents=parse_documents(args.documents))
         if plan.attention_pool and workload.documents is None:
@@ -94,17 +115,25 @@ def cmd_estimate(args) -> None:
     if args.json:
         out = est.model_dump()
         out["plan"] = plan.model_dump()
+        out["stack"] = stack.name if stack is not None else None
         out["request"] = request_of(args)
         return emit(out, True, "")
     emit(None, False, _as_text(args, plan, est))
 
 
+def band_text(est) -> str:
+    """The step time's 80% band as 'P10-P90' seconds, three significant figures ('' for an older estimate)."""
+    if est.step_time_s_p10 is None or est.step_time_s_p90 is None:
+        return ""
+    return f"{est.step_time_s_p10:.3g}-{est.step_time_s_p90:.3g}"
+
+
 # One plan as one row: the default view says how fast and how big; --wide adds the plan's degrees, every
 # step-time term (seconds) and every memory term (GB, as mem_<term>_gb).
-ESTIMATE_COLUMNS = ["label", "step_time_s", "tokens_per_s", "mfu", "hfu", "peak_memory_gb", "memory_capacity_gb",
-                    "fits", "why"]
-ESTIMATE_HEADERS = {"label": "plan", "step_time_s": "step s", "tokens_per_s": "tokens/s", "mfu": "MFU",
-                    "hfu": "HFU", "peak_memory_gb": "mem GB", "memory_capacity_gb": "cap GB"}
+ESTIMATE_COLUMNS = ["label", "step_time_s", "band", "tokens_per_s", "mfu", "hfu", "peak_memory_gb",
+                    "memory_capacity_gb", "fits", "why"]
+ESTIMATE_HEADERS = {"label": "plan", "step_time_s": "step s", "band": "80% band s", "tokens_per_s": "tokens/s",
+                    "mfu": "MFU", "hfu": "HFU", "peak_memory_gb": "mem GB", "memory_capacity_gb": "cap GB"}
 ESTIMATE_FORMATS = {"step_time_s": ".3f", "tokens_per_s": ",.0f", "mfu": ".1%", "hfu": ".1%",
                     "peak_memory_gb": ".1f", "memory_capacity_gb": ".0f"}
 
@@ -113,7 +142,7 @@ def _as_text(args, plan, est) -> str:
     """The estimate in args.format: a report that fits the terminal (table), or one row (markdown, csv)."""
     from planner.app.rows import plan_row
 
-    row = {**plan_row(plan, est), **est.breakdown,
+    row = {**plan_row(plan, est), "band": band_text(est), **est.breakdown,
            **{f"mem_{k.removesuffix('_bytes')}_gb": v / 1e9 for k, v in est.memory.items()}}
     wide = ESTIMATE_COLUMNS[:-1] + [k for k in row if k not in ESTIMATE_COLUMNS] + ["why"]
     if args.format != "table":
@@ -126,8 +155,8 @@ def _as_text(args, plan, est) -> str:
             text += "\n\n" + table.render(mem, "markdown", formats={"GB": ".2f"})
         return text
     width = None if args.wide else table.terminal_width()
-    lines = [f"step {est.step_time_s:.3f} s   {est.tokens_per_s:,.0f} tokens/s   MFU {est.mfu:.1%}   "
-             f"HFU {est.hfu:.1%}",
+    lines = [f"step {est.step_time_s:.3f} s ({band_text(est)})   {est.tokens_per_s:,.0f} tokens/s   "
+             f"MFU {est.mfu:.1%}   HFU {est.hfu:.1%}",
              f"memory {est.peak_memory_bytes / 1e9:.1f} / {est.memory_capacity_bytes / 1e9:.0f} GB per device "
              f"({'fits' if est.fits else 'DOES NOT FIT'})"]
     if args.wide:
@@ -154,6 +183,11 @@ def register(sub) -> None:
     est.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0)
     est.add_argument("--sp", action="store_true")
     est.add_argument("--mbs", type=int)
+    est.add_argument("--infer", action="store_true",
+                     help="generation cost of one inference engine (tp x pp devices): prefill, decode, KV cache")
+    est.add_argument("--batch", type=int, help="with --infer: prompts generated at once")
+    est.add_argument("--prompt-len", type=int, help="with --infer: prompt tokens")
+    est.add_argument("--gen-len", type=int, help="with --infer: generated tokens per prompt")
     est.add_argument("--gbs", type=int)
     est.add_argument("--seq", type=int)
     est.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
@@ -161,6 +195,8 @@ def register(sub) -> None:
                      help="with --recompute full: blocks per pipeline chunk recomputed (Megatron block method)")
     est.add_argument("--schedule", choices=SCHEDULES)
     est.add_argument("--dtype", choices=dtypes.TRAIN_DTYPES, default="bf16")
+    est.add_argument("--stack", help="software stack (hardware_profiles/stacks/, `profiles list`): its kernel "
+                                     "efficiencies, plan defaults and error band; with --plan, replaces the file's")
     est.add_argument("--moe-dispatch", choices=["a2a", "tp_slice", "deepep"], default="a2a",
                      help="MoE token exchange: a2a (all-to-all over ep), tp_slice (Pipeline MoE: E/tp experts per "
                           "TP rank, index slicing + TP all-reduce; sets ep = tp, etp = 1) or deepep (DeepEP: one "

@@ -15,7 +15,7 @@ from planner.core.errors import BadInput
 from planner.files import write_atomic
 
 
-def _constraints_from_args(args):
+def _constraints_from_args(args, stack=None):
     from planner.core.limits import MAX_DEVICES, MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_TOP, check_int
     from planner.search.search import check_constraints
     from planner.search.space import Constraints
@@ -32,30 +32,47 @@ def _constraints_from_args(args):
                     allow_cross_node_tp=args.allow_cross_node_tp,
                     partial_recompute=args.partial_recompute,
                     offload_optimizer=(0.0, 1.0) if args.offload else (0.0,),
-                    overlap_tp_comm=args.overlap_tp_comm,
+                    # the stack decides flash attention and the overlaps; --overlap-tp-comm turns TP overlap on
+                    **({"flash_attention": stack.plan_defaults.flash_attention,
+                        "overlap_grad_reduce": stack.plan_defaults.overlap_grad_reduce} if stack else {}),
+                    overlap_tp_comm=args.overlap_tp_comm or bool(stack and stack.plan_defaults.overlap_tp_comm),
                     moe_dispatch=(args.moe_dispatch,) if args.moe_dispatch else ("a2a", "tp_slice", "deepep"),
                     offload_activations=(0.0, 0.5, 0.75, 1.0) if args.offload_activations else (0.0,),
                     seq_chunks=parse_int_list("--seq-chunks", args.seq_chunks, MAX_SEQ_LEN),
                     attention_pool=(False, True) if args.attention_pool else (False,))
     c.check()
+    if stack is not None and c.schedule is not None:
+        stack.check_schedule(c.schedule)
     check_constraints(c)
     return c
 
 
 def cmd_plan(args) -> None:
+    from planner.app.sweep import stack_search
     from planner.core.limits import MAX_HETERO_MICROBATCHES, MAX_MICROBATCHES, check_microbatches
     from planner.core.plan import PlanFile, Workload
     from planner.files import check_output
     from planner.importers import load_model
-    from planner.search.search import search
 
+    if args.job is not None:  # several models on one cluster (planner/planners/rl.py)
+        from planner.app.rl_job import run_job
+
+        clash = [f"--{f}" for f in ("model", "gbs", "seq", "save") if getattr(args, f) is not None]
+        if clash:
+            raise BadInput(f"plan --job {args.job}: the job file names its models and batches; drop {clash[0]}")
+        out, text = run_job(args.job, args.cluster, args.nodes, as_json=args.json)
+        return emit(out, args.json, text)
+    missing = [f"--{f}" for f in ("model", "gbs", "seq") if getattr(args, f) is None]
+    if missing:
+        raise BadInput(f"planner plan: the following arguments are required: {', '.join(missing)} (or --job JOB.yaml)")
     save = Path(args.save) if args.save is not None else None
     if save is not None:  # refuse before searching, not after ('' too: it is not "no file")
         check_output(args.save, args.force, "--save")
-    constraints = _constraints_from_args(args)
+    stack = catalog.load_stack(args.stack) if args.stack else None
+    constraints = _constraints_from_args(args, stack)
     documents = parse_documents(args.documents)
     model = load_model(args.model)
-    cluster = catalog.load_cluster(args.cluster, args.nodes)
+    cluster = catalog.apply_stack(catalog.load_cluster(args.cluster, args.nodes), stack)
     workload = Workload(global_batch=args.gbs, seq_len=args.seq, dtype=args.dtype, documents=documents)
     if args.attention_pool and workload.documents is None:
         raise BadInput("--attention-pool balances variable-length documents: give --documents MEAN[:MAX] too")
@@ -72,18 +89,19 @@ def cmd_plan(args) -> None:
             emit({"request": request_of(args), **obj} if as_json else obj, as_json, text)
 
         return hetero_cli.cmd_plan(args, model, cluster, workload, kind, save, emit_with_request, write_atomic)
-    res = search(model, cluster, workload, constraints, top_k=args.top)
+    res = stack_search(model, cluster, workload, constraints, stack, top_k=args.top)  # only the stack's schedules
     if save is not None:
         best = res.plans[0]
         pf = PlanFile(model=args.model, cluster=args.cluster, nodes=args.nodes, workload=workload, plan=best.plan,
-                      estimate=best.estimate)
+                      estimate=best.estimate, stack=stack.name if stack is not None else None)
         write_atomic(save, pf.model_dump_json(indent=2) + "\n")
     out = {"request": request_of(args), "plans": [rp.as_dict(model) for rp in res.plans],
-           "search": res.summary()}
+           "search": res.summary(), "stack": stack.name if stack is not None else None}
     if args.json:
         return emit(out, True, "")
     header = (f"{model.name} on {cluster.name} ({cluster.device_count} devices), global batch "
-              f"{workload.global_batch}, seq {workload.seq_len}, {workload.dtype}")
+              f"{workload.global_batch}, seq {workload.seq_len}, {workload.dtype}"
+              + (f", stack {stack.name}" if stack is not None else ""))
     summary = (f"searched {res.enumerated:,} plans: {res.pruned_memory:,} pruned by memory, {res.pruned_bound:,} "
                f"by the step-time bound, {res.evaluated:,} costed, in {res.wall_s:.2f} s"
                + (" (* uneven stage partition)" if any(rp.plan.partition for rp in res.plans) else ""))
@@ -101,13 +119,13 @@ def cmd_plan(args) -> None:
 
 
 # The default view: what ranks the plans and why; --wide adds every degree and term (the sweep CSV's columns).
-PLAN_COLUMNS = ["rank", "label", "step_time_s", "tokens_per_s", "mfu", "peak_memory_gb", "why"]
+PLAN_COLUMNS = ["rank", "label", "step_time_s", "band", "tokens_per_s", "mfu", "peak_memory_gb", "why"]
 PLAN_WIDE_COLUMNS = ["rank", "label", "tp", "pp", "dp", "vpp", "cp", "ep", "etp", "zero", "sp", "mbs", "moe_dispatch",
                      "recompute", "recompute_num_layers", "schedule", "seq_chunks", "offload_optimizer",
-                     "offload_activations", "attention_pool", "uneven_partition", "step_time_s", "tokens_per_s",
+                     "offload_activations", "attention_pool", "uneven_partition", "step_time_s", "band", "tokens_per_s",
                      "mfu", "hfu", "peak_memory_gb", "memory_capacity_gb", "fits", "bubble_s", "why"]
-PLAN_HEADERS = {"rank": "#", "label": "plan", "step_time_s": "step s", "tokens_per_s": "tokens/s", "mfu": "MFU",
-                "hfu": "HFU", "peak_memory_gb": "mem GB", "memory_capacity_gb": "cap GB",
+PLAN_HEADERS = {"rank": "#", "label": "plan", "step_time_s": "step s", "band": "80% band s", "tokens_per_s": "tokens/s",
+                "mfu": "MFU", "hfu": "HFU", "peak_memory_gb": "mem GB", "memory_capacity_gb": "cap GB",
                 "recompute_num_layers": "rec layers", "moe_dispatch": "moe", "offload_optimizer": "opt off",
                 "offload_activations": "act off", "attention_pool": "pool", "uneven_partition": "uneven",
                 "bubble_s": "bubble s", "seq_chunks": "chunks"}
@@ -117,10 +135,11 @@ PLAN_FORMATS = {"step_time_s": ".3f", "tokens_per_s": ",.0f", "mfu": ".1%", "hfu
 
 def plan_table_row(rank: int, rp, model) -> dict:
     """One ranked plan as the table's row: the sweep CSV's columns (planner.app.rows) and what they leave out."""
+    from planner.app.commands.estimate import band_text
     from planner.app.rows import plan_row
 
     p = rp.plan
-    row = {"rank": rank, **plan_row(p, rp.estimate), "seq_chunks": p.seq_chunks,
+    row = {"rank": rank, **plan_row(p, rp.estimate), "band": band_text(rp.estimate), "seq_chunks": p.seq_chunks,
            "offload_optimizer": p.offload.optimizer, "offload_activations": p.offload.activations,
            "attention_pool": p.attention_pool,
            "moe_dispatch": p.moe_dispatch if any(layer.kind == "moe" for layer in model.layers) else None}
@@ -132,11 +151,13 @@ def plan_table_row(rank: int, rp, model) -> dict:
 def register(sub) -> None:
     """Adds `plan`: the search's flags (fix a dimension, widen the space) and --save."""
     pl = sub.add_parser("plan", help="search for the fastest plans that fit (top K, best first)")
-    pl.add_argument("--model", required=True, help="catalog name, config.json or model file")
+    pl.add_argument("--model", help="catalog name, config.json or model file")
+    pl.add_argument("--job", metavar="JOB.yaml",
+                    help="a job of several models (RL post-training: kind rl) instead of --model/--gbs/--seq")
     pl.add_argument("--cluster", required=True, help="catalog name or cluster file")
     pl.add_argument("--nodes", type=int)
-    pl.add_argument("--gbs", type=int, required=True)
-    pl.add_argument("--seq", type=int, required=True)
+    pl.add_argument("--gbs", type=int)
+    pl.add_argument("--seq", type=int)
     pl.add_argument("--dtype", choices=dtypes.TRAIN_DTYPES, default="bf16")
     pl.add_argument("--top", type=int, default=5, help="plans to show (default 5, at most 1000)")
     for flag in ("tp", "pp", "dp", "cp", "ep", "vpp", "mbs"):
@@ -156,6 +177,8 @@ def register(sub) -> None:
     pl.add_argument("--offload", action="store_true", help="also search optimizer offload to the host")
     pl.add_argument("--overlap-tp-comm", action="store_true",
                     help="the stack overlaps TP communication with GEMMs (Megatron --tp-comm-overlap)")
+    pl.add_argument("--stack", help="software stack (hardware_profiles/stacks/, `profiles list`): its kernel "
+                                    "efficiencies, plan defaults, pipeline schedules and error band")
     pl.add_argument("--moe-dispatch", choices=["a2a", "tp_slice", "deepep"],
                     help="fix the MoE token exchange (default: search all three; tp_slice is Pipeline MoE's, deepep "
                          "DeepEP's node-deduplicated dispatch)")

@@ -1,4 +1,4 @@
-"""`planner profiles list|show`: the device, link, cluster and model presets, and what a file holds."""
+"""`planner profiles list|show`: the device, link, cluster, model and software-stack presets, and what a file holds."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,13 +20,21 @@ def _all_presets() -> dict[str, list[str]]:
     }
 
 
+def _stacks() -> list[dict]:
+    """Each software stack (hardware_profiles/stacks/) as name, family, attention kernel, features, aliases."""
+    return [catalog.find_stack(n).summary() for n in catalog.names("stacks")]
+
+
 def cmd_profiles_list(args) -> None:
     presets = _all_presets()
     lines = []
     for section, names in presets.items():
         lines.append(f"{section} ({len(names)}):")
         lines.extend(f"  {n}" for n in names)
-    emit(presets, args.json, "\n".join(lines))
+    stacks = _stacks()
+    lines.append(f"stacks ({len(stacks)}):")
+    lines.extend(f"  {s['name']:<20} {s['family']:<10} {', '.join(s['features'])}" for s in stacks)
+    emit({**presets, "stacks": stacks}, args.json, "\n".join(lines))
 
 
 def _cluster_summary(name: str) -> dict:
@@ -55,6 +63,11 @@ def cmd_profiles_show(args) -> None:
             obj = getter(name).model_dump()
             obj["type"] = section[:-1]
             return emit(obj, args.json, _as_text(obj))
+    stack = catalog.find_stack(name)
+    if stack is not None and name not in catalog.cluster_names():
+        obj = catalog.load_stack(name).model_dump()  # with the fitted values laid over the priors
+        obj["type"] = "stack"
+        return emit(obj, args.json, _as_text(obj))
     if name in catalog.cluster_names():
         obj = _cluster_summary(name)
         obj["type"] = "cluster"
@@ -98,7 +111,7 @@ def _as_text(obj: dict, indent: int = 0) -> str:
 
 def register(sub) -> None:
     """Adds `profiles` and its `list` and `show` actions."""
-    prof = sub.add_parser("profiles", help="list and show device, link, cluster and model presets")
+    prof = sub.add_parser("profiles", help="list and show device, link, cluster, model and stack presets")
     # the actions' parsers are of the class of `prof` (argparse's default): one-line usage errors too
     prof_sub = prof.add_subparsers(dest="action", required=True)
     pl = prof_sub.add_parser("list", help="every preset name")

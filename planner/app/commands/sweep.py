@@ -29,11 +29,14 @@ def _view(rows: list[dict]) -> list[dict]:
     """The default view: the grid's axes, the best plan's numbers, and one free-text column last (cut first
     when the terminal is narrow) with the plan and what limits it, or the status and why no plan."""
     links = any(r["link"] for r in rows)  # the link column only when the sweep replaced one
+    stacks = any(r.get("stack") for r in rows)  # and the stack column only when the sweep named one
     out = []
     for r in rows:
         v = {k: r[k] for k in ("model", "cluster", "nodes")}
         if links:
             v["link"] = r["link"] or "-"
+        if stacks:
+            v["stack"] = r["stack"] or "-"
         v.update({"seq": r["seq"], "gbs": r["gbs"], "step s": r["step_time_s"], "tokens/s": r["tokens_per_s"],
                   "MFU": r["mfu"], "mem GB": r["peak_memory_gb"]})
         v["best plan / why"] = f"{r['label']}: {r['why']}" if r["status"] == "ok" else f"{r['status']}: {r['why']}"
@@ -68,7 +71,8 @@ def cmd_sweep(args) -> None:
                seqs=parse_list(args.seq, int, "--seq", MAX_SEQ_LEN),
                gbs=parse_list(args.gbs, int, "--gbs", MAX_GLOBAL_BATCH), links=parse_list(args.link, str, "link"),
                dtypes=parse_list(args.dtype, str, "dtype"), refine_partition=not args.no_refine, progress=None,
-               executor=args.executor, workers=args.workers, scheduler=args.scheduler)
+               executor=args.executor, workers=args.workers, scheduler=args.scheduler,
+               stacks=parse_list(args.stack, str, "stack"))
     if out is not None:
         write_csv(df, out, force=args.force)
     fmt = args.format or ("csv" if out is None else None)
@@ -90,6 +94,8 @@ def register(sub) -> None:
     sw.add_argument("--gbs", required=True, help="comma-separated global batch sizes")
     sw.add_argument("--link", help="comma-separated scale-out links replacing the nodes' NICs and fabric")
     sw.add_argument("--dtype", default="bf16", help="comma-separated precisions (default bf16)")
+    sw.add_argument("--stack", help="comma-separated software stacks (hardware_profiles/stacks/, `profiles list`): "
+                                    "their efficiencies, plan defaults and pipeline schedules")
     sw.add_argument("-o", "--output", metavar="FILE.csv", help="CSV to write (default: CSV on stdout)")
     sw.add_argument("--force", action="store_true", help="overwrite an existing CSV")
     sw.add_argument("--no-refine", action="store_true", help="skip the DP stage-partition refinement (faster)")
