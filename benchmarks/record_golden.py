@@ -33,7 +33,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Keys whose values are not behaviour: the search's own run time. Dropped wherever they appear.
-IGNORED_KEYS = frozenset({"wall_s"})
+IGNORED_KEYS = frozenset({"wall_s", "request"})  # request: the echo of the command line (paths of the run)
 
 # Placeholders in a case's argv: the plan file written from the case's "plan_file", and the folder of the
 # golden files (the backtest tables live there).

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from planner import userdata
 from planner.core.errors import BadInput, did_you_mean
@@ -622,3 +622,41 @@ def _resolve_cluster(spec: ClusterSpec, nodes: int | None = None) -> Cluster:
     return Cluster(name=spec.name, spec=spec, nodes=node_instances, devices=devices, fabric=fabric,
                    island_link=island_link,
                    island_ports_per_node=spec.between_islands.ports_per_node if spec.between_islands else 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# device prices (hardware_profiles/prices.yaml): what planner/cost/energy.py charges per device-hour
+
+PRICES_FILE = "prices.yaml"
+
+
+class DevicePrice(BaseModel):
+    """One device's price per hour, with where and when it held."""
+
+    model_config = {"extra": "forbid", "frozen": True}
+    device: str
+    usd_per_hour: float = Field(gt=0, le=10_000)  # far above any single accelerator's on-demand price
+    instance: str
+    source: str = Field(min_length=3)
+    date: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$")
+    provenance: str
+    notes: str = ""
+
+
+@lru_cache(maxsize=4)
+def _prices(path: Path) -> dict[str, DevicePrice]:
+    if not path.is_file():
+        return {}
+    data = read_data_file(path, allow_empty=True) or []
+    out: dict[str, DevicePrice] = {}
+    for entry in data if isinstance(data, list) else [data]:
+        price = parse_as(DevicePrice, entry, str(path))
+        if price.device in out:
+            raise BadInput(f"{path}: device '{price.device}' is priced twice; keep one entry")
+        out[price.device] = price
+    return out
+
+
+def device_price(device_name: str) -> DevicePrice | None:
+    """The catalog's price of one device-hour of `device_name`, None where the catalog has none."""
+    return _prices(profiles_dir() / PRICES_FILE).get(device_name)

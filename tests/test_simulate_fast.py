@@ -24,6 +24,7 @@ from planner.cost.pipeline import (  # noqa: F401
     schedule_peaks,
     simulate,
 )
+from planner.cost.schedules import get_schedule
 from planner.search.partition import chunk_inflight
 
 
@@ -116,7 +117,7 @@ def simulate_reference(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[fl
 
 @st.composite
 def _case(draw):
-    schedule = draw(st.sampled_from(SCHEDULES))
+    schedule = draw(st.sampled_from([s for s in SCHEDULES if not get_schedule(s).steady_state]))  # no flush: closed form
     p = draw(st.integers(1, 9))
     v = draw(st.integers(1, 3)) if schedule == "interleaved-1f1b" else 1
     m = p * draw(st.integers(1, 5)) if schedule == "interleaved-1f1b" else draw(st.integers(1, 20))

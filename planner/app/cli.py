@@ -17,6 +17,7 @@ from planner.app.commands import (
     export,
     plan,
     profiles,
+    replan,
     simulate,
     sweep,
     validate,
@@ -24,7 +25,7 @@ from planner.app.commands import (
 from planner.core.errors import BadInput, PlannerError
 
 # in the order `planner --help` lists them
-COMMANDS = (profiles, estimate, plan, simulate, diff, sweep, export, validate, calibrate, backtest)
+COMMANDS = (profiles, estimate, plan, replan, simulate, diff, sweep, export, validate, calibrate, backtest)
 
 
 class _Parser(argparse.ArgumentParser):

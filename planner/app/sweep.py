@@ -126,11 +126,11 @@ def stack_search(model, cluster, w, constraints, stack=None, top_k: int = 5, **k
     schedule it runs and the results merged, fastest first. Plans with pp = 1 run the same work under every
     schedule: they come from the 1F1B search where the stack runs 1F1B. The other schedules' searches ask for
     twice top_k so such duplicates do not crowd out their pp > 1 plans."""
-    from planner.core.dims import SCHEDULES
+    from planner.core.dims import SEARCHED_SCHEDULES
     from planner.core.errors import BadInput, Infeasible
     from planner.search.search import search
 
-    if stack is None or constraints.schedule is not None or set(SCHEDULES) <= set(stack.schedules):
+    if stack is None or constraints.schedule is not None or set(SEARCHED_SCHEDULES) <= set(stack.schedules):
         if stack is not None and constraints.schedule is not None:
             stack.check_schedule(constraints.schedule)
         return search(model, cluster, w, constraints, top_k=top_k, **kw)

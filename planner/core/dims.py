@@ -29,12 +29,21 @@ class ScheduleRules:
     microbatches_at_least_pp    its op order walks micro-batches in groups of at least pp (Megatron-Core's
                                 microbatch_group_size_per_vp_stage: pp <= N <= m), so m >= pp; m need not
                                 be a multiple of pp (planner/cost/schedules/interleaved.py chooses N).
+    staleness_steps             optimizer steps between the weights a micro-batch's gradient was computed on
+                                and the weights it updates: 0 synchronous; 1 for PipeDream-2BW (Narayanan et
+                                al. 2021, "Memory-Efficient Pipeline-Parallel DNN Training", section 3.1).
+                                An asynchronous schedule changes the optimizer's semantics, so the search
+                                enumerates it only when asked (SEARCHED_SCHEDULES).
+    weight_versions             copies of a stage's weights held on the device (2BW: 2, the paper's
+                                "double-buffered weights").
     """
 
     name: str
     virtual_stages: bool = False
     sequence_chunks: bool = False
     microbatches_at_least_pp: bool = False
+    staleness_steps: int = 0
+    weight_versions: int = 1
 
 
 # The order is the column encoding (PlanArrays.schedule indexes it): append new schedules at the end.
@@ -43,14 +52,19 @@ SCHEDULE_RULES: tuple[ScheduleRules, ...] = (
     ScheduleRules("1f1b", sequence_chunks=True),
     ScheduleRules("interleaved-1f1b", virtual_stages=True, microbatches_at_least_pp=True),
     ScheduleRules("zb-h1"),
+    ScheduleRules("async-1f1b", staleness_steps=1, weight_versions=2),
 )
 SCHEDULES: tuple[str, ...] = tuple(r.name for r in SCHEDULE_RULES)
+# what the search tries without --schedule: the synchronous schedules (an asynchronous one is a choice of
+# optimizer semantics the user makes, not a speed-up the search may pick silently)
+SEARCHED_SCHEDULES: tuple[str, ...] = tuple(r.name for r in SCHEDULE_RULES if r.staleness_steps == 0)
 SCHEDULE_INDEX: dict[str, int] = {name: i for i, name in enumerate(SCHEDULES)}
 
 # the traits as bool columns indexed by schedule index: one lookup serves a plan or a million plan rows
 _VIRTUAL = np.array([r.virtual_stages for r in SCHEDULE_RULES])
 _SEQ_CHUNKS = np.array([r.sequence_chunks for r in SCHEDULE_RULES])
 _AT_LEAST_PP = np.array([r.microbatches_at_least_pp for r in SCHEDULE_RULES])
+WEIGHT_VERSIONS = np.array([r.weight_versions for r in SCHEDULE_RULES])  # by schedule index
 
 
 def schedules_with(trait: str) -> tuple[str, ...]:
@@ -192,6 +206,12 @@ COLUMNS: tuple[Column, ...] = (
            flag="--moe-dispatch"),
     Column("seq_chunks", "seq_chunks", np.int64, fill=1, flag="--seq-chunks", cap=MAX_SEQ_LEN),
     Column("attention_pool", "attention_pool", np.bool_, fill=False, flag="--attention-pool"),
+    # low-bandwidth training (planner/cost/step_terms.py#low-bandwidth): DiLoCo's inner steps between
+    # pseudo-gradient syncs, the fraction of those bytes sent (SparseLoCo top-k / quantisation), and the
+    # fraction of pipeline activation bytes sent (subspace compression); the defaults change nothing
+    Column("local_steps", "local_steps", np.int64, fill=1, flag="--local-steps"),
+    Column("grad_compression", "grad_compression", np.float64, fill=1.0, flag="--grad-compression"),
+    Column("act_compression", "act_compression", np.float64, fill=1.0, flag="--act-compression"),
 )
 COLUMN: dict[str, Column] = {c.name: c for c in COLUMNS}
 
@@ -291,6 +311,13 @@ def experts_fold_into_ranks(ep, etp, dp, cp, tp):
     """MoE Parallel Folding (Liu et al. 2025): the etp x ep x edp expert grid covers a stage's dp*cp*tp
     ranks, so ep * etp divides dp * cp * tp."""
     return (dp * cp * tp) % (ep * expert_tp(etp, tp)) == 0
+
+
+def local_sgd_fits_zero(local_steps, grad_compression, zero):
+    """DiLoCo's replicas take local_steps inner steps apart, each with its own inner optimizer state (Douillard
+    et al. 2023, Algorithm 1), and a compressed (top-k) gradient is all-reduced, not reduce-scattered
+    (SparseLoCo 2025): either needs unsharded states, ZeRO 0."""
+    return ((local_steps <= 1) & (grad_compression >= 1.0)) | (zero == 0)
 
 
 def experts_nest_in_dp(ep, dp, cp):

@@ -26,6 +26,7 @@ from planner.core.dims import (
     SCHEDULES,
     ZERO_STAGES,
     deepep_fits_ep,
+    local_sgd_fits_zero,
     quoted_names,
     recompute_layers_fit_policy,
     seq_chunks_fit_attention,
@@ -157,6 +158,13 @@ class ParallelPlan(BaseModel):
     # Core attention disaggregation (DistCA, arXiv 2510.18121): every replica's attention cores run on a pool of
     # all devices, balanced, their Q/K/V and outputs sent over the fabric; matters with Workload.documents.
     attention_pool: bool = False
+    # Low-bandwidth training (planner/cost/step_terms.py, docs/guide/low_bandwidth_and_cost.md): DiLoCo
+    # (Douillard et al. 2023) syncs a pseudo-gradient every local_steps steps; SparseLoCo (2025) sends
+    # grad_compression of its bytes (top-k + quantisation); act_compression: the fraction of pipeline activation
+    # and activation-gradient bytes sent (subspace projection, "Heterogeneous Low-Bandwidth Pre-Training of LLMs").
+    local_steps: PositiveInt = 1
+    grad_compression: float = Field(1.0, gt=0, le=1)
+    act_compression: float = Field(1.0, gt=0, le=1)
     partition: list[StageAssignment] | None = None  # None: blocks spread evenly over pp * vpp chunks
 
     @field_validator("zero", mode="before")
@@ -189,6 +197,10 @@ class ParallelPlan(BaseModel):
             raise ValueError(f"moe_dispatch 'tp_slice' (Pipeline MoE) puts E/tp whole experts on each tensor-parallel "
                              f"rank: it needs tp > 1, ep = tp and etp = 1; got tp={self.tp}, ep={self.ep}, "
                              f"etp={self.etp}")
+        if not local_sgd_fits_zero(self.local_steps, self.grad_compression, self.zero):
+            raise ValueError(f"local_steps {self.local_steps} / grad_compression {self.grad_compression:g} keep an "
+                             f"unsharded optimizer per replica (DiLoCo, SparseLoCo): they need zero 0, got zero "
+                             f"{self.zero}")
         if not deepep_fits_ep(COLUMN["moe_deepep"].encode(self.moe_dispatch), self.ep):
             raise ValueError("moe_dispatch 'deepep' exchanges tokens over the expert-parallel group: it needs ep > 1")
         if self.partition is not None and len(self.partition) != self.pp * self.vpp:
@@ -232,6 +244,13 @@ class Estimate(BaseModel):
     # device (planner.core.stack.Stack.band_for; DEFAULT_BAND without a stack). None in older plan files.
     step_time_s_p10: float | None = None
     step_time_s_p90: float | None = None
+    # optimizer steps between the weights a gradient is computed on and those it updates (0 synchronous, 1 for
+    # async-1f1b, PipeDream-2BW; planner.core.dims.ScheduleRules.staleness_steps). None in older plan files.
+    staleness_steps: int | None = None
+    # money and energy per step (planner/cost/energy.py): None where a device has no price or no TDP
+    cost_usd_per_step: float | None = None
+    energy_j_per_step: float | None = None
+    tokens_per_joule: float | None = None
 
 
 # A model or cluster name is a catalog name or a file path: one printable line, at most PATH_MAX (4096) long.

@@ -49,7 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.core import dtypes
-from planner.core.dims import microbatches_fit_schedule, quoted_names, seq_chunks_fit_schedule, vpp_fits_schedule
+from planner.core.dims import (WEIGHT_VERSIONS, microbatches_fit_schedule, quoted_names, seq_chunks_fit_schedule,
+                                vpp_fits_schedule)
 from planner.core.errors import BadInput, Infeasible
 from planner.core.hardware import Cluster
 from planner.core.layout import has_placement, one_device_type
@@ -67,6 +68,7 @@ from planner.cost.estimate import estimate
 from planner.cost.schedules import get_schedule
 from planner.cost.step_terms import (
     exposed_sync_s,
+    low_bandwidth_exposed_s,
     offload_exposed_s,
     optimizer_step_s,
     pp_comm_s,
@@ -274,7 +276,8 @@ def _prepare(model, cluster, workload, pa: PlanArrays, part_keys: list | None) -
     # the layer tuple (batch_layers.TUPLE)
     lt_cols = [pa.mbs, pa.tp, pa.cp, pa.sp, pa.flash_attention, pa.ep, etp, pa.overlap_tp_comm, pa.cp_a2a,
                pa.moe_tp_slice, pa.seq_chunks, pa.moe_deepep, float_bits(pa.offload_activations),
-               pa.dp if workload.documents is not None else np.zeros(len(pa), dtype=np.int64), pa.attention_pool]
+               pa.dp if workload.documents is not None else np.zeros(len(pa), dtype=np.int64), pa.attention_pool,
+               float_bits(pa.act_compression)]
     u_first, u_of = row_ids(lt_cols)
     ctx = cost_context(model, cluster, workload)
     # explicit partitions: one more count-group column, the context's id of each plan's partition (0: even split)
@@ -347,7 +350,12 @@ def _time_problems(b: _Batch, todo: np.ndarray) -> None:
         if not len(rows):
             continue
         schedule = SCHEDULES[sch]
-        durations = _op_durations(b, rows, pp * vpp, get_schedule(schedule).splits_backward)
+        spec = get_schedule(schedule)
+        durations = _op_durations(b, rows, pp * vpp, spec.splits_backward)
+        if spec.steady_state:  # no flush: its closed form, as pipeline.simulate_times (schedules/base.py)
+            fb = durations[:, :pp] + durations[:, pp:2 * pp]
+            b.pipe_pr[rows] = spec.steady_step_s(fb, b.p2p_pr[rows], mm)
+            continue
         b.pipe_pr[rows] = makespans(dag_of(schedule, pp, vpp, mm, nc), durations, b.p2p_pr[rows])
 
 
@@ -381,9 +389,11 @@ def _step(b: _Batch) -> dict:
     sync_s = zero_sync_s(per_cu["ar"][cu_of], per_cu["rs"][cu_of], per_cu["ag"][cu_of], pa.zero, items, dev)
     params_dev = per_cu["params_dev"][cu_of]
     stage_busy = np.where(pa.pp > 1, items * per_cu["busy_worst"][cu_of], pipe_s)
+    sync_s = sync_s * pa.grad_compression  # DiLoCo / SparseLoCo, as estimate._data_parallel_sync
     dp_exposed = exposed_sync_s(sync_s, pa.zero, pa.overlap_grad_reduce, stage_busy, per_cu["last_bwd"][cu_of], dev,
                                 params_dev=params_dev, weight_bytes=b.weight_bytes, grad_bytes=b.grad_bytes,
                                 items=items, replicas=replicas)
+    dp_exposed = low_bandwidth_exposed_s(sync_s, dp_exposed, pa.local_steps, pa.grad_compression, params_dev, dev)
     shards = state_shards(pa.zero, replicas)
     opt_s = optimizer_step_s(params_dev, shards, pa.offload_optimizer, dev)
     offload_s = offload_exposed_s(pa.offload_optimizer, params_dev / shards, b.weight_bytes, b.grad_bytes, stage_busy,
@@ -447,6 +457,7 @@ def _peak_memory(pa: PlanArrays, workload: Workload, ctx, cg: list, pg_keys, pr_
             working_bytes=work_t.take(at), logits_bytes=logit_t.take(at), ring_bytes=ring_t.take(at),
             kv_full_bytes=kv_full, kv_rest_bytes=kva_t.take(at) - kv_full if chunked else no_kv,
             dp_cp=me_dp[idx][:, None], edp=me_edp[idx][:, None], seq_chunks=nc,
-            offload_activations=me_oact[idx][:, None], offload_optimizer=me_oopt[idx][:, None])
+            offload_activations=me_oact[idx][:, None], offload_optimizer=me_oopt[idx][:, None],
+            weight_versions=WEIGHT_VERSIONS[pg_keys[me_pg[idx], 0]][:, None])
         mem_me[idx] = memory_phase.stage_memory(inputs, zz, e_w, g_bytes, workload.optimizer).peak_bytes()
     return mem_me[me_of]

@@ -16,7 +16,7 @@ from planner.cost import memory
 from planner.cost.batch_layers import TUPLE, layer_values
 from planner.cost.chunks import layer_counts, shape_index
 from planner.cost.links import cached_p2p, pipeline_p2p_s, strided_link
-from planner.cost.step_terms import layer_sync_sums_s
+from planner.cost.step_terms import compressed_p2p_bytes, layer_sync_sums_s
 
 _CONTEXTS_PER_CLUSTER = 64
 PIPE_MEMO_MAX = 500_000
@@ -250,6 +250,7 @@ def _p2p_column_s(ctx: CostContext, pp: int, n_dev: int, e: int, s: int) -> np.n
         mk = ok & (ss == x)
         b, cp, tp = tuples[mk, 0].astype(float), cp_c[mk].astype(float), tp_c[mk].astype(float)
         nbytes = b * (s // tuples[mk, 10]) / cp * hidden * e / np.where(tuples[mk, 3] > 0, tp, 1)
+        nbytes = compressed_p2p_bytes(nbytes, tuples[mk, TUPLE.index("act_comp")].view(np.float64))
         p2p[mk] = pipeline_p2p_s(cluster, pp, x, nbytes, p2p=cached_p2p(cluster))
     return p2p
 

@@ -22,9 +22,10 @@ from planner.cost.layer_terms import LayerRows, pass_terms, policy_terms
 from planner.cost.links import strided_link
 
 # The columns of a layer tuple, in order. docs_dp: the plan's dp when the workload packs documents (the
-# attention factors depend on it), else 0; offload_act: plan.offload.activations as float64 bits.
+# attention factors depend on it), else 0; offload_act: plan.offload.activations as float64 bits; act_comp:
+# plan.act_compression as float64 bits (no layer term reads it: the pipeline p2p bytes of the column do).
 TUPLE = ("mbs", "tp", "cp", "sp", "flash", "ep", "etp", "overlap_tp", "cp_a2a", "tp_slice", "seq_chunks", "deepep",
-         "offload_act", "docs_dp", "pool")
+         "offload_act", "docs_dp", "pool", "act_comp")
 _BRANCH = [TUPLE.index(k) for k in ("sp", "flash", "ep", "overlap_tp", "cp_a2a", "tp_slice", "deepep",
                                     "offload_act", "docs_dp", "pool")]
 # the parts of a layer's pass the estimate's breakdown reports, per policy

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.core import dtypes
-from planner.core.dims import RECOMPUTE_POLICIES
+from planner.core.dims import RECOMPUTE_POLICIES, SCHEDULE_INDEX, SCHEDULE_RULES, WEIGHT_VERSIONS
 from planner.core.errors import BadInput
 from planner.core.hardware import Cluster
 from planner.core.model import ModelGraph
 from planner.core.plan import Estimate, ParallelPlan, Workload
 from planner.cost import attention_balance as ab
-from planner.cost import memory_phase, pipeline, why
+from planner.cost import energy, memory_phase, pipeline, why
 from planner.cost.batch_context import STAGE_TABLES, cost_context, group_sums
 from planner.cost.batch_layers import PARTS, FixedLinks, float_bits
 from planner.cost.checks import check_plan
@@ -31,12 +31,15 @@ from planner.cost.chunks import layer_counts, partition_key, split_chunks  # noq
 from planner.cost.links import cached_p2p, group_link, stage_links, strided_link
 from planner.cost.stages import boundary_p2p_s, stage_layout
 from planner.cost.step_terms import (  # dp_sync_s: re-exported for planners/ilp.py
+    compressed_p2p_bytes,
     dp_sync_s,  # noqa: F401
     exposed_sync_s,
     layer_sync_sums_s,
+    low_bandwidth_exposed_s,
     offload_exposed_s,
     optimizer_step_s,
     pp_comm_s,
+    pseudo_gradient_bytes_per_step,
     state_shards,
     step_time_s,
     tokens_per_s,
@@ -51,7 +54,8 @@ def layer_tuple(plan: ParallelPlan, workload: Workload) -> np.ndarray:
     return np.array([[plan.mbs, plan.tp, plan.cp, plan.sp, plan.flash_attention, plan.ep, etp, plan.overlap_tp_comm,
                       plan.cp_comm == "a2a", plan.moe_dispatch == "tp_slice", plan.seq_chunks,
                       plan.moe_dispatch == "deepep", float_bits(plan.offload.activations).item(),
-                      plan.dp if workload.documents is not None else 0, plan.attention_pool]], dtype=np.int64)
+                      plan.dp if workload.documents is not None else 0, plan.attention_pool,
+                      float_bits(plan.act_compression).item()]], dtype=np.int64)
 
 
 def expert_data_parallel(plan: ParallelPlan) -> int:
@@ -211,8 +215,8 @@ def _p2p_s(one: _OnePlan) -> float:
         return float(one.stages[0].entry["p2p"][one.stages[0].col])
     # Activations cross each stage boundary once per micro-batch each way (Narayanan 2021 3.2); with sequence
     # parallel (scatter/gather) each tp rank sends 1/tp of them.
-    nbytes = plan.mbs * one.item_tokens / plan.cp * one.model.layers[0].hidden * one.act_bytes / (
-        plan.tp if plan.sp else 1)
+    nbytes = compressed_p2p_bytes(plan.mbs * one.item_tokens / plan.cp * one.model.layers[0].hidden * one.act_bytes / (
+        plan.tp if plan.sp else 1), plan.act_compression)
     return float(max(boundary_p2p_s(one.cluster, one.layout, k, nbytes, p2p=cached_p2p(one.cluster))
                      for k in range(plan.pp)))
 
@@ -237,6 +241,7 @@ class _DataParallelSync:
     device: object  # the worst stage's device
     stage_busy_s: float  # its busy seconds in the pipeline (the whole pipeline's step when pp = 1)
     exposed_s: float  # what compute does not hide, plus the sharded framework's host copies
+    sync_s: float = 0.0  # one step's full sync, before DiLoCo / SparseLoCo (the why's reference)
 
 
 def _sync_s(one: _OnePlan, worst: int) -> float:
@@ -268,11 +273,15 @@ def _data_parallel_sync(one: _OnePlan, sums: _ChunkSums, pipe) -> _DataParallelS
     # the worst stage's backward of the last micro-batch: what an overlapped gradient reduction hides behind
     last_bwd = sum(sums.bwd_s[c] for c in range(len(sums.bwd_s)) if c % plan.pp == worst) \
         if plan.overlap_grad_reduce else 0.0
-    exposed = exposed_sync_s(_sync_s(one, worst), plan.zero, plan.overlap_grad_reduce, stage_busy, last_bwd, dev,
-                             params_dev=params_dev, weight_bytes=one.weight_bytes, grad_bytes=one.grad_bytes,
-                             items=one.items, replicas=plan.dp * plan.cp)
+    # DiLoCo / SparseLoCo: R of the bytes, every H steps (step_terms.low_bandwidth_exposed_s); R = H = 1: as is
+    sync_s = _sync_s(one, worst)
+    exposed = exposed_sync_s(sync_s * plan.grad_compression, plan.zero, plan.overlap_grad_reduce, stage_busy,
+                             last_bwd, dev, params_dev=params_dev, weight_bytes=one.weight_bytes,
+                             grad_bytes=one.grad_bytes, items=one.items, replicas=plan.dp * plan.cp)
+    exposed = low_bandwidth_exposed_s(sync_s * plan.grad_compression, exposed, plan.local_steps, plan.grad_compression,
+                                      params_dev, dev)
     return _DataParallelSync(stage_params=stage_params, worst=worst, params_dev=params_dev, device=dev,
-                             stage_busy_s=stage_busy, exposed_s=float(exposed))
+                             stage_busy_s=stage_busy, exposed_s=float(exposed), sync_s=sync_s)
 
 
 def _optimizer_s(one: _OnePlan, sync: _DataParallelSync) -> tuple[float, float]:
@@ -314,7 +323,8 @@ def _stage_memory(one: _OnePlan, pipe, sync: _DataParallelSync) -> dict:
         logits_bytes=tables["logit_st"], ring_bytes=tables["ring_st"], kv_full_bytes=tables["kvf_st"],
         kv_rest_bytes=tables["kva_st"] - tables["kvf_st"], dp_cp=col(plan.dp * plan.cp),
         edp=col(expert_data_parallel(plan)), seq_chunks=col(plan.seq_chunks),
-        offload_activations=col(plan.offload.activations), offload_optimizer=col(plan.offload.optimizer))
+        offload_activations=col(plan.offload.activations), offload_optimizer=col(plan.offload.optimizer),
+        weight_versions=col(WEIGHT_VERSIONS[SCHEDULE_INDEX[plan.schedule]]))
     mem = memory_phase.stage_memory(inputs, plan.zero, one.weight_bytes, one.grad_bytes, one.workload.optimizer)
     overhead = mem.overhead_bytes()
     # the rows of _MEMORY_PARTS, stage by stage
@@ -378,4 +388,23 @@ def _outputs(one: _OnePlan, sums: _ChunkSums, p2p_s: float, pipe, sync: _DataPar
         breakdown=breakdown, memory={k: v for k, v in mem.items() if k != "stages"},
         stages=[{"stage": i, "fwd_s": sums.fwd_s[i], "bwd_s": sums.bwd_s[i], **mem["stages"][i]}
                 for i in range(min(plan.pp, len(sums.fwd_s)))],
-        why=text, step_time_s_p10=step * band.p10, step_time_s_p90=step * band.p90)
+        why=text + _low_bandwidth_why(one, sync), step_time_s_p10=step * band.p10, step_time_s_p90=step * band.p90,
+        staleness_steps=SCHEDULE_RULES[SCHEDULE_INDEX[plan.schedule]].staleness_steps,
+        **energy.money_terms(one.cluster, step, float(hfu), workload.tokens_per_step))
+
+
+def _low_bandwidth_why(one: _OnePlan, sync: _DataParallelSync) -> str:
+    """What DiLoCo / SparseLoCo and activation compression charge, and the trade-off the papers report."""
+    plan = one.plan
+    notes = []
+    if plan.local_steps > 1 or plan.grad_compression < 1:
+        sent = pseudo_gradient_bytes_per_step(sync.params_dev, one.grad_bytes, plan.dp * plan.cp, plan.local_steps,
+                                              plan.grad_compression)
+        notes.append(f"DP sync every {plan.local_steps} step(s) with {plan.grad_compression:g} of the bytes "
+                     f"({sent / 1e6:.3g} MB per rank per step amortised; full per-step sync {sync.sync_s:.3g} s, "
+                     f"exposed now {sync.exposed_s:.3g} s incl. the outer step / compression passes): DiLoCo / "
+                     "SparseLoCo trade more steps to the same loss for less traffic (loss not modelled)")
+    if plan.act_compression < 1 and plan.pp > 1:
+        notes.append(f"pipeline activations and their gradients sent at {plan.act_compression:g} of their bytes "
+                     "(subspace compression; its accuracy cost is not modelled)")
+    return "".join(f"; {n}" for n in notes)

@@ -32,7 +32,8 @@ class StageInputs:
       ring_bytes           the largest ring forward buffers of a layer (longctx.ring_forward_buffers_bytes)
       kv_full_bytes        one sequence chunk's K/V of the full-recompute layers, kv_rest_bytes of the others
     (rows, 1) arrays: dp_cp (dense states shard over dp x cp), edp (routed ones over expert_data_parallel),
-    seq_chunks, offload_activations and offload_optimizer (fractions)."""
+    seq_chunks, offload_activations and offload_optimizer (fractions); weight_versions, the copies of the
+    weights the schedule keeps (dims.ScheduleRules.weight_versions; None: one)."""
     params_count: np.ndarray
     expert_params_count: np.ndarray
     frozen_bytes: np.ndarray
@@ -48,6 +49,7 @@ class StageInputs:
     seq_chunks: np.ndarray
     offload_activations: np.ndarray
     offload_optimizer: np.ndarray
+    weight_versions: np.ndarray | None = None
 
 
 @dataclass(slots=True)
@@ -109,6 +111,11 @@ def stage_memory(x: StageInputs, zero: int, weight_bytes: int, grad_bytes: int, 
     change no bit."""
     weights, grads, optim = model_states(x.params_count, x.expert_params_count, x.dp_cp, x.edp, zero,
                                          weight_bytes, grad_bytes, optimizer)
+    if x.weight_versions is not None and (x.weight_versions > 1).any():
+        # PipeDream-2BW (Narayanan et al. 2021 section 3.1): the stage keeps the weights of the previous
+        # update for the micro-batches in flight beside the new ones: (versions - 1) more copies of its weights
+        # as the device holds them (after any ZeRO sharding); gradients and optimizer states stay one copy
+        weights = weights * x.weight_versions
     acts = x.activation_bytes * x.inflight_items
     if x.offload_activations.any():
         acts = acts * (1 - x.offload_activations)

@@ -171,6 +171,10 @@ def simulate(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: i
     dur = fwd + b_dur + (w or [])
 
     comp = _compiled(schedule, p, m, v, seq_chunks)
+    spec = get_schedule(schedule)
+    if spec.steady_state:  # the events: one step's op order from an empty pipeline, timed as 1F1B's
+        return _steady(schedule, fwd, bwd, m, p2p_s,
+                       simulate(spec.timeline_schedule, fwd, bwd, m, v, p2p_s, None, seq_chunks).events)
     end = [0.0]
     append = end.append
     starts = []
@@ -206,6 +210,23 @@ def simulate(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float], m: i
         peak_inflight=comp.peak_inflight, peak_pending_w=comp.peak_pending_w,
         events=events, seq_chunks=seq_chunks,
     )
+
+
+def _steady(schedule: str, fwd: list, bwd: list, m: int, p2p_s: float, events: tuple) -> PipelineResult:
+    """A schedule that never flushes (schedules/base.py steady_state, v = seq_chunks = 1): the step is its
+    closed form, each device busy m (F + B), the bubble what the step adds to the busiest device; peaks from
+    the op order. events (simulate only): the first step's ops from an empty pipeline, which end later than
+    the steady step (the fill, paid once per job)."""
+    spec, p = get_schedule(schedule), len(fwd)
+    fb = np.add(fwd, bwd)
+    step = float(spec.steady_step_s(fb[None, :], np.array([p2p_s]), m)[0])
+    busy = tuple((m * fb).tolist())
+    comp = _compiled(schedule, p, m, 1, 1)
+    bubble = step - max(busy)
+    return PipelineResult(schedule=schedule, p=p, v=1, m=m, step_time_s=step, busy_s=busy,
+                          idle_s=tuple(step - b for b in busy), bubble_s=bubble,
+                          bubble_fraction=bubble / step if step > 0 else 0.0, peak_inflight=comp.peak_inflight,
+                          peak_pending_w=comp.peak_pending_w, events=events)
 
 
 @dataclass(frozen=True)
@@ -360,6 +381,8 @@ def simulate_times(schedule: str, fwd_s: Sequence[float], bwd_s: Sequence[float]
     bwd = [float(x) for x in bwd_s]
     p = _check_times(fwd, bwd, v, p2p_s)
     check_schedule_args(schedule, p, m, v, seq_chunks)
+    if get_schedule(schedule).steady_state:
+        return _steady(schedule, fwd, bwd, m, p2p_s, ())
     if get_schedule(schedule).splits_backward:
         w = [x / 2 for x in bwd]
         dur = fwd + [b - x for b, x in zip(bwd, w)] + w

@@ -136,3 +136,50 @@ def pp_comm_s(pp, vpp, items, p2p_s):
     """Seconds of stage-to-stage transfers per step: every work item crosses each of the vpp chunk
     boundaries of a stage forward and back (Narayanan 2021 section 3.2); none without a pipeline."""
     return np.where(pp > 1, 2 * items * vpp * p2p_s, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# low-bandwidth data parallelism (docs/guide/low_bandwidth_and_cost.md)
+#
+# DiLoCo (Douillard et al. 2023, arXiv 2311.08105, Algorithm 1): each replica takes H = local_steps inner
+# optimizer steps alone, then the replicas all-reduce the pseudo-gradient (global weights - local weights) and
+# an outer Nesterov step updates the global weights. SparseLoCo (2025) sends a top-k share of
+# it, quantised, with error feedback: R = grad_compression of the bytes. Charged per step, amortised over H:
+#   sync    R x the data-parallel sync of one step (same collectives, R of the bytes: exact for the bandwidth
+#           term; the per-collective latency is scaled by R too, an under-count that matters only on small
+#           layers over high-latency links), fully exposed when H > 1 (the outer sync runs between inner loops,
+#           nothing to hide behind), with the usual overlap when H = 1 (a compressed per-step all-reduce);
+#   outer   H > 1: the outer Nesterov step streams the global copy, the local weights and the outer momentum in
+#           and the global copy and momentum out, fp32: OUTER_STEP_BYTES_PER_PARAM through device memory;
+#   compress R < 1: the error-feedback buffer read and written and one read for the top-k selection:
+#           COMPRESS_BYTES_PER_PARAM through device memory.
+# Not modelled: loss. Both papers report the trade-off: DiLoCo at H = 500 matches synchronous training's
+# perplexity with 8 replicas while communicating 500x less (Douillard et al. 2023, abstract); quality falls
+# as H or the sparsity grows (both papers' ablations); more steps to the same loss are the user's to weigh.
+OUTER_STEP_BYTES_PER_PARAM = 20  # 5 fp32 tensors: global, local, momentum read; global, momentum written
+COMPRESS_BYTES_PER_PARAM = 12  # ASSUMPTION: error feedback fp32 read + write, one fp32 read to select top-k
+
+
+def pseudo_gradient_bytes_per_step(params_dev, grad_bytes: int, replicas, local_steps, grad_compression):
+    """Bytes each rank sends per step, amortised, for the outer sync: a ring all-reduce sends 2(n-1)/n of the
+    buffer (Patarasuk & Yuan 2009), here params_dev x grad_bytes x R once every H steps."""
+    return 2 * (replicas - 1) / replicas * params_dev * grad_bytes * grad_compression / local_steps
+
+
+def low_bandwidth_exposed_s(sync_s, exposed_s, local_steps, grad_compression, params_dev, dev):
+    """Exposed data-parallel seconds per step with DiLoCo / SparseLoCo (the block comment above): sync_s and
+    exposed_s are the step's sync and its exposed part at R of the bytes (exposed_sync_s of R x sync). Where
+    H = 1 and R = 1 exposed_s comes back unchanged."""
+    lowbw = (local_steps > 1) | (grad_compression < 1)
+    per_outer = np.where(local_steps > 1, sync_s, exposed_s)
+    bytes_per_param = np.where(local_steps > 1, OUTER_STEP_BYTES_PER_PARAM, 0) + np.where(
+        grad_compression < 1, COMPRESS_BYTES_PER_PARAM, 0)
+    overhead = params_dev * bytes_per_param / (dev.memory_bandwidth_bytes_per_s * dev.efficiency.memory)
+    return np.where(lowbw, (per_outer + overhead) / local_steps, exposed_s)
+
+
+def compressed_p2p_bytes(nbytes, act_compression):
+    """Pipeline activation (and activation-gradient) bytes after subspace compression: R of them
+    ("Heterogeneous Low-Bandwidth Pre-Training of LLMs" projects each boundary's activations onto a
+    low-rank subspace; the projection's own FLOPs are not charged, k x hidden per token, small beside a block)."""
+    return nbytes * act_compression

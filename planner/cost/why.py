@@ -97,6 +97,14 @@ def stack_clause(stack, device, plan) -> str:
     return f"; on {stack.name}: " + ", ".join(parts)
 
 
+def async_clause() -> str:
+    """What an asynchronous pipeline changes besides time: the optimizer's semantics (PipeDream-2BW, Narayanan
+    et al. 2021 section 3.1; Pipelined Backpropagation, Kosson et al. 2021 sections 3-4)."""
+    return ("; async-1f1b never flushes: gradients are 1 step stale (2BW: two weight versions), which changes "
+            "the optimizer's semantics; Pipelined Backpropagation compensates with weight prediction and spike "
+            "compensation, 2BW with a delay-1 update; validate convergence before using it")
+
+
 def explain(breakdown: dict, step_s: float, fits: bool, mem: dict, device, *, model, workload, plan, pipe,
             microbatches: int, item_tokens: int, factors, ep_link, stack=None) -> str:
     """Estimate.why: limiting_term, then, when the plan fits, the clause of each choice it makes, and of the
@@ -104,6 +112,8 @@ def explain(breakdown: dict, step_s: float, fits: bool, mem: dict, device, *, mo
     why = limiting_term(breakdown, step_s, fits, mem, device)
     if stack is not None:
         why += stack_clause(stack, device, plan)
+    if plan.schedule == "async-1f1b":
+        why += async_clause()
     if not fits:
         return why
     if plan.cp > 1:

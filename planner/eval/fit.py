@@ -1,221 +1,205 @@
-"""Fit the physically meaningful efficiencies of each device on a table of published runs.
+"""Fit efficiencies per (software stack, device) on tables of published runs, with error bands.
 
-Per device we fit three numbers: the dense matmul efficiency, the FP8 matmul efficiency (where the table
-has FP8 runs) and the FlashAttention core efficiency. Every other term of the cost model keeps its
-datasheet or measured value. The fit minimises squared log error (so a 2x miss costs the same either way)
-with scipy's bounded least squares. Leave-one-source-out refits without each source and predicts it, which
-is the error to expect on a software stack the fit has not seen.
+`python -m planner.eval.fit --runs calibration_runs_clean.csv --runs vtrain_single_node.csv` fits, per stack
+and device, the efficiencies the rows identify, shrunk toward the device profile's own values
+(planner.eval.fit_shrinkage); chooses the prior's strength by leave-one-source-out (planner.eval.fit_loso);
+reports the backtest, leave-one-source-out by source and stack family, and the 80% bands with their coverage
+(planner.eval.fit_bands), all judged by the backtest's own search of each row's unprinted settings.
 
-`--write` writes the result into the user's data folder (planner.userdata.fit_file(), e.g.
-~/.local/share/parallel-planner/fitted_efficiency.yaml), which the catalog applies over the shipped fit;
-`--write-shipped` (developers, in a checkout) updates the shipped hardware_profiles/fitted_efficiency.yaml.
+`--write` writes the fit into the user's data folder (planner.userdata.fit_file()), which the catalog applies
+over the shipped fit; `--write-shipped` (developers, in a checkout) updates the shipped
+hardware_profiles/fitted_efficiency.yaml. Either replaces the entries of the stacks it fitted and the pooled
+`band`, and keeps the rest: other stacks, and the top-level per-device section (the fit every cluster without
+a stack gets).
 """
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-from planner.catalog import load_cluster, stack_efficiency
-from planner.core.dtypes import train_dtype_or
 from planner.core.errors import BadInput
-from planner.core.plan import ParallelPlan, Workload
-from planner.cost.estimate import estimate
-from planner.eval.backtest import TARGETS, backtest_row, predicted_value, read_runs, row_model, stack_key
+from planner.eval.fit_bands import Bands, coverage
+from planner.eval.fit_cases import Case, backtest_at, family, load_cases  # noqa: F401 (load_cases: this module's API)
+from planner.eval.fit_loso import LAMBDAS, Held, choose_lambda, leave_one_source_out, mape_by
+from planner.eval.fit_shrinkage import PARAMS, PRIOR_SIGMA, cell_values, fit_all, parameter_count
 from planner.files import write_atomic
 
-PARAMS = ("matmul", "matmul_fp8", "attention", "gemm_half_dim")
-# Upper bounds are what a device can do at best, not fitting slack: the best measured dense matmul
-# (MAMF) fractions are 70-87% BF16 and 70-76% FP8 (docs/formulas.md#efficiency-measured); GEMM tiles are
-# 128-256 wide, so a shape curve that halves efficiency beyond a 512-wide GEMM is not a tile effect.
-BOUNDS = {"dp_collective": (0.02, 1.0), "matmul": (0.2, 0.9), "matmul_fp8": (0.15, 0.8), "attention": (0.1, 0.9),
-          "host_dispatch_us": (0.0, 300.0), "memory": (0.3, 0.95), "gemm_half_dim": (0.0, 512.0)}
-# Fewer rows than this per fitted parameter and the fit keeps to the one main matmul efficiency.
-ROWS_PER_PARAM = 4
+FIT_ROWS = 400  # at most this many rows of one (stack, device) are fitted (seeded sample); the rest are checked
+METHOD = ("MAP shrinkage toward the device profile: soft-L1 on log(predicted/measured) + lam * sum((log theta - "
+          "log theta_device) / sigma)^2, lam by leave-one-source-out (planner.eval.fit_shrinkage)")
 
 
-class _Case:
-    """One usable row with its plan fixed (the unprinted settings chosen once at default efficiencies)."""
-
-    def __init__(self, row: dict, plan: ParallelPlan):
-        self.row = row
-        self.plan = plan
-        self.model = row_model(row)
-        n = int(row["device_count"])
-        self.n = n
-        per_node = int(row.get("gpus_per_node") or 8)
-        self.cluster = load_cluster(str(row["cluster"]), nodes=max(1, n // per_node),
-                                    devices=n if n < per_node else None)
-        self.stack = stack_key(row)
-        self.cluster = self.cluster.with_efficiency(**stack_efficiency(self.stack, str(row["device"])))
-        precision = str(row.get("precision") or "bf16")
-        self.workload = Workload(global_batch=int(row["global_batch"]), seq_len=int(row["seq_len"]),
-                                 dtype=train_dtype_or(precision, "bf16"))
-        self.measured = float(row[TARGETS[str(row["target"])]])
-        self.device = str(row["device"])
-        self.fp8 = self.workload.dtype == "fp8"
-
-    def predict(self, eff: dict) -> float:
-        cluster = self.cluster.with_efficiency(**eff)
-        est = estimate(self.model, cluster, self.workload, self.plan)
-        return predicted_value(str(self.row["target"]), est, self.row, self.n)
-
-
-def load_cases(path: str | Path) -> list[_Case]:
-    """The rows the backtest predicts, each with its parsed cells (planner.eval.backtest.parse_row) and plan;
-    a row the backtest skips (a bad cell, a plan the cost model refuses) is left out of the fit."""
-    records = read_runs(path)
-    from tqdm import tqdm
-
-    cases, skipped = [], []
-    for row in tqdm(records, desc="plans per row", unit="row", disable=None, leave=False):
-        res = backtest_row(row, return_plan=True)
-        if res.status == "ok" and res.plan is not None and res.row is not None:
-            cases.append(_Case(res.row, res.plan))
-        elif not res.reason.startswith("unusable"):
-            skipped.append(res)
-    if not cases:
-        first = f"; first: id {skipped[0].id!r}: {skipped[0].reason}" if skipped else ""
-        raise BadInput(f"{path}: no row could be predicted, so there is nothing to fit{first}")
-    return cases
-
-
-# A device whose efficiencies were measured on the real part (benchmarks/gpu) is fitted only within a band
-# around the measurement: sustained training clocks and kernel mixes differ from a microbenchmark by about
-# that much, and a fit that strays further is compensating for something else in the model.
-MEASURED_BAND = {"matmul": (0.9, 1.1), "matmul_fp8": (0.9, 1.1), "attention": (0.8, 1.2),
-                 "memory": (0.9, 1.05), "gemm_half_dim": (0.5, 2.0)}
-
-
-def _bounds(start: dict) -> dict[str, tuple[float, float]]:
-    if not str(start.get("source", "")).startswith("measured"):
-        return BOUNDS
-    out = dict(BOUNDS)
-    for p, (a, b) in MEASURED_BAND.items():
-        if start.get(p):
-            out[p] = (max(BOUNDS[p][0], a * start[p]), min(BOUNDS[p][1], b * start[p]))
-    return out
-
-
-def _fit_device(cases: list[_Case], start: dict, params=PARAMS) -> dict:
-    from scipy.optimize import least_squares
-
-    names = [p for p in params if p != "matmul_fp8" or any(c.fp8 for c in cases)]
-    if len(cases) < ROWS_PER_PARAM * len(names):
-        main = "matmul_fp8" if all(c.fp8 for c in cases) and "matmul_fp8" in names else names[0]
-        names = [main]
-    x0 = np.array([start.get(p) if start.get(p) is not None else 0.6 for p in names], dtype=float)
-    box = _bounds(start)
-    lo = np.array([box[p][0] for p in names])
-    hi = np.array([box[p][1] for p in names])
-    # start inside the box, away from a bound where a relative finite-difference step would vanish
-    x0 = np.clip(x0, lo + 0.05 * (hi - lo), hi - 1e-3)
-
-    def resid(x):
-        eff = dict(zip(names, x))
-        return np.array([math.log(c.predict(eff) / c.measured) for c in cases])
-
-    # soft_l1: rows the model cannot explain (e.g. a stack's pathology) should not drag every other row.
-    scale = np.maximum(hi - lo, 1e-9)
-    sol = least_squares(resid, x0, bounds=(lo, hi), diff_step=1e-2, max_nfev=60, loss="soft_l1",
-                        f_scale=0.15, x_scale=scale)
-    # A parameter no row responds to (bf16 matmul where every run is fp8; FlashAttention where every
-    # run is unfused) is not identified by these rows: keep the profile's value, report nothing.
-    moved = np.abs(sol.jac).sum(axis=0) > 1e-9
-    return {k: round(float(v), 4) for k, v, m in zip(names, sol.x, moved) if m}
-
-
-def fit(cases: list[_Case], defaults: dict[str, dict], params=PARAMS) -> dict[str, dict]:
-    by_device: dict[str, list[_Case]] = {}
+def fitted_subset(cases: list[Case], cap: int = FIT_ROWS, seed: int = 0) -> set[str]:
+    """The keys of the rows fitted: all of a (stack, device) up to `cap`, else a seeded sample of `cap`."""
+    rng = np.random.default_rng(seed)
+    cells: dict[tuple[str, str], list[Case]] = {}
     for c in cases:
-        by_device.setdefault(c.device, []).append(c)
-    return {dev: _fit_device(cs, defaults.get(dev, {}), params) for dev, cs in sorted(by_device.items())}
+        cells.setdefault(c.cell, []).append(c)
+    keep = set()
+    for cs in cells.values():
+        picked = cs if len(cs) <= cap else [cs[i] for i in sorted(rng.choice(len(cs), cap, replace=False))]
+        keep |= {c.key for c in picked}
+    return keep
 
 
-def mape(cases: list[_Case], params: dict[str, dict]) -> dict[str, float]:
-    by_source: dict[str, list[float]] = {}
-    for c in cases:
-        pred = c.predict(params.get(c.device, {}))
-        by_source.setdefault(str(c.row["source_code"]), []).append(abs(pred - c.measured) / c.measured * 100)
-    out = {k: float(np.mean(v)) for k, v in sorted(by_source.items())}
-    out["overall"] = float(np.mean([x for v in by_source.values() for x in v]))
-    return out
+def run_fit(tables: list[str], params=PARAMS, lam: float | None = None, cap: int = FIT_ROWS) -> dict:
+    """Everything the command reports, and what it writes (under "stacks" and "band")."""
+    t0 = time.time()
+    cases = [c for t in tables for c in load_cases(t)]
+    keys = fitted_subset(cases, cap)
+    scores = {}
+    if lam is None:
+        lam, scores = choose_lambda(cases, params, fit_keys=keys)
+    fits = fit_all([c for c in cases if c.key in keys], lam, params, progress=True)
+    values = cell_values(fits)
+    predicted = backtest_at(cases, values)
+    held = leave_one_source_out(cases, lam, params, fit_keys=keys)
+    first = Path(tables[0]).name
+    bands = Bands([h for h in held if h.case.table == first])
+    report = {"lam": lam, "lam_scores_mean_abs_log": scores, "prior_sigma": {p: PRIOR_SIGMA[p] for p in params},
+              "parameters": parameter_count(fits), "rows_fitted": len(keys), "rows": len(cases),
+              "stacks": {s: {"rows": f.rows, "fitted": [f"{d}.{p}" for d, p in f.moved], "devices": f.values}
+                         for s, f in fits.items()},
+              "backtest": {}, "leave_one_source_out": {}}
+    for t in tables:
+        name = Path(t).name
+        mine = [c for c in cases if c.table == name]
+        as_held = [Held(c, predicted[c.key], True, True) for c in mine]
+        report["backtest"][name] = {"by_source": mape_by(as_held, lambda h: h.case.source),
+                                    "by_family": mape_by(as_held, lambda h: h.case.family)}
+        unfitted = [h for h in as_held if h.case.key not in keys]
+        if unfitted:
+            report["backtest"][name]["rows_not_fitted"] = {"rows": len(unfitted),
+                                                           "mape": mape_by(unfitted, lambda h: "x")["overall"]}
+        loso = [h for h in held if h.case.table == name]
+        report["leave_one_source_out"][name] = {"by_source": mape_by(loso, lambda h: h.case.source),
+                                                "by_family": mape_by(loso, lambda h: h.case.family),
+                                                "fitted_in_fold": sum(h.fitted for h in loso)}
+    mine = [h for h in held if h.case.table == first]
+    report["coverage"] = {"table": first, "shipped_bands": coverage(mine),
+                          "bands_without_own_source": coverage(mine, strict=True)}
+    origin = {s: sorted({c.table for c in cases if c.stack == s}) for s in fits}
+    report["written"] = _document_sections(fits, bands, origin, lam, params)
+    report["rows_held_out"] = [
+        {"table": h.case.table, "id": h.case.id, "source": h.case.source, "stack": h.case.stack,
+         "device": h.case.device, "target": h.case.target, "measured": h.case.measured,
+         "predicted": predicted[h.case.key], "predicted_leave_one_source_out": h.predicted,
+         "fitted": h.case.key in keys, "fitted_in_fold": h.fitted, "stack_in_fold": h.stack_seen} for h in held]
+    report["seconds"] = round(time.time() - t0, 1)
+    return report
 
 
-def leave_one_source_out(cases: list[_Case], defaults: dict[str, dict], params=PARAMS) -> dict[str, float]:
-    """Refit without each source and predict that source. A device seen only in the held-out source
-    keeps its profile's values (what a user of an unseen stack would get)."""
-    sources = sorted({str(c.row["source_code"]) for c in cases})
-    out = {}
-    from tqdm import tqdm
+def _document_sections(fits, bands: Bands, origin: dict[str, list[str]], lam: float, params) -> dict:
+    """The `stacks` and `band` sections of fitted_efficiency.yaml, in the format the catalog reads; origin: the
+    tables each stack's rows came from."""
+    today = _dt.date.today().isoformat()
+    sigma = ", ".join(f"{p} {PRIOR_SIGMA[p]}" for p in params)
+    stacks = {}
+    for s, f in fits.items():
+        cell_band = bands.for_cell(family(s)) or {}
+        stack_band = bands.for_stack(family(s))
+        stacks[s] = {
+            "fitted_on": ", ".join(origin[s]), "rows": f.rows, "date": today,
+            "method": f"{METHOD}; lam {lam:g}; sigma {sigma} (x sqrt 2 where the device value is a default); "
+                      f"moved: {', '.join(f'{d}.{p}' for d, p in f.moved) or 'nothing'}"
+                      + (f"; device_bands: {cell_band['method']}" if cell_band else ""),
+            "devices": f.values,
+            "band": dict(stack_band) if stack_band else None,  # copies: no YAML anchors between stacks
+            "device_bands": {d: {k: cell_band[k] for k in ("p10", "p90", "rows")} for d in f.values}
+            if cell_band else {},
+        }
+    return {"stacks": stacks, "band": bands.new_stack}
 
-    for src in tqdm(sources, desc="leave one source out", unit="fit", disable=None):
-        train = [c for c in cases if str(c.row["source_code"]) != src]
-        test = [c for c in cases if str(c.row["source_code"]) == src]
-        fitted = fit(train, defaults, params)
-        out[src] = mape(test, fitted)[src]
-    all_err = [out[s] * sum(1 for c in cases if str(c.row["source_code"]) == s) for s in sources]
-    out["overall"] = float(sum(all_err) / len(cases))
-    return out
+
+HEADER = "# Generated by `python -m planner.eval.fit`; do not edit by hand.\n"
 
 
-def write_fit(fitted: dict[str, dict], path: Path, runs: str, n_rows: int, stack: str | None = None) -> None:
-    """Merge a fit into the fitted-efficiency file: device-level (published runs) or under one
-    software stack (a source whose stack differs, e.g. vTrain's Megatron-DeepSpeed)."""
+def write_document(sections: dict, path: Path) -> None:
+    """Replace the file's entries of the stacks fitted and its pooled `band`; keep the rest (other stacks, the
+    top-level per-device fit and its provenance)."""
     import yaml
 
     from planner.files import read_input
 
     doc = yaml.safe_load(read_input(path, "fitted-efficiency file")) if path.exists() else {}
     doc = doc if isinstance(doc, dict) else {}
-    entry = {"fitted_on": Path(runs).name, "rows": n_rows, "date": _dt.date.today().isoformat(),
-             "method": "scipy.optimize.least_squares, soft-L1 on log(predicted/measured) (planner.eval.fit)"}
-    if stack is None:
-        doc.update(entry)
-        doc["devices"] = fitted
-    else:
-        doc.setdefault("stacks", {})[stack] = {**entry, "devices": fitted}
-    write_atomic(path, "# Generated by `python -m planner.eval.fit`; do not edit by hand.\n" +
-                 yaml.safe_dump(doc, sort_keys=False))
+    kept = {k: v for k, v in (doc.get("stacks") or {}).items() if k not in sections["stacks"]}
+    doc = {"stacks": {**kept, **sections["stacks"]}, "band": sections["band"],
+           **{k: v for k, v in doc.items() if k not in ("stacks", "band")}}
+    write_atomic(path, HEADER + yaml.safe_dump(doc, sort_keys=False))
 
 
-def _write_markdown(report: dict, path: Path, runs: str, command: str, marker: str = "fit-table") -> None:
-    """The accuracy table: MAPE by source at profile defaults, after the fit, and held out (leave one
-    source out, or a random held-out share of the rows)."""
-    held = report.get("mape_leave_one_source_out") or report.get("mape_held_out") or {}
-    held_name = ("leave-one-source-out" if "mape_leave_one_source_out" in report else
-                 f"on {report.get('rows_held_out', 0)} held-out rows")
-    lines = [f"| source | MAPE before this fit | MAPE fitted | MAPE {held_name} |",
-             "|---|---:|---:|---:|"]
-    for src in list(report["mape_after"]):
-        lo = f"{held[src]:.1f}%" if src in held else "n/a"
-        lines.append(f"| {src} | {report['mape_before'][src]:.1f}% | {report['mape_after'][src]:.1f}% | {lo} |")
-    lines.append("")
-    lines.append("Fitted efficiencies per device:")
-    lines.append("")
-    names = sorted({p for vals in report["params"].values() for p in vals})
-    lines.append("| device | " + " | ".join(names) + " |")
-    lines.append("|---|" + "---:|" * len(names))
-    for dev, vals in report["params"].items():
-        lines.append(f"| {dev} | " + " | ".join(f"{vals[p]:.3f}" if p in vals else "-" for p in names) + " |")
-    body = "\n".join(lines) + "\n"
-    text = path.read_text() if path.exists() else ""
+def write_fit(fitted: dict[str, dict], path: Path, runs: str, n_rows: int) -> None:
+    """Write a per-device fit (the top-level `devices` section, applied to every cluster) into a fitted-efficiency
+    file, keeping its stacks: what a user's own device fit looks like."""
+    import yaml
+
+    from planner.files import read_input
+
+    doc = yaml.safe_load(read_input(path, "fitted-efficiency file")) if path.exists() else {}
+    doc = doc if isinstance(doc, dict) else {}
+    doc.update({"fitted_on": Path(runs).name, "rows": n_rows, "date": _dt.date.today().isoformat(),
+                "method": "per device (planner.eval.fit.write_fit)", "devices": fitted})
+    write_atomic(path, HEADER + yaml.safe_dump(doc, sort_keys=False))
+
+
+def markdown(report: dict, command: str) -> str:
+    """The accuracy tables: backtest and leave-one-source-out by source and by family, bands, coverage."""
+    out = [f"Regenerate: `{command}` ({report['seconds']:.0f} s on the 2-core box). "
+           f"{report['parameters']} parameters on {report['rows_fitted']} fitted rows "
+           f"({report['rows']} rows in all); lam {report['lam']:g}.", ""]
+    for name, bt in report["backtest"].items():
+        loso = report["leave_one_source_out"][name]
+        out += [f"**{name}**", "", "| source or family | backtest MAPE | leave-one-source-out MAPE |",
+                "|---|---:|---:|"]
+        for group in ("by_source", "by_family"):
+            for k, v in bt[group].items():
+                if k != "overall":
+                    out.append(f"| {k} | {v:.1f}% | {loso[group].get(k, float('nan')):.1f}% |")
+        out.append(f"| **overall** | **{bt['by_source']['overall']:.1f}%** | "
+                   f"**{loso['by_source']['overall']:.1f}%** |")
+        if "rows_not_fitted" in bt:
+            nf = bt["rows_not_fitted"]
+            out.append(f"\n{nf['rows']} rows were not fitted (a seeded sample of {FIT_ROWS} per stack and device "
+                       f"was): backtest MAPE on them {nf['mape']:.1f}%.")
+        out.append("")
+    out += ["| stack | rows | fitted | device values | band (p10-p90 x step time) |", "|---|---:|---|---|---|"]
+    for s, entry in report["written"]["stacks"].items():
+        vals = "; ".join(f"{d}: " + ", ".join(f"{k} {v:g}" for k, v in fields.items())
+                         for d, fields in entry["devices"].items())
+        b = next(iter(entry["device_bands"].values()), None)
+        band = f"{b['p10']:.2f}-{b['p90']:.2f}" if b else "-"
+        out.append(f"| {s} | {entry['rows']} | {', '.join(report['stacks'][s]['fitted']) or '-'} | {vals} | {band} |")
+    nb = report["written"]["band"]
+    cov = report["coverage"]
+    out += ["", f"A stack with no rows: band {nb['p10']:.2f}-{nb['p90']:.2f} ({nb['method']})." if nb else "",
+            f"Coverage of the 80% bands on the leave-one-source-out predictions of {cov['table']}: "
+            + ", ".join(f"{k} {v:.0%}" for k, v in cov["shipped_bands"].items())
+            + "; with each source's bands made without its own rows: "
+            + ", ".join(f"{k} {v:.0%}" for k, v in cov["bands_without_own_source"].items()) + "."]
+    return "\n".join(out) + "\n"
+
+
+def write_markdown(text: str, path: Path, marker: str = "fit-stacks") -> None:
+    """Replace the marked block of the file (or append it)."""
+    old = path.read_text() if path.exists() else ""
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    block = f"{start}\nRows: {report['rows']} of {Path(runs).name}. Regenerate: `{command}`\n\n{body}{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    block = f"{start}\n{text}{end}"
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
     else:
-        text = text + "\n" + block + "\n"
-    write_atomic(path, text)
+        new = old + "\n" + block + "\n"
+    write_atomic(path, new)
 
 
 def main(argv=None) -> int:
     from planner.catalog import use_device_fit
 
-    # start from the profiles' own values: the previous fit was made on these rows (catalog.use_device_fit)
+    # start from the profiles' own values: the shipped per-device fit was made on these rows
     use_device_fit(False)
     try:
         return _main(argv)
@@ -228,22 +212,24 @@ def _main(argv) -> int:
     import json
 
     from planner import userdata
-    from planner.catalog import FITTED_EFFICIENCY_FILE, REPO_ROOT, device, profiles_dir
+    from planner.catalog import FITTED_EFFICIENCY_FILE, REPO_ROOT, profiles_dir
 
-    ap = argparse.ArgumentParser(description="fit device efficiencies on a published-runs table")
-    ap.add_argument("--runs", required=True)
+    ap = argparse.ArgumentParser(description="fit efficiencies per (software stack, device) on published runs")
+    ap.add_argument("--runs", required=True, action="append",
+                    help="a runs table (repeat for several); the bands come from the first")
     ap.add_argument("--params", default=",".join(PARAMS),
-                    help=f"comma-separated efficiency fields to fit (of {', '.join(BOUNDS)})")
-    ap.add_argument("--stack", help="store the fit for this source's software stack, not the device")
-    ap.add_argument("--holdout", type=float, default=0.0,
-                    help="fraction of rows held out at random (seed 0) and reported separately")
+                    help=f"comma-separated efficiency fields the fit may move (of {', '.join(PRIOR_SIGMA)})")
+    ap.add_argument("--lam", type=float, help=f"the prior's strength (default: chosen from {LAMBDAS} by "
+                                              "leave-one-source-out)")
+    ap.add_argument("--fit-rows", type=int, default=FIT_ROWS,
+                    help="fit at most this many rows per stack and device (a seeded sample); the rest are checked")
+    ap.add_argument("--loso", action="store_true", help="accepted for old command lines: always done")
     ap.add_argument("--write", action="store_true",
                     help="write the fit to your data folder (applied over the shipped fit): "
                          "<user data dir>/parallel-planner/fitted_efficiency.yaml")
     ap.add_argument("--write-shipped", action="store_true",
                     help="developers: update the shipped hardware_profiles/fitted_efficiency.yaml of this checkout")
-    ap.add_argument("--loso", action="store_true", help="also report leave-one-source-out error")
-    ap.add_argument("--markdown", help="also write the error table as Markdown to this file")
+    ap.add_argument("--markdown", help="also write the accuracy tables into this Markdown file (a marked block)")
     args = ap.parse_args(argv)
     if args.write and args.write_shipped:
         raise BadInput("--write and --write-shipped: choose one (your data folder, or the checkout's shipped fit)")
@@ -251,41 +237,22 @@ def _main(argv) -> int:
         raise BadInput(f"--write-shipped updates a checkout's hardware_profiles/, and this planner is installed "
                        f"({profiles_dir()}); use --write for your data folder, or run it from a checkout")
     params = tuple(p.strip() for p in args.params.split(",") if p.strip())
-    unknown = [p for p in params if p not in BOUNDS]
+    unknown = [p for p in params if p not in PRIOR_SIGMA]
     if unknown:
-        ap.error(f"unknown parameter(s) {', '.join(unknown)}; choose from {', '.join(BOUNDS)}")
-    cases = load_cases(args.runs)
-    if args.stack and any(c.stack == args.stack for c in cases):
-        # a stack within a table (e.g. NAR21/zero3) is fitted on its own rows only
-        cases = [c for c in cases if c.stack == args.stack]
-    defaults = {}
-    for c in cases:
-        e = device(c.device).efficiency
-        defaults[c.device] = {**e.model_dump(), "matmul_fp8": e.matmul_fp8 or e.matmul * 0.88}
-    train, test = cases, []
-    if args.holdout:
-        rng = np.random.default_rng(0)
-        mask = rng.random(len(cases)) < args.holdout
-        train = [c for c, m in zip(cases, mask) if not m]
-        test = [c for c, m in zip(cases, mask) if m]
-    before = mape(cases, {})
-    fitted = fit(train, defaults, params)
-    after = mape(cases, fitted)
-    report = {"rows": len(cases), "params": fitted, "mape_before": before, "mape_after": after}
-    if test:
-        report["rows_held_out"] = len(test)
-        report["mape_held_out"] = mape(test, fitted)
-    if args.loso:
-        report["mape_leave_one_source_out"] = leave_one_source_out(cases, defaults, params)
+        raise BadInput(f"--params: unknown field(s) {', '.join(unknown)}; choose from {', '.join(PRIOR_SIGMA)}")
+    if args.lam is not None and not args.lam > 0:
+        raise BadInput(f"--lam {args.lam}: give a positive number (e.g. 0.01)")
+    if args.fit_rows < 1:
+        raise BadInput(f"--fit-rows {args.fit_rows}: give a positive number of rows")
+    report = run_fit(args.runs, params, args.lam, args.fit_rows)
     if args.write:
-        write_fit(fitted, userdata.make_dir(userdata.fit_file().parent, "--write") / userdata.fit_file().name,
-                  args.runs, len(train), args.stack)
+        target = userdata.make_dir(userdata.fit_file().parent, "--write") / userdata.fit_file().name
+        write_document(report["written"], target)
     if args.write_shipped:
-        write_fit(fitted, profiles_dir() / FITTED_EFFICIENCY_FILE, args.runs, len(train), args.stack)
+        write_document(report["written"], profiles_dir() / FITTED_EFFICIENCY_FILE)
     if args.markdown:
         command = "python -m planner.eval.fit " + " ".join(argv if argv is not None else sys.argv[1:])
-        _write_markdown(report, Path(args.markdown), args.runs, command,
-                        marker=f"fit-table-{args.stack}" if args.stack else "fit-table")
+        write_markdown(markdown(report, command), Path(args.markdown))
     print(json.dumps(report, indent=2))
     return 0
 

@@ -130,6 +130,11 @@ def check_common(ctx: ExportContext, launcher: str) -> None:
         raise Unsupported(launcher, "num_microbatches",
                           f"global batch {w.global_batch} != mbs {p.mbs} x dp {p.dp} x micro-batches {nmb}; "
                           "launchers derive the micro-batch count from the global batch")
+    if p.schedule == "async-1f1b":
+        # Megatron, DeepSpeed and torchtitan flush the pipeline every step; PipeDream-2BW's stale double-buffered
+        # weights are its own code base (Narayanan et al. 2021)
+        raise Unsupported(launcher, "schedule", "async-1f1b (PipeDream-2BW: no flush, 1-step-stale weights) has no "
+                          "launcher setting; every launcher flushes each step: re-plan with --schedule 1f1b")
     if p.moe_dispatch == "tp_slice":
         # Megatron's token dispatchers (allgather, alltoall, flex), DeepSpeed-MoE and torchtitan all route
         # tokens to experts over an expert-parallel group; none slices them within the TP group

@@ -31,7 +31,9 @@ from planner.core.model import ModelGraph
 from planner.core.plan import Estimate, ParallelPlan, Workload
 from planner.cost.batch import SCHEDULES, PlanArrays, estimate_batch
 from planner.cost.batch_ids import row_ids
+from planner.cost.energy import money_terms, priced
 from planner.cost.estimate import estimate, split_chunks
+from planner.search.objective import PARETO_MAX, Objective, pareto_front
 from planner.search.space import Constraints, default_max_cp, enumerate_space, memory_lower_bound
 
 # Relative slack on both bounds: they are sums of the same terms in another order, so they may exceed the
@@ -104,6 +106,8 @@ class SearchResult:
     wall_s: float
     partition_refined: int = 0  # plans whose DP stage partition beat the even split
     filters: list = field(default_factory=list)
+    objective: str = "time"  # what ranks the plans (planner/search/objective.py)
+    pareto: list = field(default_factory=list)  # the costed plans no other beats on time, cost and energy
 
     def summary(self) -> dict:
         return {"evaluated": self.evaluated, "wall_s": self.wall_s, "enumerated": self.enumerated,
@@ -217,10 +221,14 @@ def check_inputs(cluster: Cluster, workload: Workload, constraints: Constraints,
 
 def search(model: ModelGraph, cluster: Cluster, workload: Workload, constraints: Constraints = Constraints(),
            top_k: int = 5, refine_partition: bool = True, progress: bool | None = None,
-           use_time_bound: bool = True) -> SearchResult:
+           use_time_bound: bool = True, objective: str = "time", price_per_hour: float | None = None) -> SearchResult:
     """The top_k fastest plans that fit, best first (NoPlanFits when none does; BadInput when the rules and
-    constraints leave no plan at all). progress: tqdm on stderr (None: only on a terminal, after 1 s)."""
+    constraints leave no plan at all). progress: tqdm on stderr (None: only on a terminal, after 1 s).
+    objective "cost" or "energy" ranks by dollars or joules per step instead (planner/search/objective.py);
+    price_per_hour replaces the catalog's price of every device-hour."""
     check_inputs(cluster, workload, constraints, top_k)
+    goal = Objective(objective, cluster, workload.tokens_per_step, price_per_hour)
+    money: list[tuple] = []  # (step, cost, energy) of every costed plan that fits: the Pareto front's points
     t_start = time.perf_counter()
     space = enumerate_space(model, cluster, workload, constraints)
     pa_all = space.plans
@@ -240,6 +248,7 @@ def search(model: ModelGraph, cluster: Cluster, workload: Workload, constraints:
         pa = pa_all.take(idx)
         if use_time_bound:
             t_lb = step_lower_bound(model, cluster, workload, pa)
+            t_lb = t_lb * goal.bound_factor  # the objective's bound (objective.py)
             order = np.lexsort((idx, t_lb))  # ascending bound; ties in enumeration order
         else:
             t_lb = np.zeros(len(idx))
@@ -265,11 +274,15 @@ def search(model: ModelGraph, cluster: Cluster, workload: Workload, constraints:
             out = estimate_batch(model, cluster, workload, pa.take(live))
             evaluated += len(live)
             fits = out["fits"]
-            steps.append(out["step_time_s"][fits])
+            key = goal.values(out)
+            steps.append(key[fits])
             rows.append(idx[live[fits]])
+            terms = money_terms(cluster, out["step_time_s"][fits], out["hfu"][fits], workload.tokens_per_step,
+                                price_per_hour)
+            money.append((out["step_time_s"][fits], terms["cost_usd_per_step"], terms["energy_j_per_step"]))
             mems.append(out["peak_memory_bytes"])
             mem_rows.append(idx[live])
-            best_k = np.concatenate([best_k, out["step_time_s"][fits]])
+            best_k = np.concatenate([best_k, key[fits]])
             if len(best_k) > top_k:
                 best_k = np.partition(best_k, top_k - 1)[:top_k]
             if len(best_k) >= top_k:
@@ -296,10 +309,28 @@ def search(model: ModelGraph, cluster: Cluster, workload: Workload, constraints:
     refined = 0
     if refine_partition:
         ranked, refined = _refine_partitions(model, cluster, workload, ranked)
-    ranked.sort(key=lambda rp: rp.estimate.step_time_s)  # stable: ties keep enumeration order
+    if price_per_hour is not None:  # the user's price replaces the catalog's in every estimate shown
+        ranked = [RankedPlan(rp.plan, priced(rp.estimate, cluster, workload.tokens_per_step, price_per_hour))
+                  for rp in ranked]
+    ranked.sort(key=lambda rp: goal.of_estimate(rp.estimate))  # stable: ties keep enumeration order
     return SearchResult(plans=ranked[:top_k], enumerated=len(pa_all), pruned_memory=pruned_memory,
                         pruned_bound=pruned_bound, evaluated=evaluated, wall_s=time.perf_counter() - t_start,
-                        partition_refined=refined, filters=space.filters)
+                        partition_refined=refined, filters=space.filters, objective=objective,
+                        pareto=_pareto(pa_all, row_all, money))
+
+
+def _pareto(pa_all, row_all: np.ndarray, money: list[tuple]) -> list[dict]:
+    """The Pareto front (time vs cost vs energy per step) of the costed plans that fit, fastest first, at most
+    PARETO_MAX points: {label, step_time_s, cost_usd_per_step, energy_j_per_step} each."""
+    if not money:
+        return []
+    step = np.concatenate([m[0] for m in money])
+    cost = None if any(m[1] is None for m in money) else np.concatenate([m[1] for m in money])
+    joules = None if any(m[2] is None for m in money) else np.concatenate([m[2] for m in money])
+    front = pareto_front(step, cost, joules)[:PARETO_MAX]
+    return [{"label": RankedPlan(pa_all.plan(int(row_all[i])), None).label(), "step_time_s": float(step[i]),
+             "cost_usd_per_step": None if cost is None else float(cost[i]),
+             "energy_j_per_step": None if joules is None else float(joules[i])} for i in front.tolist()]
 
 
 def _refine_partitions(model, cluster, workload, ranked: list[RankedPlan]) -> tuple[list[RankedPlan], int]:

@@ -29,9 +29,11 @@ from planner.core import dtypes
 from planner.core.dims import (
     COLUMN,
     SCHEDULE_INDEX,
+    SEARCHED_SCHEDULES,
     ZERO_STAGES,
     deepep_fits_ep,
     expert_tp,
+    local_sgd_fits_zero,
     experts_fold_into_ranks,
     experts_nest_in_dp,
     microbatches_fit_schedule,
@@ -116,6 +118,10 @@ class Constraints:
     seq_chunks: tuple[int, ...] = (1,)
     # core attention disaggregation to try (ParallelPlan.attention_pool, DistCA); True only with documents
     attention_pool: tuple[bool, ...] = (False,)
+    # low-bandwidth training, copied into every plan (ParallelPlan.local_steps, grad_compression, act_compression)
+    local_steps: int = 1
+    grad_compression: float = 1.0
+    act_compression: float = 1.0
 
     def check(self) -> None:
         """Refuse values no plan could take (BadInput: exit 2)."""
@@ -149,6 +155,16 @@ class Constraints:
         if not self.moe_dispatch or any(k not in ("a2a", "tp_slice", "deepep") for k in self.moe_dispatch):
             raise BadInput(f"moe_dispatch must be among a2a, tp_slice, deepep; got "
                            f"{', '.join(self.moe_dispatch) or 'none'}")
+        check_low_bandwidth(self.local_steps, self.grad_compression, self.act_compression)
+
+
+def check_low_bandwidth(local_steps, grad_compression, act_compression) -> None:
+    """--local-steps an integer >= 1, the compressions fractions in (0, 1] (BadInput, one line)."""
+    if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
+        raise BadInput(f"--local-steps must be an integer >= 1 (inner steps between DiLoCo syncs), got {local_steps}")
+    for flag, r in (("--grad-compression", grad_compression), ("--act-compression", act_compression)):
+        if not (isinstance(r, (int, float)) and 0 < r <= 1):
+            raise BadInput(f"{flag} must be a fraction in (0, 1] of the bytes sent (1: uncompressed), got {r}")
 
 
 class EmptySpace(BadInput):
@@ -328,7 +344,7 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
     # --- schedule and vpp ---------------------------------------------------------------------------------
     virtual = schedules_with("virtual_stages")
     rows = []
-    scheds = [c.schedule] if c.schedule else list(SCHEDULES)
+    scheds = [c.schedule] if c.schedule else list(SEARCHED_SCHEDULES)  # asynchronous ones only when asked
     max_vpp = c.max_vpp or blocks
     for s in scheds:
         si = SCHEDULES.index(s)
@@ -351,6 +367,9 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
 
     # --- ZeRO, sequence parallel, recompute, offload ------------------------------------------------------
     t.join("zero", np.array(fixed_or(list(ZERO_STAGES), c.zero)))
+    # DiLoCo / SparseLoCo keep an unsharded optimizer per replica (dims.local_sgd_fits_zero)
+    t.keep(local_sgd_fits_zero(c.local_steps, c.grad_compression, t.cols["zero"]), "zero 0 with local steps or "
+           "gradient compression")
     t.join("sp", np.array(fixed_or([False, True], c.sp)))
     t.keep(sp_fits_tp(t.cols["sp"], t.cols["tp"]), "sp only with tp > 1")
     rec_rows = [(POLICIES.index(r), -1) for r in fixed_or(list(POLICIES), c.recompute)]
@@ -390,7 +409,8 @@ def enumerate_space(model: ModelGraph, cluster: Cluster, workload: Workload, c: 
 
     # what the search does not choose: the software stack's flags, the micro-batch count (from the batch)
     stack = {"num_microbatches": COLUMN["num_microbatches"].encode(None), "flash_attention": c.flash_attention,
-             "overlap_grad_reduce": c.overlap_grad_reduce, "overlap_tp_comm": c.overlap_tp_comm}
+             "overlap_grad_reduce": c.overlap_grad_reduce, "overlap_tp_comm": c.overlap_tp_comm,
+             "local_steps": c.local_steps, "grad_compression": c.grad_compression, "act_compression": c.act_compression}
     plans = PlanArrays(**{name: col for name, col in t.cols.items() if name in COLUMN}, **stack)
     return Space(plans=plans, filters=t.log)
 

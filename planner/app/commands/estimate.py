@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from planner import catalog
 from planner.app import table
-from planner.app.commands.flags import parse_documents
+from planner.app.commands.flags import (add_goodput_flags, add_low_bandwidth_flags, goodput_of, goodput_text,
+                                        parse_documents)
 from planner.app.commands.output import emit, request_of
 from planner.core import dtypes
 from planner.core.dims import SCHEDULES
@@ -46,6 +47,8 @@ def _plan_from_args(args, cluster, stack=None):
                             mbs=args.mbs, recompute=args.recompute, schedule=schedule,
                             recompute_num_layers=args.recompute_num_layers, moe_dispatch=args.moe_dispatch,
                             seq_chunks=args.seq_chunks, attention_pool=args.attention_pool,
+                            local_steps=args.local_steps, grad_compression=args.grad_compression,
+                            act_compression=args.act_compression,
                             offload={"activations": args.offload_activations},
                             **(stack.plan_defaults.model_dump() if stack is not None else {}))
     except ValidationError as e:
@@ -83,8 +86,10 @@ def cmd_estimate(args) -> None:
         # Everything comes from the plan file (what `plan --save` wrote); the flags that pick a plan are
         # refused rather than silently ignored.
         given = [f for f in ("model", "cluster", "nodes", "mbs", "gbs", "seq") if getattr(args, f) is not None]
+        given += [f for f, d in (("local_steps", 1), ("grad_compression", 1.0), ("act_compression", 1.0))
+                  if getattr(args, f) != d]
         if given:
-            raise BadInput(f"--plan {args.plan} fixes the model, cluster and plan; drop --{given[0]}")
+            raise BadInput(f"--plan {args.plan} fixes the model, cluster and plan; drop --{given[0].replace('_', '-')}")
         pf = read_plan_file(args.plan)  # held to the caps and checked in full (planner/planfile.py)
         model = load_model(pf.model)
         cluster = catalog.load_cluster(pf.cluster, pf.nodes)
@@ -112,13 +117,22 @@ def cmd_estimate(args) -> None:
 
         check_microbatches(args.gbs, cluster.device_count, mbs=plan.mbs, dp=plan.dp)
     est = estimate(model, cluster, workload, plan)
+    if args.price_per_hour is not None:  # the user's price of a device-hour replaces the catalog's
+        from planner.cost.energy import priced
+        from planner.search.objective import Objective
+
+        Objective("cost", cluster, workload.tokens_per_step, args.price_per_hour)  # refuses a bad price
+        est = priced(est, cluster, workload.tokens_per_step, args.price_per_hour)
+    good = goodput_of(args, est, model, cluster, workload)  # None without --mtbf-hours
     if args.json:
         out = est.model_dump()
+        if good is not None:
+            out["goodput"] = good
         out["plan"] = plan.model_dump()
         out["stack"] = stack.name if stack is not None else None
         out["request"] = request_of(args)
         return emit(out, True, "")
-    emit(None, False, _as_text(args, plan, est))
+    emit(None, False, _as_text(args, plan, est) + ("" if good is None else "\n" + goodput_text(good)))
 
 
 def band_text(est) -> str:
@@ -159,6 +173,11 @@ def _as_text(args, plan, est) -> str:
              f"MFU {est.mfu:.1%}   HFU {est.hfu:.1%}",
              f"memory {est.peak_memory_bytes / 1e9:.1f} / {est.memory_capacity_bytes / 1e9:.0f} GB per device "
              f"({'fits' if est.fits else 'DOES NOT FIT'})"]
+    money = [x for x in (est.cost_usd_per_step is not None and f"${est.cost_usd_per_step:.4g} per step",
+                         est.energy_j_per_step is not None and f"{est.energy_j_per_step / 1e3:,.4g} kJ per step",
+                         est.tokens_per_joule is not None and f"{est.tokens_per_joule:.4g} tokens/J") if x]
+    if money:
+        lines.append("   ".join(money))
     if args.wide:
         lines.insert(0, f"plan {row['label']}")
     lines = [table.wrap(x, width) if width else x for x in lines + [est.why]]
@@ -209,5 +228,7 @@ def register(sub) -> None:
                      help="sequences packed with variable-length documents (tokens), each its own causal mask")
     est.add_argument("--attention-pool", action="store_true",
                      help="core attention disaggregated to a balanced pool of all devices (DistCA)")
+    add_goodput_flags(est)
+    add_low_bandwidth_flags(est)
     table.add_format_flags(est)
     est.set_defaults(func=cmd_estimate)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from planner import catalog
 from planner.app import table
-from planner.app.commands.flags import parse_documents, parse_int_list
+from planner.app.commands.flags import add_low_bandwidth_flags, parse_documents, parse_int_list
 from planner.app.commands.output import emit, request_of
 from planner.core import dtypes
 from planner.core.dims import SCHEDULES
@@ -39,7 +39,9 @@ def _constraints_from_args(args, stack=None):
                     moe_dispatch=(args.moe_dispatch,) if args.moe_dispatch else ("a2a", "tp_slice", "deepep"),
                     offload_activations=(0.0, 0.5, 0.75, 1.0) if args.offload_activations else (0.0,),
                     seq_chunks=parse_int_list("--seq-chunks", args.seq_chunks, MAX_SEQ_LEN),
-                    attention_pool=(False, True) if args.attention_pool else (False,))
+                    attention_pool=(False, True) if args.attention_pool else (False,),
+                    local_steps=args.local_steps, grad_compression=args.grad_compression,
+                    act_compression=args.act_compression)
     c.check()
     if stack is not None and c.schedule is not None:
         stack.check_schedule(c.schedule)
@@ -88,20 +90,27 @@ def cmd_plan(args) -> None:
         def emit_with_request(obj, as_json: bool, text: str) -> None:
             emit({"request": request_of(args), **obj} if as_json else obj, as_json, text)
 
+        low_bw = (args.local_steps, args.grad_compression, args.act_compression, args.objective) != (1, 1.0, 1.0, "time")
+        if low_bw:
+            raise BadInput(f"--local-steps, --grad-compression, --act-compression and --objective are not taken by the "
+                           f"{kind} planner that {cluster.name} goes to; drop them or use a one-type cluster")
         return hetero_cli.cmd_plan(args, model, cluster, workload, kind, save, emit_with_request, write_atomic)
-    res = stack_search(model, cluster, workload, constraints, stack, top_k=args.top)  # only the stack's schedules
+    res = stack_search(model, cluster, workload, constraints, stack, top_k=args.top,  # only the stack's schedules
+                       objective=args.objective, price_per_hour=args.price_per_hour)
     if save is not None:
         best = res.plans[0]
         pf = PlanFile(model=args.model, cluster=args.cluster, nodes=args.nodes, workload=workload, plan=best.plan,
                       estimate=best.estimate, stack=stack.name if stack is not None else None)
         write_atomic(save, pf.model_dump_json(indent=2) + "\n")
     out = {"request": request_of(args), "plans": [rp.as_dict(model) for rp in res.plans],
-           "search": res.summary(), "stack": stack.name if stack is not None else None}
+           "search": res.summary(), "stack": stack.name if stack is not None else None,
+           "objective": args.objective, "pareto": res.pareto}
     if args.json:
         return emit(out, True, "")
     header = (f"{model.name} on {cluster.name} ({cluster.device_count} devices), global batch "
               f"{workload.global_batch}, seq {workload.seq_len}, {workload.dtype}"
-              + (f", stack {stack.name}" if stack is not None else ""))
+              + (f", stack {stack.name}" if stack is not None else "")
+              + (f", ranked by {args.objective} per step" if args.objective != "time" else ""))
     summary = (f"searched {res.enumerated:,} plans: {res.pruned_memory:,} pruned by memory, {res.pruned_bound:,} "
                f"by the step-time bound, {res.evaluated:,} costed, in {res.wall_s:.2f} s"
                + (" (* uneven stage partition)" if any(rp.plan.partition for rp in res.plans) else ""))
@@ -190,6 +199,9 @@ def register(sub) -> None:
                     help="sequences packed with variable-length documents (tokens), each its own causal mask")
     pl.add_argument("--attention-pool", action="store_true",
                     help="with --documents: also search core attention disaggregated to a balanced pool (DistCA)")
+    add_low_bandwidth_flags(pl)
+    pl.add_argument("--objective", choices=["time", "cost", "energy"], default="time",
+                    help="rank plans by step time, dollars or joules per step (--json adds the Pareto front)")
     table.add_format_flags(pl)
     pl.add_argument("--save", metavar="PLAN.json", help="write the best plan as a plan file")
     pl.add_argument("--force", action="store_true", help="with --save: overwrite an existing file")

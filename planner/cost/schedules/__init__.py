@@ -4,7 +4,7 @@ plan-level rules in planner/core/dims.py, write its module here (a PipelineSched
 from __future__ import annotations
 
 from planner.core.dims import SCHEDULES
-from planner.cost.schedules import gpipe, interleaved, one_f_one_b, zb_h1  # noqa: F401  (registers them)
+from planner.cost.schedules import async_1f1b, gpipe, interleaved, one_f_one_b, zb_h1  # noqa: F401  (registers)
 from planner.cost.schedules.base import PipelineScheduleSpec, backward_items
 from planner.cost.schedules.interleaved import interleaved_warmup
 from planner.cost.schedules.registry import REGISTRY, get_schedule

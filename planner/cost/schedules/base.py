@@ -31,6 +31,10 @@ class PipelineScheduleSpec:
 
     name: ClassVar[str]
     splits_backward: ClassVar[bool] = False
+    # True: the pipeline never flushes, so one step's time is its closed form `steady_step_s` in both the
+    # one-plan and the batch path (pipeline.simulate_times, batch._time_problems); the op order still gives
+    # the in-flight micro-batches (activation memory)
+    steady_state: ClassVar[bool] = False
 
     # --- the op order ----------------------------------------------------------------------------------
     def device_order(self, p: int, i: int, m: int, v: int, n: int) -> list[Op]:
