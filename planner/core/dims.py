@@ -212,6 +212,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("local_steps", "local_steps", np.int64, fill=1, flag="--local-steps"),
     Column("grad_compression", "grad_compression", np.float64, fill=1.0, flag="--grad-compression"),
     Column("act_compression", "act_compression", np.float64, fill=1.0, flag="--act-compression"),
+    # frozen encoders' forward in the pipeline bubbles (planner/cost/frozen_fill.py); False changes nothing
+    Column("fill_frozen", "fill_frozen", np.bool_, fill=False, flag="--fill-frozen"),
 )
 COLUMN: dict[str, Column] = {c.name: c for c in COLUMNS}
 

@@ -165,6 +165,9 @@ class ParallelPlan(BaseModel):
     local_steps: PositiveInt = 1
     grad_compression: float = Field(1.0, gt=0, le=1)
     act_compression: float = Field(1.0, gt=0, le=1)
+    # Frozen parts (text encoders, VAE) run forward in the idle slots of the backbone's pipeline instead of on
+    # stage 0 (DiffusionPipe, Tian et al. MLSys 2024; planner/cost/frozen_fill.py). False: the plain plan.
+    fill_frozen: bool = False
     partition: list[StageAssignment] | None = None  # None: blocks spread evenly over pp * vpp chunks
 
     @field_validator("zero", mode="before")

@@ -106,14 +106,16 @@ def estimate_batch(model: ModelGraph, cluster: Cluster, workload: Workload,
         tm.setdefault(k, 0.0)
     n_all = len(plans)
     mixed = not one_device_type(cluster)
+    # frozen work filled into the bubbles (frozen_fill.py) needs the per-op timeline: estimate() one at a time
     if isinstance(plans, PlanArrays):
-        slow = np.arange(n_all) if mixed else np.zeros(0, dtype=np.int64)
+        is_slow = np.full(n_all, mixed) | plans.fill_frozen
+        slow = np.flatnonzero(is_slow)
         slow_plans = [plans.plan(int(i)) for i in slow]
-        fast_rows = np.zeros(0, dtype=np.int64) if mixed else np.arange(n_all)
-        pa = plans.take(fast_rows) if mixed else plans
+        fast_rows = np.flatnonzero(~is_slow)
+        pa = plans.take(fast_rows) if len(slow) else plans
         part_keys = None
     else:
-        is_slow = np.array([mixed or has_placement(p) for p in plans], dtype=bool)
+        is_slow = np.array([mixed or has_placement(p) or p.fill_frozen for p in plans], dtype=bool)
         slow = np.flatnonzero(is_slow)
         slow_plans = [plans[int(i)] for i in slow]
         fast_rows = np.flatnonzero(~is_slow)

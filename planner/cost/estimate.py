@@ -23,7 +23,7 @@ from planner.core.hardware import Cluster
 from planner.core.model import ModelGraph
 from planner.core.plan import Estimate, ParallelPlan, Workload
 from planner.cost import attention_balance as ab
-from planner.cost import energy, memory_phase, pipeline, why
+from planner.cost import energy, frozen_fill, memory_phase, pipeline, why
 from planner.cost.batch_context import STAGE_TABLES, cost_context, group_sums
 from planner.cost.batch_layers import PARTS, FixedLinks, float_bits
 from planner.cost.checks import check_plan
@@ -85,10 +85,19 @@ def estimate(model: ModelGraph, cluster: Cluster, workload: Workload, plan: Para
     one = _setup(model, cluster, workload, plan)
     sums = _chunk_sums(one)
     p2p_s, pipe = _pipeline(one, sums)
+    # DiffusionPipe: frozen encoders' forward moved off stage 0 into the backbone's bubbles (frozen_fill.py)
+    fill = frozen_fill.fill_plan(one, sums.fwd_s, sums.bwd_s, p2p_s)
+    if fill is not None and fill.backbone is not None:
+        pipe = frozen_fill.filled_pipeline(fill)
+        sums.fwd_s = list(fill.backbone_fwd_s)
     sync = _data_parallel_sync(one, sums, pipe)
     opt_s, offload_s = _optimizer_s(one, sync)
     mem = _stage_memory(one, pipe, sync)
-    return _outputs(one, sums, p2p_s, pipe, sync, opt_s, offload_s, mem)
+    est = _outputs(one, sums, p2p_s, pipe, sync, opt_s, offload_s, mem)
+    if fill is None:
+        return est
+    return est.model_copy(update={"breakdown": {**est.breakdown, **frozen_fill.breakdown(fill)},
+                                  "why": est.why + frozen_fill.why(fill)})
 
 
 @dataclass(slots=True)
@@ -310,6 +319,8 @@ def _stage_memory(one: _OnePlan, pipe, sync: _DataParallelSync) -> dict:
     the stage tables of each stage's column)."""
     plan = one.plan
     tables = {k: np.array([[float(st.entry[k][i, st.col]) for i, st in enumerate(one.stages)]]) for k in STAGE_TABLES}
+    if plan.fill_frozen and plan.pp > 1:  # every stage holds the frozen weights it fills with
+        tables["froz_st"] = frozen_fill.replicated_frozen_bytes(tables["froz_st"])
     inflight = np.array([pipe.peak_inflight[:plan.pp]], dtype=float)  # in-flight work items per stage, per chunk
     if plan.vpp > 1:
         inflight /= plan.vpp

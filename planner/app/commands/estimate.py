@@ -1,6 +1,8 @@
 """`planner estimate`: step time, throughput, MFU and memory of one plan, given by flags or a plan file."""
 from __future__ import annotations
 
+import argparse
+
 from planner import catalog
 from planner.app import table
 from planner.app.commands.flags import (add_goodput_flags, add_low_bandwidth_flags, goodput_of, goodput_text,
@@ -48,7 +50,7 @@ def _plan_from_args(args, cluster, stack=None):
                             recompute_num_layers=args.recompute_num_layers, moe_dispatch=args.moe_dispatch,
                             seq_chunks=args.seq_chunks, attention_pool=args.attention_pool,
                             local_steps=args.local_steps, grad_compression=args.grad_compression,
-                            act_compression=args.act_compression,
+                            act_compression=args.act_compression, fill_frozen=bool(args.fill_frozen),
                             offload={"activations": args.offload_activations},
                             **(stack.plan_defaults.model_dump() if stack is not None else {}))
     except ValidationError as e:
@@ -86,7 +88,8 @@ def cmd_estimate(args) -> None:
         # Everything comes from the plan file (what `plan --save` wrote); the flags that pick a plan are
         # refused rather than silently ignored.
         given = [f for f in ("model", "cluster", "nodes", "mbs", "gbs", "seq") if getattr(args, f) is not None]
-        given += [f for f, d in (("local_steps", 1), ("grad_compression", 1.0), ("act_compression", 1.0))
+        given += [f for f, d in (("local_steps", 1), ("grad_compression", 1.0), ("act_compression", 1.0),
+                                 ("fill_frozen", None))
                   if getattr(args, f) != d]
         if given:
             raise BadInput(f"--plan {args.plan} fixes the model, cluster and plan; drop --{given[0].replace('_', '-')}")
@@ -228,6 +231,9 @@ def register(sub) -> None:
                      help="sequences packed with variable-length documents (tokens), each its own causal mask")
     est.add_argument("--attention-pool", action="store_true",
                      help="core attention disaggregated to a balanced pool of all devices (DistCA)")
+    est.add_argument("--fill-frozen", action=argparse.BooleanOptionalAction, default=None,
+                     help="run frozen encoders (text encoder, VAE) in the pipeline bubbles (DiffusionPipe); "
+                          "--no-fill-frozen (the default): on the first stage")
     add_goodput_flags(est)
     add_low_bandwidth_flags(est)
     table.add_format_flags(est)
