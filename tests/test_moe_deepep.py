@@ -153,7 +153,8 @@ def test_exporters():
     ctx = make_context(PlanFile(model="moe-deepep", cluster="dgx-h100", nodes=2, workload=w, plan=plan), model=m,
                        devices_per_node=8)
     text = export_text(ctx, "megatron")
-    assert "--moe-token-dispatcher-type flex" in text and "--moe-enable-deepep" in text
+    # Megatron-Core main: the flex dispatcher with the DeepEP backend (docs/launchers.md)
+    assert "--moe-token-dispatcher-type flex" in text and "--moe-flex-dispatcher-backend deepep" in text
     for fmt in ("torchtitan", "deepspeed"):
         with pytest.raises(Unsupported):
             export_text(ctx, fmt)

@@ -116,7 +116,9 @@ def expected_settings(ctx: ExportContext) -> LauncherSettings:
         global_batch=w.global_batch, num_microbatches=ctx.microbatches(), seq_len=w.seq_len,
         recompute=p.recompute, recompute_num_layers=p.recompute_num_layers, schedule=ctx.schedule(),
         dtype=w.dtype, stage_layers=ctx.stage_layers(), offload_optimizer=p.offload.optimizer,
-        overlap_grad_reduce=p.overlap_grad_reduce, overlap_tp_comm=p.overlap_tp_comm)
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        # with tp 1 there is no TP communication to overlap: no launcher is told to (Megatron would refuse it)
+        overlap_tp_comm=p.overlap_tp_comm and p.tp > 1)
 
 
 def check_common(ctx: ExportContext, launcher: str) -> None:

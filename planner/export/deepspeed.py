@@ -19,22 +19,29 @@ from planner.export.common import ExportContext, LauncherSettings, Unsupported, 
 LAUNCHER = "DeepSpeed"
 
 
-def _check(ctx: ExportContext) -> None:
+def check(ctx: ExportContext) -> None:
+    """Refuse (Unsupported) what a ds_config cannot say; the rule `plan --for deepspeed` and a plan's
+    `launchers` list use too (planner/export/launchers.py)."""
     p, w = ctx.plan, ctx.workload
     check_common(ctx, LAUNCHER)
-    if p.cp > 1:
+    if p.cp > 1 and p.cp_comm != "a2a":
         # docs/launchers.md#degrees: DeepSpeed's sequence parallelism is Ulysses (all-to-all
         # over heads), not the ring context parallelism the plan was costed with.
         raise Unsupported(LAUNCHER, "cp", "DeepSpeed has Ulysses sequence parallelism (all-to-all over heads), "
-                          "not ring context parallelism; export --to megatron or torchtitan")
+                          "not ring context parallelism; re-plan with --for deepspeed")
+    if p.cp > 1 and (p.tp > 1 or p.pp > 1):
+        # Ulysses (deepspeed/sequence/layer.py DistributedAttention) splits the data-parallel ranks; with
+        # AutoTP or a PipelineModule beside it the batch assertion's world size is the mpu's, not the config's
+        raise Unsupported(LAUNCHER, "cp", "Ulysses (sequence_parallel_size) is configured here for tp 1 and pp 1 "
+                          "only; re-plan with --for deepspeed")
     if p.ep > 1:
         raise Unsupported(LAUNCHER, "ep", "expert parallelism is a model-code argument "
-                          f"(deepspeed.moe.layer.MoE(ep_size={p.ep})), not a ds_config key; export --to megatron "
-                          "or torchtitan")
+                          f"(deepspeed.moe.layer.MoE(ep_size={p.ep})), not a ds_config key; re-plan with "
+                          "--for deepspeed (ep 1)")
     if p.sp:
         raise Unsupported(LAUNCHER, "sp", "sequence parallelism has no ds_config key (it comes from model code "
-                          "or the mpu)")
-    if p.overlap_tp_comm:
+                          "or the mpu); re-plan with --no-sp")
+    if p.overlap_tp_comm and p.tp > 1:
         raise Unsupported(LAUNCHER, "overlap_tp_comm", "no ds_config key overlaps TP communication with GEMMs")
     if p.vpp > 1:
         raise Unsupported(LAUNCHER, "vpp", "DeepSpeed runs one pipeline stage per rank (no interleaving)")
@@ -66,7 +73,7 @@ def _check(ctx: ExportContext) -> None:
 
 
 def to_deepspeed(ctx: ExportContext) -> str:
-    _check(ctx)
+    check(ctx)
     p, w = ctx.plan, ctx.workload
     # docs/launchers.md#batch / "Global batch size": train_batch_size = micro x accumulation x
     # DP world size, asserted by DeepSpeedConfig._batch_assertion.
@@ -89,6 +96,9 @@ def to_deepspeed(ctx: ExportContext) -> str:
         cfg["bf16"] = {"enabled": True}
     elif w.dtype == "fp16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if p.cp > 1:
+        # Ulysses: runtime/config.py divides the world by "sequence_parallel_size" for the batch assertion
+        cfg["sequence_parallel_size"] = p.cp
     if p.tp > 1:
         # "Tensor parallel size": AutoTP training. (Megatron-style TP comes from an mpu instead.)
         cfg["tensor_parallel"] = {"autotp_size": p.tp}
@@ -132,6 +142,7 @@ def parse_deepspeed(text: str) -> LauncherSettings:
     pipe = cfg.get("pipeline", {})
     pp = int(pipe.get("stages", 1)) if isinstance(pipe.get("stages", 1), int) else 1
     tp = int(cfg.get("tensor_parallel", {}).get("autotp_size", 0)) or 1
+    cp = int(cfg.get("sequence_parallel_size", 1))
     full = "activation_checkpointing" in cfg or int(pipe.get("activation_checkpoint_interval", 0)) > 0
     off = zero.get("offload_optimizer")
     offload = 0.0
@@ -143,7 +154,7 @@ def parse_deepspeed(text: str) -> LauncherSettings:
     elif cfg.get("fp16", {}).get("enabled"):
         dtype = "fp16"
     return LauncherSettings(
-        dp=gbs // (mbs * gas), tp=tp, pp=pp, vpp=1, cp=1, ep=1, sp=False, zero=int(zero.get("stage", 0)),
+        dp=gbs // (mbs * gas), tp=tp, pp=pp, vpp=1, cp=cp, ep=1, sp=False, zero=int(zero.get("stage", 0)),
         mbs=mbs, global_batch=gbs, num_microbatches=gas, recompute="full" if full else "none",
         schedule="1f1b" if pp > 1 else None, dtype=dtype, offload_optimizer=offload,
         overlap_grad_reduce=bool(zero.get("overlap_comm", False)), overlap_tp_comm=False)

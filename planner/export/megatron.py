@@ -22,7 +22,9 @@ LAUNCHER = "Megatron-LM"
 _SCHEDULES = ("1f1b", "interleaved-1f1b")
 
 
-def _check(ctx: ExportContext) -> None:
+def check(ctx: ExportContext) -> None:
+    """Refuse (Unsupported) what Megatron-LM cannot run; the rule `plan --for megatron` and a plan's
+    `launchers` list use too (planner/export/launchers.py)."""
     p = ctx.plan
     check_common(ctx, LAUNCHER)
     sched = ctx.schedule()
@@ -30,13 +32,26 @@ def _check(ctx: ExportContext) -> None:
     # no GPipe or zero-bubble flag at HEAD.
     if sched is not None and sched not in _SCHEDULES:
         raise Unsupported(LAUNCHER, "schedule", f"'{sched}' has no Megatron flag (pp > 1 runs 1F1B, or "
-                          "interleaved 1F1B with virtual stages); use 1f1b or interleaved-1f1b, or export "
-                          "--to torchtitan" + (" (GPipe)" if sched == "gpipe" else ""))
+                          "interleaved 1F1B with virtual stages); re-plan with --for megatron (or --schedule 1f1b)")
     if p.vpp > 1 and p.pp == 1:
         raise Unsupported(LAUNCHER, "vpp", "virtual pipeline stages need pipeline parallelism (pp > 1)")
-    # docs/launchers.md#sequence-parallel: required by --tp-comm-overlap.
-    if p.overlap_tp_comm and not p.sp:
-        raise Unsupported(LAUNCHER, "overlap_tp_comm", "--tp-comm-overlap requires --sequence-parallel (sp)")
+    # validate_args: tp 1 turns --sequence-parallel off, and --tp-comm-overlap then asserts it on; with tp 1
+    # there is nothing to overlap, so the flag is left out (to_megatron) rather than refused here.
+    if p.overlap_tp_comm and p.tp > 1 and not p.sp:
+        raise Unsupported(LAUNCHER, "overlap_tp_comm", "--tp-comm-overlap requires --sequence-parallel (sp); "
+                          "re-plan with --for megatron (or --sp)")
+    _check_model(ctx)
+
+
+def _check_model(ctx: ExportContext) -> None:
+    """Architectures Megatron's GPT model has no flag for (docs/launchers.md#architecture)."""
+    for layer in ctx.model.layers:
+        if layer.kind == "attention" and layer.qk_norm == "full":
+            raise Unsupported(LAUNCHER, "model", f"{ctx.pf.model}: --qk-layernorm normalizes each head; this "
+                              "model normalizes the whole q/k projection (OLMo-2); no Megatron flag")
+        if layer.kind == "embedding" and layer.positions and layer.positions < ctx.workload.seq_len:
+            raise Unsupported(LAUNCHER, "model", f"{ctx.pf.model}: learned positions ({layer.positions}) shorter "
+                              f"than seq {ctx.workload.seq_len}")
 
 
 def _layout(stage_layers: tuple[int, ...]) -> str:
@@ -74,26 +89,71 @@ def _pipeline_args(ctx: ExportContext) -> list[tuple[str, object]]:
     return out
 
 
+# RoPE theta of the catalog models (their config.json rope_theta); the model graph does not carry it, and
+# Megatron's default --rotary-base 10000 would train another model. Prefix match, longest first.
+_ROPE_BASE = {"llama3": 500000, "mixtral": 1000000, "mistral": 1000000, "qwen": 1000000, "deepseek": 10000}
+
+
+def rope_base(model_name: str) -> int | None:
+    name = model_name.lower().rsplit("/", 1)[-1]
+    return next((v for k, v in sorted(_ROPE_BASE.items(), key=lambda kv: -len(kv[0])) if name.startswith(k)), None)
+
+
 def _model_args(ctx: ExportContext) -> list[tuple[str, object]]:
-    """Model shape from the transformer blocks (docs/launchers.md#layer-counts; * = section 2.0 rule)."""
+    """Model architecture from the planner's model graph (docs/launchers.md#architecture; * = section 2.0
+    rule): Megatron's defaults (learned positions, tied embeddings, GeLU, LayerNorm, allgather MoE) train
+    another model than a Llama or Mixtral, so every difference from them is written."""
     blocks = [layer for layer in ctx.model.layers if layer.block is not None and layer.trainable]
     attn = next((layer for layer in blocks if layer.kind == "attention"), None)
     mlp = next((layer for layer in blocks if layer.kind == "mlp"), None)
     moe = next((layer for layer in blocks if layer.kind == "moe"), None)
+    emb = next((layer for layer in ctx.model.layers if layer.kind == "embedding"), None)
+    head = next((layer for layer in ctx.model.layers if layer.kind == "head"), None)
     out: list[tuple[str, object]] = [("--num-layers", ctx.num_blocks)]
     if attn is None:
         return out
     out += [("--hidden-size", attn.hidden), ("--num-attention-heads", attn.heads)]
-    if attn.kv_heads and attn.kv_heads != attn.heads:
+    if attn.mla is not None:
+        # MLA (DeepSeek-V2/V3): TransformerConfig.multi_latent_attention and MLATransformerConfig's dims;
+        # validate_args: GQA is mutually exclusive with it
+        m = attn.mla
+        out.append(("--multi-latent-attention", None))  # *
+        if m.q_lora_rank:
+            out.append(("--q-lora-rank", m.q_lora_rank))
+        out += [("--kv-lora-rank", m.kv_lora_rank), ("--qk-head-dim", m.qk_nope_head_dim),
+                ("--qk-pos-emb-head-dim", m.qk_rope_head_dim), ("--v-head-dim", m.v_head_dim)]
+    elif attn.kv_heads and attn.kv_heads != attn.heads:
         out += [("--group-query-attention", None), ("--num-query-groups", attn.kv_heads)]
-    if attn.head_dim and attn.head_dim * attn.heads != attn.hidden:
+    if attn.mla is None and attn.head_dim and attn.head_dim * attn.heads != attn.hidden:
         out.append(("--kv-channels", attn.head_dim))  # * TransformerConfig.kv_channels
+    if emb is None or not emb.positions:
+        # rotary positions (the graph has no position table); Megatron's default is learned_absolute
+        out.append(("--position-embedding-type", "rope"))
+        base = rope_base(ctx.pf.model)
+        if base is not None:
+            out.append(("--rotary-base", base))
+    if head is not None and not head.tied:
+        out.append(("--untie-embeddings-and-output-weights", None))  # Megatron ties them by default
+    if attn.qk_norm == "head":
+        out.append(("--qk-layernorm", None))  # * TransformerConfig.qk_layernorm (per head, uses --normalization)
+    if attn.qkv_bias and not attn.bias:
+        out.append(("--add-qkv-bias", None))  # * TransformerConfig.add_qkv_bias
     if mlp is not None:
         out.append(("--ffn-hidden-size", mlp.ffn_hidden))
     if moe is not None:
         out += [("--num-experts", moe.experts),
                 ("--moe-router-topk", moe.topk),  # * TransformerConfig.moe_router_topk
                 ("--moe-ffn-hidden-size", moe.ffn_hidden)]  # * TransformerConfig.moe_ffn_hidden_size
+        if moe.shared_experts:
+            out.append(("--moe-shared-expert-intermediate-size", moe.shared_experts * moe.shared_ffn_hidden))  # *
+        if moe.router_bias:
+            # DeepSeek-V3's aux-loss-free balancing: sigmoid scores with a per-expert bias
+            out += [("--moe-router-score-function", "sigmoid"), ("--moe-router-enable-expert-bias", None)]  # *
+        kinds = [next(layer.kind for layer in blocks if layer.block == b and layer.kind in ("mlp", "moe"))
+                 for b in sorted({layer.block for layer in blocks if layer.kind in ("mlp", "moe")})]
+        if "mlp" in kinds:
+            # dense and MoE blocks mixed (DeepSeek's first dense layers): the per-layer pattern, 1 = MoE
+            out.append(("--moe-layer-freq", "[" + ",".join("1" if k == "moe" else "0" for k in kinds) + "]"))
     if (mlp or moe) is not None and (mlp or moe).gated:
         out.append(("--swiglu", None))  # hand-written flag, arguments.py _add_network_size_args
     if attn.norm == "rmsnorm":
@@ -103,8 +163,19 @@ def _model_args(ctx: ExportContext) -> list[tuple[str, object]]:
     return out
 
 
+def environment(ctx: ExportContext) -> list[str]:
+    """The environment validate_args checks (megatron/training/arguments.py, Hopper and older): tp > 1 or
+    cp > 1 asserts CUDA_DEVICE_MAX_CONNECTIONS=1, except under Megatron-FSDP, which asserts it is not 1."""
+    p = ctx.plan
+    if p.zero in (2, 3):
+        return ["unset CUDA_DEVICE_MAX_CONNECTIONS  # Megatron-FSDP: must not be 1 (validate_args)"]
+    if p.tp > 1 or p.cp > 1:
+        return ["export CUDA_DEVICE_MAX_CONNECTIONS=1  # tp > 1 or cp > 1 (validate_args, before Blackwell)"]
+    return []
+
+
 def to_megatron(ctx: ExportContext) -> str:
-    _check(ctx)
+    check(ctx)
     p, w = ctx.plan, ctx.workload
     par: list[tuple[str, object]] = [
         # docs/launchers.md#degrees .. "Expert tensor parallel size"
@@ -113,16 +184,23 @@ def to_megatron(ctx: ExportContext) -> str:
         *_pipeline_args(ctx),
         ("--context-parallel-size", p.cp),
     ]
+    if p.cp > 1:
+        # the plan's exchange: ring attention is Megatron's p2p, Ulysses its a2a (--cp-comm-type, default p2p)
+        par.append(("--cp-comm-type", "a2a" if p.cp_comm == "a2a" else "p2p"))
     if p.ep > 1 or ctx.is_moe:
         par.append(("--expert-model-parallel-size", p.ep))
         if p.etp is not None:  # None = TP size, Megatron's own default
             par.append(("--expert-tensor-parallel-size", p.etp))
+        # The default dispatcher is allgather (TransformerConfig.moe_token_dispatcher_type): the plan's
+        # exchange is written out. DeepEP runs through the flex dispatcher (--moe-enable-deepep is deprecated
+        # at HEAD: transformer_config.py __post_init__).
         if p.moe_dispatch == "deepep":
-            # Megatron-MoE-ModelZoo best_practice/DeepSeekV3: DeepEP through the flex token dispatcher
-            par += [("--moe-token-dispatcher-type", "flex"), ("--moe-enable-deepep", None)]
+            par += [("--moe-token-dispatcher-type", "flex"), ("--moe-flex-dispatcher-backend", "deepep")]
+        else:
+            par.append(("--moe-token-dispatcher-type", "alltoall"))
     if p.sp:
         par.append(("--sequence-parallel", None))
-    if p.overlap_tp_comm:
+    if p.overlap_tp_comm and p.tp > 1:
         par.append(("--tp-comm-overlap", None))
     # "Distributed optimizer / ZeRO / FSDP": the distributed optimizer is the ZeRO-1 memory profile;
     # Megatron-FSDP optim_grads / optim_grads_params are ZeRO-2 / 3 (docs/user-guide/parallelism-guide.md).
@@ -131,7 +209,9 @@ def to_megatron(ctx: ExportContext) -> str:
         par.append(("--use-distributed-optimizer", None))
     elif p.zero in (2, 3):
         par += [("--use-distributed-optimizer", None), ("--use-megatron-fsdp", None),
-                ("--data-parallel-sharding-strategy", "optim_grads" if p.zero == 2 else "optim_grads_params")]
+                ("--data-parallel-sharding-strategy", "optim_grads" if p.zero == 2 else "optim_grads_params"),
+                # validate_args: "Megatron-FSDP requires the `fsdp_dtensor` checkpointing format."
+                ("--ckpt-format", "fsdp_dtensor")]
     if p.overlap_grad_reduce:
         par.append(("--overlap-grad-reduce", None))
     if p.offload.optimizer > 0:
@@ -168,7 +248,7 @@ def to_megatron(ctx: ExportContext) -> str:
     lines = ["#!/usr/bin/env bash"] + [f"# {x}" for x in header_lines(ctx, LAUNCHER)]
     lines += ["# Usage: bash THIS_FILE <data and tokenizer arguments>  (on every node; add torchrun's",
               "# --node-rank/--master-addr, or --rdzv-endpoint, for more than one node)",
-              "set -euo pipefail", "",
+              "set -euo pipefail", "", *environment(ctx),
               f"GPUS_PER_NODE={gpus}", f"NUM_NODES={nodes}",
               f"# Megatron derives data parallel = world / (tp x pp x cp) = {world} / "
               f"({p.tp} x {p.pp} x {p.cp}) = {p.dp}", "", "MEGATRON_ARGS=("]

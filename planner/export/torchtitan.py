@@ -7,9 +7,10 @@ Run with `--job.config_file FILE`.
 Python (`--to torchtitan-py`): a module with one function returning `Trainer.Config`, chosen with
 `--module` and `--config` (docs/launchers.md#torchtitan-head). Field names are those of the released torchtitan 0.3.0
 wheel (`torchtitan/config/configs.py`): it still spells the batch as `training.local_batch_size`,
-`global_batch_size`, `seq_len` and `parallelism.pipeline_parallel_microbatch_size`. docs/launchers.md#torchtitan-head reads
-main @ b5bcd76c6, where token-based names (`num_tokens_per_microbatch_per_dp_rank`, `num_pp_microbatches`,
-`max_context_length`) replace them; the release a user can install is the target here.
+`global_batch_size`, `seq_len` and `parallelism.pipeline_parallel_microbatch_size`.
+docs/launchers.md#torchtitan-head reads main @ b5bcd76c6, where token-based names
+(`num_tokens_per_microbatch_per_dp_rank`, `num_pp_microbatches`, `max_context_length`) replace them;
+the release a user can install is the target here.
 """
 from __future__ import annotations
 
@@ -35,13 +36,42 @@ _FLAVORS = {
 }
 
 
+def check_model(model_name: str, launcher: str = LAUNCHER_TOML) -> None:
+    """torchtitan builds the architecture from its own flavour table, so a model it has no flavour for is
+    refused in one line, never written as an empty [model] (which torchtitan reads as llama3 debugmodel)."""
+    if model_name not in _FLAVORS:
+        known = ", ".join(sorted(_FLAVORS))
+        raise Unsupported(launcher, "model", f"torchtitan has no model flavour for '{one_line(model_name)}' "
+                          f"(the planner maps {known} to torchtitan's llama3 flavours); re-plan with "
+                          "--for megatron")
+
+
+def check(ctx: ExportContext, launcher: str = LAUNCHER_TOML) -> None:
+    """Refuse (Unsupported) what torchtitan cannot run; the rule `plan --for torchtitan` and a plan's
+    `launchers` list use too (planner/export/launchers.py)."""
+    p = ctx.plan
+    if launcher == LAUNCHER_TOML:
+        if p.tp > 1 and not p.sp:
+            # docs/launchers.md#sequence-parallel: no key at v0.2.2, apply_tp always shards the norms.
+            raise Unsupported(launcher, "sp", "v0.2.2 always applies sequence parallelism with TP (no key); "
+                              "re-plan with --for torchtitan (or --sp), or export --to torchtitan-py")
+        if ctx.is_moe and p.tp > 1 and ctx.etp not in (1, p.tp):
+            raise Unsupported(launcher, "etp", "expert_tensor_parallel_degree must be 1 or equal to TP")
+    _check(ctx, launcher)
+
+
 def _check(ctx: ExportContext, launcher: str) -> None:
     p, w = ctx.plan, ctx.workload
     check_common(ctx, launcher)
     sched = ctx.schedule()
     if sched is not None and sched not in _SCHEDULES:
         raise Unsupported(launcher, "schedule", "torchtitan has GPipe, 1F1B, Interleaved1F1B and the zero-bubble "
-                          f"variants InterleavedZeroBubble and ZBVZeroBubble, but nothing named {sched.upper()}")
+                          f"variants InterleavedZeroBubble and ZBVZeroBubble, but nothing named {sched.upper()}; "
+                          "re-plan with --for torchtitan (or --schedule 1f1b)")
+    if p.cp > 1 and p.cp_comm == "a2a":
+        # context_parallel_rotate_method allgather / alltoall both rotate K/V around a ring (ring attention)
+        raise Unsupported(launcher, "cp_comm", "torchtitan's context parallelism is ring attention, not Ulysses "
+                          "all-to-all; re-plan with --for torchtitan")
     if p.vpp > 1 and p.pp == 1:
         raise Unsupported(launcher, "vpp", "virtual pipeline stages need pipeline parallelism (pp > 1)")
     if p.zero == 1 and p.dp > 1:
@@ -69,6 +99,7 @@ def _check(ctx: ExportContext, launcher: str) -> None:
             raise Unsupported(launcher, "ep", f"expert parallel {p.ep} must divide dp_shard x cp x tp / etp = "
                               f"{shard} x {p.cp} x {p.tp} / {etp} (EP borrows from FSDP, not from replicas; "
                               "zero 0 leaves no FSDP ranks)")
+    check_model(ctx.pf.model, launcher)  # last: a plan field the launcher cannot spell is named first
 
 
 def _fqns(stage_layers: tuple[int, ...]) -> list[list[str]]:
@@ -152,20 +183,11 @@ def _toml_value(v) -> str:
 
 def to_toml(ctx: ExportContext) -> str:
     launcher = LAUNCHER_TOML
-    _check(ctx, launcher)
+    check(ctx, launcher)
     p, w = ctx.plan, ctx.workload
-    if p.tp > 1 and not p.sp:
-        # docs/launchers.md#sequence-parallel: no key at v0.2.2, apply_tp always shards the norms.
-        raise Unsupported(launcher, "sp", "v0.2.2 always applies sequence parallelism with TP (no key); "
-                          "export --to torchtitan-py (enable_sequence_parallel) or set sp")
-    if ctx.is_moe and p.tp > 1 and ctx.etp not in (1, p.tp):
-        raise Unsupported(launcher, "etp", "expert_tensor_parallel_degree must be 1 or equal to TP")
     sections: dict[str, dict] = {"job": {"description": f"planner export: {ctx.pf.model} on {ctx.pf.cluster}"}}
-    flavor = _FLAVORS.get(ctx.pf.model)
-    if flavor:
-        sections["model"] = {"name": flavor[0], "flavor": flavor[1]}
-    else:
-        sections["model"] = {}
+    flavor = _FLAVORS[ctx.pf.model]  # check_model refused the others
+    sections["model"] = {"name": flavor[0], "flavor": flavor[1]}
     if w.dtype == "fp8":
         # "Precision: fp8": Float8 linear layers through the model converter.
         sections["model"]["converters"] = ["quantize.linear.float8"]
@@ -173,7 +195,7 @@ def to_toml(ctx: ExportContext) -> str:
     par = _degrees(ctx)
     if ctx.is_moe:
         par["expert_tensor_parallel_degree"] = ctx.etp  # "Expert tensor parallel size": 1 or TP
-    if p.overlap_tp_comm:
+    if p.overlap_tp_comm and p.tp > 1:
         par["enable_async_tensor_parallel"] = True  # v0.2.2 [parallelism]; needs torch.compile
         sections["compile"] = {"enable": True, "components": ["model", "loss"]}
     sections["parallelism"] = par
@@ -186,9 +208,6 @@ def to_toml(ctx: ExportContext) -> str:
 
     lines = [f"# {x}" for x in header_lines(ctx, launcher)]
     lines += ["# Run: ./run_train.sh --job.config_file THIS_FILE  (NGPU and nodes as in the header)"]
-    if not flavor:
-        lines.append(f"# [model] name/flavor: torchtitan builds the architecture from its flavour table; set the "
-                     f"ones matching '{one_line(ctx.pf.model)}'")
     for name, body in sections.items():
         lines += ["", f"[{name}]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
@@ -257,7 +276,6 @@ _AC_CLASS = {"selective": "SelectiveAC.Config()", "full": "FullAC.Config()", "no
 
 def to_python(ctx: ExportContext) -> str:
     launcher = LAUNCHER_PY
-    _check(ctx, launcher)
     p, w = ctx.plan, ctx.workload
     if w.dtype == "fp8":
         raise Unsupported(launcher, "dtype", "FP8 is a converter given to model_registry(flavor, converters=["
@@ -266,7 +284,8 @@ def to_python(ctx: ExportContext) -> str:
         # docs/launchers.md#torchtitan-head: removed; the mesh is dp_shard*cp*tp = efsdp*ep.
         raise Unsupported(launcher, "etp", "expert tensor parallelism was removed after v0.2.2 (experts are "
                           "not tensor-parallel); set etp 1 or export --to torchtitan (0.2.x)")
-    flavor = _FLAVORS.get(ctx.pf.model)
+    _check(ctx, launcher)
+    flavor = _FLAVORS[ctx.pf.model]  # _check refused the others
     # The header is comments, one line each (header_lines: no line breaks), above a fixed docstring: free text
     # inside a docstring could close it with three quotes or make a bad escape.
     lines = [f"# {x}" for x in header_lines(ctx, launcher)]
@@ -275,14 +294,7 @@ def to_python(ctx: ExportContext) -> str:
               '"""torchtitan Trainer.Config of a plan, written by `planner export` (see the comments above)."""',
               "from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC",
               "from torchtitan.trainer import Trainer"]
-    if flavor:
-        lines += [f"from {flavor[2]} import {flavor[3]} as _base"]
-    else:
-        # repr(): a Python string literal that evaluates to the name, whatever characters it holds
-        lines += ["", "", "def _base() -> Trainer.Config:",
-                  f"    # No torchtitan recipe is known for model '{one_line(ctx.pf.model)}': return your model's",
-                  "    # config (a config_registry function of torchtitan/models/<name>/) here.",
-                  f"    raise NotImplementedError({'planner export: no torchtitan recipe for ' + ctx.pf.model!r})"]
+    lines += [f"from {flavor[2]} import {flavor[3]} as _base"]
     lines += ["", "", "def planner_plan() -> Trainer.Config:", "    config = _base()"]
     par = _degrees(ctx)
     # docs/launchers.md#torchtitan-head: enable_sequence_parallel (default True).
@@ -291,7 +303,7 @@ def to_python(ctx: ExportContext) -> str:
         lines.append(f"    config.parallelism.{k} = {v!r}")
     for k, v in _training(ctx).items():
         lines.append(f"    config.training.{k} = {v!r}")
-    if p.overlap_tp_comm:
+    if p.overlap_tp_comm and p.tp > 1:
         # docs/launchers.md#torchtitan-head: moved to config.compile, and needs compile of "model".
         lines += ["    config.compile.enable = True", "    config.compile.enable_async_tensor_parallel = True"]
     # docs/launchers.md#torchtitan-head: a config object, or None for no checkpointing.

@@ -3,6 +3,7 @@ own planners (planner/app/hetero_plan.py)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from planner import catalog
@@ -12,6 +13,7 @@ from planner.app.commands.output import emit, request_of
 from planner.core import dtypes
 from planner.core.dims import SCHEDULES
 from planner.core.errors import BadInput
+from planner.core.limits import MAX_TOP
 from planner.files import write_atomic
 
 
@@ -70,8 +72,17 @@ def cmd_plan(args) -> None:
     save = Path(args.save) if args.save is not None else None
     if save is not None:  # refuse before searching, not after ('' too: it is not "no file")
         check_output(args.save, args.force, "--save")
+    if args.save_rank is not None and (save is None or args.save_rank < 1):
+        raise BadInput(f"--save-rank {args.save_rank}: give a rank from 1 (the best) with --save PLAN.json")
+    if args.launcher is not None:  # --for X: X's stack (its schedules, kernels) unless --stack says otherwise
+        from planner.export import launchers
+
+        launchers.check_request(args.launcher, args.model, args.dtype)
+        args.stack = args.stack or launchers.STACKS[args.launcher]
     stack = catalog.load_stack(args.stack) if args.stack else None
     constraints = _constraints_from_args(args, stack)
+    if args.launcher is not None:
+        constraints = launchers.search_limits(constraints, args.launcher)
     documents = parse_documents(args.documents)
     model = load_model(args.model)
     cluster = catalog.apply_stack(catalog.load_cluster(args.cluster, args.nodes), stack)
@@ -95,14 +106,39 @@ def cmd_plan(args) -> None:
             raise BadInput(f"--local-steps, --grad-compression, --act-compression and --objective are not taken by the "
                            f"{kind} planner that {cluster.name} goes to; drop them or use a one-type cluster")
         return hetero_cli.cmd_plan(args, model, cluster, workload, kind, save, emit_with_request, write_atomic)
-    res = stack_search(model, cluster, workload, constraints, stack, top_k=args.top,  # only the stack's schedules
-                       objective=args.objective, price_per_hour=args.price_per_hour)
+    top = max(args.top, args.save_rank or 1)
+    # --for X: more plans searched, then those X's exporter refuses dropped (what one Constraints field cannot say)
+    kw = dict(top_k=top if args.launcher is None else min(MAX_TOP, max(4 * top, top + 20)),
+              objective=args.objective, price_per_hour=args.price_per_hour,
+              **({"refine_partition": False} if args.launcher == "deepspeed" else {}))
+    if args.launcher == "deepspeed" and constraints.recompute is None:
+        res = _search_each(model, cluster, workload, stack, kw,  # whole layers or none: no selective key
+                           [dataclasses.replace(constraints, recompute=r) for r in ("none", "full")])
+    else:
+        res = stack_search(model, cluster, workload, constraints, stack, **kw)
+    can_run = _launchers_of(res.plans, args, workload, model, cluster, stack)
+    if args.launcher is not None:
+        keep = [i for i, names in enumerate(can_run) if args.launcher in names][:top]
+        if not keep:
+            from planner.core.errors import Infeasible
+            from planner.export.launchers import refusal
+
+            why = refusal(_plan_context(res.plans[0], args, workload, model, cluster, stack), args.launcher)
+            raise Infeasible(f"--for {args.launcher}: none of the {len(res.plans)} fastest plans that fit runs on "
+                             f"{args.launcher} ({why}); loosen the flags or try another --for")
+        res = dataclasses.replace(res, plans=[res.plans[i] for i in keep])
+        can_run = [can_run[i] for i in keep]
     if save is not None:
-        best = res.plans[0]
+        if (args.save_rank or 1) > len(res.plans):
+            raise BadInput(f"--save-rank {args.save_rank}: only {len(res.plans)} plans were found; give a rank from "
+                           f"1 to {len(res.plans)}")
+        best = res.plans[(args.save_rank or 1) - 1]
         pf = PlanFile(model=args.model, cluster=args.cluster, nodes=args.nodes, workload=workload, plan=best.plan,
                       estimate=best.estimate, stack=stack.name if stack is not None else None)
         write_atomic(save, pf.model_dump_json(indent=2) + "\n")
-    out = {"request": request_of(args), "plans": [rp.as_dict(model) for rp in res.plans],
+    res = dataclasses.replace(res, plans=res.plans[:args.top])
+    out = {"request": request_of(args),
+           "plans": [{**rp.as_dict(model), "launchers": names} for rp, names in zip(res.plans, can_run)],
            "search": res.summary(), "stack": stack.name if stack is not None else None,
            "objective": args.objective, "pareto": res.pareto}
     if args.json:
@@ -113,11 +149,15 @@ def cmd_plan(args) -> None:
               + (f", ranked by {args.objective} per step" if args.objective != "time" else ""))
     summary = (f"searched {res.enumerated:,} plans: {res.pruned_memory:,} pruned by memory, {res.pruned_bound:,} "
                f"by the step-time bound, {res.evaluated:,} costed, in {res.wall_s:.2f} s"
-               + (" (* uneven stage partition)" if any(rp.plan.partition for rp in res.plans) else ""))
-    rows = [plan_table_row(i, rp, model) for i, rp in enumerate(res.plans, 1)]
+               + (" (* uneven stage partition)" if any(rp.plan.partition for rp in res.plans) else "")
+               + (f"; plan 1 exports to {', '.join(can_run[0]) or 'no launcher'} (--wide: every plan's)"
+                  if can_run and not args.wide else ""))
+    rows = [{**plan_table_row(i, rp, model), "launchers": ",".join(names) or "-"}
+            for i, (rp, names) in enumerate(zip(res.plans, can_run), 1)]
     body = table.render(rows, args.format, columns=PLAN_COLUMNS, wide=args.wide, wide_columns=PLAN_WIDE_COLUMNS,
                         formats=PLAN_FORMATS, headers=PLAN_HEADERS)
-    saved = f"best plan written to {save}" if save is not None else ""
+    saved = (f"plan {args.save_rank} written to {save}" if args.save_rank else f"best plan written to {save}"
+             ) if save is not None else ""
     if args.format == "csv":  # rows only, for a CSV reader
         return emit(None, False, body)
     if args.format == "markdown":
@@ -128,11 +168,13 @@ def cmd_plan(args) -> None:
 
 
 # The default view: what ranks the plans and why; --wide adds every degree and term (the sweep CSV's columns).
+# Which launchers run each plan is in --wide, the JSON, and a line under the table for the best plan: in the
+# default view it would crowd out `why` at 100 columns.
 PLAN_COLUMNS = ["rank", "label", "step_time_s", "band", "tokens_per_s", "mfu", "peak_memory_gb", "why"]
 PLAN_WIDE_COLUMNS = ["rank", "label", "tp", "pp", "dp", "vpp", "cp", "ep", "etp", "zero", "sp", "mbs", "moe_dispatch",
                      "recompute", "recompute_num_layers", "schedule", "seq_chunks", "offload_optimizer",
                      "offload_activations", "attention_pool", "uneven_partition", "step_time_s", "band", "tokens_per_s",
-                     "mfu", "hfu", "peak_memory_gb", "memory_capacity_gb", "fits", "bubble_s", "why"]
+                     "mfu", "hfu", "peak_memory_gb", "memory_capacity_gb", "fits", "bubble_s", "launchers", "why"]
 PLAN_HEADERS = {"rank": "#", "label": "plan", "step_time_s": "step s", "band": "80% band s", "tokens_per_s": "tokens/s",
                 "mfu": "MFU", "hfu": "HFU", "peak_memory_gb": "mem GB", "memory_capacity_gb": "cap GB",
                 "recompute_num_layers": "rec layers", "moe_dispatch": "moe", "offload_optimizer": "opt off",
@@ -140,6 +182,41 @@ PLAN_HEADERS = {"rank": "#", "label": "plan", "step_time_s": "step s", "band": "
                 "bubble_s": "bubble s", "seq_chunks": "chunks"}
 PLAN_FORMATS = {"step_time_s": ".3f", "tokens_per_s": ",.0f", "mfu": ".1%", "hfu": ".1%", "peak_memory_gb": ".1f",
                 "memory_capacity_gb": ".0f", "bubble_s": ".3f"}
+
+
+def _search_each(model, cluster, workload, stack, kw: dict, constraints: list):
+    """stack_search once per Constraints, merged fastest first (the first error when none has a plan)."""
+    from planner.app.sweep import stack_search
+    from planner.core.errors import Infeasible
+
+    results, errors = [], []
+    for c in constraints:
+        try:
+            results.append(stack_search(model, cluster, workload, c, stack, **kw))
+        except (Infeasible, BadInput) as e:
+            errors.append(e)
+    if not results:
+        raise errors[0]
+    plans = sorted((rp for r in results for rp in r.plans), key=lambda rp: rp.estimate.step_time_s)
+    total = {f: sum(getattr(r, f) for r in results) for f in ("enumerated", "pruned_memory", "pruned_bound",
+                                                                "evaluated", "wall_s")}
+    return dataclasses.replace(results[0], plans=plans[:kw["top_k"]], **total)
+
+
+def _plan_context(rp, args, workload, model, cluster, stack):
+    from planner.core.plan import PlanFile
+    from planner.export import ExportContext, _node_size
+
+    pf = PlanFile(model=args.model, cluster=args.cluster, nodes=args.nodes, workload=workload, plan=rp.plan,
+                  estimate=rp.estimate, stack=stack.name if stack is not None else None)
+    return ExportContext(pf=pf, model=model, devices_per_node=_node_size(cluster))
+
+
+def _launchers_of(plans, args, workload, model, cluster, stack) -> list[list[str]]:
+    """Which launchers run each plan: their exporters' own refusal checks (planner/export/launchers.py)."""
+    from planner.export.launchers import launchers_for
+
+    return [launchers_for(_plan_context(rp, args, workload, model, cluster, stack)) for rp in plans]
 
 
 def plan_table_row(rank: int, rp, model) -> dict:
@@ -203,6 +280,10 @@ def register(sub) -> None:
     pl.add_argument("--objective", choices=["time", "cost", "energy"], default="time",
                     help="rank plans by step time, dollars or joules per step (--json adds the Pareto front)")
     table.add_format_flags(pl)
+    pl.add_argument("--for", dest="launcher", choices=["megatron", "deepspeed", "torchtitan"],
+                    help="search only plans this launcher can run (implies its --stack: megatron-core, deepspeed, "
+                         "torchtitan); without it each plan lists the launchers that can run it")
     pl.add_argument("--save", metavar="PLAN.json", help="write the best plan as a plan file")
+    pl.add_argument("--save-rank", type=int, metavar="K", help="with --save: write the K-th plan (1 = best)")
     pl.add_argument("--force", action="store_true", help="with --save: overwrite an existing file")
     pl.set_defaults(func=cmd_plan)
