@@ -45,3 +45,19 @@ def test_fp8_training_keeps_bf16_activations_in_memory():
     assert mem["fp8"]["activations_bytes"] == mem["bf16"]["activations_bytes"]
     assert mem["fp8"]["weights_bytes"] == mem["bf16"]["weights_bytes"]
     assert mem["fp32"]["activations_bytes"] > 1.9 * mem["bf16"]["activations_bytes"]
+
+
+def test_fp32_attention_runs_at_the_fp32_peak_so_mfu_stays_below_one():
+    """FlashAttention has no fp32 kernel: an fp32 run's attention core runs at the fp32 peak. Timing it at
+    the bf16 peak gave MFU 1.17 on this attention-heavy case (found by tests/test_plan_files_hostile.py)."""
+    from planner.catalog import load_cluster
+    from planner.core.plan import ParallelPlan, Workload
+    from planner.cost.estimate import estimate
+    from planner.importers import load_model
+
+    m, c = load_model("tiny-llama-20m"), load_cluster("dgx-a100-80gb", 2)
+    plan = ParallelPlan(dp=8, tp=2, mbs=1)
+    fp32 = estimate(m, c, Workload(global_batch=8, seq_len=8192, dtype="fp32"), plan)
+    bf16 = estimate(m, c, Workload(global_batch=8, seq_len=8192, dtype="bf16"), plan)
+    assert 0 < fp32.mfu <= fp32.hfu <= 1
+    assert fp32.step_time_s > bf16.step_time_s

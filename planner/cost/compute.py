@@ -69,24 +69,27 @@ def gemm_time_s(m, n, k, device: Device, dtype: str, count=1):
     return count * t
 
 
-def attention_core_time_s(layer: Layer, b, s, device: Device, tp=1, cp=1, flash=True):
+def attention_core_time_s(layer: Layer, b, s, device: Device, tp=1, cp=1, flash=True, dtype="bf16"):
     """Forward time of the attention core (QK^T, softmax, AV) on one device.
 
-    FlashAttention runs in bf16 whatever the GEMM dtype, at a fitted fraction of the bf16 peak. Without
+    FlashAttention runs in 16 bits (fp8 and 16-bit runs: bf16), at a fitted fraction of the bf16 peak; it has
+    no fp32 kernel (FlashAttention-2 README: "Datatype fp16 and bf16"), so an fp32 / tf32 run's fused core
+    runs at that dtype's peak (PyTorch SDPA's memory-efficient kernel), never above it. Without
     it (Megatron before 2022) QK^T and AV are batched GEMMs, and scale, mask, softmax and dropout each
     read and write the b*a*s^2 score tensor (Korthikanti 2022 section 4.1 counts 2 + 1 + 2 bytes per score
     kept; the kernels that make them move about twice that).
     """
     e = device.efficiency
     flops = layer.attention_core_flops(b, s, tp, cp)
+    peak = device.peak_flops(dtype if dtype in ("fp32", "tf32") else "bf16")
     if flash:
-        return flops / (device.peak_flops("bf16") * e.attention)
+        return flops / (peak * e.attention)
     # unfused: the causal half is not skipped
     full = flops * (2.0 if layer.causal else 1.0)
     heads = max(layer.heads, 1) / tp
     s_eff = layer.fixed_tokens if layer.fixed_tokens is not None else s
     scores = b * heads * (s_eff / cp) * s_eff
-    compute = full / (device.peak_flops("bf16") * e.matmul)
+    compute = full / (peak * e.matmul)
     memory = scores * 2 * (4 + (3 if layer.dropout else 0)) / (device.memory_bandwidth_bytes_per_s * e.memory)
     return compute + memory + 4 * e.kernel_overhead_us * 1e-6
 
@@ -157,7 +160,8 @@ def layer_time(layer: Layer, b, s, device: Device, dtype: str = "bf16", tp=1, cp
         gemm_fwd = gemm_fwd + gemm_time_s(m, n, k, device, dtype, count)
         gemm_bwd = gemm_bwd + gemm_time_s(m, k, n, device, dtype, count) + \
             gemm_time_s(k, n, m, device, dtype, count)
-    attn_fwd = attention_core_time_s(layer, b, s, device, tp, cp, flash) * chunk_attention_factor(layer, seq_chunks)
+    attn_fwd = (attention_core_time_s(layer, b, s, device, tp, cp, flash, dtype)
+                * chunk_attention_factor(layer, seq_chunks))
     if layer.fixed_tokens is None:
         attn_fwd = attn_fwd * attention_scale
     ew_bytes = elementwise_bytes_fwd(layer, b, s, tp, cp, sp, 4 if dtype == "fp32" else 2)
