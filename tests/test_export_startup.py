@@ -4,12 +4,9 @@ held to the rules Megatron-LM's validate_args enforces (megatron/training/argume
 is not installable on CPU). Plans are searched once per module (each search takes seconds)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
-import sys
-import types
 
 import pytest
 
@@ -146,11 +143,14 @@ def test_megatron_starts_with_the_models_architecture(exported, case):
         assert "--num-experts" not in a
 
 
-@pytest.mark.parametrize("case", CASES)
+def _exported_cases(launcher: str) -> list[str]:
+    """The cases `launcher` runs (its refusals are test_plan_for_then_export's)."""
+    return [c for c in CASES if (c, launcher) not in REFUSED]
+
+
+@pytest.mark.parametrize("case", _exported_cases("deepspeed"))
 def test_deepspeed_config_accepts(exported, case, monkeypatch):
     rc, pf, text, err = exported[case, "deepspeed"]
-    if (case, "deepspeed") in REFUSED:
-        pytest.skip("refused (test_plan_for_then_export)")
     import deepspeed.runtime.config as dsc
 
     p = pf["plan"]
@@ -165,22 +165,15 @@ def test_deepspeed_config_accepts(exported, case, monkeypatch):
 
 
 def _torchtitan_config_manager():
-    """torchtitan 0.2.2's ConfigManager without torchtitan/__init__.py (it imports triton kernels)."""
-    if "torchtitan" not in sys.modules:
-        spec = importlib.util.find_spec("torchtitan")
-        pkg = types.ModuleType("torchtitan")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["torchtitan"] = pkg
-    from torchtitan.config.manager import ConfigManager
+    """torchtitan 0.2.2's ConfigManager without torchtitan/__init__.py (tests/test_export.py loads it)."""
+    from tests.test_export import _torchtitan_022_config_manager
 
-    return ConfigManager
+    return _torchtitan_022_config_manager()
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", _exported_cases("torchtitan"))
 def test_torchtitan_config_manager_accepts(exported, case, tmp_path):
     rc, pf, text, err = exported[case, "torchtitan"]
-    if (case, "torchtitan") in REFUSED:
-        pytest.skip("refused (test_plan_for_then_export)")
     path = tmp_path / "job.toml"
     path.write_text(text)
     job = _torchtitan_config_manager()().parse_args(["--job.config_file", str(path)])
